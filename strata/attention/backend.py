@@ -1,0 +1,28 @@
+"""Attention metadata for one step, built by the runner and read by every attention layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_tokens: int
+    slot_mapping: torch.Tensor        # [num_tokens] int64: block_id * block_size + offset
+    block_tables: torch.Tensor        # [num_seqs, max_blocks] int64, padded with 0
+    seq_lens: torch.Tensor            # [num_seqs] int64: context length after this step
+    query_start_loc: torch.Tensor     # [num_seqs + 1] int64
+    # Host copies: the torch reference loops over sequences without syncing the device.
+    seq_lens_cpu: list[int]
+    query_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]
+    block_size: int
+    # Rows with a single query token (decodes), attended to as one padded batch.
+    decode_rows: list[int]
+    prefill_rows: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)

@@ -1,0 +1,86 @@
+"""Attention over the paged KV cache in plain torch: the reference every kernel is checked
+against, and the path the CPU takes.
+
+The cache of one layer is ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. New keys and
+values are written to their slots first, then each sequence attends to its whole context
+(cached prefix included) through its block table.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from strata.attention.backend import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """key/value [num_tokens, kv_heads, head_dim] into their slots."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, key)
+    flat[1].index_copy_(0, slot_mapping, value)
+
+
+def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int):
+    """K and V of one sequence's first ctx_len tokens: [ctx_len, kv_heads, head_dim] each."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-ctx_len // block_size)
+    blocks = kv_cache[:, block_table[:num_blocks]]             # [2, nb, bs, kvh, d]
+    blocks = blocks.flatten(1, 2)[:, :ctx_len]
+    return blocks[0], blocks[1]
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """query [num_tokens, heads, head_dim] -> output of the same shape."""
+    out = torch.empty_like(query)
+    num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
+    groups = num_heads // num_kv_heads
+    if meta.decode_rows:
+        _decode_batch(query, kv_cache, meta, scale, groups, out)
+    for row in meta.prefill_rows:
+        start, end = meta.query_start_loc_cpu[row], meta.query_start_loc_cpu[row + 1]
+        ctx_len = meta.seq_lens_cpu[row]
+        k, v = _gather_context(kv_cache, meta.block_tables[row], ctx_len)
+        q_len = end - start
+        # Query i sits at position ctx_len - q_len + i and sees keys up to that position.
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
+        mask = torch.arange(ctx_len, device=query.device)[None, :] <= q_pos[:, None]
+        out[start:end] = _sdpa(query[start:end], k, v, mask, scale, groups)
+    return out
+
+
+def _decode_batch(query, kv_cache, meta, scale, groups, out):
+    """All single-token rows at once, keys padded to the longest context and masked."""
+    rows = meta.decode_rows
+    token_idx = torch.tensor([meta.query_start_loc_cpu[r] for r in rows], device=query.device)
+    ctx_lens = [meta.seq_lens_cpu[r] for r in rows]
+    max_ctx = max(ctx_lens)
+    block_size = kv_cache.shape[2]
+    max_blocks = -(-max_ctx // block_size)
+    tables = meta.block_tables[rows][:, :max_blocks]           # [b, nb]
+    kv = kv_cache[:, tables].flatten(2, 3)[:, :, :max_ctx]     # [2, b, max_ctx, kvh, d]
+    lens = torch.tensor(ctx_lens, device=query.device)
+    mask = torch.arange(max_ctx, device=query.device)[None, :] < lens[:, None]   # [b, max_ctx]
+    q = query[token_idx].unsqueeze(2)                          # [b, h, 1, d]
+    k = kv[0].transpose(1, 2)                                  # [b, kvh, max_ctx, d]
+    v = kv[1].transpose(1, 2)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    out[token_idx] = o.squeeze(2)
+
+
+def _sdpa(q, k, v, mask, scale, groups):
+    """q [q_len, h, d], k/v [ctx, kvh, d], mask [q_len, ctx] -> [q_len, h, d]."""
+    q = q.transpose(0, 1)
+    k = k.transpose(0, 1)
+    v = v.transpose(0, 1)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=0)
+        v = v.repeat_interleave(groups, dim=0)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)

@@ -1,0 +1,172 @@
+"""Frozen configuration dataclasses, one per area; each component receives only its own.
+
+Every user-facing value is validated in ``__post_init__`` with a message that names the
+parameter, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}") from None
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Accept 123, "512MiB", "24GiB", "1.5GB" (GB counts as GiB, as most users mean it)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    text = str(value).strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "kb": 2**10, "k": 2**10, "mib": 2**20, "mb": 2**20, "m": 2**20,
+             "gib": 2**30, "gb": 2**30, "g": 2**30, "tib": 2**40, "tb": 2**40, "b": 1}
+    for suffix, scale in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(suffix):
+            try:
+                return int(float(text[: -len(suffix)]) * scale)
+            except ValueError:
+                break
+    try:
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"cannot parse memory size {value!r}; use e.g. 4GiB or 512MiB") from None
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters, normalised from an HF config.json or GGUF metadata."""
+
+    architecture: str                 # e.g. "LlamaForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False      # q/k/v projections carry a bias (Qwen2)
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+    # Architecture-specific leftovers (OPT's word_embed_proj_dim, ...), read by the model file.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size", "max_position_embeddings"):
+            _require(int(getattr(self, name)) > 0, f"model config {name} must be > 0, got {getattr(self, name)}")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                 f"num_key_value_heads ({self.num_kv_heads})")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V for one token over all layers at the model dtype."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    # Memory for the KV cache: an explicit byte budget, or (None) a share of free memory.
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None   # tests force a tiny cache with this
+
+    def __post_init__(self):
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+                 f"block_size must be a power of two in [1, 128], got {self.block_size}")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0,
+                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_bytes is not None:
+            _require(self.kv_cache_memory_bytes > 0,
+                     f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+        if self.num_gpu_blocks_override is not None:
+            _require(self.num_gpu_blocks_override >= 1,
+                     f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    max_waiting: int | None = None   # admission limit for the server (None = unbounded)
+
+    def __post_init__(self):
+        _require(self.max_num_batched_tokens >= 1,
+                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        _require(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _require(self.max_model_len >= 1, f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not self.enable_chunked_prefill:
+            _require(self.max_num_batched_tokens >= self.max_model_len,
+                     f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                     f"must be >= max_model_len ({self.max_model_len})")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self):
+        _require(self.tensor_parallel_size >= 1,
+                 f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        _require(self.pipeline_parallel_size >= 1,
+                 f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    load_format: str = "auto"        # auto | safetensors | gguf | dummy
+    seed: int = 0                    # for dummy weights
+
+    def __post_init__(self):
+        _require(self.load_format in ("auto", "safetensors", "gguf", "dummy"),
+                 f"load_format must be one of auto, safetensors, gguf, dummy; got {self.load_format!r}")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: torch.device = torch.device("cpu")
+
+    @staticmethod
+    def resolve(device: str | torch.device | None) -> "DeviceConfig":
+        if device in (None, "auto"):
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but no CUDA device is available")
+        return DeviceConfig(dev)

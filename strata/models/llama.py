@@ -1,0 +1,133 @@
+"""Llama and its close relatives (Mistral, SmolLM2; Qwen2's q/k/v bias and Qwen3's q/k norms
+are switches on the same blocks). Composed from shared layers; no kernels, no quantization and
+no parallel logic here."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from strata.config import ModelConfig
+from strata.layers.activation import SiluAndMul
+from strata.layers.attention import Attention
+from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from strata.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from strata.layers.norm import RMSNorm
+from strata.layers.rotary import RotaryEmbedding
+from strata.models.weights import load_named_weights
+from strata.quant.base import QuantMethod
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, quant: QuantMethod | None, qk_norm: bool):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.attention_bias, dtype=cfg.dtype, quant_method=quant)
+        self.num_heads = self.qkv_proj.num_heads        # this rank's share
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False,
+                                        dtype=cfg.dtype, quant_method=quant)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                          cfg.rope_scaling)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if qk_norm else None
+        self.attn = Attention(self.num_heads, cfg.head_dim, self.num_kv_heads, cfg.head_dim ** -0.5, layer_idx)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        n = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:   # Qwen3 normalises each head before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q.reshape(n, -1), k.reshape(n, -1), v)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, quant: QuantMethod | None):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"Llama-style MLP expects hidden_act 'silu', got {cfg.hidden_act!r}")
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
+                                                       bias=False, dtype=cfg.dtype, quant_method=quant)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False,
+                                           dtype=cfg.dtype, quant_method=quant)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, quant: QuantMethod | None, qk_norm: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.self_attn = LlamaAttention(cfg, layer_idx, quant, qk_norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.mlp = LlamaMLP(cfg, quant)
+
+    def forward(self, positions, hidden, residual):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    # Checkpoint names folded into strata's fused parameters: (fused, checkpoint, shard id).
+    stacked_params_mapping = [
+        ("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
+        ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
+    ]
+    qk_norm = False
+
+    def __init__(self, cfg: ModelConfig, quant: QuantMethod | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, quant, self.qk_norm)
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.tie(self.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> hidden states [num_tokens, hidden]."""
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_named_weights(self, weights, self.stacked_params_mapping, _llama_name)
+
+
+def _llama_name(name: str) -> str | None:
+    """Checkpoint name -> strata parameter name (None: skip)."""
+    if "rotary_emb.inv_freq" in name:
+        return None
+    return name.removeprefix("model.")
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with a bias on q, k and v (``attention_bias`` is set from the architecture)."""
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True

@@ -1,0 +1,65 @@
+"""Putting checkpoint tensors into a model: name mapping, fused parameters, tied weights."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                       stacked: list[tuple[str, str, object]],
+                       rename: Callable[[str], str | None]) -> set[str]:
+    """Load (checkpoint name, tensor) pairs through each parameter's weight_loader.
+
+    Returns the set of parameter names that were filled; raises if a parameter stays empty.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for ckpt_name, tensor in weights:
+        name = rename(ckpt_name)
+        if name is None:
+            continue
+        if tied and name.startswith("lm_head."):
+            continue   # the head shares the embedding's storage
+        shard_id = None
+        for fused, part, sid in stacked:
+            if f".{part}." in name:
+                name, shard_id = name.replace(f".{part}.", f".{fused}."), sid
+                break
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {type(model).__name__}")
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            if param.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(param.shape)}")
+            param.data.copy_(tensor)
+        else:
+            loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
+        loaded.add(name if shard_id is None else f"{name}#{shard_id}")
+    _check_complete(model, params, loaded, stacked, tied)
+    return loaded
+
+
+def _check_complete(model, params, loaded, stacked, tied) -> None:
+    shards: dict[str, list] = {}
+    for fused, _, sid in stacked:
+        shards.setdefault(fused, []).append(sid)
+    missing = []
+    for name in params:
+        if tied and name.startswith("lm_head."):
+            continue
+        fused = next((f for f in shards if f".{f}." in name), None)
+        if fused is not None and name not in loaded:
+            need = [f"{name}#{sid}" for sid in shards[fused]]
+            if not all(n in loaded for n in need):
+                missing.append(name)
+        elif fused is None and name not in loaded:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"the checkpoint does not provide {len(missing)} weights of "
+                         f"{type(model).__name__}, e.g. {missing[:5]}")

@@ -1,0 +1,37 @@
+"""The seam for quantization: a linear layer owns its weights through a QuantMethod.
+
+``create_weights`` registers the parameters a format needs, ``process_after_loading`` repacks
+them once the checkpoint is in, and ``apply`` computes ``x @ W^T (+ b)``. Models never see which
+method is in use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuantMethod:
+    name = "base"
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int,
+                       dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(QuantMethod):
+    name = "none"
+
+    def create_weights(self, layer, in_features, out_features, dtype):
+        weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer, x, bias):
+        return F.linear(x, layer.weight, bias)
