@@ -1,0 +1,90 @@
+"""EngineArgs: every engine option in one place, with vLLM's names, shared by LLM(...), the CLI
+and the server. Each field's help text is what ``--help`` prints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+HELP = {
+    "model": "model directory (config.json + safetensors), .gguf file, or nothing for the embedded "
+             "default (SmolLM2-135M-Instruct Q4_1)",
+    "tokenizer": "tokenizer directory if it is not the model's own",
+    "skip_tokenizer_init": "run without a tokenizer: prompts must be token ids, outputs carry no text",
+    "dtype": "weights and activations: auto (float32 on CPU, bfloat16/float16 on GPU), float32, "
+             "bfloat16, float16",
+    "device": "auto, cpu or cuda[:N]",
+    "max_model_len": "context length in tokens (prompt + output); default: the model's own",
+    "block_size": "tokens per KV-cache block",
+    "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes across requests",
+    "max_num_batched_tokens": "token budget of one engine step (prompt chunks + decodes)",
+    "max_num_seqs": "most sequences running at once",
+    "enable_chunked_prefill": "split long prompts over several steps, mixed with decodes",
+    "kv_cache_memory": "bytes for the KV cache, e.g. 2GiB (default on CPU: 4GiB, capped to what "
+                       "max_num_seqs full contexts need)",
+    "gpu_memory_utilization": "share of GPU memory strata may use (weights + activations + KV)",
+    "num_gpu_blocks_override": "force the number of KV blocks (testing)",
+    "load_format": "auto, safetensors, gguf, or dummy (random weights of the model's shape)",
+    "seed": "seed for dummy weights and for unseeded sampling",
+    "tensor_parallel_size": "GPUs/processes to split each layer across",
+    "pipeline_parallel_size": "stages to split the layers across",
+    "max_waiting": "most requests allowed to wait (server admission control); default unbounded",
+}
+
+
+@dataclass
+class EngineArgs:
+    model: Any = None
+    tokenizer: Any = None
+    skip_tokenizer_init: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True
+    kv_cache_memory: str | int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    max_waiting: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(names - {'extra'})}")
+        return cls(**kwargs)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("engine")
+        for f in dataclasses.fields(EngineArgs):
+            if f.name in ("extra", "tokenizer") or f.name == "model":
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            if isinstance(default, bool):
+                group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                                   help=HELP[f.name])
+            else:
+                kind = type(default) if default is not None else (
+                    int if f.name in ("max_model_len", "num_gpu_blocks_override", "max_waiting") else str)
+                group.add_argument(flag, type=kind, default=default,
+                                   help=f"{HELP[f.name]} (default: {default})")
+        group.add_argument("--model", "-m", default=None, help=HELP["model"])
+        group.add_argument("--tokenizer", default=None, help=HELP["tokenizer"])
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                      if f.name != "extra" and hasattr(args, f.name)})

@@ -1,0 +1,177 @@
+"""The engine: admits requests and runs the schedule -> execute -> update loop."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from strata.config import (CacheConfig, DeviceConfig, LoadConfig, ModelConfig, SchedulerConfig,
+                           parse_bytes)
+from strata.core.request import Request
+from strata.core.scheduler import Scheduler
+from strata.engine.arg_utils import EngineArgs
+from strata.engine.output_processor import OutputProcessor
+from strata.executor.executor import UniprocExecutor
+from strata.loader import model_loader
+from strata.outputs import RequestOutput
+from strata.runner.model_runner import ModelRunner
+from strata.sampling_params import SamplingParams
+
+logger = logging.getLogger("strata")
+
+DEFAULT_CPU_KV_BYTES = 4 * 2**30
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, hf_tokenizer=None, use_tqdm: bool = True):
+        t0 = time.perf_counter()
+        self.args = args
+        self.device = DeviceConfig.resolve(args.device).device
+        load_config = LoadConfig(args.load_format, args.seed)
+        source = model_loader.resolve_model(args.model, load_config)
+        dtype = model_loader.resolve_dtype(args.dtype, source, self.device)
+        model_config = model_loader.model_config_for(source, dtype)
+        self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(args, source, hf_tokenizer)
+        model = model_loader.build_model(source, model_config, load_config, self.device, progress=use_tqdm)
+        self.model_config = model_config
+        self.eos_token_ids = frozenset(model_config.eos_token_ids) | (
+            frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset())
+        cache_config = CacheConfig(
+            block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+            kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            num_gpu_blocks_override=args.num_gpu_blocks_override)
+        runner = ModelRunner(model, model_config, args.block_size, self.device, self.eos_token_ids)
+        num_blocks, max_model_len = self._plan_kv_cache(runner, cache_config, model_config)
+        runner.allocate_kv_cache(num_blocks)
+        self.scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill,
+            max_waiting=args.max_waiting)
+        self.scheduler = Scheduler(self.scheduler_config, cache_config, num_blocks)
+        self.executor = UniprocExecutor(runner)
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
+        self.source = source
+        self.num_blocks = num_blocks
+        self.kv_block_bytes = runner.kv_cache_block_bytes()
+        self.load_seconds = time.perf_counter() - t0
+        self._ids = itertools.count()
+        logger.info(self.describe())
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        params = (params or SamplingParams()).clone()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        self.scheduler.check_request(len(token_ids))
+        room = self.scheduler_config.max_model_len - len(token_ids)
+        params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        params.min_tokens = min(params.min_tokens, params.max_tokens)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        params.check_token_ids(vocab)
+        siblings = [Request(request_id if params.n == 1 else f"{request_id}#{i}", token_ids, params,
+                            self.eos_token_ids, parent_id=request_id, sequence_index=i,
+                            arrival_time=arrival_time) for i in range(params.n)]
+        self.scheduler.add_request(siblings)
+        self.output_processor.add(request_id, text, siblings)
+        return request_id
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}; "
+                            f"got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init=True): "
+                             "pass prompts as {'prompt_token_ids': [...]}")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its KV blocks go back to the pool at once."""
+        return self.output_processor.abort(str(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.output_processor.states)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        result = self.executor.execute(sched)
+        updates = self.scheduler.update(sched, result)
+        return self.output_processor.process(updates, result)
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def _plan_kv_cache(self, runner: ModelRunner, cache: CacheConfig, cfg: ModelConfig) -> tuple[int, int]:
+        block_bytes = runner.kv_cache_block_bytes()
+        want_len = self.args.max_model_len or cfg.max_position_embeddings
+        if cache.num_gpu_blocks_override:
+            num_blocks = cache.num_gpu_blocks_override
+        else:
+            budget = cache.kv_cache_memory_bytes
+            if budget is None and self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                used = total - free
+                budget = int(total * cache.gpu_memory_utilization) - used - _activation_bytes(cfg, self.args)
+            elif budget is None:
+                need = self.args.max_num_seqs * want_len * block_bytes // cache.block_size
+                budget = min(DEFAULT_CPU_KV_BYTES, need)
+            num_blocks = max(budget // block_bytes, 0)
+        capacity = num_blocks * cache.block_size
+        if num_blocks < 1:
+            raise ValueError(f"no memory is left for the KV cache (one block needs {block_bytes} bytes); "
+                             "lower max_num_batched_tokens or raise kv_cache_memory / gpu_memory_utilization")
+        if capacity < want_len:
+            if self.args.max_model_len:
+                raise ValueError(f"max_model_len ({want_len}) is more than the KV cache holds "
+                                 f"({capacity} tokens in {num_blocks} blocks); raise kv_cache_memory "
+                                 "or lower max_model_len")
+            want_len = capacity
+        return num_blocks, want_len
+
+    def describe(self) -> str:
+        cfg = self.model_config
+        num_params = sum(p.numel() for p in self.executor.runner.model.parameters())
+        weight_gib = sum(p.numel() * p.element_size() for p in self.executor.runner.model.parameters()) / 2**30
+        kv_gib = self.num_blocks * self.kv_block_bytes / 2**30
+        return (f"strata: {cfg.architecture} from {self.source.name} | {num_params / 1e6:.1f}M params, "
+                f"{str(cfg.dtype).removeprefix('torch.')} on {self.device} "
+                f"(checkpoint quantization: {self.source.quantization or 'none'}) | "
+                f"weights {weight_gib:.2f} GiB, KV cache {kv_gib:.2f} GiB = {self.num_blocks} blocks x "
+                f"{self.args.block_size} tokens "
+                f"({self.num_blocks * self.args.block_size} tokens at most in flight) | "
+                f"max_model_len {self.scheduler_config.max_model_len} | loaded in {self.load_seconds:.1f}s")
+
+
+def _activation_bytes(cfg: ModelConfig, args: EngineArgs) -> int:
+    """A generous bound on the activations of one step at the full token budget."""
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    per_token = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elem + cfg.vocab_size * 4
+    return args.max_num_batched_tokens * per_token + 256 * 2**20
+
+
+def _load_tokenizer(args: EngineArgs, source, hf_tokenizer):
+    from strata.tokenizer import Tokenizer
+    if hf_tokenizer is not None:
+        return Tokenizer.from_hf(hf_tokenizer)
+    if args.tokenizer is not None:
+        return Tokenizer.from_dir(args.tokenizer)
+    if source.kind == "gguf":
+        return Tokenizer.from_gguf_metadata(source.gguf.metadata)
+    if source.kind == "hf_dir":
+        return Tokenizer.from_dir(source.path)
+    raise ValueError("an in-memory model needs its tokenizer: LLM(model=hf_model, tokenizer=hf_tokenizer), "
+                     "or skip_tokenizer_init=True")

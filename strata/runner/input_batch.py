@@ -1,0 +1,100 @@
+"""What the runner remembers of each request between steps, and the flat inputs of one step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from strata.attention.backend import AttentionMetadata
+from strata.core.sched_output import NewRequestData, SchedulerOutput
+from strata.sampling_params import SamplingParams
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    sequence_index: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_prompt_logprobs_done: int = 0
+
+    @classmethod
+    def from_new(cls, new: NewRequestData) -> "CachedRequestState":
+        return cls(new.req_id, list(new.prompt_token_ids), list(new.output_token_ids),
+                   new.sampling_params, new.sequence_index, list(new.block_ids),
+                   new.num_computed_tokens, new.num_prompt_logprobs_done)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor           # [num_tokens]
+    positions: torch.Tensor           # [num_tokens]
+    attn: AttentionMetadata
+    req_ids: list[str]                # row order
+    sample_rows: list[int]            # rows whose last token yields the next token
+    logits_indices: list[int]         # flat token index of each sampled row's last token
+    # Per row wanting prompt logprobs: (row, flat index of the first position, first prompt
+    # position, number of positions) for this step's chunk.
+    prompt_logprob_spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+def build_step_inputs(sched: SchedulerOutput, states: dict[str, CachedRequestState],
+                      block_size: int, device: torch.device) -> StepInputs:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    seq_lens, query_lens, starts = [], [], [0]
+    tables: list[list[int]] = []
+    sample_rows, logits_indices, spans = [], [], []
+    req_ids = list(sched.num_scheduled_tokens)
+    for row, req_id in enumerate(req_ids):
+        state = states[req_id]
+        num_new = sched.num_scheduled_tokens[req_id]
+        start = state.num_computed_tokens
+        end = start + num_new
+        input_ids.extend(state.tokens(start, end))
+        positions.extend(range(start, end))
+        table = state.block_ids
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        flat_start = starts[-1]
+        if state.sampling_params.prompt_logprobs is not None:
+            last = min(end, len(state.prompt_token_ids) - 1)   # the last prompt token predicts no prompt token
+            first = max(start, state.num_prompt_logprobs_done)
+            if last > first:
+                spans.append((row, flat_start + first - start, first, last - first))
+        if end == state.num_tokens:
+            sample_rows.append(row)
+            logits_indices.append(flat_start + num_new - 1)
+        seq_lens.append(end)
+        query_lens.append(num_new)
+        starts.append(flat_start + num_new)
+        tables.append(table)
+    max_blocks = max(len(t) for t in tables)
+    padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+    decode_rows = [r for r, n in enumerate(query_lens) if n == 1]
+    prefill_rows = [r for r, n in enumerate(query_lens) if n != 1]
+
+    def tensor(values):
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    attn = AttentionMetadata(
+        num_tokens=len(input_ids), slot_mapping=tensor(slots), block_tables=tensor(padded),
+        seq_lens=tensor(seq_lens), query_start_loc=tensor(starts), seq_lens_cpu=seq_lens,
+        query_lens_cpu=query_lens, query_start_loc_cpu=starts, block_size=block_size,
+        decode_rows=decode_rows, prefill_rows=prefill_rows)
+    return StepInputs(tensor(input_ids), tensor(positions), attn, req_ids, sample_rows,
+                      logits_indices, spans)
