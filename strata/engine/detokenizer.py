@@ -51,7 +51,7 @@ class IncrementalDetokenizer:
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
         # window of ids being decoded: [prefix_offset, read_offset) is already text, [read_offset:]
         # is not yet; the prefix gives the decoder its context.
-        self._window_ids = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        self._window_ids = self._prompt_context(list(prompt_token_ids))
         self._prefix_offset = 0
         self._read_offset = len(self._window_ids)
 
@@ -86,6 +86,21 @@ class IncrementalDetokenizer:
         delta = self._release(num_chars_before, final=True)
         self._finished = True
         return delta
+
+    def _prompt_context(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's last few tokens, widened to start on a character boundary.
+
+        A window opening with a UTF-8 continuation byte decodes to '\ufffd' there, and SentencePiece's
+        ByteFallback turns a whole run of byte tokens into '\ufffd's if any of it is invalid, which
+        would spoil a character the output completes. A character has at most 3 continuation bytes.
+        """
+        start = max(0, len(prompt_ids) - PROMPT_CONTEXT_TOKENS)
+        for _ in range(3):
+            text = self.tokenizer.decode(prompt_ids[start:], self.skip_special_tokens)
+            if start == 0 or not text.startswith(_REPLACEMENT_CHAR):
+                break
+            start -= 1
+        return prompt_ids[start:]
 
     def _decode_new(self, force: bool) -> str:
         """Text of window[read_offset:], given the context before it; "" while mid-character."""
