@@ -69,7 +69,8 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("engine")
         for f in dataclasses.fields(EngineArgs):
-            if f.name in ("extra", "tokenizer") or f.name == "model":
+            # --seed on the command line is the sampling seed; the engine seed stays API-only.
+            if f.name in ("extra", "tokenizer", "model", "seed"):
                 continue
             flag = "--" + f.name.replace("_", "-")
             default = f.default
