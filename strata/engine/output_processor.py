@@ -74,11 +74,7 @@ class OutputProcessor:
         detok = state.detokenizers[i]
         if state.logprobs[i] is not None:
             for ids, vals, rank in upd.new_logprobs:
-                entry = {}
-                for j, (tid, val) in enumerate(zip(ids, vals)):
-                    decoded = self.tokenizer.decode([tid], skip_special_tokens=False) if self.tokenizer else None
-                    entry.setdefault(tid, Logprob(val, rank if j == 0 else j, decoded))
-                state.logprobs[i].append(entry)
+                state.logprobs[i].append(self._logprob_entry(ids, vals, rank))
                 state.cumulative_logprobs[i] += vals[0]
         if detok is not None:
             detok.update(upd.new_token_ids)
@@ -94,12 +90,16 @@ class OutputProcessor:
             return
         for offset, (ids, vals, rank) in enumerate(zip(chunk.token_ids, chunk.logprobs, chunk.ranks)):
             pos = chunk.start + offset + 1          # the prompt token these logits predict
-            entry = {}
-            for j, (tid, val) in enumerate(zip(ids, vals)):
-                decoded = self.tokenizer.decode([tid], skip_special_tokens=False) if self.tokenizer else None
-                entry.setdefault(tid, Logprob(val, rank if j == 0 else j, decoded))
-            state.prompt_logprobs[pos] = entry
+            state.prompt_logprobs[pos] = self._logprob_entry(ids, vals, rank)
             req.prompt_logprobs.append(pos)
+
+    def _logprob_entry(self, ids: list[int], vals: list[float], rank: int) -> dict[int, Logprob]:
+        """The chosen token (with its rank) first, then the top-k ranked 1..k."""
+        entry: dict[int, Logprob] = {}
+        for j, (tid, val) in enumerate(zip(ids, vals)):
+            decoded = self.tokenizer.decode([tid], skip_special_tokens=False) if self.tokenizer else None
+            entry.setdefault(tid, Logprob(val, rank if j == 0 else j, decoded))
+        return entry
 
     def _make_output(self, state: RequestState) -> RequestOutput:
         outputs = []
