@@ -63,6 +63,8 @@ def _rope_scaling(hf: dict) -> dict | None:
 def _opt_config(hf: dict, dtype: torch.dtype) -> ModelConfig:
     hidden = hf["hidden_size"]
     heads = hf["num_attention_heads"]
+    if hidden % heads:
+        raise ValueError(f"OPT hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
     return ModelConfig(
         architecture="OPTForCausalLM",
         vocab_size=hf["vocab_size"],
@@ -80,8 +82,10 @@ def _opt_config(hf: dict, dtype: torch.dtype) -> ModelConfig:
         eos_token_ids=_eos_ids(hf.get("eos_token_id")),
         dtype=dtype,
         extra={
-            "word_embed_proj_dim": hf.get("word_embed_proj_dim", hidden),
+            "word_embed_proj_dim": hf.get("word_embed_proj_dim") or hidden,   # null means hidden_size
             "do_layer_norm_before": hf.get("do_layer_norm_before", True),
             "layer_norm_elementwise_affine": hf.get("layer_norm_elementwise_affine", True),
+            # set on checkpoints fine-tuned before transformers 4.20 that have no final norm
+            "remove_final_layer_norm": hf.get("_remove_final_layer_norm", False),
         },
     )

@@ -53,6 +53,8 @@ def default_model_path() -> Path:
 def resolve_model(model: str | os.PathLike | nn.Module | None, load_config: LoadConfig) -> ModelSource:
     if isinstance(model, nn.Module):
         cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+        if not cfg.get("architectures"):   # a model built from a config object, not from_pretrained
+            cfg["architectures"] = [type(model).__name__]
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         return ModelSource("hf_object", None, cfg, name, hf_model=model)
     path = default_model_path() if model is None else Path(model).expanduser()

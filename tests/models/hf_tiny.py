@@ -38,7 +38,13 @@ TINY_CONFIGS = {
         architectures=["OPTForCausalLM"], model_type="opt", vocab_size=512, hidden_size=64, ffn_dim=128,
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, do_layer_norm_before=True,
         word_embed_proj_dim=64, activation_function="relu", enable_bias=True, bos_token_id=2,
-        eos_token_id=2, pad_token_id=1, tie_word_embeddings=True),
+        eos_token_id=2, pad_token_id=1, tie_word_embeddings=True, init_std=0.2),
+    # opt-350m's shape: post-LN (no final norm) and a narrower word embedding projected in and out
+    "opt_post_ln_proj": dict(
+        architectures=["OPTForCausalLM"], model_type="opt", vocab_size=512, hidden_size=64, ffn_dim=128,
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, do_layer_norm_before=False,
+        word_embed_proj_dim=32, activation_function="relu", enable_bias=True, bos_token_id=2,
+        eos_token_id=2, pad_token_id=1, tie_word_embeddings=True, init_std=0.2),
 }
 
 
