@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Sequence
 
 from strata.engine.arg_utils import EngineArgs
@@ -11,10 +12,22 @@ from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (it may be redirected after the handler is made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("strata")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

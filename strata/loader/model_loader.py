@@ -98,6 +98,9 @@ def resolve_dtype(dtype: str | torch.dtype, source: ModelSource, device: torch.d
     from strata.config import parse_dtype
     if dtype != "auto":
         return parse_dtype(dtype)
+    if source.hf_model is not None:
+        # An in-memory model keeps its own dtype: that is what lets strata share its tensors.
+        return next(source.hf_model.parameters()).dtype
     if device.type == "cpu":
         return torch.float32
     stored = str(source.hf_config.get("torch_dtype") or source.hf_config.get("dtype") or "")
