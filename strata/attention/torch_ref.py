@@ -64,23 +64,22 @@ def _decode_batch(query, kv_cache, meta, scale, groups, out):
     kv = kv_cache[:, tables].flatten(2, 3)[:, :, :max_ctx]     # [2, b, max_ctx, kvh, d]
     lens = torch.tensor(ctx_lens, device=query.device)
     mask = torch.arange(max_ctx, device=query.device)[None, :] < lens[:, None]   # [b, max_ctx]
-    q = query[token_idx].unsqueeze(2)                          # [b, h, 1, d]
+    b, kvh, d = len(rows), kv.shape[3], kv.shape[4]
+    # The query heads sharing a KV head ride along as that head's "query positions", so GQA
+    # needs no copy of K and V per query head.
+    q = query[token_idx].view(b, kvh, groups, d)
     k = kv[0].transpose(1, 2)                                  # [b, kvh, max_ctx, d]
     v = kv[1].transpose(1, 2)
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-    out[token_idx] = o.squeeze(2)
+    out[token_idx] = o.reshape(b, kvh * groups, d)
 
 
 def _sdpa(q, k, v, mask, scale, groups):
     """q [q_len, h, d], k/v [ctx, kvh, d], mask [q_len, ctx] -> [q_len, h, d]."""
-    q = q.transpose(0, 1)
-    k = k.transpose(0, 1)
-    v = v.transpose(0, 1)
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=0)
-        v = v.repeat_interleave(groups, dim=0)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1)
+    q_len, h, d = q.shape
+    kvh = k.shape[1]
+    # [kvh, groups * q_len, d]: each KV head's query heads stacked along the query axis.
+    q = q.view(q_len, kvh, groups, d).permute(1, 2, 0, 3).reshape(kvh, groups * q_len, d)
+    o = F.scaled_dot_product_attention(q, k.transpose(0, 1), v.transpose(0, 1),
+                                       attn_mask=mask.repeat(groups, 1), scale=scale)
+    return o.view(kvh, groups, q_len, d).permute(2, 0, 1, 3).reshape(q_len, h, d)
