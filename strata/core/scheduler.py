@@ -22,6 +22,10 @@ class RequestRejected(ValueError):
     """A request that can never be served (too long for the context or for the cache)."""
 
 
+class QueueFull(RequestRejected):
+    """Admission control: too many requests are already waiting (the server answers 503)."""
+
+
 @dataclass
 class StepUpdate:
     """What one step did to one request, for the engine to detokenize and report."""
@@ -66,7 +70,7 @@ class Scheduler:
         fork its blocks when that is done, sharing them copy-on-write."""
         self.check_request(siblings[0].num_prompt_tokens)
         if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
-            raise RequestRejected(f"the waiting queue is full ({self.config.max_waiting} requests)")
+            raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
         for req in siblings:
             self.requests[req.request_id] = req
         self.waiting.append(siblings[0])

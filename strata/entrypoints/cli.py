@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     EngineArgs.add_cli_args(chat)
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page",
+                           description="Serve the OpenAI API (/v1/completions, /v1/chat/completions, "
+                                       "/v1/models), /health, /version, /metrics and a chat page at /.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (or set STRATA_API_KEY)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="model name clients use (default: the model file or directory name)")
+    serve.add_argument("--uvicorn-log-level", default="warning",
+                       choices=["critical", "error", "warning", "info", "debug"], help="HTTP access log level")
+    EngineArgs.add_cli_args(serve)
+
     info = sub.add_parser("info", help="architecture, parameters, dtype, memory plan and KV capacity",
                           description="Load the model and print what was loaded where.")
     EngineArgs.add_cli_args(info)
@@ -72,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from strata.entrypoints.openai.server import run_server
+        try:
+            run_server(args)
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            print(f"strata: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         from strata import LLM
         llm = LLM(**_engine_kwargs(args))

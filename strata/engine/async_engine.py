@@ -1,0 +1,148 @@
+"""The engine for servers: one background thread runs the step loop; asyncio callers submit
+requests and receive their outputs as they come.
+
+The LLMEngine is touched only by its own thread. Callers talk to it through a command queue
+(add, abort) and get outputs through one asyncio queue per request, so many requests share every
+step (continuous batching) while each caller awaits only its own stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from strata.engine.engine import LLMEngine
+from strata.outputs import RequestOutput
+from strata.sampling_params import SamplingParams
+
+logger = logging.getLogger("strata")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._ids = 0
+        self._id_lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="strata-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread, usually the event loop) ------------------------------------
+    def new_request_id(self, prefix: str = "req") -> str:
+        with self._id_lock:
+            self._ids += 1
+            return f"{prefix}-{self._ids}"
+
+    async def add_request(self, request_id: str, prompt, params: SamplingParams) -> asyncio.Queue:
+        """Admit a request; raises the engine's validation error (prompt too long, ...) here."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self.error}")
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("add", request_id, prompt, params, stream, done))
+        self._wakeup.set()
+        await asyncio.wrap_future(done)
+        return stream.queue
+
+    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; the last has ``finished=True``. Leaving the
+        iteration early (a client that disconnected) aborts the request."""
+        request_id = request_id or self.new_request_id()
+        q = await self.add_request(request_id, prompt, params)
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wakeup.set()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:   # a bug: fail the requests in flight, keep the server up
+                logger.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, request_id, prompt, params, stream, done = cmd
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except Exception as e:
+                    done.set_exception(e)
+                    continue
+                self._streams[request_id] = stream
+                done.set_result(None)
+            elif cmd[0] == "abort":
+                out = self.engine.abort_request(cmd[1])
+                if out is not None:
+                    self._deliver(cmd[1], out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        finished = isinstance(item, BaseException) or item.finished
+        if finished:
+            del self._streams[request_id]
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:
+            pass   # the caller's loop is gone
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._streams):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, RuntimeError(f"request failed inside the engine: {error}"))
