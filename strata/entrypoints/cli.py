@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug"], help="HTTP access log level")
     EngineArgs.add_cli_args(serve)
 
+    bench = sub.add_parser("bench", help="benchmarks: `strata bench serve` load-tests an OpenAI-compatible server")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    from strata.entrypoints import bench_serve
+    bench_serve.add_cli_args(bench_sub.add_parser(
+        "serve", help="TTFT, TPOT, ITL, latency and throughput of a running server",
+        description=bench_serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+
     info = sub.add_parser("info", help="architecture, parameters, dtype, memory plan and KV capacity",
                           description="Load the model and print what was loaded where.")
     EngineArgs.add_cli_args(info)
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from strata.entrypoints import bench_serve
+        return bench_serve.main(args)
     if args.command == "serve":
         from strata.entrypoints.openai.server import run_server
         try:
