@@ -13,6 +13,12 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 if [ "${1:-}" = "--test" ]; then
   python -m pip install -q -e ".[test]"
+  # tests/e2e/test_web_page.py drives the chat page in Debian's headless Chromium.
+  if [ ! -x /usr/bin/chromium ]; then
+    { command -v apt-get >/dev/null 2>&1 && apt-get update -qq >/dev/null 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1; } \
+      || echo "note: could not install chromium + chromium-driver with apt-get; tests/e2e/test_web_page.py will skip" >&2
+  fi
 else
   python -m pip install -q -e .
 fi
