@@ -4,7 +4,7 @@ Sends streaming requests from asyncio + httpx, either arriving as a Poisson proc
 (``--request-rate``; inf = all at once) or kept at a fixed number in flight (``--max-concurrency``),
 and measures per request, as vLLM's ``bench serve`` does:
 
-- TTFT: request sent -> first streamed chunk that carries a choice;
+- TTFT: request sent -> first streamed chunk that carries a choice (in chat, with content);
 - ITL: the gaps between later chunks (a chunk may carry more than one token);
 - TPOT: (e2e - ttft) / (output_tokens - 1);
 - e2e latency: request sent -> stream finished.
@@ -231,7 +231,7 @@ async def send_request(client, args, model: str, spec: RequestSpec) -> RequestRe
                     break
                 chunk = json.loads(data)
                 usage = chunk.get("usage") or usage
-                if not chunk.get("choices"):
+                if not chunk.get("choices") or not _carries_tokens(chunk["choices"][0]):
                     continue
                 now = time.perf_counter()
                 if num_chunks == 0:
@@ -251,6 +251,13 @@ async def send_request(client, args, model: str, spec: RequestSpec) -> RequestRe
     result.success = True
     _count_tokens(result, usage, finish_reason, num_chunks, spec.output_len)
     return result
+
+
+def _carries_tokens(choice: dict) -> bool:
+    """Chat streams open with a role-only chunk that no token has reached yet: it does not count."""
+    if "delta" not in choice:
+        return True
+    return bool(choice["delta"].get("content")) or choice.get("finish_reason") is not None
 
 
 def _count_tokens(result: RequestResult, usage, finish_reason, num_chunks: int, max_tokens: int) -> None:
