@@ -121,8 +121,15 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
         adopt_hf_weights(model, source.hf_model)
     elif source.kind == "gguf":
         from strata.loader.gguf import gguf_weights
-        model.load_weights(_cast(gguf_weights(source.gguf), model_config.dtype, progress,
-                                 len(source.gguf.tensors)))
+        # Dequantizing is many small elementwise ops: with several OpenMP threads on a busy
+        # machine they spin-wait on each other (measured 2.5-17 s on 2 shared cores vs ~1 s on one).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model.load_weights(_cast(gguf_weights(source.gguf), model_config.dtype, progress,
+                                     len(source.gguf.tensors)))
+        finally:
+            torch.set_num_threads(threads)
     else:
         from strata.loader.safetensors import iter_safetensors, safetensors_files
         model.load_weights(iter_safetensors(safetensors_files(source.path), progress))
