@@ -7,15 +7,49 @@ repetition_penalty, ignore_eos, min_tokens) are the ones vLLM's server accepts.
 from __future__ import annotations
 
 import time
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from strata.sampling_params import SamplingParams
 
 
+# OpenAI's own limits: n above 128 is refused (each sample is a sequence the engine must run), and a
+# logit bias lies in [-100, 100]. Stop strings are checked against the text after every token on the
+# engine's thread, so a list of thousands would slow every request in the batch: 64 is plenty.
+MAX_N = 128
+MAX_STOP = 64
+LogitBias = Annotated[float, Field(ge=-100, le=100)]
+
+
 class OpenAIBase(BaseModel):
-    model_config = ConfigDict(extra="allow")   # unknown fields are ignored, as OpenAI does
+    # Unknown fields are ignored, as OpenAI does. Python's json module reads NaN and Infinity, which
+    # JSON itself has not: refuse them here, before they reach the sampler as a temperature or a bias.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value, info):
+        # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer accepts and no UTF-8
+        # response can carry back.
+        if _has_lone_surrogate(value):
+            raise ValueError(f"{info.field_name} holds a lone UTF-16 surrogate (\\ud800-\\udfff): "
+                             f"send valid Unicode text")
+        return value
+
+
+def _has_lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_has_lone_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    return False
 
 
 class StreamOptions(OpenAIBase):
@@ -28,12 +62,12 @@ class SamplingFields(OpenAIBase):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, LogitBias] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -47,12 +81,25 @@ class SamplingFields(OpenAIBase):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[int, float] | None:
+        # JSON keys are strings; each must spell a token id ("50256"), in ASCII digits only: str.isdigit
+        # also takes "²", which int() then refuses.
+        if bias is None:
+            return None
+        for key in bias:
+            if not (key.strip().isascii() and key.strip().isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids written as decimal integers, got {key!a}")
+        return {int(key): value for key, value in bias.items()}
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0, repetition_penalty=self.repetition_penalty or 1.0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,

@@ -4,7 +4,7 @@ Server-Sent Events for streams, Prometheus metrics and the web chat page."""
 from __future__ import annotations
 
 import asyncio
-import json
+import hmac
 import os
 from pathlib import Path
 
@@ -22,10 +22,72 @@ from strata.metrics import EngineMetrics
 STATIC = Path(__file__).parent / "static"
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, kind: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     err = APIError(status, message, param, kind)
-    body = P.ErrorResponse(error=P.ErrorInfo(message=message, type=err.kind, param=param, code=status))
-    return JSONResponse(body.model_dump(), status_code=status)
+    body = P.ErrorResponse(error=P.ErrorInfo(message=_utf8(message), type=err.kind, param=_utf8(param), code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _utf8(text: str | None) -> str | None:
+    # Error texts may quote the client (a dict key in a validation path): a lone surrogate in it
+    # would fail the UTF-8 encoding of the body and turn a 400 into a 500.
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """The first error that says most about the request, as an OpenAI 400 naming the parameter."""
+    errors = exc.errors()
+    if not errors:
+        return error_response(400, "invalid request")
+    # A value that fits none of a union's branches yields one error per branch; the branch that
+    # got past the type check (a list too long, a bad item) says more than "should be a string".
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"malformed JSON body: {first.get('msg', '')}")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+    if not loc:   # the body as a whole: missing, not JSON, or not an object
+        content_type = request.headers.get("content-type", "")
+        if first.get("type") == "missing":
+            return error_response(400, "the request body is empty: send a JSON object")
+        if first.get("type") in ("model_attributes_type", "dict_type"):
+            if "json" not in content_type:   # FastAPI reads a body as JSON only when told it is
+                return error_response(400, f"the body must be a JSON object sent with Content-Type: "
+                                           f"application/json (got {content_type or 'no Content-Type'!r})")
+            return error_response(400, "the request body must be a JSON object")
+        return error_response(400, f"invalid request body: {first.get('msg', 'invalid value')}")
+    param = ".".join(loc)
+    return error_response(400, f"invalid request: {param}: {first.get('msg', 'invalid value')}", param)
+
+
+# pydantic names the union branch it tried inside an error's location: 'str', 'list[int]', 'TextPart'.
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"} | {
+    name for name, value in vars(P).items() if isinstance(value, type) and issubclass(value, P.BaseModel)}
+
+
+def _is_union_tag(part) -> bool:
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
+
+
+class APIKeyMiddleware:
+    """401 for /v1 calls without `Authorization: Bearer <key>`.
+
+    Plain ASGI on purpose: FastAPI's @app.middleware("http") wraps `receive`, after which
+    `request.is_disconnected()` never sees the client leave, so an abandoned non-streaming request
+    would run to its last token instead of being aborted."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["path"].startswith("/v1")
+                and not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected)):
+            response = error_response(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                      kind="AuthenticationError")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -36,22 +98,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     app.state.engine = engine
     app.state.serving = serving
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_response(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                                      kind="AuthenticationError")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON body: {first.get('msg', '')}")
-        param = ".".join(loc) or None
-        return error_response(400, f"invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}", param)
+        return _validation_error(request, exc)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):
@@ -59,7 +111,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):

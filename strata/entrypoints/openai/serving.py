@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+import weakref
 from typing import AsyncIterator
 
 from strata.entrypoints.openai import protocol as P
@@ -18,8 +19,14 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.kind = kind or {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                             503: "ServiceUnavailableError"}.get(status, "InternalServerError")
+        self.kind = kind or _ERROR_KINDS.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+
+
+# The openai client's exception class for each status, which clients match on.
+_ERROR_KINDS = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+                404: "NotFoundError", 405: "MethodNotAllowedError", 409: "ConflictError",
+                413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError", 422: "UnprocessableEntityError",
+                429: "RateLimitError", 499: "ClientClosedRequestError", 503: "ServiceUnavailableError"}
 
 
 class OpenAIServing:
@@ -29,6 +36,7 @@ class OpenAIServing:
         self.metrics = metrics
         self.max_model_len = engine.engine.scheduler_config.max_model_len
         self.tokenizer = engine.engine.tokenizer
+        self.vocab_size = engine.engine.model_config.vocab_size
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, "", self.model_name):
@@ -49,6 +57,7 @@ class OpenAIServing:
     def _params(self, request: P.SamplingFields, max_tokens, logprobs, prompt_logprobs=None):
         try:
             params = request.sampling_params(max_tokens, logprobs, prompt_logprobs)
+            params.check_token_ids(self.vocab_size)   # here, so the 400 names the parameter
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split()[0]) from None
         return params
@@ -59,16 +68,23 @@ class OpenAIServing:
         try:
             for i, ids_ in enumerate(prompts):
                 rid = f"{request_id}-{i}"
-                queue = await self.engine.add_request(rid, {"prompt_token_ids": ids_}, params)
-                ids.append(rid)
-                streams.append(self._iterate(rid, queue))
-        except Exception as e:
+                ids.append(rid)   # before the await: a caller cancelled while waiting may still be admitted
+                queue = await _uncancellable(self.engine.add_request(rid, {"prompt_token_ids": ids_}, params))
+                ended = [False]
+                stream = self._iterate(rid, queue, ended)
+                # A stream dropped before its first step (the client left before the response began)
+                # never runs its `finally`: abort the request when the stream is collected.
+                weakref.finalize(stream, _abort_unless_ended, self.engine, rid, ended)
+                streams.append(stream)
+        except BaseException as e:   # CancelledError included
             for rid in ids:
                 self.engine.abort(rid)
-            raise _as_api_error(e) from None
+            if isinstance(e, Exception):
+                raise _as_api_error(e) from None
+            raise
         return streams
 
-    async def _iterate(self, rid: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _iterate(self, rid: str, queue: asyncio.Queue, ended: list[bool]) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -80,6 +96,7 @@ class OpenAIServing:
                     self.metrics.record_finished(item)
                 yield item
         finally:
+            ended[0] = True
             if not finished:
                 self.engine.abort(rid)
 
@@ -130,6 +147,10 @@ class OpenAIServing:
                 p = self.tokenizer.encode(p)
             if not p:
                 raise APIError(400, "prompt must not be empty", param="prompt")
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                               param="prompt")
             out.append(list(p))
         return out
 
@@ -280,6 +301,25 @@ def _as_api_error(e: Exception) -> APIError:
     if isinstance(e, (ValueError, TypeError)):
         return APIError(400, str(e))
     return APIError(500, f"internal error: {e}")
+
+
+def _abort_unless_ended(engine, rid: str, ended: list[bool]) -> None:
+    if not ended[0]:
+        engine.abort(rid)
+
+
+async def _uncancellable(coro):
+    """Await `coro` in a task of its own that the caller's cancellation does not reach.
+
+    AsyncEngine.add_request waits on a future the engine thread resolves; cancelling that wait (a
+    client that left while its request was being admitted) cancels the future, and the engine
+    thread's set_result on it then raises and ends the engine thread. The caller still sees
+    CancelledError at once; the admission finishes on its own, and the caller aborts the request.
+    """
+    task = asyncio.ensure_future(coro)
+    # An admission error after the caller left has no one to read it: mark it retrieved.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)
 
 
 async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
