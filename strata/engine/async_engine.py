@@ -95,20 +95,25 @@ class AsyncEngine:
 
     # ---- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stopped:
-            self._drain_commands()
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:   # a bug: fail the requests in flight, keep the server up
-                logger.exception("engine step failed")
-                self._fail_all(e)
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+        try:
+            while not self._stopped:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(timeout=0.5)
+                    self._wakeup.clear()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:   # a bug: fail the requests in flight, keep the server up
+                    logger.exception("engine step failed")
+                    self._fail_all(e)
+                    continue
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except BaseException as e:   # the loop itself broke: say so on /health
+            logger.exception("the engine thread stopped")
+            self.error = e
+            raise
 
     def _drain_commands(self) -> None:
         while True:
@@ -117,18 +122,22 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, request_id, prompt, params, stream, done = cmd
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except Exception as e:
-                    done.set_exception(e)
-                    continue
-                self._streams[request_id] = stream
-                done.set_result(None)
+                self._add(*cmd[1:])
             elif cmd[0] == "abort":
                 out = self.engine.abort_request(cmd[1])
                 if out is not None:
                     self._deliver(cmd[1], out)
+
+    def _add(self, request_id, prompt, params, stream, done: concurrent.futures.Future) -> None:
+        if not done.set_running_or_notify_cancel():
+            return   # the caller gave up (client gone) before the request was admitted
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except Exception as e:
+            done.set_exception(e)
+            return
+        self._streams[request_id] = stream
+        done.set_result(None)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)

@@ -23,8 +23,10 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def server(llm):
-    srv = LiveServer(llm, api_key=None)
+def server():
+    # The server drives its own engine from its own thread; `llm` (a second engine on the same
+    # model) computes the offline references, so no engine is ever stepped from two threads.
+    srv = LiveServer(LLM(use_tqdm_on_load=False, kv_cache_memory="256MiB", max_model_len=512, max_waiting=200))
     yield srv
     srv.stop()
 
