@@ -1,0 +1,21 @@
+"""Triton kernels, one op per file, each beside the torch reference its tests compare it with.
+
+Layers call ``use_triton(tensor)`` to choose: Triton for CUDA tensors when Triton is installed,
+the torch reference otherwise (the CPU path, and CUDA machines without Triton). Importing this
+package never fails on a machine without Triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` should go through the Triton kernels (``STRATA_DISABLE_TRITON=1`` forces
+    the torch references everywhere, for debugging and comparisons)."""
+    return t.is_cuda and HAS_TRITON and os.environ.get("STRATA_DISABLE_TRITON", "0") != "1"
