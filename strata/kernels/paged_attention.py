@@ -1,0 +1,492 @@
+"""Paged attention in Triton: single-token decode and varlen causal prefill, with torch references.
+
+The KV cache of one layer is ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K at 0,
+V at 1). Token ``p`` of a sequence lives in block ``block_tables[row, p // block_size]`` at offset
+``p % block_size``. Keys and values of this step's tokens are already in the cache.
+
+``paged_decode`` (one query token per row) is flash-decoding in two launches:
+
+1. ``_decode_kernel``, grid ``(batch, num_kv_heads, num_splits)``. A program owns one KV head of
+   one row and a contiguous range of that row's context (the context is cut into ``num_splits``
+   ranges of whole ``BLOCK_N`` tiles, computed in the kernel from the row's own ``seq_len``, so
+   the grid depends only on shapes). All ``G = H / num_kv_heads`` query heads of the KV head are
+   packed into the M dimension of ``tl.dot`` (padded to 16), so K and V are read from memory once
+   per KV head. Each tile gathers ``BLOCK_N`` tokens through the block table (one physical slot
+   per token), so a 16-token cache block does not force 16-token tiles. Online softmax in fp32.
+   With one split the program normalises and writes ``out`` itself; otherwise it writes its
+   unnormalised accumulator, running max and sum of exponentials to a fp32 workspace.
+2. ``_decode_reduce_kernel``, grid ``(batch, H)``: rescales the splits to a common max and sums.
+
+Rows with ``seq_len == 0`` (padding in a CUDA-graph batch) load no K/V and write zeros. Nothing
+syncs with the host: the launch is safe to capture in a CUDA graph.
+
+``paged_prefill`` is FlashAttention-2 over the block table, grid
+``(cdiv(max_query_len, BLOCK_Q), num_seqs, num_kv_heads)``. A program takes ``BLOCK_Q`` query
+tokens of one sequence times the ``G`` query heads of one KV head (``BLOCK_M = BLOCK_Q * G_pad``
+rows, token-major), so each K/V tile feeds all query heads that share it. A sequence's new tokens
+are the last ``query_len`` of its context; the key loop first runs the tiles every query row sees
+in full (no causal mask), then the diagonal tiles with the mask, and stops at the tile holding the
+block's last query position. Rows with ``query_len == 1`` (decodes in a chunked-prefill step) are
+just short sequences.
+
+Tile sizes and warps (``_decode_config`` / ``_prefill_config``) are starting points for an
+H100/H200, to be autotuned: decode uses BLOCK_N=64 tokens (32 for head_dim 256) with 4 warps and
+3 stages, which keeps two 16 KB K/V tiles in flight per program while several programs share an SM;
+prefill uses the FlashAttention-2 shape BLOCK_M=128 x BLOCK_N=64 with 8 warps for head_dim > 64
+(halved for head_dim 256 and for fp32, whose tiles take twice the shared memory).
+Loads are contiguous along head_dim (the innermost dimension); the head_dim mask is applied only
+when head_dim is not a power of two so that the common case keeps 16-byte vector loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256
+# Running-max start value: finite, so a row that has seen only masked keys yields exp2(-inf) = 0
+# rather than exp2(-inf - -inf) = NaN.
+_NEG_BIG = -1.0e30
+_MIN_TOKENS_PER_SPLIT = 128
+_MAX_SPLITS = 64
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(ptrs, row_mask, d_mask, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; the head_dim mask only when head_dim < BLOCK_D."""
+    if EVEN_D:
+        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+    return tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _attend_tile(q, k_tile_ptrs, v_tile_ptrs, key_mask, score_mask, m_i, l_i, acc, qk_scale,
+                 d_mask, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of FlashAttention-2 (log2 domain) over one gathered K/V tile."""
+    k = _load_rows(k_tile_ptrs, key_mask, d_mask, EVEN_D)                     # [N, D]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # [M, N] fp32
+    s = tl.where(score_mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_tile_ptrs, key_mask, d_mask, EVEN_D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _kv_slots(bt_row_ptr, pos, valid, stride_kb, stride_kt, BLOCK_SIZE: tl.constexpr):
+    """Element offset of each token's K row in the cache (int64: caches pass 2**31 elements)."""
+    block = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+    return block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, qk_scale,
+    stride_qb, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
+    stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + row)
+    # Whole tiles per split, from this row's own length: short rows leave late splits empty.
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    d_mask = d < HEAD_DIM
+    g_mask = g < GROUP
+    heads = kv_head * GROUP + g
+    q = _load_rows(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                   g_mask, d_mask, EVEN_D)                                    # [G, D]
+
+    m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    k_base = kv_ptr + kv_head * stride_kh + d[None, :]
+    bt_row = bt_ptr + row * stride_btb
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        slots = _kv_slots(bt_row, pos, valid, stride_kb, stride_kt, BLOCK_SIZE)[:, None]
+        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, valid,
+                                     valid[None, :], m_i, l_i, acc, qk_scale, d_mask, EVEN_D,
+                                     DOT_PRECISION)
+
+    if NUM_SPLITS == 1:
+        # l_i == 0 only for padding rows (seq_len 0): write zeros, never 0/0.
+        denom = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / denom[:, None]
+        o_ptrs = out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        # Workspace [batch, heads, splits] (+ [head_dim] for acc), contiguous.
+        ml_off = (row * NUM_HEADS + heads) * NUM_SPLITS + split
+        tl.store(ws_m_ptr + ml_off, m_i, mask=g_mask)
+        tl.store(ws_l_ptr + ml_off, l_i, mask=g_mask)
+        tl.store(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :], acc,
+                 mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < NUM_SPLITS
+    ml_off = (row * NUM_HEADS + head) * NUM_SPLITS + s
+    m = tl.load(ws_m_ptr + ml_off, mask=s_mask, other=_NEG_BIG)
+    l = tl.load(ws_l_ptr + ml_off, mask=s_mask, other=0.0)
+    # Empty splits carry m = _NEG_BIG and l = 0: their weight vanishes beside any real split.
+    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
+    denom = tl.sum(w * l, 0)
+    acc = tl.load(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, qk_scale,
+    stride_qt, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD     # query tokens per program
+    q_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_begin = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+    q_first = q_tile * BLOCK_Q
+    if q_first >= q_len:
+        return
+    ctx_len = tl.load(seq_lens_ptr + seq)
+
+    # Row r of the tile is query token q_first + r // GROUP_PAD, head r % GROUP_PAD of the group.
+    r = tl.arange(0, BLOCK_M)
+    tok = q_first + r // GROUP_PAD
+    g = r % GROUP_PAD
+    row_mask = (tok < q_len) & (g < GROUP)
+    q_pos = ctx_len - q_len + tok                    # position of each query in its context
+    d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    d_mask = d < HEAD_DIM
+    q_off = (q_begin + tok)[:, None] * stride_qt + (kv_head * GROUP + g)[:, None] * stride_qh
+    q = _load_rows(q_ptr + q_off + d[None, :], row_mask, d_mask, EVEN_D)    # [M, D]
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = kv_ptr + kv_head * stride_kh + d[None, :]
+    bt_row = bt_ptr + seq * stride_btb
+    first_pos = ctx_len - q_len + q_first
+    # Keys past the tile's last query position are masked for every row: stop there.
+    hi = tl.minimum(first_pos + BLOCK_Q, ctx_len)
+    # Keys before `lo` are visible to every query of the tile: whole tiles without a mask.
+    lo = (first_pos + 1) // BLOCK_N * BLOCK_N
+    all_keys = tl.full([BLOCK_N], 1, tl.int1)
+    all_scores = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+    for tile_start in range(0, lo, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)
+        slots = _kv_slots(bt_row, pos, all_keys, stride_kb, stride_kt, BLOCK_SIZE)[:, None]
+        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, all_keys,
+                                     all_scores, m_i, l_i, acc, qk_scale, d_mask, EVEN_D,
+                                     DOT_PRECISION)
+    for tile_start in range(lo, hi, BLOCK_N):
+        pos = tile_start + tl.arange(0, BLOCK_N)
+        valid = pos < hi
+        causal = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        slots = _kv_slots(bt_row, pos, valid, stride_kb, stride_kt, BLOCK_SIZE)[:, None]
+        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, valid,
+                                     causal, m_i, l_i, acc, qk_scale, d_mask, EVEN_D,
+                                     DOT_PRECISION)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_off = (q_begin + tok)[:, None] * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh
+    o_mask = row_mask[:, None] if EVEN_D else row_mask[:, None] & d_mask[None, :]
+    tl.store(out_ptr + o_off + d[None, :], o.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are the accuracy reference: keep full-precision products, not TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _decode_config(head_dim: int) -> dict:
+    block_n = 32 if head_dim > 128 else 64
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
+    block_m, block_n = (64, 32) if head_dim > 128 else (128, 64)
+    if dtype == torch.float32:
+        block_m //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if head_dim > 64 else 4,
+                num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 SXM: the interpreter has no SMs, keep its choices the GPU's
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int,
+                      num_sms: int = 132) -> int:
+    """Splits of the context per (row, KV head) so the grid fills the GPU ~4 times over.
+
+    Only shapes are used (``max_blocks * block_size`` bounds every row's context), so the choice
+    is the same for every replay of a captured graph. Each split gets at least
+    ``_MIN_TOKENS_PER_SPLIT`` tokens of that bound, so short contexts use one split and skip the
+    reduction launch; a row much shorter than the bound simply leaves its late splits empty.
+    """
+    programs = batch * num_kv_heads
+    max_tokens = max_blocks * block_size
+    splits = min(triton.cdiv(4 * num_sms, max(programs, 1)),
+                 max_tokens // _MIN_TOKENS_PER_SPLIT, _MAX_SPLITS)
+    return max(1, splits)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (shared by the kernels and the references)
+# --------------------------------------------------------------------------------------------
+
+def _require(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"paged attention: `{name}` {msg}")
+
+
+def _check_index(t: torch.Tensor, name: str, shape: tuple, device: torch.device) -> None:
+    _require(isinstance(t, torch.Tensor), name, f"must be a torch.Tensor, got {type(t).__name__}")
+    _require(t.dtype == torch.int32, name, f"must be int32, got {t.dtype}")
+    _require(t.dim() == len(shape) and all(s is None or a == s for a, s in zip(t.shape, shape)),
+             name, f"must have shape {tuple('*' if s is None else s for s in shape)}, "
+                   f"got {tuple(t.shape)}")
+    _require(t.device == device, name, f"must be on {device}, got {t.device}")
+    _require(t.numel() == 0 or t.stride(-1) == 1, name, "must be contiguous in its last dimension")
+
+
+def _check_common(q, kv_cache, block_tables, seq_lens, scale, out, num_seqs):
+    """Checks shared by decode and prefill; returns (num_kv_heads, block_size, group)."""
+    _require(isinstance(q, torch.Tensor) and q.dim() == 3, "q",
+             f"must be a 3-D tensor [tokens, heads, head_dim], got {getattr(q, 'shape', q)}")
+    _require(q.dtype in _SUPPORTED_DTYPES, "q", f"dtype must be one of {_SUPPORTED_DTYPES}, got {q.dtype}")
+    _require(q.stride(-1) == 1, "q", f"must be contiguous along head_dim, strides {q.stride()}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _require(1 <= head_dim <= _MAX_HEAD_DIM, "q", f"head_dim {head_dim} must be in [1, {_MAX_HEAD_DIM}]")
+    _require(isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
+             "kv_cache", "must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got {tuple(getattr(kv_cache, 'shape', ()))}")
+    _require(kv_cache.dtype == q.dtype, "kv_cache", f"dtype {kv_cache.dtype} must match q ({q.dtype})")
+    _require(kv_cache.is_contiguous(), "kv_cache", "must be contiguous")
+    _require(kv_cache.device == q.device, "kv_cache", f"must be on {q.device}, got {kv_cache.device}")
+    _, num_blocks, block_size, num_kv_heads, kv_dim = kv_cache.shape
+    _require(kv_dim == head_dim, "kv_cache", f"head_dim {kv_dim} must match q's {head_dim}")
+    _require(num_kv_heads > 0 and num_heads % num_kv_heads == 0, "kv_cache",
+             f"num_kv_heads {num_kv_heads} must divide q's {num_heads} heads")
+    _require(block_size > 0 and block_size & (block_size - 1) == 0, "kv_cache",
+             f"block_size {block_size} must be a power of two")
+    _check_index(block_tables, "block_tables", (num_seqs, None), q.device)
+    _check_index(seq_lens, "seq_lens", (num_seqs,), q.device)
+    _require(isinstance(scale, (int, float)) and math.isfinite(scale), "scale",
+             f"must be a finite float, got {scale!r}")
+    if out is not None:
+        _require(isinstance(out, torch.Tensor) and out.shape == q.shape, "out",
+                 f"must have q's shape {tuple(q.shape)}, got {tuple(getattr(out, 'shape', ()))}")
+        _require(out.dtype == q.dtype, "out", f"dtype {out.dtype} must match q ({q.dtype})")
+        _require(out.device == q.device, "out", f"must be on {q.device}, got {out.device}")
+        _require(out.stride(-1) == 1, "out", f"must be contiguous along head_dim, strides {out.stride()}")
+    return num_kv_heads, block_size, num_heads // num_kv_heads
+
+
+def _check_decode(q, kv_cache, block_tables, seq_lens, scale, out, num_splits):
+    shape = _check_common(q, kv_cache, block_tables, seq_lens, scale, out, q.shape[0] if
+                          isinstance(q, torch.Tensor) and q.dim() == 3 else -1)
+    _require(num_splits is None or (isinstance(num_splits, int) and num_splits >= 1),
+             "num_splits", f"must be None or a positive int, got {num_splits!r}")
+    return shape
+
+
+def _check_prefill(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, out):
+    _require(isinstance(seq_lens, torch.Tensor) and seq_lens.dim() == 1, "seq_lens",
+             "must be a 1-D tensor [num_seqs]")
+    num_seqs = seq_lens.shape[0]
+    shape = _check_common(q, kv_cache, block_tables, seq_lens, scale, out, num_seqs)
+    _check_index(query_start_loc, "query_start_loc", (num_seqs + 1,), q.device)
+    _require(isinstance(max_query_len, int) and max_query_len >= 0, "max_query_len",
+             f"must be a non-negative int, got {max_query_len!r}")
+    return shape
+
+
+# --------------------------------------------------------------------------------------------
+# Public wrappers
+# --------------------------------------------------------------------------------------------
+
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                 num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one query token per row over its paged context.
+
+    q [batch, heads, head_dim]; block_tables [batch, max_blocks] int32; seq_lens [batch] int32,
+    the context length including this token (0 marks a padding row: its output is zeros).
+    Returns ``out`` ([batch, heads, head_dim], q's dtype). No host sync: CUDA-graph safe.
+    """
+    num_kv_heads, block_size, group = _check_decode(q, kv_cache, block_tables, seq_lens, scale,
+                                                    out, num_splits)
+    batch, num_heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size,
+                                       _num_sms(q.device))
+    cfg = _decode_config(head_dim)
+    if num_splits > 1:
+        ws_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32,
+                             device=q.device)
+        ws_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        ws_l = torch.empty_like(ws_m)
+    else:
+        ws_acc = ws_m = ws_l = out   # unused by the single-split path
+    block_d = _block_d(head_dim)
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scale * _LOG2E,
+        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
+        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4 if head_dim > 64 else 2)
+    return out
+
+
+def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
+                  scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention for a varlen batch whose new tokens follow a cached prefix.
+
+    q [tokens, heads, head_dim]; sequence i's queries are q[query_start_loc[i]:query_start_loc[i+1]]
+    and are the last query_len of its seq_lens[i] context tokens. ``max_query_len`` (host int,
+    >= every query_len) sizes the grid only. Tokens outside query_start_loc's range are not written.
+    """
+    num_kv_heads, block_size, group = _check_prefill(q, kv_cache, block_tables, seq_lens,
+                                                     query_start_loc, max_query_len, scale, out)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or max_query_len == 0 or q.shape[0] == 0:
+        return out
+    cfg = _prefill_config(head_dim, q.dtype)
+    group_pad = triton.next_power_of_2(group)
+    block_m = max(cfg["BLOCK_M"], group_pad)   # at least one query token per program
+    block_q = block_m // group_pad
+    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Torch references: float32, one sequence at a time, explicit masks
+# --------------------------------------------------------------------------------------------
+
+def _gather_ref(kv_cache, table_row, ctx_len, group):
+    """K, V of a sequence's first ctx_len tokens, repeated per query head: [ctx, heads, d] fp32."""
+    block_size = kv_cache.shape[2]
+    pos = torch.arange(ctx_len, device=kv_cache.device)
+    blocks = table_row.long()[pos // block_size]
+    k = kv_cache[0, blocks, pos % block_size].float().repeat_interleave(group, dim=1)
+    v = kv_cache[1, blocks, pos % block_size].float().repeat_interleave(group, dim=1)
+    return k, v
+
+
+def _attend_ref(q, k, v, mask, scale):
+    """q [t, h, d], k/v [n, h, d], mask [t, n] (True = visible) -> [t, h, d] fp32."""
+    scores = torch.einsum("thd,nhd->htn", q.float(), k) * scale
+    scores = scores.masked_fill(~mask[None], float("-inf"))
+    return torch.einsum("htn,nhd->thd", torch.softmax(scores, dim=-1), v)
+
+
+def paged_decode_ref(q, kv_cache, block_tables, seq_lens, scale, out=None, num_splits=None):
+    """Reference for paged_decode (num_splits is accepted and ignored)."""
+    _, _, group = _check_decode(q, kv_cache, block_tables, seq_lens, scale, out, num_splits)
+    result = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for row, ctx_len in enumerate(seq_lens.tolist()):
+        if ctx_len == 0:
+            continue
+        k, v = _gather_ref(kv_cache, block_tables[row], ctx_len, group)
+        mask = torch.ones(1, ctx_len, dtype=torch.bool, device=q.device)
+        result[row] = _attend_ref(q[row:row + 1], k, v, mask, scale)[0]
+    if out is None:
+        return result.to(q.dtype)
+    return out.copy_(result)
+
+
+def paged_prefill_ref(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
+                      out=None):
+    """Reference for paged_prefill."""
+    _, _, group = _check_prefill(q, kv_cache, block_tables, seq_lens, query_start_loc,
+                                 max_query_len, scale, out)
+    if out is None:
+        out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for seq, ctx_len in enumerate(seq_lens.tolist()):
+        start, end = starts[seq], starts[seq + 1]
+        if end == start:
+            continue
+        k, v = _gather_ref(kv_cache, block_tables[seq], ctx_len, group)
+        q_pos = torch.arange(ctx_len - (end - start), ctx_len, device=q.device)
+        mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        out[start:end] = _attend_ref(q[start:end], k, v, mask, scale).to(q.dtype)
+    return out
