@@ -1,0 +1,251 @@
+"""Rotary position embedding (rotate-half, "neox" layout) fused with the write of K and V into the
+paged KV cache.
+
+``rotary_write_kv`` replaces, for one attention layer and one step, what
+``strata.layers.rotary.RotaryEmbedding`` followed by ``strata.attention.torch_ref.write_kv`` do:
+
+* q [T, H, D] and k [T, KVH, D] are rotated in place (both may be strided views of the fused qkv
+  projection: any row and head stride, the last dim contiguous);
+* the rotated k and the untouched v go to ``kv_cache[0 / 1]`` at flat slot ``slot_mapping[t]``
+  (``block_id * block_size + offset``); a negative slot marks a padding token whose K/V is not
+  written (its q/k are still rotated, harmlessly).
+
+cos/sin are the layer's tables ``[max_position, rot_dim]`` in float32 with duplicated halves, so
+only their first halves are read. ``rot_dim <= head_dim``: the tail of each head (partial rotary)
+stays as it is, and is copied into the cache as it is. Math is in fp32 with one rounding to the
+dtype; the torch layer rounds cos/sin to the dtype first and rounds after each operation, so in
+bf16 the two differ by a rounding or two (fp32 agrees to ~1e-7).
+
+Layout and speed: the grid is (tokens, head blocks). Head block ``j`` rotates q heads
+``[j*BLOCK_HQ, (j+1)*BLOCK_HQ)`` while ``j < cdiv(H, BLOCK_HQ)``; the remaining blocks rotate k
+heads and write k and v of those heads. A block is ~16 heads x head_dim (2048 elements at
+head_dim 128: 16 per thread with 4 warps, two 16-byte vectors per half-row), large enough to keep
+loads in flight and small enough that decode steps of a few tokens still spread over several
+SMs. Head counts and sizes are compile-time constants (fixed for a model), so the head loops are
+unrolled. The kernel never reads data on the host, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_TILE_ELEMS = 2048      # elements of one head block (both halves of the rotated part)
+
+
+# ----------------------------------------------------------------------------------- kernel
+
+@triton.jit
+def _rotate(ptrs, mask, cos, sin, HALF: tl.constexpr):
+    """Rotate the [heads, HALF] tiles at ptrs / ptrs + HALF; returns both halves in the dtype."""
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    dtype = ptrs.dtype.element_ty
+    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
+
+
+@triton.jit
+def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
+                      qs0, qs1, ks0, ks1, vs0, vs1, cos_s0, sin_s0,
+                      c_plane, c_block, c_off, c_head, block_size,
+                      NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                      WRITE_KV: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    cos = tl.load(cos_ptr + pos * cos_s0 + d, mask=d < HALF, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + pos * sin_s0 + d, mask=d < HALF, other=0.0)[None, :]
+    NUM_Q_BLOCKS: tl.constexpr = (NUM_HEADS + BLOCK_HQ - 1) // BLOCK_HQ
+
+    if hb < NUM_Q_BLOCKS:
+        h = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)[:, None]
+        mask = (h < NUM_HEADS) & (d[None, :] < HALF)
+        ptrs = q_ptr + t * qs0 + h * qs1 + d[None, :]
+        o1, o2 = _rotate(ptrs, mask, cos, sin, HALF)
+        tl.store(ptrs, o1, mask=mask)
+        tl.store(ptrs + HALF, o2, mask=mask)
+    else:
+        h = (hb - NUM_Q_BLOCKS) * BLOCK_HK + tl.arange(0, BLOCK_HK)[:, None]
+        head_ok = h < NUM_KV_HEADS
+        mask = head_ok & (d[None, :] < HALF)
+        ptrs = k_ptr + t * ks0 + h * ks1 + d[None, :]
+        o1, o2 = _rotate(ptrs, mask, cos, sin, HALF)
+        tl.store(ptrs, o1, mask=mask)
+        tl.store(ptrs + HALF, o2, mask=mask)
+        if WRITE_KV:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            in_cache = slot >= 0                     # padding tokens have no slot
+            blk = slot // block_size
+            k_dst = cache_ptr + blk * c_block + (slot - blk * block_size) * c_off + h * c_head
+            cmask = mask & in_cache
+            tl.store(k_dst + d[None, :], o1, mask=cmask)
+            tl.store(k_dst + HALF + d[None, :], o2, mask=cmask)
+            if BLOCK_TAIL > 0:                       # partial rotary: the tail goes in unrotated
+                e = 2 * HALF + tl.arange(0, BLOCK_TAIL)[None, :]
+                tmask = head_ok & (e < HEAD_DIM) & in_cache
+                tail = tl.load(k_ptr + t * ks0 + h * ks1 + e, mask=tmask)
+                tl.store(k_dst + e, tail, mask=tmask)
+            e = tl.arange(0, BLOCK_D)[None, :]
+            vmask = head_ok & (e < HEAD_DIM) & in_cache
+            vals = tl.load(v_ptr + t * vs0 + h * vs1 + e, mask=vmask)
+            tl.store(k_dst + c_plane + e, vals, mask=vmask)
+
+
+# ---------------------------------------------------------------------------------- wrapper
+
+def _check_tokens(t: torch.Tensor, name: str, num_tokens: int, device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor")
+    if t.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected torch.int32 or torch.int64")
+    if t.shape[0] != num_tokens:
+        raise ValueError(f"{name} has {t.shape[0]} entries, expected one per token ({num_tokens})")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _check_heads(t: torch.Tensor, name: str, num_tokens: int, head_dim: int, dtype, device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 3:
+        raise ValueError(f"{name} must be a 3-D tensor [tokens, heads, head_dim]")
+    if t.shape[0] != num_tokens or t.shape[2] != head_dim:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [{num_tokens}, heads, {head_dim}]")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected q's {dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected q's device {device}")
+    if head_dim > 1 and t.stride(2) != 1:
+        raise ValueError(f"{name} must be contiguous in head_dim, got strides {tuple(t.stride())}")
+
+
+def _check_tables(cos_cache, sin_cache, head_dim, device) -> int:
+    for name, t in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a 2-D float32 tensor [max_position, rot_dim]")
+        if t.shape != cos_cache.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected cos_cache's {tuple(cos_cache.shape)}")
+        if t.stride(1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected q's device {device}")
+    rot_dim = cos_cache.shape[1]
+    if rot_dim % 2 or not 2 <= rot_dim <= head_dim:
+        raise ValueError(f"rot_dim (cos_cache.shape[1]) is {rot_dim}; it must be even and in [2, head_dim={head_dim}]")
+    return rot_dim
+
+
+def _check_cache(kv_cache, num_kv_heads, head_dim, dtype, device) -> None:
+    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError("kv_cache must be a 5-D tensor [2, num_blocks, block_size, kv_heads, head_dim]")
+    if kv_cache.shape[3] != num_kv_heads or kv_cache.shape[4] != head_dim:
+        raise ValueError(f"kv_cache has shape {tuple(kv_cache.shape)}, expected kv_heads={num_kv_heads} "
+                         f"and head_dim={head_dim} in its last two dims")
+    if kv_cache.dtype != dtype:
+        raise ValueError(f"kv_cache has dtype {kv_cache.dtype}, expected k's {dtype}")
+    if kv_cache.device != device:
+        raise ValueError(f"kv_cache is on {kv_cache.device}, expected q's device {device}")
+    if head_dim > 1 and kv_cache.stride(4) != 1:
+        raise ValueError(f"kv_cache must be contiguous in head_dim, got strides {tuple(kv_cache.stride())}")
+
+
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor | None,
+                    slot_mapping: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, D] and k [T, KVH, D] in place at ``positions`` [T]; write k and v [T, KVH, D]
+    into ``kv_cache`` [2, num_blocks, block_size, KVH, D] at ``slot_mapping`` [T] (negative: skip).
+
+    ``kv_cache=None`` (with ``slot_mapping=None``) only rotates. Returns (q, k).
+    Positions must lie in [0, cos_cache.shape[0]); they are not checked on the device.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError("q must be a 3-D tensor [tokens, heads, head_dim]")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q has dtype {q.dtype}; supported: {', '.join(map(str, _DTYPES))}")
+    num_tokens, num_heads, head_dim = q.shape
+    _check_heads(q, "q", num_tokens, head_dim, q.dtype, q.device)
+    _check_heads(k, "k", num_tokens, head_dim, q.dtype, q.device)
+    _check_heads(v, "v", num_tokens, head_dim, q.dtype, q.device)
+    num_kv_heads = k.shape[1]
+    if v.shape[1] != num_kv_heads:
+        raise ValueError(f"v has {v.shape[1]} heads, expected k's {num_kv_heads}")
+    _check_tokens(positions, "positions", num_tokens, q.device)
+    rot_dim = _check_tables(cos_cache, sin_cache, head_dim, q.device)
+    write_kv = kv_cache is not None
+    if write_kv:
+        _check_cache(kv_cache, num_kv_heads, head_dim, q.dtype, q.device)
+        if slot_mapping is None:
+            raise ValueError("slot_mapping is required with kv_cache")
+        _check_tokens(slot_mapping, "slot_mapping", num_tokens, q.device)
+    elif slot_mapping is not None:
+        raise ValueError("slot_mapping given without kv_cache")
+    if num_tokens == 0:
+        return q, k
+
+    half = rot_dim // 2
+    block_half = triton.next_power_of_2(half)
+    heads_per_block = max(1, _TILE_ELEMS // (2 * block_half))
+    block_hq = min(triton.next_power_of_2(num_heads), heads_per_block)
+    block_hk = min(triton.next_power_of_2(num_kv_heads), heads_per_block)
+    grid = (num_tokens, triton.cdiv(num_heads, block_hq) + triton.cdiv(num_kv_heads, block_hk))
+    if write_kv:
+        cache, slots = kv_cache, slot_mapping
+        c_strides = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+                     kv_cache.shape[2])
+    else:
+        cache, slots, c_strides = k, positions, (0, 0, 0, 0, 1)   # never touched: WRITE_KV is False
+    tail = head_dim - rot_dim
+    _rotary_kv_kernel[grid](
+        positions, q, k, v, cos_cache, sin_cache, cache, slots,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_cache.stride(0), sin_cache.stride(0), *c_strides,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+        BLOCK_HALF=block_half, BLOCK_TAIL=triton.next_power_of_2(tail) if tail else 0,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        WRITE_KV=write_kv, num_warps=4)
+    return q, k
+
+
+# --------------------------------------------------------------------------------- references
+
+def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
+               sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """strata.layers.rotary.RotaryEmbedding.forward's math on new tensors (inputs untouched)."""
+    rot_dim = cos_cache.shape[-1]
+    cos = cos_cache[positions].unsqueeze(1).to(q.dtype)   # [n, 1, rot_dim]
+    sin = sin_cache[positions].unsqueeze(1).to(q.dtype)
+
+    def apply(x):
+        rot, rest = x[..., :rot_dim], x[..., rot_dim:]
+        half = rot_dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
+        return torch.cat((out, rest), dim=-1) if rest.numel() else out
+
+    return apply(q), apply(k)
+
+
+def write_kv_ref(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """strata.attention.torch_ref.write_kv, skipping tokens whose slot is negative (padding)."""
+    keep = slot_mapping >= 0
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping[keep], key[keep])
+    flat[1].index_copy_(0, slot_mapping[keep], value[keep])
+
+
+def rotary_write_kv_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor | None,
+                        slot_mapping: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotary_write_kv through the torch layer's math (q, k rotated in place, K/V to the cache)."""
+    q_rot, k_rot = rotary_ref(positions, q, k, cos_cache, sin_cache)
+    q.copy_(q_rot)
+    k.copy_(k_rot)
+    if kv_cache is not None:
+        write_kv_ref(kv_cache, k_rot, v, slot_mapping)
+    return q, k
