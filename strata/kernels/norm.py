@@ -233,7 +233,7 @@ def _prepare(x, residual, out, residual_out):
         out = torch.empty_like(x)
     if residual is not None and residual_out is None:
         residual_out = torch.empty_like(x)
-    if residual_out is not None and residual_out.data_ptr() == out.data_ptr():
+    if residual_out is not None and x.numel() and residual_out.data_ptr() == out.data_ptr():
         raise ValueError("out and residual_out must be different tensors")
     return out, residual_out
 
