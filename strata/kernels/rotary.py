@@ -49,7 +49,7 @@ def _rotate(ptrs, mask, cos, sin, HALF: tl.constexpr):
 
 @triton.jit
 def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
-                      qs0, qs1, ks0, ks1, vs0, vs1, cos_s0, sin_s0,
+                      pos_s, slot_s, qs0, qs1, ks0, ks1, vs0, vs1, cos_s0, sin_s0,
                       c_plane, c_block, c_off, c_head, block_size,
                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
@@ -57,7 +57,7 @@ def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr,
                       WRITE_KV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
+    pos = tl.load(pos_ptr + t * pos_s).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
     cos = tl.load(cos_ptr + pos * cos_s0 + d, mask=d < HALF, other=0.0)[None, :]
     sin = tl.load(sin_ptr + pos * sin_s0 + d, mask=d < HALF, other=0.0)[None, :]
@@ -79,7 +79,7 @@ def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr,
         tl.store(ptrs, o1, mask=mask)
         tl.store(ptrs + HALF, o2, mask=mask)
         if WRITE_KV:
-            slot = tl.load(slot_ptr + t).to(tl.int64)
+            slot = tl.load(slot_ptr + t * slot_s).to(tl.int64)
             in_cache = slot >= 0                     # padding tokens have no slot
             blk = slot // block_size
             k_dst = cache_ptr + blk * c_block + (slot - blk * block_size) * c_off + h * c_head
@@ -159,7 +159,8 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     """Rotate q [T, H, D] and k [T, KVH, D] in place at ``positions`` [T]; write k and v [T, KVH, D]
     into ``kv_cache`` [2, num_blocks, block_size, KVH, D] at ``slot_mapping`` [T] (negative: skip).
 
-    ``kv_cache=None`` (with ``slot_mapping=None``) only rotates. Returns (q, k).
+    positions and slot_mapping are int32 or int64, any stride. ``kv_cache=None`` (with
+    ``slot_mapping=None``) only rotates. Returns (q, k).
     Positions must lie in [0, cos_cache.shape[0]); they are not checked on the device.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
@@ -200,7 +201,7 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         cache, slots, c_strides = k, positions, (0, 0, 0, 0, 1)   # never touched: WRITE_KV is False
     tail = head_dim - rot_dim
     _rotary_kv_kernel[grid](
-        positions, q, k, v, cos_cache, sin_cache, cache, slots,
+        positions, q, k, v, cos_cache, sin_cache, cache, slots, positions.stride(0), slots.stride(0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_cache.stride(0), sin_cache.stride(0), *c_strides,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,

@@ -1,0 +1,195 @@
+"""strata.kernels.rotary against the torch layer's math (strata.layers.rotary) and write_kv.
+
+The kernel computes in fp32 and rounds once; the torch layer rounds cos/sin to the dtype and
+rounds after each operation. So fp32 is compared tightly, and bf16/fp16 twice: tightly against
+the same math done in fp32 and rounded once, loosely (~1e-2 relative) against the layer itself.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from strata.attention import torch_ref  # noqa: E402
+from strata.kernels import rotary  # noqa: E402
+from strata.layers.rotary import RotaryEmbedding  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+MAX_POS = 512
+# (heads, kv_heads, head_dim, rot_dim): GQA, partial rotary with odd sizes, tiny heads, and more
+# q heads than one head block holds.
+CONFIGS = [(4, 2, 64, 64), (3, 1, 80, 32), (2, 2, 12, 8), (40, 8, 128, 128)]
+
+
+def _tables(head_dim, rot_dim):
+    # The layer stays on the CPU (its _apply helper shadows nn.Module._apply, so .to() fails);
+    # its tables travel alone.
+    emb = RotaryEmbedding(head_dim, MAX_POS, 10000.0, rot_dim=rot_dim)
+    return emb, emb.cos_cached.to(DEVICE), emb.sin_cached.to(DEVICE)
+
+
+def _fused_qkv(num_tokens, heads, kv_heads, head_dim, dtype):
+    """q, k, v as views of one [T, (H + 2 KVH) * D + pad] tensor, as the qkv projection gives."""
+    qd, kd = heads * head_dim, kv_heads * head_dim
+    qkv = torch.randn(num_tokens, qd + 2 * kd + 8, device=DEVICE).to(dtype)
+    q = qkv[:, :qd].view(num_tokens, heads, head_dim)
+    k = qkv[:, qd:qd + kd].view(num_tokens, kv_heads, head_dim)
+    v = qkv[:, qd + kd:qd + 2 * kd].view(num_tokens, kv_heads, head_dim)
+    return qkv, q, k, v
+
+
+def _views(qkv, heads, kv_heads, head_dim):
+    qd, kd, t = heads * head_dim, kv_heads * head_dim, qkv.shape[0]
+    return (qkv[:, :qd].view(t, heads, head_dim), qkv[:, qd:qd + kd].view(t, kv_heads, head_dim),
+            qkv[:, qd + kd:qd + 2 * kd].view(t, kv_heads, head_dim))
+
+
+def _slots(num_tokens, num_slots, pad_rows, dtype=torch.int64):
+    """A non-contiguous slot mapping (every other entry of a shuffled list), -1 at pad_rows."""
+    slots = torch.randperm(num_slots, device=DEVICE)[: 2 * num_tokens].to(dtype)[::2]
+    slots[list(pad_rows)] = -1
+    return slots
+
+
+def _tol(dtype):
+    return dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+
+
+def _rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_rotary_write_kv_matches_reference(dtype, config):
+    heads, kv_heads, head_dim, rot_dim = config
+    num_tokens, num_blocks, block_size = 9, 6, 4
+    _, cos, sin = _tables(head_dim, rot_dim)
+    qkv, q, k, v = _fused_qkv(num_tokens, heads, kv_heads, head_dim, dtype)
+    positions = torch.randint(0, MAX_POS, (2 * num_tokens,), device=DEVICE)[1::2]   # strided too
+    slots = _slots(num_tokens, num_blocks * block_size, pad_rows=(2, 7))
+    cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE,
+                       dtype=dtype)
+
+    qkv_ref, cache_ref = qkv.clone(), cache.clone()
+    q_ref, k_ref, v_ref = _views(qkv_ref, heads, kv_heads, head_dim)
+    rotary.rotary_write_kv_ref(positions, q_ref, k_ref, v_ref, cos, sin, cache_ref, slots)
+    # The same math in fp32, rounded once: what the kernel computes.
+    q32, k32 = rotary.rotary_ref(positions, q.float(), k.float(), cos, sin)
+
+    got_q, got_k = rotary.rotary_write_kv(positions, q, k, v, cos, sin, cache, slots)
+    assert got_q is q and got_k is k
+    torch.testing.assert_close(q, q32.to(dtype), **_tol(dtype))
+    torch.testing.assert_close(k, k32.to(dtype), **_tol(dtype))
+    if dtype != torch.float32:
+        assert _rel_err(q, q_ref) < 1e-2 and _rel_err(k, k_ref) < 1e-2
+    # Only q and k changed in the fused tensor; v and the padding columns are as they were.
+    qd = heads * head_dim + kv_heads * head_dim
+    assert torch.equal(qkv[:, qd:], qkv_ref[:, qd:])
+
+    # The cache: padding rows' slots and all unused slots still hold the poison; written slots
+    # hold exactly the kernel's k and the input v.
+    assert torch.equal(cache.isnan(), cache_ref.isnan())
+    flat = cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    keep = slots >= 0
+    assert torch.equal(flat[0, slots[keep]], k[keep])
+    assert torch.equal(flat[1, slots[keep]], v[keep])
+
+
+def test_reference_is_the_layer_and_write_kv():
+    """Pure torch, on the CPU: the references are the layer's math and torch_ref.write_kv."""
+    heads, kv_heads, head_dim, rot_dim = 4, 2, 64, 32
+    emb = RotaryEmbedding(head_dim, MAX_POS, 10000.0, rot_dim=rot_dim)
+    positions = torch.randint(0, MAX_POS, (5,))
+    q = torch.randn(5, heads, head_dim, dtype=torch.bfloat16)
+    k = torch.randn(5, kv_heads, head_dim, dtype=torch.bfloat16)
+    for got, want in zip(rotary.rotary_ref(positions, q, k, emb.cos_cached, emb.sin_cached),
+                         emb(positions, q, k)):
+        assert torch.equal(got, want)
+    cache_a = torch.randn(2, 3, 4, kv_heads, head_dim)
+    cache_b = cache_a.clone()
+    slots = torch.tensor([5, 0, 11, 3, 7])
+    kf, vf = torch.randn(5, kv_heads, head_dim), torch.randn(5, kv_heads, head_dim)
+    rotary.write_kv_ref(cache_a, kf, vf, slots)
+    torch_ref.write_kv(cache_b, kf, vf, slots)
+    assert torch.equal(cache_a, cache_b)
+
+
+def test_int32_indices_and_one_token():
+    heads, kv_heads, head_dim = 8, 2, 64
+    _, cos, sin = _tables(head_dim, head_dim)
+    qkv, q, k, v = _fused_qkv(1, heads, kv_heads, head_dim, torch.bfloat16)
+    positions = torch.tensor([MAX_POS - 1], device=DEVICE, dtype=torch.int32)
+    slots = torch.tensor([6], device=DEVICE, dtype=torch.int32)
+    cache = torch.full((2, 2, 4, kv_heads, head_dim), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    q32, k32 = rotary.rotary_ref(positions.long(), q.float(), k.float(), cos, sin)
+    v0 = v.clone()
+    rotary.rotary_write_kv(positions, q, k, v, cos, sin, cache, slots)
+    torch.testing.assert_close(q, q32.to(torch.bfloat16), **_tol(torch.bfloat16))
+    assert torch.equal(cache[0, 1, 2], k[0]) and torch.equal(cache[1, 1, 2], v0[0])
+    assert int((~cache.isnan()).sum()) == 2 * kv_heads * head_dim
+
+
+def test_rotate_only_without_cache():
+    heads, kv_heads, head_dim, rot_dim = 4, 2, 64, 48
+    _, cos, sin = _tables(head_dim, rot_dim)
+    _, q, k, v = _fused_qkv(6, heads, kv_heads, head_dim, torch.float32)
+    positions = torch.randint(0, MAX_POS, (6,), device=DEVICE)
+    q_want, k_want = rotary.rotary_ref(positions, q, k, cos, sin)
+    rotary.rotary_write_kv(positions, q, k, v, cos, sin, None, None)
+    torch.testing.assert_close(q, q_want, **_tol(torch.float32))
+    torch.testing.assert_close(k, k_want, **_tol(torch.float32))
+
+
+def test_bad_arguments_name_the_argument():
+    heads, kv_heads, head_dim = 4, 2, 64
+    _, cos, sin = _tables(head_dim, head_dim)
+    _, q, k, v = _fused_qkv(3, heads, kv_heads, head_dim, torch.bfloat16)
+    pos = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    cache = torch.zeros(2, 2, 4, kv_heads, head_dim, dtype=torch.bfloat16, device=DEVICE)
+    slots = torch.arange(3, device=DEVICE)
+    good = dict(positions=pos, q=q, k=k, v=v, cos_cache=cos, sin_cache=sin, kv_cache=cache, slot_mapping=slots)
+    cases = {
+        "positions": dict(positions=pos.float()),
+        "slot_mapping": dict(slot_mapping=slots[:2]),
+        "q": dict(q=q.transpose(1, 2)),
+        "k": dict(k=k.float()),
+        "v": dict(v=v[:, :1]),
+        "cos_cache": dict(cos_cache=cos.half()),
+        "sin_cache": dict(sin_cache=sin[:, :32]),
+        "rot_dim": dict(cos_cache=cos[:, :31], sin_cache=sin[:, :31]),
+        "kv_cache": dict(kv_cache=cache.float()),
+    }
+    for name, bad in cases.items():
+        with pytest.raises(ValueError, match=name):
+            rotary.rotary_write_kv(**{**good, **bad})
+    _, big_cos, big_sin = _tables(128, 128)                     # rot_dim 128 > head_dim 64
+    with pytest.raises(ValueError, match="rot_dim"):
+        rotary.rotary_write_kv(**{**good, "cos_cache": big_cos, "sin_cache": big_sin})
+
+
+@pytest.mark.skipif(not CUDA, reason="realistic sizes need a GPU")
+@pytest.mark.parametrize("num_tokens", [1, 256, 8192])
+def test_gpu_model_sizes(num_tokens):
+    heads, kv_heads, head_dim, block_size = 32, 8, 128, 16
+    num_blocks = num_tokens // block_size + 8
+    _, cos, sin = _tables(head_dim, head_dim)
+    qkv, q, k, v = _fused_qkv(num_tokens, heads, kv_heads, head_dim, torch.bfloat16)
+    positions = torch.randint(0, MAX_POS, (num_tokens,), device=DEVICE)
+    slots = _slots(num_tokens, num_blocks * block_size, pad_rows=(0,) if num_tokens > 1 else ())
+    cache = torch.full((2, num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE,
+                       dtype=torch.bfloat16)
+    qkv_ref, cache_ref = qkv.clone(), cache.clone()
+    q_ref, k_ref, v_ref = _views(qkv_ref, heads, kv_heads, head_dim)
+    rotary.rotary_write_kv_ref(positions, q_ref, k_ref, v_ref, cos, sin, cache_ref, slots)
+    q32, _ = rotary.rotary_ref(positions, q.float(), k.float(), cos, sin)
+    rotary.rotary_write_kv(positions, q, k, v, cos, sin, cache, slots)
+    torch.testing.assert_close(q, q32.to(torch.bfloat16), **_tol(torch.bfloat16))
+    assert _rel_err(q, q_ref) < 1e-2 and _rel_err(k, k_ref) < 1e-2
+    assert torch.equal(cache.isnan(), cache_ref.isnan())
+    assert _rel_err(cache.nan_to_num(), cache_ref.nan_to_num()) < 1e-2
