@@ -41,8 +41,9 @@ def _act_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, ACT: tl.constexpr,
         y = (x / (1.0 + tl.exp(-x))).to(dtype).to(tl.float32) * up
     elif ACT == 1:   # exact gelu
         y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    elif ACT == 2:   # tanh gelu; tanh(u) = 1 - 2 / (exp(2u) + 1) saturates cleanly at +-inf
+    elif ACT == 2:   # tanh gelu, with tanh(u) = 1 - 2 / (exp(2u) + 1)
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        u = tl.minimum(tl.maximum(u, -15.0), 15.0)   # tanh(15) is 1.0 in fp32; keeps exp finite
         y = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
     else:            # relu; NaN stays NaN, as in torch
         y = tl.where(x < 0.0, 0.0, x)
