@@ -62,34 +62,22 @@ _MAX_SPLITS = 64
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(ptrs, row_mask, d_mask, EVEN_D: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile; the head_dim mask only when head_dim < BLOCK_D."""
-    if EVEN_D:
-        return tl.load(ptrs, mask=row_mask[:, None], other=0.0)
-    return tl.load(ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, qk_scale,
+                 DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of FlashAttention-2 (log2 domain) over one gathered K/V tile.
 
-
-@triton.jit
-def _attend_tile(q, k_tile_ptrs, v_tile_ptrs, key_mask, score_mask, m_i, l_i, acc, qk_scale,
-                 d_mask, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step of FlashAttention-2 (log2 domain) over one gathered K/V tile."""
-    k = _load_rows(k_tile_ptrs, key_mask, d_mask, EVEN_D)                     # [N, D]
+    q [M, D]; k_ptrs/v_ptrs [N, D]; kv_mask broadcasts to [N, D]; score_mask to [M, N].
+    """
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # [M, N] fp32
     s = tl.where(score_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_tile_ptrs, key_mask, d_mask, EVEN_D)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _kv_slots(bt_row_ptr, pos, valid, stride_kb, stride_kt, BLOCK_SIZE: tl.constexpr):
-    """Element offset of each token's K row in the cache (int64: caches pass 2**31 elements)."""
-    block = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
-    return block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt
 
 
 @triton.jit
@@ -112,12 +100,11 @@ def _decode_kernel(
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     d_mask = d < HEAD_DIM
-    g_mask = g < GROUP
+    gd_mask = (g < GROUP)[:, None] & d_mask[None, :]
     heads = kv_head * GROUP + g
-    q = _load_rows(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                   g_mask, d_mask, EVEN_D)                                    # [G, D]
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=gd_mask, other=0.0)                                      # [G, D]
 
     m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -127,24 +114,27 @@ def _decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         valid = pos < end
-        slots = _kv_slots(bt_row, pos, valid, stride_kb, stride_kt, BLOCK_SIZE)[:, None]
-        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, valid,
-                                     valid[None, :], m_i, l_i, acc, qk_scale, d_mask, EVEN_D,
-                                     DOT_PRECISION)
+        # One physical slot per token (int64: a cache may pass 2**31 elements).
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0)
+        slots = (block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt)[:, None]
+        if HEAD_DIM == BLOCK_D:
+            kv_mask = valid[:, None]    # keeps the loads 16-byte vectors along head_dim
+        else:
+            kv_mask = valid[:, None] & d_mask[None, :]
+        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, kv_mask,
+                                     valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     if NUM_SPLITS == 1:
         # l_i == 0 only for padding rows (seq_len 0): write zeros, never 0/0.
-        denom = tl.where(l_i > 0, l_i, 1.0)
-        o = acc / denom[:, None]
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = out_ptr + row * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
         # Workspace [batch, heads, splits] (+ [head_dim] for acc), contiguous.
         ml_off = (row * NUM_HEADS + heads) * NUM_SPLITS + split
-        tl.store(ws_m_ptr + ml_off, m_i, mask=g_mask)
-        tl.store(ws_l_ptr + ml_off, l_i, mask=g_mask)
-        tl.store(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :], acc,
-                 mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(ws_m_ptr + ml_off, m_i, mask=g < GROUP)
+        tl.store(ws_l_ptr + ml_off, l_i, mask=g < GROUP)
+        tl.store(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :], acc, mask=gd_mask)
 
 
 @triton.jit
@@ -195,13 +185,12 @@ def _prefill_kernel(
     r = tl.arange(0, BLOCK_M)
     tok = q_first + r // GROUP_PAD
     g = r % GROUP_PAD
-    row_mask = (tok < q_len) & (g < GROUP)
-    q_pos = ctx_len - q_len + tok                    # position of each query in its context
     d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     d_mask = d < HEAD_DIM
+    io_mask = ((tok < q_len) & (g < GROUP))[:, None] & d_mask[None, :]
+    q_pos = ctx_len - q_len + tok                    # position of each query in its context
     q_off = (q_begin + tok)[:, None] * stride_qt + (kv_head * GROUP + g)[:, None] * stride_qh
-    q = _load_rows(q_ptr + q_off + d[None, :], row_mask, d_mask, EVEN_D)    # [M, D]
+    q = tl.load(q_ptr + q_off + d[None, :], mask=io_mask, other=0.0)          # [M, D]
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -211,29 +200,32 @@ def _prefill_kernel(
     first_pos = ctx_len - q_len + q_first
     # Keys past the tile's last query position are masked for every row: stop there.
     hi = tl.minimum(first_pos + BLOCK_Q, ctx_len)
-    # Keys before `lo` are visible to every query of the tile: whole tiles without a mask.
+    # Keys before `lo` are visible to every query of the tile: whole tiles, no causal mask.
     lo = (first_pos + 1) // BLOCK_N * BLOCK_N
-    all_keys = tl.full([BLOCK_N], 1, tl.int1)
-    all_scores = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+    if HEAD_DIM == BLOCK_D:
+        full_mask = tl.full([BLOCK_N, 1], 1, tl.int1)   # constant: compiles to unmasked loads
+    else:
+        full_mask = tl.full([BLOCK_N, 1], 1, tl.int1) & d_mask[None, :]
+    all_keys = tl.full([1, BLOCK_N], 1, tl.int1)
     for tile_start in range(0, lo, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
-        slots = _kv_slots(bt_row, pos, all_keys, stride_kb, stride_kt, BLOCK_SIZE)[:, None]
-        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, all_keys,
-                                     all_scores, m_i, l_i, acc, qk_scale, d_mask, EVEN_D,
-                                     DOT_PRECISION)
+        block = tl.load(bt_row + pos // BLOCK_SIZE)
+        slots = (block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt)[:, None]
+        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, full_mask,
+                                     all_keys, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     for tile_start in range(lo, hi, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         valid = pos < hi
+        block = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0)
+        slots = (block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt)[:, None]
         causal = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        slots = _kv_slots(bt_row, pos, valid, stride_kb, stride_kt, BLOCK_SIZE)[:, None]
-        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, valid,
-                                     causal, m_i, l_i, acc, qk_scale, d_mask, EVEN_D,
-                                     DOT_PRECISION)
+        m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots,
+                                     full_mask & valid[:, None], causal, m_i, l_i, acc,
+                                     qk_scale, DOT_PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_begin + tok)[:, None] * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh
-    o_mask = row_mask[:, None] if EVEN_D else row_mask[:, None] & d_mask[None, :]
-    tl.store(out_ptr + o_off + d[None, :], o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    tl.store(out_ptr + o_off + d[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 # --------------------------------------------------------------------------------------------
