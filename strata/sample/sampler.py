@@ -8,18 +8,30 @@ Order of operations follows vLLM v1:
   3. greedy rows take the argmax; random rows go through temperature, top_k, top_p, min_p and
      then the exponential race `argmax(probs / q)`, q ~ Exp(1), which draws from `probs`
      exactly without a cumulative sum and lets each seeded row draw its own noise.
-Everything is vectorised over rows; the only per-row Python loops build index lists and draw the
-noise of seeded rows from their own generators.
+
+Two implementations of step 3, chosen by the device of the logits:
+  * CUDA: one Triton kernel (strata.kernels.sampling) does temperature, truncation and the draw
+    for every row, with Philox noise from a per-row seed. Nothing in the step reads device memory
+    on the host; `SamplerOutput.to_lists` brings ids and logprobs back in one copy.
+  * CPU: torch ops with a sort for top-k/top-p, seeded rows drawing from their CPU generators.
+Seeded requests are reproducible on each, but a seed gives different tokens on CPU and GPU.
+
+`SamplingMetadata.from_rows` turns the rows into a few flat arrays on the host in one go and
+copies them to the device in one transfer per dtype; features no row uses stay None.
 """
 
+import itertools
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from strata.sample.logits_processors import apply_logits_processors, pad_token_ids
-from strata.sampling_params import SAMPLING_EPS, SamplingParams, SamplingType
+from strata.sample.logits_processors import apply_logits_processors
+from strata.sampling_params import SAMPLING_EPS, SamplingParams
 
 _MASK64 = (1 << 64) - 1
+_SEED_BITS = 63  # torch.manual_seed and Philox both take these
 
 
 @dataclass
@@ -27,17 +39,26 @@ class SamplingRow:
     """What the model runner knows about one row this step."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # generated so far, for this sequence
+    # Token lists may also be 1-D int numpy arrays: those are copied without a Python loop.
+    prompt_token_ids: "list[int] | np.ndarray"
+    output_token_ids: "list[int] | np.ndarray"  # generated so far, for this sequence
     # make_generator(seed, sequence_index, len(output_token_ids)) for seeded requests, else None.
+    # The CPU path draws from it; the GPU path needs only its seed (generator.initial_seed()).
     generator: torch.Generator | None
     # eos + stop token ids; applied only while len(output_token_ids) < params.min_tokens.
     min_tokens_mask: set[int] | None
+    # row_seed(seed, sequence_index, len(output_token_ids)) for seeded requests: lets a GPU runner
+    # skip building a torch.Generator per row. Used when set; else the generator's seed.
+    seed: int | None = None
 
 
 @dataclass
 class SamplingMetadata:
-    """Per-step tensors for the whole batch; built once per step by `from_rows`."""
+    """Per-step tensors for the whole batch; built once per step by `from_rows`.
+
+    Token positions are flat indices `row * vocab_size + token_id` into the [num_reqs, vocab]
+    logits, so each processor is one scatter or gather over the whole batch.
+    """
 
     temperature: torch.Tensor  # [num_reqs] float32, 0 for greedy rows
     all_greedy: bool
@@ -45,68 +66,166 @@ class SamplingMetadata:
     top_k: torch.Tensor | None  # [num_reqs] int64, vocab_size = off; None when no row uses it
     top_p: torch.Tensor | None  # [num_reqs] float32, 1 = off
     min_p: torch.Tensor | None  # [num_reqs] float32, 0 = off
-    generators: dict[int, torch.Generator]  # row -> CPU generator, seeded random rows only
+    generators: dict[int, torch.Generator]  # row -> CPU generator, seeded random rows (CPU path)
+    seeds: torch.Tensor | None  # [num_reqs] int64 Philox seeds (kernel path, not all greedy)
     presence_penalties: torch.Tensor | None  # [num_reqs] float32
     frequency_penalties: torch.Tensor | None  # [num_reqs] float32
     repetition_penalties: torch.Tensor | None  # [num_reqs] float32
-    prompt_token_ids: torch.Tensor | None  # [num_reqs, max_prompt_len] int64, pad = vocab_size
-    output_token_ids: list[list[int]]
-    logit_bias: list[dict[int, float] | None]
-    min_tokens_masks: list[set[int] | None]  # None for rows that have reached min_tokens
+    # Output tokens of the rows with any penalty, and prompt tokens of the rows with a repetition
+    # penalty (only it looks at the prompt); other rows' tokens cannot change their logits.
+    output_token_index: torch.Tensor | None  # [num_output_tokens] int64 flat index
+    prompt_token_index: torch.Tensor | None  # [num_prompt_tokens] int64 flat index
+    logit_bias_index: torch.Tensor | None  # [num_biases] int64 flat index
+    logit_bias_values: torch.Tensor | None  # [num_biases] float32
+    min_tokens_index: torch.Tensor | None  # [num_banned] int64 flat index, rows below min_tokens
     max_num_logprobs: int | None  # max over rows of params.logprobs; None if no row wants any
     no_penalties: bool
 
     @classmethod
     def from_rows(cls, rows: list[SamplingRow], vocab_size: int, device) -> "SamplingMetadata":
+        device = torch.device(device)
+        kernel = kernel_path(device)
         params = [row.params for row in rows]
-        greedy = [p.sampling_type == SamplingType.GREEDY for p in params]
-
-        def floats(values) -> torch.Tensor:  # [num_reqs]
-            return torch.tensor(values, dtype=torch.float32, device=device)
+        temps = [p.temperature if p.temperature >= SAMPLING_EPS else 0.0 for p in params]
+        num_greedy = temps.count(0.0)
+        up = _Upload(device)
 
         # Greedy rows have top_k/top_p/min_p reset by SamplingParams, so they never switch these on.
-        top_k = None
-        if any(0 < p.top_k < vocab_size for p in params):
-            top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size
-                                  for p in params], dtype=torch.int64, device=device)
-        top_p = floats([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None
-        min_p = floats([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        fields = {
+            "temperature": up.add(temps, np.float32),
+            "top_k": up.add(top_ks, np.int64) if min(top_ks, default=vocab_size) < vocab_size else None,
+            "top_p": up.add(top_ps, np.float32) if min(top_ps, default=1.0) < 1.0 else None,
+            "min_p": up.add(min_ps, np.float32) if max(min_ps, default=0.0) > 0.0 else None,
+            "seeds": None,
+        }
+        generators = {}
+        if num_greedy < len(rows):
+            if kernel:
+                fields["seeds"] = up.add(_row_seeds(rows, temps), np.int64)
+            else:
+                generators = {i: row.generator for i, row in enumerate(rows)
+                              if temps[i] and row.generator is not None}
 
-        no_penalties = all(p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-                           and p.repetition_penalty == 1.0 for p in params)
-        presence = frequency = repetition = prompt_ids = None
-        if not no_penalties:
-            presence = floats([p.presence_penalty for p in params])
-            frequency = floats([p.frequency_penalty for p in params])
-            repetition = floats([p.repetition_penalty for p in params])
-            if any(p.repetition_penalty != 1.0 for p in params):  # only it looks at the prompt
-                prompt_ids = pad_token_ids([row.prompt_token_ids for row in rows], vocab_size, device)
-
+        no_penalties = _add_penalties(up, fields, rows, params, vocab_size)
+        _add_bias_and_min_tokens(up, fields, rows, params, vocab_size)
+        tensors = up.finish()
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=floats([0.0 if g else p.temperature for p, g in zip(params, greedy)]),
-            all_greedy=all(greedy),
-            all_random=not any(greedy),
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            generators={i: row.generator for i, row in enumerate(rows)
-                        if not greedy[i] and row.generator is not None},
-            presence_penalties=presence,
-            frequency_penalties=frequency,
-            repetition_penalties=repetition,
-            prompt_token_ids=prompt_ids,
-            output_token_ids=[row.output_token_ids for row in rows],
-            logit_bias=[p.logit_bias or None for p in params],
-            min_tokens_masks=[
-                row.min_tokens_mask
-                if row.min_tokens_mask and len(row.output_token_ids) < row.params.min_tokens
-                else None
-                for row in rows
-            ],
+            **{name: None if slot is None else tensors[slot] for name, slot in fields.items()},
+            all_greedy=num_greedy == len(rows),
+            all_random=num_greedy == 0,
+            generators=generators,
             max_num_logprobs=max(logprobs) if logprobs else None,
             no_penalties=no_penalties,
         )
+
+
+def kernel_path(device: torch.device) -> bool:
+    """Whether sampling on `device` runs the Triton kernel (strata.kernels.use_triton's rule)."""
+    if os.environ.get("STRATA_DISABLE_TRITON") == "1":
+        return False
+    if device.type != "cuda" and os.environ.get("STRATA_FORCE_TRITON") != "1":
+        return False
+    from strata.kernels import HAS_TRITON
+    return HAS_TRITON
+
+
+_TORCH_DTYPES = {np.float32: torch.float32, np.int64: torch.int64}
+
+
+class _Upload:
+    """Host arrays collected while building the metadata, moved to the device in one copy per
+    dtype (a pinned buffer and a non-blocking copy on CUDA: the host never waits for the GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.arrays: list[np.ndarray] = []
+
+    def add(self, values, dtype) -> int:
+        self.arrays.append(np.asarray(values, dtype=dtype))
+        return len(self.arrays) - 1
+
+    def finish(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(self.arrays)
+        for dtype in (np.float32, np.int64):
+            slots = [i for i, a in enumerate(self.arrays) if a.dtype == dtype]
+            if not slots:
+                continue
+            sizes = [self.arrays[i].size for i in slots]
+            pinned = self.device.type == "cuda"
+            host = torch.empty(sum(sizes), dtype=_TORCH_DTYPES[dtype], pin_memory=pinned)
+            np.concatenate([self.arrays[i] for i in slots], out=host.numpy())
+            buffer = host.to(self.device, non_blocking=True) if pinned else host.to(self.device)
+            for slot, piece in zip(slots, buffer.split(sizes)):
+                out[slot] = piece
+        return out
+
+
+def _row_seeds(rows: list[SamplingRow], temps: list[float]) -> list[int]:
+    """Philox seeds: a seeded row's comes from (seed, sequence index, position) via row_seed, so
+    it is the same whatever the batch; unseeded rows share one fresh draw per step, offset by
+    their row (Philox keys that differ by one give unrelated streams)."""
+    base = int(torch.randint(1 << 62, ()))  # the CPU generator: follows torch.manual_seed
+    seeds = []
+    for i, row in enumerate(rows):
+        if row.seed is not None:
+            seeds.append(row.seed)
+        elif row.generator is not None and temps[i]:
+            seeds.append(row.generator.initial_seed())
+        else:
+            seeds.append((base + i) & ((1 << _SEED_BITS) - 1))
+    return seeds
+
+
+def _add_penalties(up: _Upload, fields: dict, rows, params, vocab_size: int) -> bool:
+    penalised = [i for i, p in enumerate(params) if p.presence_penalty != 0.0
+                 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0]
+    fields.update(presence_penalties=None, frequency_penalties=None, repetition_penalties=None,
+                  output_token_index=None, prompt_token_index=None)
+    if not penalised:
+        return True
+    fields["presence_penalties"] = up.add([p.presence_penalty for p in params], np.float32)
+    fields["frequency_penalties"] = up.add([p.frequency_penalty for p in params], np.float32)
+    fields["repetition_penalties"] = up.add([p.repetition_penalty for p in params], np.float32)
+    fields["output_token_index"] = up.add(
+        flat_token_index([rows[i].output_token_ids for i in penalised], penalised, vocab_size),
+        np.int64)
+    repeating = [i for i in penalised if params[i].repetition_penalty != 1.0]
+    if repeating:
+        fields["prompt_token_index"] = up.add(
+            flat_token_index([rows[i].prompt_token_ids for i in repeating], repeating, vocab_size),
+            np.int64)
+    return False
+
+
+def _add_bias_and_min_tokens(up: _Upload, fields: dict, rows, params, vocab_size: int) -> None:
+    bias_index, bias_values, banned = [], [], []
+    for i, (row, p) in enumerate(zip(rows, params)):
+        if p.logit_bias:
+            bias_index.extend(i * vocab_size + token_id for token_id in p.logit_bias)
+            bias_values.extend(p.logit_bias.values())
+        if row.min_tokens_mask and len(row.output_token_ids) < p.min_tokens:
+            banned.extend(i * vocab_size + token_id for token_id in row.min_tokens_mask)
+    fields["logit_bias_index"] = up.add(bias_index, np.int64) if bias_index else None
+    fields["logit_bias_values"] = up.add(bias_values, np.float32) if bias_index else None
+    fields["min_tokens_index"] = up.add(banned, np.int64) if banned else None
+
+
+def flat_token_index(
+    token_ids: list, row_ids: list[int], vocab_size: int
+) -> np.ndarray:  # [total tokens] int64, row * vocab_size + token id
+    """All rows' token ids as flat positions, built without a per-row array or tensor."""
+    lengths = np.fromiter((len(ids) for ids in token_ids), np.int64, count=len(token_ids))
+    if all(isinstance(ids, np.ndarray) for ids in token_ids):
+        flat = np.concatenate(token_ids).astype(np.int64, copy=False) if token_ids else \
+            np.empty(0, np.int64)
+    else:
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), np.int64,
+                           count=int(lengths.sum()))
+    return flat + np.repeat(np.asarray(row_ids, np.int64) * vocab_size, lengths)
 
 
 @dataclass
@@ -122,6 +241,21 @@ class LogprobsTensors:
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [num_reqs] int64
     logprobs: LogprobsTensors | None
+
+    def to_lists(self) -> tuple[list[int], list[list[int]] | None, list[list[float]] | None,
+                                list[int] | None]:
+        """(token ids, logprob token ids, logprobs, ranks) as host lists, in ONE device->host copy:
+        the only point of a sampling step where the host waits for the device."""
+        lp = self.logprobs
+        if lp is None:
+            return self.sampled_token_ids.tolist(), None, None, None
+        num_cols = lp.token_ids.shape[1]
+        # float32 bits ride along as int64 (sign-extended int32), undone on the host.
+        packed = torch.cat([self.sampled_token_ids[:, None], lp.ranks[:, None], lp.token_ids,
+                            lp.logprobs.view(torch.int32).to(torch.int64)], dim=1).cpu().numpy()
+        values = packed[:, 2 + num_cols:].astype(np.int32).view(np.float32)
+        return (packed[:, 0].tolist(), packed[:, 2: 2 + num_cols].tolist(), values.tolist(),
+                packed[:, 1].tolist())
 
 
 class Sampler(torch.nn.Module):
@@ -147,6 +281,21 @@ def sample(
 ) -> torch.Tensor:  # [num_reqs] int64
     if metadata.all_greedy:
         return logits.argmax(dim=-1)
+    if kernel_path(logits.device):
+        from strata.kernels.sampling import sample_tokens
+        if metadata.seeds is None:
+            raise ValueError("metadata built for a device without the sampling kernel "
+                             f"({logits.device}): rebuild it with from_rows for this device")
+        return sample_tokens(logits.contiguous(), metadata.temperature, metadata.top_k,
+                             metadata.top_p, metadata.min_p, metadata.seeds)
+    return sample_torch(logits, metadata)
+
+
+def sample_torch(
+    logits: torch.Tensor,  # [num_reqs, vocab] float32, after the logits processors
+    metadata: SamplingMetadata,
+) -> torch.Tensor:  # [num_reqs] int64
+    """The CPU path: sort-based truncation, noise from the rows' CPU generators."""
     greedy = None if metadata.all_random else logits.argmax(dim=-1)
     # Mixed batches run the random path on every row and pick per row: one batched pass is
     # cheaper than gathering the random rows into a new tensor and scattering back.
@@ -235,14 +384,20 @@ def make_generator(seed: int, sequence_index: int, step: int) -> torch.Generator
     recomputed, a speculative token that is rejected, a step on another worker). Deriving the seed
     from (request seed, index of the sequence within an n > 1 request, output position) gives the
     same token at the same position however the request was batched, and different positions or
-    sibling sequences different draws. CPU so the stream is the same on every device.
+    sibling sequences different draws. The CPU path draws from the generator; the GPU kernel
+    keys Philox with the same seed (`row_seed`), so the two streams differ.
     """
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(row_seed(seed, sequence_index, step))
+    return generator
+
+
+def row_seed(seed: int, sequence_index: int, step: int) -> int:
+    """The 63-bit seed of one seeded sequence at one output position (fits every torch seed)."""
     mixed = _splitmix64(seed & _MASK64)
     mixed = _splitmix64(mixed ^ (sequence_index & _MASK64))
     mixed = _splitmix64(mixed ^ (step & _MASK64))
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(mixed >> 1)  # 63 bits: fits every torch seed range
-    return generator
+    return mixed >> (64 - _SEED_BITS)
 
 
 def _splitmix64(x: int) -> int:
@@ -251,4 +406,3 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
-

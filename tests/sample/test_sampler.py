@@ -1,5 +1,6 @@
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from strata.sample.sampler import (
     SamplingMetadata,
     SamplingRow,
     make_generator,
+    row_seed,
 )
 from strata.sampling_params import SamplingParams
 
@@ -290,19 +292,65 @@ def test_rank_of_non_argmax_sampled_token():
 def test_metadata_skips_unused_features():
     md = make_metadata([SamplingParams(), SamplingParams(temperature=0.0, top_k=3)])
     assert md.top_k is None and md.top_p is None and md.min_p is None
-    assert md.no_penalties and md.prompt_token_ids is None and md.max_num_logprobs is None
+    assert md.no_penalties and md.output_token_index is None and md.prompt_token_index is None
+    assert md.logit_bias_index is None and md.min_tokens_index is None
+    assert md.max_num_logprobs is None and md.seeds is None  # CPU path: generators, no seeds
     assert md.temperature.tolist() == [1.0, 0.0]
     assert not md.all_greedy and not md.all_random
 
 
 def test_metadata_builds_tensors():
     params = [SamplingParams(top_k=5, repetition_penalty=1.2, logprobs=3, min_tokens=2),
-              SamplingParams(top_p=0.5, top_k=VOCAB + 10, logprobs=1)]
-    md = make_metadata(params, prompts=[[1, 2, 3], [4]], outputs=[[5, 6], []],
-                       masks=[{0}, {0}])
-    assert md.top_k.tolist() == [5, VOCAB]
-    assert md.top_p.tolist() == [1.0, 0.5]
-    assert md.prompt_token_ids.tolist() == [[1, 2, 3], [4, VOCAB, VOCAB]]
-    assert md.repetition_penalties.tolist() == pytest.approx([1.2, 1.0])
+              SamplingParams(top_p=0.5, top_k=VOCAB + 10, logprobs=1, presence_penalty=0.5),
+              SamplingParams(logit_bias={7: 2.0, 9: -1.0}, min_tokens=3)]
+    md = make_metadata(params, prompts=[[1, 2, 3], [4], [5]], outputs=[[5, 6], [], [8]],
+                       masks=[{0}, {0}, {1, 2}])
+    assert md.top_k.tolist() == [5, VOCAB, VOCAB]
+    assert md.top_p.tolist() == [1.0, 0.5, 1.0]
+    # Flat positions row * VOCAB + token: outputs of penalised rows, prompts of repetition rows.
+    assert md.output_token_index.tolist() == [5, 6]
+    assert md.prompt_token_index.tolist() == [1, 2, 3]
+    assert md.repetition_penalties.tolist() == pytest.approx([1.2, 1.0, 1.0])
+    assert md.presence_penalties.tolist() == pytest.approx([0.0, 0.5, 0.0])
+    assert md.logit_bias_index.tolist() == [2 * VOCAB + 7, 2 * VOCAB + 9]
+    assert md.logit_bias_values.tolist() == [2.0, -1.0]
+    # Row 0 reached min_tokens, row 1 has no mask, row 2 bans {1, 2}.
+    assert sorted(md.min_tokens_index.tolist()) == [2 * VOCAB + 1, 2 * VOCAB + 2]
     assert md.max_num_logprobs == 3
-    assert md.min_tokens_masks == [None, None]  # row 0 reached min_tokens, row 1 has none
+
+
+def test_metadata_accepts_numpy_token_arrays():
+    params = [SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5)] * 2
+    lists = make_metadata(params, prompts=[[1, 2], [3]], outputs=[[4, 4], [5]])
+    arrays = make_metadata(params, prompts=[np.array([1, 2]), np.array([3], np.int32)],
+                           outputs=[np.array([4, 4]), np.array([5])])
+    assert torch.equal(lists.output_token_index, arrays.output_token_index)
+    assert torch.equal(lists.prompt_token_index, arrays.prompt_token_index)
+
+
+def test_metadata_empty_batch_and_empty_token_lists():
+    md = make_metadata([SamplingParams(repetition_penalty=1.3)], prompts=[[]], outputs=[[]])
+    assert md.output_token_index.numel() == 0 and md.prompt_token_index.numel() == 0
+    logits = torch.randn(1, VOCAB)
+    assert torch.equal(apply_logits_processors(logits, md), logits)
+    md = SamplingMetadata.from_rows([], vocab_size=VOCAB, device="cpu")
+    assert md.temperature.shape == (0,) and md.all_greedy
+
+
+def test_to_lists_is_one_copy_of_everything():
+    torch.manual_seed(9)
+    logits = torch.randn(3, VOCAB)
+    params = [SamplingParams(temperature=0.0, logprobs=2)] * 3
+    out = run(logits, params)
+    ids, lp_ids, lp_values, ranks = out.to_lists()
+    assert ids == out.sampled_token_ids.tolist()
+    assert lp_ids == out.logprobs.token_ids.tolist()
+    assert lp_values == out.logprobs.logprobs.tolist()  # bit-exact round trip of float32
+    assert ranks == out.logprobs.ranks.tolist() == [1, 1, 1]
+    out = run(logits, [SamplingParams(temperature=0.0)] * 3)
+    assert out.to_lists() == (logits.argmax(-1).tolist(), None, None, None)
+
+
+def test_row_seed_is_the_generator_seed():
+    assert make_generator(5, 1, 7).initial_seed() == row_seed(5, 1, 7) < 2**63
+    assert row_seed(5, 1, 7) != row_seed(5, 1, 8)
