@@ -52,7 +52,7 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 # Running-max start value: finite, so a row that has seen only masked keys yields exp2(-inf) = 0
 # rather than exp2(-inf - -inf) = NaN.
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 64
 
@@ -171,7 +171,8 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD     # query tokens per program
-    q_tile = tl.program_id(0)
+    # Last query tiles first: they see the most keys, so the longest programs start earliest.
+    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     q_begin = tl.load(qsl_ptr + seq)
@@ -241,15 +242,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _decode_config(head_dim: int) -> dict:
-    block_n = 32 if head_dim > 128 else 64
+def _decode_config(head_dim: int, dtype: torch.dtype) -> dict:
+    # fp32 products run on the FMA units with fp32 operand tiles: halve the tile to stay in
+    # registers (it is the accuracy path, not the serving one).
+    block_n = 32 if head_dim > 128 or dtype == torch.float32 else 64
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
 
 
 def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
-    block_m, block_n = (64, 32) if head_dim > 128 else (128, 64)
     if dtype == torch.float32:
-        block_m //= 2
+        # FMA-unit products; the compiled kernel still spills ~300 B a thread (fp32 is the
+        # accuracy path, not the serving one).
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+    block_m, block_n = (64, 32) if head_dim > 128 else (128, 64)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if head_dim > 64 else 4,
                 num_stages=2)
 
@@ -371,7 +376,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size,
                                        _num_sms(q.device))
-    cfg = _decode_config(head_dim)
+    cfg = _decode_config(head_dim, q.dtype)
     if num_splits > 1:
         ws_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32,
                              device=q.device)

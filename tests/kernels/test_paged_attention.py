@@ -180,8 +180,8 @@ def test_decode_matches_reference(heads, head_dim, block_size, dtype, gen):
     (None, torch.float32), (1, torch.float32), (2, torch.float32), (3, torch.float32),
     (3, torch.bfloat16), (8, torch.float32)])
 def test_decode_num_splits(num_splits, dtype, gen):
-    # 151 tokens are 3 tiles of 64: 3 splits are uneven (64, 64, 23), 8 leave splits empty and
-    # outnumber the tokens of every short row.
+    # 151 tokens in 3 splits are uneven (64, 64, 23 with 32- or 64-token tiles); 8 splits leave
+    # some empty and outnumber the tokens of every short row.
     run_decode([1, 7, 0, 65, 151], HEADS["mqa"], 16, 4, dtype, gen, [num_splits])
 
 
