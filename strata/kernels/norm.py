@@ -15,9 +15,15 @@ Layout and speed (these run twice per layer on every token, so they matter on an
 * One program per row. A whole row fits in registers up to ``_MAX_SINGLE_PASS`` elements
   (16384: Llama-405B's hidden is 16384), so x and residual are read from memory once. Wider rows
   fall back to a loop over ``_CHUNK``-wide slices that re-reads the row (from L2, mostly).
+  Narrow rows (per-head q/k norms over head_dim 128) are grouped, ``_MIN_TILE`` elements a
+  program: one program per 128-wide row ran at a quarter of the bandwidth.
 * ``num_warps`` is chosen so that each thread holds about 8 elements: with bf16 that is one
   16-byte vector load per thread per tensor, and 4096 wide rows get 16 warps, enough loads in
-  flight to cover memory latency even at decode batch sizes (few rows).
+  flight to cover memory latency even at decode batch sizes (few rows). 8 and 16 elements a
+  thread measured the same on an H200.
+* Measured on an H200 (bf16, hidden 4096, CUDA-graph replay; device copy 4.2 TB/s): with the
+  residual, 8192 rows 68 us (3.9 TB/s; the torch layer 475 us), 256 rows 3.1 us, 1 row 2.1 us;
+  per-head q norm in place on [8192, 32, 128] 35 us (torch 472 us).
 * Inputs may be strided: any tensor whose last dim is contiguous and whose leading dims collapse
   into at most two strides, e.g. q of shape [tokens, heads, head_dim] sliced out of a fused qkv
   output (Qwen3's per-head q/k norm), can be normalised in place (``out=q``).
@@ -35,157 +41,158 @@ import triton.language as tl
 
 _MAX_SINGLE_PASS = 16384   # widest row kept whole in registers; wider rows are looped over
 _CHUNK = 4096              # slice width of the looped path
+_ELEMS_PER_THREAD = 8      # sets num_warps: 8 bf16 elements are one 16-byte vector load
+_MIN_TILE = 2048           # narrower rows are grouped so that a program handles this many elements
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _row_offset(row, inner, s0, s1):
-    """Element offset of row ``row`` of a [outer, inner, n] view with row strides (s0, s1)."""
-    row = row.to(tl.int64)
-    outer_idx = row // inner
-    return outer_idx * s0 + (row - outer_idx * inner) * s1
+def _row_offsets(rows, inner, s0, s1):
+    """Element offsets [ROWS, 1] of rows of a [outer, inner, n] view with row strides (s0, s1)."""
+    rows = rows.to(tl.int64)
+    outer_idx = rows // inner
+    return (outer_idx * s0 + (rows - outer_idx * inner) * s1)[:, None]
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, inner, n_cols, eps,
-                     xs0, xs1, rs0, rs1, os0, os1, ros0, ros1,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
-                     NUM_CHUNKS: tl.constexpr):
-    row = tl.program_id(0)
-    x_ptr += _row_offset(row, inner, xs0, xs1)
-    out_ptr += _row_offset(row, inner, os0, os1)
+def _load_add_residual(x_ptrs, res_ptrs, res_out_ptrs, mask, HAS_RES: tl.constexpr):
+    """x (+ residual, rounded to the dtype and stored as the new residual), in fp32."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        res_ptr += _row_offset(row, inner, rs0, rs1)
-        res_out_ptr += _row_offset(row, inner, ros0, ros1)
-    dtype = out_ptr.dtype.element_ty
-    cols = tl.arange(0, BLOCK)
+        x += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(res_out_ptrs.dtype.element_ty)      # the residual lives in the model dtype
+        tl.store(res_out_ptrs, x, mask=mask)
+        x = x.to(tl.float32)
+    return x
 
-    if SINGLE_PASS:
-        mask = cols < n_cols
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            x += tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            x = x.to(dtype)                          # the residual lives in the model dtype
-            tl.store(res_out_ptr + cols, x, mask=mask)
-            x = x.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, inner, n_cols, eps,
+                     xs0, xs1, rs0, rs1, os0, os1, ros0, ros1,
+                     HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                     NUM_CHUNKS: tl.constexpr):
+    # A [ROWS, BLOCK] tile: ROWS > 1 only for narrow rows (per-head norms), NUM_CHUNKS > 1 only
+    # for rows wider than one block (then ROWS == 1).
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = (rows < n_rows)[:, None]
+    x_ptr += _row_offsets(rows, inner, xs0, xs1)
+    out_ptr += _row_offsets(rows, inner, os0, os1)
+    res_ptr += _row_offsets(rows, inner, rs0, rs1)
+    res_out_ptr += _row_offsets(rows, inner, ros0, ros1)
+    dtype = out_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK)[None, :]
+
+    if NUM_CHUNKS == 1:
+        mask = row_ok & (cols < n_cols)
+        x = _load_add_residual(x_ptr + cols, res_ptr + cols, res_out_ptr + cols, mask, HAS_RES)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)[:, None]
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         y = (x * rstd).to(dtype).to(tl.float32) * w
         tl.store(out_ptr + cols, y.to(dtype), mask=mask)
     else:
         # Pass 1: the residual add (written out) and the sum of squares.
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for chunk in range(NUM_CHUNKS):
             c = chunk * BLOCK + cols
-            mask = c < n_cols
-            x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                x += tl.load(res_ptr + c, mask=mask, other=0.0).to(tl.float32)
-                x = x.to(dtype)
-                tl.store(res_out_ptr + c, x, mask=mask)
-                x = x.to(tl.float32)
+            mask = row_ok & (c < n_cols)
+            x = _load_add_residual(x_ptr + c, res_ptr + c, res_out_ptr + c, mask, HAS_RES)
             acc += x * x
-        rstd = tl.math.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
+        rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)[:, None]
         if HAS_RES:
             tl.debug_barrier()   # pass 2 re-reads what other threads of this program stored
             x_ptr = res_out_ptr
         # Pass 2: normalise. Reads x (or the stored residual) again, from L2 mostly.
         for chunk in range(NUM_CHUNKS):
             c = chunk * BLOCK + cols
-            mask = c < n_cols
+            mask = row_ok & (c < n_cols)
             x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c, mask=c < n_cols, other=0.0).to(tl.float32)
             y = (x * rstd).to(dtype).to(tl.float32) * w
             tl.store(out_ptr + c, y.to(dtype), mask=mask)
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, inner, n_cols, eps,
+def _layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, n_rows, inner, n_cols, eps,
                        xs0, xs1, rs0, rs1, os0, os1, ros0, ros1,
                        HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                       BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr, NUM_CHUNKS: tl.constexpr):
-    row = tl.program_id(0)
-    x_ptr += _row_offset(row, inner, xs0, xs1)
-    out_ptr += _row_offset(row, inner, os0, os1)
-    if HAS_RES:
-        res_ptr += _row_offset(row, inner, rs0, rs1)
-        res_out_ptr += _row_offset(row, inner, ros0, ros1)
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = (rows < n_rows)[:, None]
+    x_ptr += _row_offsets(rows, inner, xs0, xs1)
+    out_ptr += _row_offsets(rows, inner, os0, os1)
+    res_ptr += _row_offsets(rows, inner, rs0, rs1)
+    res_out_ptr += _row_offsets(rows, inner, ros0, ros1)
     dtype = out_ptr.dtype.element_ty
-    cols = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK)[None, :]
 
-    if SINGLE_PASS:
-        mask = cols < n_cols
-        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            x += tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            x = x.to(dtype)
-            tl.store(res_out_ptr + cols, x, mask=mask)
-            x = x.to(tl.float32)
-        mean = tl.sum(x, axis=0) / n_cols
-        # Variance about the mean (two-pass in registers): no cancellation for offset rows.
+    if NUM_CHUNKS == 1:
+        mask = row_ok & (cols < n_cols)
+        x = _load_add_residual(x_ptr + cols, res_ptr + cols, res_out_ptr + cols, mask, HAS_RES)
+        mean = (tl.sum(x, axis=1) / n_cols)[:, None]
+        # Variance about the mean (two passes over registers): no cancellation for offset rows.
         d = tl.where(mask, x - mean, 0.0)
-        rstd = tl.math.rsqrt(tl.sum(d * d, axis=0) / n_cols + eps)
+        rstd = tl.math.rsqrt(tl.sum(d * d, axis=1) / n_cols + eps)[:, None]
         y = d * rstd
         if HAS_W:
-            y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y * tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         if HAS_B:
-            y = y + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            y = y + tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         tl.store(out_ptr + cols, y.to(dtype), mask=mask)
     else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for chunk in range(NUM_CHUNKS):
             c = chunk * BLOCK + cols
-            mask = c < n_cols
-            x = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                x += tl.load(res_ptr + c, mask=mask, other=0.0).to(tl.float32)
-                x = x.to(dtype)
-                tl.store(res_out_ptr + c, x, mask=mask)
-                x = x.to(tl.float32)
-            acc += x
-        mean = tl.sum(acc, axis=0) / n_cols
+            mask = row_ok & (c < n_cols)
+            acc += _load_add_residual(x_ptr + c, res_ptr + c, res_out_ptr + c, mask, HAS_RES)
+        mean = (tl.sum(acc, axis=1) / n_cols)[:, None]
         if HAS_RES:
             tl.debug_barrier()
             x_ptr = res_out_ptr
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         for chunk in range(NUM_CHUNKS):
             c = chunk * BLOCK + cols
-            mask = c < n_cols
+            mask = row_ok & (c < n_cols)
             d = tl.where(mask, tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
             acc += d * d
-        rstd = tl.math.rsqrt(tl.sum(acc, axis=0) / n_cols + eps)
+        rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)[:, None]
         for chunk in range(NUM_CHUNKS):
             c = chunk * BLOCK + cols
-            mask = c < n_cols
+            mask = row_ok & (c < n_cols)
             y = (tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
             if HAS_W:
-                y = y * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
+                y = y * tl.load(w_ptr + c, mask=c < n_cols, other=0.0).to(tl.float32)
             if HAS_B:
-                y = y + tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
+                y = y + tl.load(b_ptr + c, mask=c < n_cols, other=0.0).to(tl.float32)
             tl.store(out_ptr + c, y.to(dtype), mask=mask)
 
 
 # ---------------------------------------------------------------------------------- wrappers
 
 def _rows(t: torch.Tensor, name: str) -> tuple[int, int, int, int]:
-    """(outer, inner, s0, s1): t seen as [outer, inner, n] with a contiguous last dim."""
-    if t.dim() == 0:
+    """(outer, inner, s0, s1): t seen as [outer, inner, n] with a contiguous last dim.
+
+    Reads shape and strides once: this runs four times a call, on the host, on every layer.
+    """
+    shape, strides = t.shape, t.stride()
+    ndim = len(shape)
+    if ndim == 0:
         raise ValueError(f"{name} must have at least one dimension, got a scalar")
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
-    if t.dim() == 1:
+    if strides[-1] != 1 and shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {strides}")
+    if ndim == 1:
         return 1, 1, 0, 0
-    if t.dim() == 2:
-        outer, inner, s0, s1 = 1, t.shape[0], 0, t.stride(0)
+    if ndim == 2:
+        outer, inner, s0, s1 = 1, shape[0], 0, strides[0]
+    elif ndim == 3:
+        outer, inner, s0, s1 = shape[0], shape[1], strides[0], strides[1]
     else:
         try:
-            v = t.view(-1, t.shape[-2], t.shape[-1])
+            v = t.view(-1, shape[-2], shape[-1])
         except RuntimeError:
-            raise ValueError(f"{name}: leading dims of shape {tuple(t.shape)} and strides "
-                             f"{tuple(t.stride())} do not collapse into one; pass a contiguous "
-                             "tensor") from None
+            raise ValueError(f"{name}: leading dims of shape {tuple(shape)} and strides {strides} do not "
+                             "collapse into one; pass a contiguous tensor") from None
         outer, inner, s0, s1 = v.shape[0], v.shape[1], v.stride(0), v.stride(1)
     # A stride over a dim of size 1 is never used; zero keeps Triton's alignment analysis
     # (strides divisible by 16 => vectorised loads) from being spoiled by it.
@@ -239,20 +246,27 @@ def _prepare(x, residual, out, residual_out):
 
 
 def _launch_args(x, residual, out, residual_out):
-    """Row count, residual pointers, sizes, strides and meta-parameters shared by both norms."""
+    """Grid, residual pointers, sizes, strides and meta-parameters shared by both norms."""
     outer, inner, xs0, xs1 = _rows(x, "x")
     _, _, os0, os1 = _rows(out, "out")
-    if residual is None:
-        residual = residual_out = x           # never read: HAS_RES is False
-    _, _, rs0, rs1 = _rows(residual, "residual")
-    _, _, ros0, ros1 = _rows(residual_out, "residual_out")
-    n_cols = x.shape[-1]
-    single = n_cols <= _MAX_SINGLE_PASS
-    block = triton.next_power_of_2(n_cols) if single else _CHUNK
-    meta = dict(BLOCK=block, SINGLE_PASS=single, NUM_CHUNKS=1 if single else triton.cdiv(n_cols, block),
-                num_warps=min(max(block // 256, 1), 16))   # ~8 elements a thread: one bf16 16-byte vector
+    if residual is None:                      # never read: HAS_RES is False
+        residual, residual_out, (rs0, rs1, ros0, ros1) = x, x, (xs0, xs1, xs0, xs1)
+    else:
+        rs0, rs1 = _rows(residual, "residual")[2:]
+        ros0, ros1 = _rows(residual_out, "residual_out")[2:]
+    n_rows, n_cols = outer * inner, x.shape[-1]
+    if n_cols <= _MAX_SINGLE_PASS:
+        block, num_chunks = triton.next_power_of_2(n_cols), 1
+    else:
+        block, num_chunks = _CHUNK, triton.cdiv(n_cols, _CHUNK)
+    # Narrow rows (per-head norms over head_dim) share a program, so each still moves a few KB.
+    rows_per_program = min(max(_MIN_TILE // block, 1), triton.next_power_of_2(max(n_rows, 1)))
+    tile = rows_per_program * block
+    meta = dict(ROWS=rows_per_program, BLOCK=block, NUM_CHUNKS=num_chunks,
+                num_warps=min(max(tile // (32 * _ELEMS_PER_THREAD), 1), 16))
     strides = (xs0, xs1, rs0, rs1, os0, os1, ros0, ros1)
-    return outer * inner, residual, residual_out, inner, n_cols, strides, meta
+    grid = (triton.cdiv(n_rows, rows_per_program),)
+    return grid, residual, residual_out, n_rows, inner, n_cols, strides, meta
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
@@ -267,9 +281,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if weight is None:
         raise ValueError("weight is required for rms_norm")
     out, residual_out = _prepare(x, residual, out, residual_out)
-    rows, res, res_out, inner, n_cols, strides, meta = _launch_args(x, residual, out, residual_out)
-    if rows > 0 and n_cols > 0:
-        _rms_norm_kernel[(rows,)](x, res, weight, out, res_out, inner, n_cols, float(eps), *strides,
+    grid, res, res_out, n_rows, inner, n_cols, strides, meta = _launch_args(x, residual, out, residual_out)
+    if n_rows > 0 and n_cols > 0:
+        _rms_norm_kernel[grid](x, res, weight, out, res_out, n_rows, inner, n_cols, float(eps), *strides,
                                   HAS_RES=residual is not None, **meta)
     return out if residual is None else (out, residual_out)
 
@@ -281,12 +295,12 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     _check_param(weight, x, "weight")
     _check_param(bias, x, "bias")
     out, residual_out = _prepare(x, residual, out, residual_out)
-    rows, res, res_out, inner, n_cols, strides, meta = _launch_args(x, residual, out, residual_out)
-    if rows > 0 and n_cols > 0:
-        _layer_norm_kernel[(rows,)](x, res, x if weight is None else weight, x if bias is None else bias,
-                                    out, res_out, inner, n_cols, float(eps), *strides,
-                                    HAS_RES=residual is not None, HAS_W=weight is not None,
-                                    HAS_B=bias is not None, **meta)
+    grid, res, res_out, n_rows, inner, n_cols, strides, meta = _launch_args(x, residual, out, residual_out)
+    if n_rows > 0 and n_cols > 0:
+        _layer_norm_kernel[grid](x, res, x if weight is None else weight, x if bias is None else bias,
+                                 out, res_out, n_rows, inner, n_cols, float(eps), *strides,
+                                 HAS_RES=residual is not None, HAS_W=weight is not None,
+                                 HAS_B=bias is not None, **meta)
     return out if residual is None else (out, residual_out)
 
 

@@ -21,8 +21,13 @@ Layout and speed: the grid is (tokens, head blocks). Head block ``j`` rotates q 
 heads and write k and v of those heads. A block is ~16 heads x head_dim (2048 elements at
 head_dim 128: 16 per thread with 4 warps, two 16-byte vectors per half-row), large enough to keep
 loads in flight and small enough that decode steps of a few tokens still spread over several
-SMs. Head counts and sizes are compile-time constants (fixed for a model), so the head loops are
-unrolled. The kernel never reads data on the host, so it can be captured in a CUDA graph.
+SMs (1024- and 4096-element blocks measured the same or slower). Head counts and sizes are
+compile-time constants (fixed for a model). The kernel never reads data on the host, so it can be
+captured in a CUDA graph.
+
+Measured on an H200 (bf16, 32 q / 8 kv heads of 128, CUDA-graph replay; device copy 4.2 TB/s):
+8192 tokens 58 us (3.8 TB/s; the torch layer plus write_kv 550 us), 256 tokens 3.1 us, 1 token
+2.2 us (torch 31 us).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import triton.language as tl
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _TILE_ELEMS = 2048      # elements of one head block (both halves of the rotated part)
+_NUM_WARPS = 4
 
 
 # ----------------------------------------------------------------------------------- kernel
@@ -63,38 +69,39 @@ def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr,
     sin = tl.load(sin_ptr + pos * sin_s0 + d, mask=d < HALF, other=0.0)[None, :]
     NUM_Q_BLOCKS: tl.constexpr = (NUM_HEADS + BLOCK_HQ - 1) // BLOCK_HQ
 
+    # The two branches use distinct names: Triton treats a name bound in both as one value.
     if hb < NUM_Q_BLOCKS:
-        h = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)[:, None]
-        mask = (h < NUM_HEADS) & (d[None, :] < HALF)
-        ptrs = q_ptr + t * qs0 + h * qs1 + d[None, :]
-        o1, o2 = _rotate(ptrs, mask, cos, sin, HALF)
-        tl.store(ptrs, o1, mask=mask)
-        tl.store(ptrs + HALF, o2, mask=mask)
+        hq = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)[:, None]
+        q_mask = (hq < NUM_HEADS) & (d[None, :] < HALF)
+        q_ptrs = q_ptr + t * qs0 + hq * qs1 + d[None, :]
+        q1, q2 = _rotate(q_ptrs, q_mask, cos, sin, HALF)
+        tl.store(q_ptrs, q1, mask=q_mask)
+        tl.store(q_ptrs + HALF, q2, mask=q_mask)
     else:
-        h = (hb - NUM_Q_BLOCKS) * BLOCK_HK + tl.arange(0, BLOCK_HK)[:, None]
-        head_ok = h < NUM_KV_HEADS
-        mask = head_ok & (d[None, :] < HALF)
-        ptrs = k_ptr + t * ks0 + h * ks1 + d[None, :]
-        o1, o2 = _rotate(ptrs, mask, cos, sin, HALF)
-        tl.store(ptrs, o1, mask=mask)
-        tl.store(ptrs + HALF, o2, mask=mask)
+        hk = (hb - NUM_Q_BLOCKS) * BLOCK_HK + tl.arange(0, BLOCK_HK)[:, None]
+        head_ok = hk < NUM_KV_HEADS
+        k_mask = head_ok & (d[None, :] < HALF)
+        k_ptrs = k_ptr + t * ks0 + hk * ks1 + d[None, :]
+        k1, k2 = _rotate(k_ptrs, k_mask, cos, sin, HALF)
+        tl.store(k_ptrs, k1, mask=k_mask)
+        tl.store(k_ptrs + HALF, k2, mask=k_mask)
         if WRITE_KV:
             slot = tl.load(slot_ptr + t * slot_s).to(tl.int64)
             in_cache = slot >= 0                     # padding tokens have no slot
             blk = slot // block_size
-            k_dst = cache_ptr + blk * c_block + (slot - blk * block_size) * c_off + h * c_head
-            cmask = mask & in_cache
-            tl.store(k_dst + d[None, :], o1, mask=cmask)
-            tl.store(k_dst + HALF + d[None, :], o2, mask=cmask)
+            k_dst = cache_ptr + blk * c_block + (slot - blk * block_size) * c_off + hk * c_head
+            c_mask = k_mask & in_cache
+            tl.store(k_dst + d[None, :], k1, mask=c_mask)
+            tl.store(k_dst + HALF + d[None, :], k2, mask=c_mask)
             if BLOCK_TAIL > 0:                       # partial rotary: the tail goes in unrotated
                 e = 2 * HALF + tl.arange(0, BLOCK_TAIL)[None, :]
-                tmask = head_ok & (e < HEAD_DIM) & in_cache
-                tail = tl.load(k_ptr + t * ks0 + h * ks1 + e, mask=tmask)
-                tl.store(k_dst + e, tail, mask=tmask)
-            e = tl.arange(0, BLOCK_D)[None, :]
-            vmask = head_ok & (e < HEAD_DIM) & in_cache
-            vals = tl.load(v_ptr + t * vs0 + h * vs1 + e, mask=vmask)
-            tl.store(k_dst + c_plane + e, vals, mask=vmask)
+                t_mask = head_ok & (e < HEAD_DIM) & in_cache
+                k_tail = tl.load(k_ptr + t * ks0 + hk * ks1 + e, mask=t_mask)
+                tl.store(k_dst + e, k_tail, mask=t_mask)
+            dv = tl.arange(0, BLOCK_D)[None, :]
+            v_mask = head_ok & (dv < HEAD_DIM) & in_cache
+            v_vals = tl.load(v_ptr + t * vs0 + hk * vs1 + dv, mask=v_mask)
+            tl.store(k_dst + c_plane + dv, v_vals, mask=v_mask)
 
 
 # ---------------------------------------------------------------------------------- wrapper
@@ -207,7 +214,7 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_HALF=block_half, BLOCK_TAIL=triton.next_power_of_2(tail) if tail else 0,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        WRITE_KV=write_kv, num_warps=4)
+        WRITE_KV=write_kv, num_warps=_NUM_WARPS)
     return q, k
 
 

@@ -177,7 +177,7 @@ def test_bad_arguments_name_the_argument():
 @pytest.mark.parametrize("num_tokens", [1, 256, 8192])
 def test_gpu_model_sizes(num_tokens):
     heads, kv_heads, head_dim, block_size = 32, 8, 128, 16
-    num_blocks = num_tokens // block_size + 8
+    num_blocks = 2 * num_tokens // block_size + 8      # _slots draws from twice the tokens
     _, cos, sin = _tables(head_dim, head_dim)
     qkv, q, k, v = _fused_qkv(num_tokens, heads, kv_heads, head_dim, torch.bfloat16)
     positions = torch.randint(0, MAX_POS, (num_tokens,), device=DEVICE)
