@@ -29,13 +29,23 @@ in full (no causal mask), then the diagonal tiles with the mask, and stops at th
 block's last query position. Rows with ``query_len == 1`` (decodes in a chunked-prefill step) are
 just short sequences.
 
-Tile sizes and warps (``_decode_config`` / ``_prefill_config``) are starting points for an
-H100/H200, to be autotuned: decode uses BLOCK_N=64 tokens (32 for head_dim 256) with 4 warps and
-3 stages, which keeps two 16 KB K/V tiles in flight per program while several programs share an SM;
-prefill uses the FlashAttention-2 shape BLOCK_M=128 x BLOCK_N=64 with 8 warps for head_dim > 64
-(halved for head_dim 256 and for fp32, whose tiles take twice the shared memory).
-Loads are contiguous along head_dim (the innermost dimension); the head_dim mask is applied only
-when head_dim is not a power of two so that the common case keeps 16-byte vector loads.
+The number of splits (``choose_num_splits``) depends only on batch, num_kv_heads and the block
+table's width: enough programs to cover the SMs ~4 times, at least 128 tokens of the table's width
+per split, at most 64 splits, one split (no reduction launch) for short tables or large batches.
+Under a CUDA graph the table is as wide as the longest allowed context, so a short row leaves its
+late splits empty: those programs exit after one load.
+
+Tile sizes and warps (``_decode_meta`` / ``_prefill_meta``) are starting points for an
+H100/H200, to be autotuned. Decode: BLOCK_N=64 tokens (32 for head_dim 256 and for fp32), 4 warps,
+3 stages, so a program keeps two or three 16 KB K/V tiles in flight (cp.async) and ~4 programs fit
+an SM; the G query heads ride in a 16-row MMA, wasted compute that costs nothing in a memory-bound
+kernel. Prefill (bf16/fp16): the FlashAttention-2 shape BLOCK_M=128 x BLOCK_N=64 (64 x 32 for
+head_dim 256), 8 warps for head_dim > 64, 2 stages; fp32: 32 x 32 tiles. Compiled for sm_90
+without a GPU (triton.compile on a GPUTarget): decode bf16 d128 uses 126 registers and 39 KB of
+shared memory, prefill bf16 d128 184 registers, 96 KB and wgmma, no spills; the fp32 prefill spills
+~300 B a thread (its products run on the FMA units; it is the accuracy path, not the serving one).
+Loads are contiguous along head_dim (the innermost dimension) and compile to 16-byte cp.async;
+the head_dim mask of the K/V loads exists only when head_dim is not a power of two.
 """
 
 from __future__ import annotations
@@ -242,20 +252,41 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype) -> dict:
+def _decode_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 dtype: torch.dtype, num_splits: int) -> dict:
+    """Compile-time parameters and launch options of _decode_kernel."""
+    group = num_heads // num_kv_heads
     # fp32 products run on the FMA units with fp32 operand tiles: halve the tile to stay in
-    # registers (it is the accuracy path, not the serving one).
+    # registers (fp32 is the accuracy path, not the serving one).
     block_n = 32 if head_dim > 128 or dtype == torch.float32 else 64
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
+    return dict(NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+                HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size,
+                BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(dtype),
+                num_warps=4, num_stages=3)
 
 
-def _prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
+def _reduce_meta(num_heads: int, head_dim: int, num_splits: int) -> dict:
+    return dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+                NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+                num_warps=4 if head_dim > 64 else 2)
+
+
+def _prefill_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                  dtype: torch.dtype) -> dict:
+    """Compile-time parameters and launch options of _prefill_kernel."""
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
     if dtype == torch.float32:
-        # FMA-unit products; the compiled kernel still spills ~300 B a thread (fp32 is the
+        # FMA-unit products; the sm_90 build still spills ~300 B a thread (fp32 is the
         # accuracy path, not the serving one).
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
-    block_m, block_n = (64, 32) if head_dim > 128 else (128, 64)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if head_dim > 64 else 4,
+        block_m, block_n, num_warps = 32, 32, 8
+    elif head_dim > 128:
+        block_m, block_n, num_warps = 64, 32, 8
+    else:
+        block_m, block_n, num_warps = 128, 64, 8 if head_dim > 64 else 4
+    return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+                BLOCK_SIZE=block_size, BLOCK_M=max(block_m, group_pad),  # >= 1 query token
+                BLOCK_N=block_n, DOT_PRECISION=_dot_precision(dtype), num_warps=num_warps,
                 num_stages=2)
 
 
@@ -366,8 +397,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     the context length including this token (0 marks a padding row: its output is zeros).
     Returns ``out`` ([batch, heads, head_dim], q's dtype). No host sync: CUDA-graph safe.
     """
-    num_kv_heads, block_size, group = _check_decode(q, kv_cache, block_tables, seq_lens, scale,
-                                                    out, num_splits)
+    num_kv_heads, block_size, _ = _check_decode(q, kv_cache, block_tables, seq_lens, scale, out,
+                                                num_splits)
     batch, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -376,7 +407,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1], block_size,
                                        _num_sms(q.device))
-    cfg = _decode_config(head_dim, q.dtype)
     if num_splits > 1:
         ws_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32,
                              device=q.device)
@@ -384,20 +414,15 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         ws_l = torch.empty_like(ws_m)
     else:
         ws_acc = ws_m = ws_l = out   # unused by the single-split path
-    block_d = _block_d(head_dim)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"],
-        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4 if head_dim > 64 else 2)
+            **_reduce_meta(num_heads, head_dim, num_splits))
     return out
 
 
@@ -410,27 +435,21 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     and are the last query_len of its seq_lens[i] context tokens. ``max_query_len`` (host int,
     >= every query_len) sizes the grid only. Tokens outside query_start_loc's range are not written.
     """
-    num_kv_heads, block_size, group = _check_prefill(q, kv_cache, block_tables, seq_lens,
-                                                     query_start_loc, max_query_len, scale, out)
+    num_kv_heads, block_size, _ = _check_prefill(q, kv_cache, block_tables, seq_lens,
+                                                 query_start_loc, max_query_len, scale, out)
     num_heads, head_dim = q.shape[1], q.shape[2]
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0 or q.shape[0] == 0:
         return out
-    cfg = _prefill_config(head_dim, q.dtype)
-    group_pad = triton.next_power_of_2(group)
-    block_m = max(cfg["BLOCK_M"], group_pad)   # at least one query token per program
-    block_q = block_m // group_pad
+    meta = _prefill_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype)
+    block_q = meta["BLOCK_M"] // meta["GROUP_PAD"]
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"],
-        DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), **meta)
     return out
 
 

@@ -8,8 +8,12 @@ contexts up to 4096, bf16). Every case draws fresh random inputs from a seed of 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -308,6 +312,72 @@ def test_prefill_rejects_bad_arguments(gen):
         paged_prefill(q, query_start_loc=qsl.long(), max_query_len=3, **args)
     with pytest.raises(ValueError, match="`max_query_len`"):
         paged_prefill(q, query_start_loc=qsl, max_query_len=-1, **args)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled for Hopper without a GPU: the interpreter never runs Triton's compiler
+# --------------------------------------------------------------------------------------------
+
+# Runs in a subprocess without TRITON_INTERPRET (under it, @triton.jit gives interpreted
+# functions that cannot be compiled). Builds each kernel for sm_90 from the wrappers' own
+# parameters and reports shared memory, 16-byte async copies (coalesced K/V loads) and wgmma.
+_SM90_SCRIPT = r"""
+import json, re, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import strata.kernels.paged_attention as pa
+
+def build(fn, meta, ptrs):
+    meta = dict(meta)
+    opts = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages", 1))
+    sig = {n: ptrs.get(n, "constexpr" if n in meta else "fp32" if n == "qk_scale" else "i32")
+           for n in fn.arg_names}
+    # As the launcher specialises torch's allocations: 16-byte aligned, strides multiples of 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] not in ("constexpr", "fp32")}
+    k = triton.compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=opts)
+    ptx = k.asm["ptx"]
+    return dict(shared=k.metadata.shared, wgmma="wgmma" in ptx,
+                cp_async_16b=len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx)))
+
+def decode(h, kvh, d, dt, splits):
+    t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
+    ptrs = dict(q_ptr=t, kv_ptr=t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32",
+                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32")
+    return build(pa._decode_kernel, pa._decode_meta(h, kvh, d, 16, dt, splits), ptrs)
+
+def prefill(h, kvh, d, dt):
+    t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
+    ptrs = dict(q_ptr=t, kv_ptr=t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32")
+    return build(pa._prefill_kernel, pa._prefill_meta(h, kvh, d, 16, dt), ptrs)
+
+bf16, f32 = torch.bfloat16, torch.float32
+print(json.dumps({
+    "decode": decode(32, 8, 128, bf16, 1), "decode_splits": decode(32, 8, 128, bf16, 8),
+    "reduce": build(pa._decode_reduce_kernel, pa._reduce_meta(32, 128, 8),
+                    dict(ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", out_ptr="*bf16")),
+    "prefill": prefill(32, 8, 128, bf16),
+    "decode_fp32_d80": decode(5, 1, 80, f32, 3), "prefill_fp32_d80": prefill(5, 1, 80, f32),
+}))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
+def test_kernels_compile_for_hopper():
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, s in stats.items():
+        assert s["shared"] <= 227 * 1024, f"{name}: {s['shared']} B of shared memory"
+        if name != "reduce":
+            assert s["cp_async_16b"] > 0, f"{name}: K/V loads are not 16-byte copies"
+    assert stats["prefill"]["wgmma"], "bf16 prefill should use Hopper's wgmma"
 
 
 # --------------------------------------------------------------------------------------------
