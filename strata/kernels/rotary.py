@@ -135,14 +135,16 @@ def _check_tables(cos_cache, sin_cache, head_dim, device) -> int:
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.float32:
             raise ValueError(f"{name} must be a 2-D float32 tensor [max_position, rot_dim]")
         if t.shape != cos_cache.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected cos_cache's {tuple(cos_cache.shape)}")
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, "
+                             f"expected cos_cache's {tuple(cos_cache.shape)}")
         if t.stride(1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dim, got strides {tuple(t.stride())}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, expected q's device {device}")
     rot_dim = cos_cache.shape[1]
     if rot_dim % 2 or not 2 <= rot_dim <= head_dim:
-        raise ValueError(f"rot_dim (cos_cache.shape[1]) is {rot_dim}; it must be even and in [2, head_dim={head_dim}]")
+        raise ValueError(f"rot_dim (cos_cache.shape[1]) is {rot_dim}; "
+                         f"it must be even and in [2, head_dim={head_dim}]")
     return rot_dim
 
 

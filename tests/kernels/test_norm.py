@@ -190,7 +190,7 @@ def test_bad_arguments_name_the_argument():
 
 @pytest.mark.skipif(not CUDA, reason="realistic sizes need a GPU")
 @pytest.mark.parametrize("num_tokens", [1, 256, 8192])
-@pytest.mark.parametrize("hidden", [4096, 8192])
+@pytest.mark.parametrize("hidden", [4096, 8192, 20480])        # 20480: the chunked path
 def test_gpu_model_sizes(num_tokens, hidden):
     x, r, w = (_rand((num_tokens, hidden), torch.bfloat16), _rand((num_tokens, hidden), torch.bfloat16),
                _rand((hidden,), torch.bfloat16))

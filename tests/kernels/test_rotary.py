@@ -123,7 +123,7 @@ def test_reference_is_the_layer_and_write_kv():
 def test_int32_indices_and_one_token():
     heads, kv_heads, head_dim = 8, 2, 64
     _, cos, sin = _tables(head_dim, head_dim)
-    qkv, q, k, v = _fused_qkv(1, heads, kv_heads, head_dim, torch.bfloat16)
+    _, q, k, v = _fused_qkv(1, heads, kv_heads, head_dim, torch.bfloat16)
     positions = torch.tensor([MAX_POS - 1], device=DEVICE, dtype=torch.int32)
     slots = torch.tensor([6], device=DEVICE, dtype=torch.int32)
     cache = torch.full((2, 2, 4, kv_heads, head_dim), float("nan"), device=DEVICE, dtype=torch.bfloat16)
@@ -131,6 +131,7 @@ def test_int32_indices_and_one_token():
     v0 = v.clone()
     rotary.rotary_write_kv(positions, q, k, v, cos, sin, cache, slots)
     torch.testing.assert_close(q, q32.to(torch.bfloat16), **_tol(torch.bfloat16))
+    torch.testing.assert_close(k, k32.to(torch.bfloat16), **_tol(torch.bfloat16))
     assert torch.equal(cache[0, 1, 2], k[0]) and torch.equal(cache[1, 1, 2], v0[0])
     assert int((~cache.isnan()).sum()) == 2 * kv_heads * head_dim
 
@@ -153,7 +154,8 @@ def test_bad_arguments_name_the_argument():
     pos = torch.zeros(3, dtype=torch.long, device=DEVICE)
     cache = torch.zeros(2, 2, 4, kv_heads, head_dim, dtype=torch.bfloat16, device=DEVICE)
     slots = torch.arange(3, device=DEVICE)
-    good = dict(positions=pos, q=q, k=k, v=v, cos_cache=cos, sin_cache=sin, kv_cache=cache, slot_mapping=slots)
+    good = dict(positions=pos, q=q, k=k, v=v, cos_cache=cos, sin_cache=sin, kv_cache=cache,
+                slot_mapping=slots)
     cases = {
         "positions": dict(positions=pos.float()),
         "slot_mapping": dict(slot_mapping=slots[:2]),
