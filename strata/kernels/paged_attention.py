@@ -268,7 +268,7 @@ def _decode_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: i
 def _reduce_meta(num_heads: int, head_dim: int, num_splits: int) -> dict:
     return dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
                 NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-                num_warps=4 if head_dim > 64 else 2)
+                num_warps=4 if head_dim > 64 else 2, num_stages=1)   # no loop to pipeline
 
 
 def _prefill_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
