@@ -290,7 +290,7 @@ def _prefill_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: 
                 num_stages=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -346,7 +346,7 @@ def _check_common(q, kv_cache, block_tables, seq_lens, scale, out, num_seqs):
     _require(kv_cache.dtype == q.dtype, "kv_cache", f"dtype {kv_cache.dtype} must match q ({q.dtype})")
     _require(kv_cache.is_contiguous(), "kv_cache", "must be contiguous")
     _require(kv_cache.device == q.device, "kv_cache", f"must be on {q.device}, got {kv_cache.device}")
-    _, num_blocks, block_size, num_kv_heads, kv_dim = kv_cache.shape
+    block_size, num_kv_heads, kv_dim = kv_cache.shape[2:]
     _require(kv_dim == head_dim, "kv_cache", f"head_dim {kv_dim} must match q's {head_dim}")
     _require(num_kv_heads > 0 and num_heads % num_kv_heads == 0, "kv_cache",
              f"num_kv_heads {num_kv_heads} must divide q's {num_heads} heads")
