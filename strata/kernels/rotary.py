@@ -19,7 +19,8 @@ bf16 the two differ by a rounding or two (fp32 agrees to ~1e-7).
 Layout and speed: the grid is (tokens, head blocks). Head block ``j`` rotates q heads
 ``[j*BLOCK_HQ, (j+1)*BLOCK_HQ)`` while ``j < cdiv(H, BLOCK_HQ)``; the remaining blocks rotate k
 heads and write k and v of those heads. A block is ~16 heads x head_dim (2048 elements at
-head_dim 128: 16 per thread with 4 warps, two 16-byte vectors per half-row), large enough to keep
+head_dim 128: 16 per thread with 4 warps, one 16-byte bf16 vector from each half; smaller tiles, as
+with partial rotary, get fewer warps so each thread still loads 16 bytes), large enough to keep
 loads in flight and small enough that decode steps of a few tokens still spread over several
 SMs (1024- and 4096-element blocks measured the same or slower). Head counts and sizes are
 compile-time constants (fixed for a model). The kernel never reads data on the host, so it can be
@@ -39,7 +40,7 @@ import triton.language as tl
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _TILE_ELEMS = 2048      # elements of one head block (both halves of the rotated part)
-_NUM_WARPS = 4
+_NUM_WARPS = 4          # at most; smaller tiles get fewer
 
 
 # ----------------------------------------------------------------------------------- kernel
@@ -162,6 +163,24 @@ def _check_cache(kv_cache, num_kv_heads, head_dim, dtype, device) -> None:
         raise ValueError(f"kv_cache must be contiguous in head_dim, got strides {tuple(kv_cache.stride())}")
 
 
+def _rotary_meta(num_heads: int, num_kv_heads: int, head_dim: int, rot_dim: int,
+                 write_kv: bool) -> tuple[int, dict]:
+    """Head blocks per token (the grid's second dim) and the kernel's meta-parameters."""
+    half = rot_dim // 2
+    block_half = triton.next_power_of_2(half)
+    heads_per_block = max(1, _TILE_ELEMS // (2 * block_half))
+    block_hq = min(triton.next_power_of_2(num_heads), heads_per_block)
+    block_hk = min(triton.next_power_of_2(num_kv_heads), heads_per_block)
+    tail = head_dim - rot_dim
+    meta = dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+                BLOCK_HALF=block_half, BLOCK_TAIL=triton.next_power_of_2(tail) if tail else 0,
+                BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+                WRITE_KV=write_kv,
+                # ~8 elements of each half-tile a thread (16-byte vectors in bf16), at most 4 warps.
+                num_warps=min(max(max(block_hq, block_hk) * block_half // 256, 1), _NUM_WARPS))
+    return triton.cdiv(num_heads, block_hq) + triton.cdiv(num_kv_heads, block_hk), meta
+
+
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor | None,
                     slot_mapping: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,27 +215,17 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     if num_tokens == 0:
         return q, k
 
-    half = rot_dim // 2
-    block_half = triton.next_power_of_2(half)
-    heads_per_block = max(1, _TILE_ELEMS // (2 * block_half))
-    block_hq = min(triton.next_power_of_2(num_heads), heads_per_block)
-    block_hk = min(triton.next_power_of_2(num_kv_heads), heads_per_block)
-    grid = (num_tokens, triton.cdiv(num_heads, block_hq) + triton.cdiv(num_kv_heads, block_hk))
+    blocks, meta = _rotary_meta(num_heads, num_kv_heads, head_dim, rot_dim, write_kv)
     if write_kv:
         cache, slots = kv_cache, slot_mapping
         c_strides = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                      kv_cache.shape[2])
     else:
         cache, slots, c_strides = k, positions, (0, 0, 0, 0, 1)   # never touched: WRITE_KV is False
-    tail = head_dim - rot_dim
-    _rotary_kv_kernel[grid](
+    _rotary_kv_kernel[(num_tokens, blocks)](
         positions, q, k, v, cos_cache, sin_cache, cache, slots, positions.stride(0), slots.stride(0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos_cache.stride(0), sin_cache.stride(0), *c_strides,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
-        BLOCK_HALF=block_half, BLOCK_TAIL=triton.next_power_of_2(tail) if tail else 0,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        WRITE_KV=write_kv, num_warps=_NUM_WARPS)
+        cos_cache.stride(0), sin_cache.stride(0), *c_strides, **meta)
     return q, k
 
 

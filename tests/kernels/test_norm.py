@@ -5,7 +5,11 @@ rather than to nearest even: bf16 results may then differ from torch by one more
 place than on a GPU, hence the looser bf16 tolerance there.
 """
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -199,3 +203,72 @@ def test_gpu_model_sizes(num_tokens, hidden):
                       (norm.layer_norm(x, w, b, 1e-5, r), norm.layer_norm_ref(x, w, b, 1e-5, r))):
         assert torch.equal(got[1], want[1])
         torch.testing.assert_close(got[0], want[0], **_tol(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled for Hopper without a GPU: the interpreter never runs Triton's compiler, so errors
+# that only compilation finds (and unvectorised loads) would otherwise wait for a GPU machine.
+# --------------------------------------------------------------------------------------------
+
+# Runs in a subprocess without TRITON_INTERPRET (under it, @triton.jit gives functions that
+# cannot be compiled). Counts 16-byte global loads (ld.global.v4) in the PTX.
+_SM90_BUILD = r"""
+import json, re, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def build(fn, meta, types):
+    meta = dict(meta)
+    opts = dict(num_warps=meta.pop("num_warps"))
+    sig = {n: types.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
+    # As the launcher specialises model-sized tensors: 16-byte aligned, sizes and strides
+    # multiples of 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] not in ("constexpr", "fp32")}
+    k = triton.compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=opts)
+    return len(re.findall(r"ld\.global[.\w]*\.v4", k.asm["ptx"]))
+"""
+
+
+def _build_for_sm90(script: str) -> dict:
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _SM90_BUILD + script], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_NORM_SCRIPT = r"""
+from strata.kernels import norm
+bf = dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16",
+          res_out_ptr="*bf16", eps="fp32")
+f32 = {k: "*fp32" if v != "fp32" else v for k, v in bf.items()}
+
+def meta(x, with_residual, **flags):
+    return dict(norm._launch_args(x, x if with_residual else None, x, x if with_residual else None)[-1],
+                HAS_RES=with_residual, **flags)
+
+hidden, wide = (torch.empty(4, n, dtype=torch.bfloat16) for n in (4096, 20480))
+heads = torch.empty(8, 32, 128, dtype=torch.bfloat16)
+print(json.dumps({
+    "rms_residual": build(norm._rms_norm_kernel, meta(hidden, True), bf),
+    "rms_per_head": build(norm._rms_norm_kernel, meta(heads, False), bf),
+    "rms_chunked": build(norm._rms_norm_kernel, meta(wide, True), bf),
+    "ln_residual": build(norm._layer_norm_kernel, meta(hidden, True, HAS_W=True, HAS_B=True), bf),
+    "ln_chunked_fp32": build(norm._layer_norm_kernel,
+                             meta(wide.float(), False, HAS_W=False, HAS_B=True), f32),
+}))
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU tests compile the kernels for real")
+def test_kernels_compile_for_hopper_with_16_byte_loads():
+    v4_loads = _build_for_sm90(_NORM_SCRIPT)
+    # x, residual and weight (+ bias) each come in as 16-byte vectors.
+    assert v4_loads["rms_residual"] >= 3 and v4_loads["ln_residual"] >= 4, v4_loads
+    assert v4_loads["rms_per_head"] >= 2, v4_loads
+    assert v4_loads["rms_chunked"] >= 3 and v4_loads["ln_chunked_fp32"] >= 2, v4_loads
