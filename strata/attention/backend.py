@@ -11,9 +11,9 @@ import torch
 class AttentionMetadata:
     num_tokens: int
     slot_mapping: torch.Tensor        # [num_tokens] int64: block_id * block_size + offset
-    block_tables: torch.Tensor        # [num_seqs, max_blocks] int64, padded with 0
-    seq_lens: torch.Tensor            # [num_seqs] int64: context length after this step
-    query_start_loc: torch.Tensor     # [num_seqs + 1] int64
+    block_tables: torch.Tensor        # [num_seqs, max_blocks] int32, padded with 0
+    seq_lens: torch.Tensor            # [num_seqs] int32: context length after this step
+    query_start_loc: torch.Tensor     # [num_seqs + 1] int32
     # Host copies: the torch reference loops over sequences without syncing the device.
     seq_lens_cpu: list[int]
     query_lens_cpu: list[int]
@@ -22,6 +22,9 @@ class AttentionMetadata:
     # Rows with a single query token (decodes), attended to as one padded batch.
     decode_rows: list[int]
     prefill_rows: list[int]
+    max_query_len: int = 1
+    # Sequence splits of the decode kernel; None lets the kernel choose from the shapes.
+    decode_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -19,7 +19,8 @@ HELP = {
     "max_model_len": "context length in tokens (prompt + output); default: the model's own",
     "block_size": "tokens per KV-cache block",
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes across requests",
-    "max_num_batched_tokens": "token budget of one engine step (prompt chunks + decodes)",
+    "max_num_batched_tokens": "token budget of one engine step (prompt chunks + decodes); default "
+                              "2048 on CPU, 8192 on GPU",
     "max_num_seqs": "most sequences running at once",
     "enable_chunked_prefill": "split long prompts over several steps, mixed with decodes",
     "kv_cache_memory": "bytes for the KV cache, e.g. 2GiB (default on CPU: 4GiB, capped to what "
@@ -30,6 +31,8 @@ HELP = {
     "seed": "seed for dummy weights and for unseeded sampling",
     "tensor_parallel_size": "GPUs/processes to split each layer across",
     "pipeline_parallel_size": "stages to split the layers across",
+    "enforce_eager": "run every step eagerly: no CUDA graphs for decode steps (GPU only; slower "
+                     "decode, faster start)",
     "max_waiting": "most requests allowed to wait (server admission control); default unbounded",
 }
 
@@ -44,7 +47,7 @@ class EngineArgs:
     max_model_len: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
     kv_cache_memory: str | int | None = None
@@ -54,6 +57,7 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    enforce_eager: bool = False
     max_waiting: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -79,7 +83,8 @@ class EngineArgs:
                                    help=HELP[f.name])
             else:
                 kind = type(default) if default is not None else (
-                    int if f.name in ("max_model_len", "num_gpu_blocks_override", "max_waiting") else str)
+                    int if f.name in ("max_model_len", "num_gpu_blocks_override", "max_waiting",
+                            "max_num_batched_tokens") else str)
                 group.add_argument(flag, type=kind, default=default,
                                    help=f"{HELP[f.name]} (default: {default})")
         group.add_argument("--model", "-m", default=None, help=HELP["model"])

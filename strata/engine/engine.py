@@ -23,6 +23,8 @@ from strata.sampling_params import SamplingParams
 logger = logging.getLogger("strata")
 
 DEFAULT_CPU_KV_BYTES = 4 * 2**30
+DEFAULT_CPU_BATCHED_TOKENS = 2048
+DEFAULT_GPU_BATCHED_TOKENS = 8192
 
 
 class LLMEngine:
@@ -45,10 +47,18 @@ class LLMEngine:
             gpu_memory_utilization=args.gpu_memory_utilization,
             num_gpu_blocks_override=args.num_gpu_blocks_override)
         runner = ModelRunner(model, model_config, args.block_size, self.device, self.eos_token_ids)
-        num_blocks, max_model_len = self._plan_kv_cache(runner, cache_config, model_config)
+        max_num_batched_tokens = args.max_num_batched_tokens or (
+            DEFAULT_GPU_BATCHED_TOKENS if self.device.type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
+        self.memory_plan: dict[str, float] = {}
+        num_blocks, max_model_len = self._plan_kv_cache(runner, cache_config, model_config,
+                                                        max_num_batched_tokens)
         runner.allocate_kv_cache(num_blocks)
+        self.graphs = None
+        if self.device.type == "cuda" and not args.enforce_eager:
+            self.graphs = runner.capture_cuda_graphs(args.max_num_seqs, max_model_len)
+            self.memory_plan["graphs"] = self.graphs.pool_bytes
         self.scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill,
             max_waiting=args.max_waiting)
         self.scheduler = Scheduler(self.scheduler_config, cache_config, num_blocks)
@@ -115,7 +125,8 @@ class LLMEngine:
         return self.output_processor.process(updates, result)
 
     # ---- reporting ---------------------------------------------------------------------------
-    def _plan_kv_cache(self, runner: ModelRunner, cache: CacheConfig, cfg: ModelConfig) -> tuple[int, int]:
+    def _plan_kv_cache(self, runner: ModelRunner, cache: CacheConfig, cfg: ModelConfig,
+                       max_num_batched_tokens: int) -> tuple[int, int]:
         block_bytes = runner.kv_cache_block_bytes()
         want_len = self.args.max_model_len or cfg.max_position_embeddings
         if cache.num_gpu_blocks_override:
@@ -123,9 +134,7 @@ class LLMEngine:
         else:
             budget = cache.kv_cache_memory_bytes
             if budget is None and self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                used = total - free
-                budget = int(total * cache.gpu_memory_utilization) - used - _activation_bytes(cfg, self.args)
+                budget = self._gpu_kv_budget(runner, cache, max_num_batched_tokens)
             elif budget is None:
                 need = self.args.max_num_seqs * want_len * block_bytes // cache.block_size
                 budget = min(DEFAULT_CPU_KV_BYTES, need)
@@ -142,6 +151,24 @@ class LLMEngine:
             want_len = capacity
         return num_blocks, want_len
 
+    def _gpu_kv_budget(self, runner: ModelRunner, cache: CacheConfig, max_num_batched_tokens: int) -> int:
+        """gpu_memory_utilization of the card, minus the weights, the measured peak of the largest
+        step, memory outside torch (CUDA context, library workspaces) and room for the decode
+        graphs: what is left holds KV blocks. Every step after this fits by construction."""
+        activations = runner.profile_activation_bytes(max_num_batched_tokens, self.args.max_num_seqs)
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
+        outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(self.device))
+        graphs = 0
+        if not self.args.enforce_eager:
+            # The graphs' shared pool holds one step's activations at the largest captured batch.
+            graphs = activations * min(1.0, self.args.max_num_seqs / max_num_batched_tokens) + 256 * 2**20
+        budget = int(total * cache.gpu_memory_utilization - weights - activations - outside_torch - graphs)
+        self.memory_plan = {"total": total, "weights": weights, "activations": activations,
+                            "outside_torch": outside_torch, "graph_reserve": graphs,
+                            "profiled_tokens": max_num_batched_tokens}
+        return budget
+
     def describe(self) -> str:
         cfg = self.model_config
         num_params = sum(p.numel() for p in self.executor.runner.model.parameters())
@@ -153,14 +180,27 @@ class LLMEngine:
                 f"weights {weight_gib:.2f} GiB, KV cache {kv_gib:.2f} GiB = {self.num_blocks} blocks x "
                 f"{self.args.block_size} tokens "
                 f"({self.num_blocks * self.args.block_size} tokens at most in flight) | "
-                f"max_model_len {self.scheduler_config.max_model_len} | loaded in {self.load_seconds:.1f}s")
+                f"max_model_len {self.scheduler_config.max_model_len} | loaded in {self.load_seconds:.1f}s"
+                + self._describe_gpu())
 
-
-def _activation_bytes(cfg: ModelConfig, args: EngineArgs) -> int:
-    """A generous bound on the activations of one step at the full token budget."""
-    elem = torch.empty((), dtype=cfg.dtype).element_size()
-    per_token = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * elem + cfg.vocab_size * 4
-    return args.max_num_batched_tokens * per_token + 256 * 2**20
+    def _describe_gpu(self) -> str:
+        if self.device.type != "cuda":
+            return ""
+        plan, gib = self.memory_plan, 2**30
+        text = ""
+        if "total" in plan:
+            text += (f" | GPU memory plan ({self.args.gpu_memory_utilization:.0%} of "
+                     f"{plan['total'] / gib:.1f} GiB): weights {plan['weights'] / gib:.2f}, activations "
+                     f"{plan['activations'] / gib:.2f} (profiled at {plan['profiled_tokens']} tokens), "
+                     f"outside torch {plan['outside_torch'] / gib:.2f}, KV "
+                     f"{self.num_blocks * self.kv_block_bytes / gib:.2f} GiB")
+        if self.graphs is not None:
+            text += (f" | CUDA graphs: {len(self.graphs.sizes)} decode batch sizes up to "
+                     f"{self.graphs.max_batch}, captured in {self.graphs.capture_seconds:.1f}s, "
+                     f"{self.graphs.pool_bytes / gib:.2f} GiB")
+        else:
+            text += " | eager (no CUDA graphs)"
+        return text
 
 
 def _load_tokenizer(args: EngineArgs, source, hf_tokenizer):

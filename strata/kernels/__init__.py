@@ -16,6 +16,12 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True when ``t`` should go through the Triton kernels (``STRATA_DISABLE_TRITON=1`` forces
-    the torch references everywhere, for debugging and comparisons)."""
-    return t.is_cuda and HAS_TRITON and os.environ.get("STRATA_DISABLE_TRITON", "0") != "1"
+    """True when ``t`` should go through the Triton kernels.
+
+    ``STRATA_DISABLE_TRITON=1`` forces the torch references everywhere (debugging, comparisons);
+    ``STRATA_FORCE_TRITON=1`` sends CPU tensors to the kernels too, which only makes sense with
+    ``TRITON_INTERPRET=1``: that is how the tests run the whole kernel path without a GPU.
+    """
+    if not HAS_TRITON or os.environ.get("STRATA_DISABLE_TRITON") == "1":
+        return False
+    return t.is_cuda or os.environ.get("STRATA_FORCE_TRITON") == "1"

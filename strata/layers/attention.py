@@ -1,7 +1,11 @@
-"""The attention layer: writes this step's keys and values into the paged cache, then attends.
+"""The attention layer: rotates q and k (when the model uses rotary embeddings), writes this
+step's keys and values into the paged cache, then attends over each sequence's whole context.
 
-The runner binds ``kv_cache`` (this layer's slice of the cache) after allocating memory; the
-attention metadata comes from the forward context.
+On CUDA the rotation and the cache write are one Triton kernel and attention is the Triton
+paged kernels (decode-only steps take the split-sequence decode kernel, any step with a prompt
+chunk the varlen prefill kernel); elsewhere the torch references run. The runner binds
+``kv_cache`` (this layer's slice of the cache) after allocating memory; the attention metadata
+comes from the forward context.
 """
 
 from __future__ import annotations
@@ -11,20 +15,26 @@ from torch import nn
 
 from strata.attention import torch_ref
 from strata.forward_context import get_attn_metadata
+from strata.kernels import use_triton
+from strata.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, layer_idx: int):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, layer_idx: int,
+                 rotary_emb: RotaryEmbedding | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.layer_idx = layer_idx
+        self.rotary_emb = rotary_emb
         self.kv_cache: torch.Tensor | None = None   # [2, num_blocks, block_size, kv_heads, head_dim]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [n, heads*head_dim], k/v [n, kv_heads*head_dim] -> [n, heads*head_dim]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q [n, heads*head_dim], k/v [n, kv_heads*head_dim] (row-strided views of a fused qkv
+        output are fine) -> [n, heads*head_dim]."""
         meta = get_attn_metadata()
         n = q.shape[0]
         q = q.view(n, self.num_heads, self.head_dim)
@@ -32,6 +42,26 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.kv_cache is None:
             raise RuntimeError(f"attention layer {self.layer_idx} has no KV cache bound")
+        if use_triton(q):
+            return self._forward_triton(q, k, v, positions, meta).view(n, -1)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
         torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping)
         out = torch_ref.paged_attention(q, self.kv_cache, meta, self.scale)
         return out.reshape(n, self.num_heads * self.head_dim)
+
+    def _forward_triton(self, q, k, v, positions, meta) -> torch.Tensor:
+        from strata.kernels.paged_attention import paged_decode, paged_prefill
+        from strata.kernels.rotary import rotary_write_kv
+        rope = self.rotary_emb
+        if rope is not None:
+            q = q.contiguous() if q.stride(-1) != 1 else q
+            rotary_write_kv(positions, q, k, v, rope.cos_cached, rope.sin_cached, self.kv_cache,
+                            meta.slot_mapping)
+        else:
+            torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping)
+        if meta.max_query_len == 1:
+            return paged_decode(q, self.kv_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                num_splits=meta.decode_splits)
+        return paged_prefill(q, self.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                             meta.max_query_len, self.scale)

@@ -1,11 +1,13 @@
 """Normalisation layers. ``RMSNorm(x, residual)`` adds the residual first and returns the new
-residual too, so the add and the norm can later run as one fused kernel."""
+residual too; on CUDA the add and the norm run as one fused Triton kernel."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from strata.kernels import use_triton
 
 
 class RMSNorm(nn.Module):
@@ -21,6 +23,9 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_triton(x):
+            from strata.kernels.norm import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual
@@ -39,6 +44,9 @@ class LayerNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_triton(x):
+            from strata.kernels.norm import layer_norm
+            return layer_norm(x, self.weight, self.bias, self.eps, residual)
         if residual is None:
             return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
         residual = x + residual

@@ -36,18 +36,17 @@ class LlamaAttention(nn.Module):
                                           cfg.rope_scaling)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if qk_norm else None
-        self.attn = Attention(self.num_heads, cfg.head_dim, self.num_kv_heads, cfg.head_dim ** -0.5, layer_idx)
+        self.attn = Attention(self.num_heads, cfg.head_dim, self.num_kv_heads, cfg.head_dim ** -0.5, layer_idx,
+                              rotary_emb=self.rotary_emb)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         n = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(n, self.num_heads, self.head_dim)
-        k = k.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:   # Qwen3 normalises each head before the rotation
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(n, -1), k.reshape(n, -1), v)
-        return self.o_proj(out)
+            q = self.q_norm(q.reshape(n * self.num_heads, self.head_dim)).view(n, -1)
+            k = self.k_norm(k.reshape(n * self.num_kv_heads, self.head_dim)).view(n, -1)
+        # The attention layer applies the rotary embedding as it writes the KV cache.
+        return self.o_proj(self.attn(q, k, v, positions))
 
 
 class LlamaMLP(nn.Module):

@@ -88,13 +88,47 @@ def build_step_inputs(sched: SchedulerOutput, states: dict[str, CachedRequestSta
     decode_rows = [r for r, n in enumerate(query_lens) if n == 1]
     prefill_rows = [r for r, n in enumerate(query_lens) if n != 1]
 
-    def tensor(values):
-        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+    def tensor(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
     attn = AttentionMetadata(
-        num_tokens=len(input_ids), slot_mapping=tensor(slots), block_tables=tensor(padded),
-        seq_lens=tensor(seq_lens), query_start_loc=tensor(starts), seq_lens_cpu=seq_lens,
-        query_lens_cpu=query_lens, query_start_loc_cpu=starts, block_size=block_size,
-        decode_rows=decode_rows, prefill_rows=prefill_rows)
+        num_tokens=len(input_ids), slot_mapping=tensor(slots), block_tables=tensor(padded, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32), query_start_loc=tensor(starts, torch.int32),
+        seq_lens_cpu=seq_lens, query_lens_cpu=query_lens, query_start_loc_cpu=starts,
+        block_size=block_size, decode_rows=decode_rows, prefill_rows=prefill_rows,
+        max_query_len=max(query_lens))
     return StepInputs(tensor(input_ids), tensor(positions), attn, req_ids, sample_rows,
                       logits_indices, spans)
+
+
+def dummy_prefill_inputs(num_tokens: int, num_seqs: int, block_size: int, vocab_size: int,
+                         device: torch.device) -> StepInputs:
+    """A prompt-only step of num_tokens random tokens in num_seqs sequences of (nearly) equal
+    length, each on its own blocks 0, 1, 2, ...: the memory plan's profiling step."""
+    lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+    gen = torch.Generator().manual_seed(0)
+    positions, slots, tables, starts = [], [], [], [0]
+    next_block = 0
+    for n in lengths:
+        blocks = list(range(next_block, next_block + -(-n // block_size)))
+        next_block += len(blocks)
+        positions.extend(range(n))
+        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(n))
+        tables.append(blocks)
+        starts.append(starts[-1] + n)
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+
+    def tensor(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype).to(device)
+
+    attn = AttentionMetadata(
+        num_tokens=num_tokens, slot_mapping=tensor(slots), block_tables=tensor(padded, torch.int32),
+        seq_lens=tensor(lengths, torch.int32), query_start_loc=tensor(starts, torch.int32),
+        seq_lens_cpu=lengths, query_lens_cpu=lengths, query_start_loc_cpu=starts, block_size=block_size,
+        decode_rows=[r for r, n in enumerate(lengths) if n == 1],
+        prefill_rows=[r for r, n in enumerate(lengths) if n != 1], max_query_len=max(lengths))
+    input_ids = torch.randint(0, vocab_size, (num_tokens,), generator=gen).to(device)
+    req_ids = [f"profile-{i}" for i in range(num_seqs)]
+    return StepInputs(input_ids, tensor(positions), attn, req_ids, list(range(num_seqs)),
+                      [s - 1 for s in starts[1:]])

@@ -1,7 +1,9 @@
 """The model runner: turns a SchedulerOutput into one forward pass and sampled tokens.
 
 It keeps each request's tokens and block table between steps (the scheduler sends diffs),
-owns the KV cache tensors and binds them to the attention layers.
+owns the KV cache tensors and binds them to the attention layers, measures the activation
+memory of the largest step (the memory plan) and, on CUDA, replays captured graphs for decode
+steps.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from strata.config import ModelConfig
 from strata.core.sched_output import PromptLogprobs, RunnerOutput, SchedulerOutput
 from strata.forward_context import set_forward_context
 from strata.layers.attention import Attention
-from strata.runner.input_batch import CachedRequestState, StepInputs, build_step_inputs
+from strata.runner.cuda_graph import CudaGraphRunner
+from strata.runner.input_batch import CachedRequestState, StepInputs, build_step_inputs, dummy_prefill_inputs
 from strata.sample.sampler import Sampler, SamplingMetadata, SamplingRow, make_generator
+
+# Prompt positions whose logits are computed at once for prompt logprobs.
+PROMPT_LOGPROB_ROWS = 256
 
 
 class ModelRunner:
@@ -29,7 +35,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.states: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.graphs: CudaGraphRunner | None = None
 
     # ---- KV cache ----------------------------------------------------------------------------
     def kv_cache_block_bytes(self) -> int:
@@ -39,11 +47,24 @@ class ModelRunner:
         return 2 * self.block_size * a.num_kv_heads * a.head_dim * elem * len(self.attn_layers)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = []
+        """num_blocks for requests plus one scratch block at the end that no request owns: the
+        padding rows of a CUDA graph write their keys and values there."""
+        self.free_kv_cache()
+        self.num_blocks = num_blocks
         for layer in self.attn_layers:
-            shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            shape = (2, num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.kv_cache = self._zeros(shape)
             self.kv_caches.append(layer.kv_cache)
+
+    def free_kv_cache(self) -> None:
+        self.graphs = None
+        for layer in self.attn_layers:
+            layer.kv_cache = None
+        self.kv_caches = []
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.num_blocks * self.block_size
 
     def _zeros(self, shape) -> torch.Tensor:
         if self.device.type == "cpu" and self.model_config.dtype in (torch.float32, torch.float16):
@@ -62,8 +83,11 @@ class ModelRunner:
         if sched.is_empty:
             return RunnerOutput()
         inputs = build_step_inputs(sched, self.states, self.block_size, self.device)
-        with set_forward_context(inputs.attn):
-            hidden = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden]
+        if self.graphs is not None and self.graphs.can_run(inputs.attn):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
+        else:
+            with set_forward_context(inputs.attn):
+                hidden = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden]
         out = RunnerOutput({req_id: [] for req_id in inputs.req_ids})
         self._prompt_logprobs(hidden, inputs, out)
         if inputs.sample_rows:
@@ -71,6 +95,47 @@ class ModelRunner:
         for req_id in inputs.req_ids:
             self.states[req_id].num_computed_tokens += sched.num_scheduled_tokens[req_id]
         return out
+
+    # ---- startup: memory plan and graphs -------------------------------------------------------
+    @torch.inference_mode()
+    def profile_activation_bytes(self, num_tokens: int, num_seqs: int) -> int:
+        """Peak memory of the largest step beyond what is allocated now: a forward pass over
+        num_tokens prompt tokens in num_seqs sequences, then logits and sampling for num_seqs rows
+        (the most a step samples). Runs on a temporary KV cache just large enough."""
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        inputs = dummy_prefill_inputs(num_tokens, num_seqs, self.block_size, self.model_config.vocab_size,
+                                      self.device)
+        self.allocate_kv_cache(int(inputs.attn.block_tables.max()) + 1)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        with set_forward_context(inputs.attn):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        rows = hidden[-1:].expand(num_seqs, -1)
+        logits = self.model.compute_logits(rows).float()
+        self.sampler(logits, self._profile_sampling_metadata(num_seqs, logits.shape[-1]))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del hidden, rows, logits
+        self.free_kv_cache()
+        torch.cuda.empty_cache()
+        return peak
+
+    def _profile_sampling_metadata(self, rows: int, vocab: int) -> SamplingMetadata:
+        """Random sampling with every truncation and penalty on: the sampler's largest footprint."""
+        from strata.sampling_params import SamplingParams
+        params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, presence_penalty=0.1,
+                                repetition_penalty=1.1, logprobs=5)
+        return SamplingMetadata.from_rows(
+            [SamplingRow(params, [1, 2, 3], [4], None, None) for _ in range(rows)], vocab, self.device)
+
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> CudaGraphRunner:
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = CudaGraphRunner(self.model, max_batch, max_blocks, self.block_size,
+                                      self.scratch_slot, self.device)
+        self.graphs.capture()
+        return self.graphs
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids | sched.preempted_req_ids:
@@ -116,16 +181,19 @@ class ModelRunner:
         for row, flat_start, first_pos, count in inputs.prompt_logprob_spans:
             state = self.states[inputs.req_ids[row]]
             k = state.sampling_params.prompt_logprobs
-            logits = self.model.compute_logits(hidden[flat_start: flat_start + count]).float()
-            logprobs = torch.log_softmax(logits, dim=-1)                        # [count, vocab]
-            targets = torch.tensor(state.prompt_token_ids[first_pos + 1: first_pos + 1 + count],
-                                   device=logprobs.device)
-            target_lp = logprobs.gather(1, targets[:, None])                    # [count, 1]
-            ranks = (logprobs > target_lp).sum(-1) + 1
-            top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], targets[:, None][:, :0])
-            out.prompt_logprobs[state.req_id] = PromptLogprobs(
-                first_pos,
-                torch.cat([targets[:, None], top_ids], 1).tolist(),
-                torch.cat([target_lp, top_vals], 1).tolist(),
-                ranks.tolist())
+            ids, vals, ranks = [], [], []
+            # Pieces of at most PROMPT_LOGPROB_ROWS positions: a whole chunk's logits (tokens x
+            # vocab floats, twice over) could outgrow the memory the plan measured for one step.
+            for offset in range(0, count, PROMPT_LOGPROB_ROWS):
+                n = min(PROMPT_LOGPROB_ROWS, count - offset)
+                logits = self.model.compute_logits(hidden[flat_start + offset: flat_start + offset + n]).float()
+                logprobs = torch.log_softmax(logits, dim=-1)                        # [n, vocab]
+                pos = first_pos + offset
+                targets = torch.tensor(state.prompt_token_ids[pos + 1: pos + 1 + n], device=logprobs.device)
+                target_lp = logprobs.gather(1, targets[:, None])                    # [n, 1]
+                top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], targets[:, None][:, :0])
+                ids += torch.cat([targets[:, None], top_ids], 1).tolist()
+                vals += torch.cat([target_lp, top_vals], 1).tolist()
+                ranks += ((logprobs > target_lp).sum(-1) + 1).tolist()
+            out.prompt_logprobs[state.req_id] = PromptLogprobs(first_pos, ids, vals, ranks)
             state.num_prompt_logprobs_done = first_pos + count

@@ -21,9 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Imported after TRITON_INTERPRET is set: @triton.jit reads it when the kernels are defined.
-import numpy as np
 import pytest
-import triton.language as tl
 
 from strata.kernels.paged_attention import (
     choose_num_splits,
@@ -41,44 +39,6 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3,
 REL_NORM_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (num_heads, num_kv_heads): MHA, GQA 2 and 4, MQA with a group that is not a power of two.
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "gqa4": (8, 2), "mqa": (5, 1)}
-
-
-def _fix_triton_interpreter() -> None:
-    """Work around two bugs of the triton 3.6 interpreter (the compiled GPU path is unaffected).
-
-    * numpy >= 2.4 refuses ``int()`` of a 1-element array, which the interpreter uses for loop
-      bounds held in tensors (triton-lang/triton#9171, fixed after 3.6).
-    * ``tl.dot`` multiplies the uint16 bit patterns of bfloat16 operands
-      (triton-lang/triton#11584): widen them to float32 first, which is exact, as the GPU's
-      bf16 MMA multiplies exactly and accumulates in fp32.
-    """
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-    if not getattr(patch_tensor, "_strata_fix", False):
-        def patched(tensor, scope):
-            patch_tensor(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-        patched._strata_fix = True
-        interpreter._patch_lang_tensor = patched
-
-    builder = interpreter.InterpreterBuilder
-    create_dot = builder.create_dot
-    if not getattr(create_dot, "_strata_fix", False):
-        def widen(h):
-            if h.dtype != tl.bfloat16:
-                return h
-            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32),
-                                            tl.float32)
-
-        def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-            return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-        dot._strata_fix = True
-        builder.create_dot = dot
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _fix_triton_interpreter()
 
 
 # --------------------------------------------------------------------------------------------
