@@ -101,13 +101,10 @@ class SamplingMetadata:
             "min_p": up.add(min_ps, np.float32) if max(min_ps, default=0.0) > 0.0 else None,
             "seeds": None,
         }
-        generators = {}
-        if num_greedy < len(rows):
-            if kernel:
-                fields["seeds"] = up.add(_row_seeds(rows, temps), np.int64)
-            else:
-                generators = {i: row.generator for i, row in enumerate(rows)
-                              if temps[i] and row.generator is not None}
+        generators = {i: row.generator for i, row in enumerate(rows)
+                      if temps[i] and row.generator is not None}
+        if kernel and num_greedy < len(rows):
+            fields["seeds"] = up.add(_row_seeds(rows, temps), np.int64)
 
         no_penalties = _add_penalties(up, fields, rows, params, vocab_size)
         _add_bias_and_min_tokens(up, fields, rows, params, vocab_size)

@@ -125,6 +125,40 @@ def test_processors_match_reference_on_mixed_batch():
         assert torch.allclose(processed[i], expected, atol=1e-6), i
 
 
+def test_penalties_equal_the_dense_formula_bit_for_bit():
+    """The scatter/gather penalties give exactly what whole-tensor penalties give."""
+    gen = torch.Generator().manual_seed(11)
+    rng = random.Random(11)
+    num_rows, vocab = 12, 50
+    logits = torch.randn(num_rows, vocab, generator=gen) * 4
+    logits[3, :10] = float("-inf")
+    logits[4] = 0.0  # zeros: neither divided nor multiplied into anything new
+    params, prompts, outputs = [], [], []
+    for row in range(num_rows):
+        params.append(SamplingParams(
+            repetition_penalty=rng.choice([1.0, 0.7, 1.4]),
+            frequency_penalty=rng.choice([0.0, -0.5, 1.1]),
+            presence_penalty=rng.choice([0.0, 0.3, -1.2])))
+        prompts.append([rng.randrange(vocab) for _ in range(rng.randint(0, 30))])
+        outputs.append([rng.randrange(12) for _ in range(rng.randint(0, 30))])  # many repeats
+    processed = apply_logits_processors(logits, make_metadata(params, prompts, outputs, vocab=vocab))
+    # The dense version, as strata computed it before: counts and masks over the whole vocab.
+    counts = torch.zeros(num_rows, vocab)
+    seen = torch.zeros(num_rows, vocab, dtype=torch.bool)
+    for row in range(num_rows):
+        for token_id in outputs[row]:
+            counts[row, token_id] += 1
+        if params[row].repetition_penalty != 1.0:
+            seen[row, prompts[row]] = True
+    seen |= counts > 0
+    col = lambda name: torch.tensor([getattr(p, name) for p in params])[:, None]  # noqa: E731
+    rep = torch.where(seen, col("repetition_penalty").expand(-1, vocab), torch.ones(1))
+    dense = torch.where(logits > 0, logits / rep, logits * rep)
+    dense = dense - col("frequency_penalty") * counts
+    dense = dense - col("presence_penalty") * (counts > 0).float()
+    assert torch.equal(processed, dense)
+
+
 def test_logit_bias_forces_token():
     torch.manual_seed(2)
     logits = torch.randn(4, VOCAB)
