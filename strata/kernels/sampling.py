@@ -183,8 +183,7 @@ def _sample_kernel(logits_ptr, stride_row, temp_ptr, top_k_ptr, top_p_ptr, min_p
                    out_ptr, passes_ptr, V: tl.constexpr, EPS: tl.constexpr,
                    HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, HAS_MIN_P: tl.constexpr,
                    BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, UNROLL: tl.constexpr,
-                   NP: tl.constexpr,
-                   MAX_PASSES: tl.constexpr, COUNT_PASSES: tl.constexpr):
+                   NP: tl.constexpr, MAX_PASSES: tl.constexpr, COUNT_PASSES: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     temp = tl.load(temp_ptr + row)
@@ -206,16 +205,16 @@ def _sample_kernel(logits_ptr, stride_row, temp_ptr, top_k_ptr, top_p_ptr, min_p
                 k_floor = floor
                 if HAS_TOP_P:
                     k_floor = float("-inf")
-                lo, hi, mass_lo, n = _search(row_ptr, V, row_max, inv_t, lo, row_max, mass_lo,
-                                                k_floor, k.to(tl.float32), True, HAS_TOP_P,
-                                             SEARCH_BLOCK, UNROLL, NP, MAX_PASSES)
+                lo, _, mass_lo, n = _search(row_ptr, V, row_max, inv_t, lo, row_max, mass_lo,
+                                            k_floor, k.to(tl.float32), True, HAS_TOP_P,
+                                            SEARCH_BLOCK, UNROLL, NP, MAX_PASSES)
                 num_passes += n
         if HAS_TOP_P:
             top_p = tl.load(top_p_ptr + row)
             if top_p < 1.0:
-                lo, hi, mass_lo, n = _search(row_ptr, V, row_max, inv_t, lo, row_max, mass_lo,
-                                                floor, top_p * mass_lo, False, True,
-                                             SEARCH_BLOCK, UNROLL, NP, MAX_PASSES)
+                lo, _, mass_lo, n = _search(row_ptr, V, row_max, inv_t, lo, row_max, mass_lo,
+                                            floor, top_p * mass_lo, False, True,
+                                            SEARCH_BLOCK, UNROLL, NP, MAX_PASSES)
                 num_passes += n
         seed = tl.load(seed_ptr + row)
         token = _draw(row_ptr, V, inv_t, tl.maximum(lo, floor), seed, BLOCK)
@@ -290,7 +289,7 @@ def sampling_reference(
     Greedy rows allow only their argmax (probability 1). Tokens at -inf are never allowed.
     """
     x = logits.float()
-    num_rows, vocab = x.shape
+    vocab = x.shape[1]
     temperature = temperature.float().to(x.device)
     greedy = temperature < SAMPLING_EPS
     inv_t = 1.0 / torch.where(greedy, torch.ones_like(temperature), temperature)

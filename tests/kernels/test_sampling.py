@@ -13,13 +13,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from strata.kernels.sampling import sample_tokens, sampling_reference  # noqa: E402
-from strata.sample import sampler as sampler_mod  # noqa: E402
-from strata.sample.logits_processors import apply_logits_processors  # noqa: E402
-from strata.sample.sampler import Sampler, SamplingMetadata, SamplingRow, row_seed  # noqa: E402
-from strata.sampling_params import SamplingParams  # noqa: E402
+from strata.kernels.sampling import sample_tokens, sampling_reference
+from strata.sample import sampler as sampler_mod
+from strata.sample.logits_processors import apply_logits_processors
+from strata.sample.sampler import Sampler, SamplingMetadata, SamplingRow, row_seed
+from strata.sampling_params import SamplingParams
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -72,7 +72,7 @@ def test_draws_lie_in_the_allowed_set_for_parameter_mixes(vocab):
     gen = torch.Generator().manual_seed(vocab)
     num_rows = 9
     logits = (torch.randn(num_rows, vocab, generator=gen) * 3).to(DEVICE)
-    pick = lambda options: torch.tensor(options)[torch.randint(len(options), (num_rows,),  # noqa
+    pick = lambda options: torch.tensor(options)[torch.randint(len(options), (num_rows,),
                                                                generator=gen)]
     temperature = pick([0.5, 1.0, 2.0])
     temperature[0] = 0.0  # one greedy row in the mix
@@ -178,13 +178,14 @@ def test_draw_frequencies_follow_the_reference_probabilities():
     # Sorted, the row is 2, 1.5, 1, .5, .2, 0, -.5, -1. At T=1.5 top_k=6 drops the last two,
     # top_p=0.9 the 0 (the five above it hold .917 of the rest), min_p=0.32 the .2 (at .30 of
     # the top probability): four tokens stay, each cut by a different rule.
-    settings = [dict(temperature=0.8), dict(temperature=1.5, top_k=6, top_p=0.9, min_p=0.32)]
+    settings = [{"temperature": 0.8},
+                {"temperature": 1.5, "top_k": 6, "top_p": 0.9, "min_p": 0.32}]
     if CUDA:
-        settings.append(dict(temperature=1.0, top_p=0.8))
+        settings.append({"temperature": 1.0, "top_p": 0.8})
     per_setting = 5000 if CUDA else 200
     num_rows = per_setting * len(settings)
     columns = {name: [] for name in ("temperature", "top_k", "top_p", "min_p")}
-    defaults = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    defaults = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
     for s in settings:
         for name in columns:
             columns[name] += [s.get(name, defaults[name])] * per_setting
@@ -288,7 +289,7 @@ def test_serving_size_batch_against_reference():
     logits = torch.randn(num_rows, vocab, generator=gen) * 2.5
     logits[:, :30] += torch.linspace(12, 3, 30)  # a peaked head like an LM's
     logits = logits.to(DEVICE)
-    pick = lambda options: torch.tensor(options)[torch.randint(len(options), (num_rows,),  # noqa
+    pick = lambda options: torch.tensor(options)[torch.randint(len(options), (num_rows,),
                                                                generator=gen)].to(DEVICE)
     temperature = pick([0.0, 0.6, 1.0, 1.3])
     top_k = pick([0, 1, 20, 50, 1000, vocab])
@@ -346,6 +347,6 @@ def test_sampler_step_never_syncs():
         out = sampler(logits, SamplingMetadata.from_rows(rows, vocab, DEVICE))
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    ids, lp_ids, lp_vals, ranks = out.to_lists()
+    ids, _, lp_vals, _ = out.to_lists()
     assert len(ids) == num_rows and all(0 <= i < vocab for i in ids)
     assert np.isfinite(np.array(lp_vals)).all()

@@ -151,7 +151,7 @@ def test_penalties_equal_the_dense_formula_bit_for_bit():
         if params[row].repetition_penalty != 1.0:
             seen[row, prompts[row]] = True
     seen |= counts > 0
-    col = lambda name: torch.tensor([getattr(p, name) for p in params])[:, None]  # noqa: E731
+    col = lambda name: torch.tensor([getattr(p, name) for p in params])[:, None]
     rep = torch.where(seen, col("repetition_penalty").expand(-1, vocab), torch.ones(1))
     dense = torch.where(logits > 0, logits / rep, logits * rep)
     dense = dense - col("frequency_penalty") * counts
