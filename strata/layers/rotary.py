@@ -50,9 +50,9 @@ class RotaryEmbedding(nn.Module):
         """positions [n]; q [n, heads, head_dim]; k [n, kv_heads, head_dim]."""
         cos = self.cos_cached[positions].unsqueeze(1).to(q.dtype)   # [n, 1, rot_dim]
         sin = self.sin_cached[positions].unsqueeze(1).to(q.dtype)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]
         half = self.rot_dim // 2
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
