@@ -27,7 +27,7 @@ MAX_NEW = 8
 
 def generate(path, **kw):
     llm = LLM(str(path), skip_tokenizer_init=True, device=DEVICE, dtype="float32",
-              max_num_batched_tokens=24, max_num_seqs=8, **kw)
+              max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory="16MiB", **kw)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     kv = llm.llm_engine.scheduler.kv
