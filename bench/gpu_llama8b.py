@@ -18,6 +18,11 @@ Parts, in order (strata's engine is freed before HF loads, so each gets the whol
 5. hf: HF transformers ``generate`` (sdpa attention, no compile) on the same shapes: batch-1
    decode, and static left-padded batches of 64 over a subset of each offline set, counting only
    the tokens each request asked for (a batch runs until its longest request is done).
+6. serve: ``strata serve`` on the same model in a subprocess, measured by ``strata bench serve``
+   at max concurrency 1, 16 and 64 (256 prompt and 256 output tokens): TTFT and TPOT p50/p99.
+   Random weights need a tokenizer with Llama-3's 128256 ids: ``--make-tokenizer DIR`` (run
+   where strata's default model is installed) writes SmolLM2's tokenizer with placeholder tokens
+   for ids 49152-128255; pass that DIR as ``--tokenizer`` (and carry it to the GPU machine).
 Medians where a part repeats. Results go to stdout as a table and to --json.
 """
 
@@ -27,7 +32,10 @@ import argparse
 import gc
 import json
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -193,10 +201,70 @@ def hf_part(args, path: Path, results: dict) -> None:
     torch.cuda.empty_cache()
 
 
+def make_tokenizer(out_dir: str) -> None:
+    """SmolLM2's tokenizer (from strata's embedded GGUF) padded with placeholder tokens up to
+    Llama-3's 128256 ids, so every id a random-weight 8B model emits decodes to some text."""
+    from tokenizers import AddedToken
+    from strata.loader.gguf import GGUFFile
+    from strata.loader.model_loader import default_model_path
+    from strata.tokenizer import Tokenizer
+    backend = Tokenizer.from_gguf_metadata(GGUFFile(default_model_path()).metadata).backend
+    backend.add_tokens([AddedToken(f"<x{i}>", normalized=False)
+                        for i in range(backend.get_vocab_size(), LLAMA_31_8B["vocab_size"])])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    backend.save(str(Path(out_dir) / "tokenizer.json"))
+    print(f"wrote {out_dir}/tokenizer.json ({backend.get_vocab_size()} ids)")
+
+
+def serve_part(args, path: Path, results: dict) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "strata.entrypoints.cli", "serve", "--model", str(path), "--load-format", "dummy",
+           "--dtype", "bfloat16", "--tokenizer", args.tokenizer, "--port", str(port),
+           "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+           "--served-model-name", "llama8b"]
+    log = open(Path(args.log_dir) / "serve.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import httpx
+        deadline = time.time() + 300
+        while True:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"strata serve did not start; see {log.name}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        for concurrency, num in ((1, 16), (16, 128), (64, 256)):
+            out = Path(args.log_dir) / f"serve-c{concurrency}.json"
+            subprocess.run([sys.executable, "-m", "strata.entrypoints.cli", "bench", "serve",
+                            "--base-url", f"http://127.0.0.1:{port}", "--model", "llama8b",
+                            "--num-prompts", str(num), "--max-concurrency", str(concurrency),
+                            "--input-len", "256", "--output-len", "256", "--result-file", str(out)],
+                           check=True, stdout=subprocess.DEVNULL)
+            r = json.loads(out.read_text())
+            results[f"serve_c{concurrency}"] = {k: r[k] for k in (
+                "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms", "output_throughput",
+                "request_throughput", "failed")}
+            print(f"serve c={concurrency}: {results[f'serve_c{concurrency}']}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", default=["ceilings", "decode", "offline", "hf"],
-                        choices=["ceilings", "decode", "offline", "hf"], help="parts to run")
+    parser.add_argument("--only", nargs="+", default=["ceilings", "decode", "offline", "hf", "serve"],
+                        choices=["ceilings", "decode", "offline", "hf", "serve"], help="parts to run")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for the serve part "
+                        "(see --make-tokenizer); without it the serve part is skipped")
+    parser.add_argument("--make-tokenizer", metavar="DIR", default=None,
+                        help="write the serve part's tokenizer to DIR and exit")
+    parser.add_argument("--log-dir", default=tempfile.gettempdir(), help="server log and serve JSON")
     parser.add_argument("--quick", action="store_true", help="2 layers and few requests: a smoke run")
     parser.add_argument("--num-requests", type=int, default=1000, help="requests per offline set")
     parser.add_argument("--hf-requests", type=int, default=128, help="requests per offline set given to HF")
@@ -208,6 +276,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="strata without CUDA graphs")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+    if args.make_tokenizer:
+        make_tokenizer(args.make_tokenizer)
+        return
     if args.quick:
         args.num_requests, args.hf_requests, args.decode_new = 64, 64, 32
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -222,9 +293,12 @@ def main() -> None:
         results.update(ceilings())
         print(f"ceilings: {results['copy_GBps']:.0f} GB/s copy, {results['bf16_matmul_TFLOPs']:.0f} TFLOP/s bf16",
               flush=True)
-    strata_part(args, path, results)
+    if {"decode", "offline"} & set(args.only):
+        strata_part(args, path, results)
     if "hf" in args.only:
         hf_part(args, path, results)
+    if "serve" in args.only and args.tokenizer:
+        serve_part(args, path, results)
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -234,7 +308,8 @@ def report(r: dict) -> None:
     print(f"\n{r['device']}, torch {r['torch']}, triton {r.get('triton')}, {r['date']}")
     if "copy_GBps" in r:
         print(f"ceilings: copy {r['copy_GBps']:.0f} GB/s, bf16 matmul {r['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
-    print(f"strata LLM(...) to first token: {r['strata_start_to_first_token_s']:.1f} s")
+    if "strata_start_to_first_token_s" in r:
+        print(f"strata LLM(...) to first token: {r['strata_start_to_first_token_s']:.1f} s")
     print("| metric | strata | HF | strata/HF | target |\n|---|---:|---:|---:|---|")
     if "strata_decode_tok_s" in r:
         line = f"| batch-1 decode tok/s | {r['strata_decode_tok_s']:.1f} | {r.get('hf_decode_tok_s', float('nan')):.1f} " \
@@ -249,6 +324,14 @@ def report(r: dict) -> None:
             hf = r.get(f"hf_{name}_total_tok_s", float("nan"))
             print(f"| offline {name} total tok/s | {r[key]:.0f} | {hf:.0f} | {r[key] / hf:.1f}x | {target} |")
             print(f"| offline {name} output tok/s | {r[f'strata_{name}_output_tok_s']:.0f} | | | |")
+    serve = [(k, v) for k, v in r.items() if k.startswith("serve_c")]
+    if serve:
+        print("\n| concurrency | TTFT p50 / p99 ms | TPOT p50 / p99 ms | output tok/s | req/s | failed |\n"
+              "|---:|---:|---:|---:|---:|---:|")
+        for k, v in serve:
+            print(f"| {k[7:]} | {v['p50_ttft_ms']:.0f} / {v['p99_ttft_ms']:.0f} | {v['p50_tpot_ms']:.1f} / "
+                  f"{v['p99_tpot_ms']:.1f} | {v['output_throughput']:.0f} | {v['request_throughput']:.2f} "
+                  f"| {v['failed']} |")
 
 
 if __name__ == "__main__":
