@@ -21,6 +21,13 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What the engine returns for a request after a step (vLLM's names)."""
+    CUMULATIVE = 0    # everything so far, after every step that touched it
+    DELTA = 1         # not supported yet: strata's streams diff cumulative outputs themselves
+    FINAL_ONLY = 2    # nothing until it finishes (LLM.generate: no per-step output to build)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -46,8 +53,13 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
+        if self.output_kind not in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+            raise ValueError(f"output_kind must be RequestOutputKind.CUMULATIVE or FINAL_ONLY, got "
+                             f"{self.output_kind!r}")
+        self.output_kind = RequestOutputKind(self.output_kind)
         self._check_counts()
         self._check_penalties()
         self._check_sampling()

@@ -20,12 +20,16 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+        return self._finished   # precomputed below: this runs for every request on every step
 
     @property
     def finish_reason(self) -> str | None:
         return self.value if self.is_finished else None
+
+
+for _status in RequestStatus:
+    _status._finished = _status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                                    RequestStatus.FINISHED_ABORTED)
 
 
 @dataclass

@@ -148,7 +148,9 @@ class Scheduler:
                 req.request_id, req.prompt_token_ids, list(req.output_token_ids), req.sampling_params,
                 req.sequence_index, block_ids, req.num_computed_tokens, len(req.prompt_logprobs)))
             return
-        replaced = {j: b for j, b in enumerate(block_ids[: len(sent)]) if sent[j] != b}
+        replaced = {}
+        if block_ids[: len(sent)] != sent:   # a copy-on-write replaced a block (rare)
+            replaced = {j: b for j, b in enumerate(block_ids[: len(sent)]) if sent[j] != b}
         out.cached_requests.append(CachedRequestData(
             req.request_id, block_ids[len(sent):], replaced, req.num_computed_tokens))
 

@@ -10,6 +10,7 @@ from strata.core.request import Request, RequestStatus
 from strata.core.sched_output import RunnerOutput
 from strata.core.scheduler import Scheduler, StepUpdate
 from strata.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from strata.sampling_params import RequestOutputKind
 
 
 @dataclass
@@ -23,6 +24,7 @@ class RequestState:
     cumulative_logprobs: list[float]
     prompt_logprobs: list | None
     emitted_text_len: list[int] = field(default_factory=list)
+    final_only: bool = False    # RequestOutputKind.FINAL_ONLY: no output until finished
 
 
 class OutputProcessor:
@@ -49,7 +51,8 @@ class OutputProcessor:
             prompt_lp = [None] * siblings[0].num_prompt_tokens
         self.states[request_id] = RequestState(
             request_id, prompt, siblings[0].prompt_token_ids, siblings, detoks,
-            [[] if params.logprobs is not None else None for _ in range(n)], [0.0] * n, prompt_lp)
+            [[] if params.logprobs is not None else None for _ in range(n)], [0.0] * n, prompt_lp,
+            final_only=params.output_kind == RequestOutputKind.FINAL_ONLY)
 
     def process(self, updates: list[StepUpdate], result: RunnerOutput) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
@@ -67,7 +70,8 @@ class OutputProcessor:
                 req.times.first_token = now
             req.times.last_token = now
             self._take_tokens(state, req, upd)
-        return [self._make_output(s) for s in touched.values()]
+        return [self._make_output(s) for s in touched.values()
+                if not s.final_only or all(sib.is_finished for sib in s.siblings)]
 
     def _take_tokens(self, state: RequestState, req: Request, upd: StepUpdate) -> None:
         i = req.sequence_index

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from strata.engine.arg_utils import EngineArgs
 from strata.engine.engine import LLMEngine
 from strata.outputs import RequestOutput
-from strata.sampling_params import SamplingParams
+from strata.sampling_params import RequestOutputKind, SamplingParams
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -86,6 +86,10 @@ class LLM:
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):
+                # Only finished requests are read here: spare the engine building an output
+                # for every request after every step.
+                params = (params or SamplingParams()).clone()
+                params.output_kind = RequestOutputKind.FINAL_ONLY
                 ids.append(engine.add_request(None, prompt, params))
         except Exception:
             for rid in ids:   # admit all or none: a bad prompt must not leave the others running
