@@ -93,3 +93,21 @@ def test_dummy_weights_load_without_checkpoint_reads(tmp_path):
 def test_progress_bar_over_many_prompts(llm, capsys):
     llm.generate([PROMPT] * 3, SamplingParams(temperature=0, max_tokens=2), use_tqdm=True)
     assert "Processed prompts" in capsys.readouterr().err
+
+
+def test_output_kinds(llm):
+    from strata.sampling_params import RequestOutputKind
+    engine = llm.llm_engine
+    outputs = {}
+    for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY):
+        engine.add_request(kind.name, PROMPT, SamplingParams(temperature=0, max_tokens=5, output_kind=kind))
+        outputs[kind] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[RequestOutputKind[out.request_id]].append(out)
+    cumulative, final = outputs[RequestOutputKind.CUMULATIVE], outputs[RequestOutputKind.FINAL_ONLY]
+    assert len(cumulative) >= 5 and [len(o.outputs[0].token_ids) for o in cumulative][-5:] == [1, 2, 3, 4, 5]
+    assert len(final) == 1 and final[0].finished
+    assert final[0].outputs[0].token_ids == cumulative[-1].outputs[0].token_ids
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind=RequestOutputKind.DELTA)
