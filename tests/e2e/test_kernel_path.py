@@ -47,3 +47,26 @@ def test_kernel_path_matches_torch_path(arch, tmp_path, monkeypatch):
     assert got == reference
     if CUDA:
         assert llm.llm_engine.graphs is not None and llm.llm_engine.graphs.graphs
+
+
+@pytest.mark.skipif(not CUDA, reason="half precision is the GPU's; the CPU computes in float32")
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.15), ("float16", 0.03)])
+def test_half_precision_kernel_path_tracks_fp32(dtype, tol, tmp_path, monkeypatch):
+    """Teacher-forced log-probs of every prompt token, kernels + graphs in half precision vs the
+    float32 torch path: within the rounding of the dtype (a broken kernel is off by whole units)."""
+    make_tiny_model("llama", tmp_path)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=0)
+
+    def prompt_logprobs(dt, eager):
+        llm = LLM(str(tmp_path), skip_tokenizer_init=True, device=DEVICE, dtype=dt, enforce_eager=eager,
+                  max_num_batched_tokens=24, max_num_seqs=8, kv_cache_memory="16MiB")
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        return [[lp[tok].logprob for lp, tok in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
+                for o in outs]
+
+    monkeypatch.setenv("STRATA_DISABLE_TRITON", "1")
+    reference = prompt_logprobs("float32", True)
+    monkeypatch.delenv("STRATA_DISABLE_TRITON")
+    got = prompt_logprobs(dtype, False)
+    worst = max(abs(a - b) for ref_row, row in zip(reference, got) for a, b in zip(ref_row, row))
+    assert worst < tol, f"{dtype} log-probs differ from float32 by up to {worst:.3f}"
