@@ -164,10 +164,9 @@ class ModelRunner:
             rows.append(SamplingRow(params, state.prompt_token_ids, state.output_token_ids, generator, mask))
         metadata = SamplingMetadata.from_rows(rows, logits.shape[-1], logits.device)
         result = self.sampler(logits, metadata)
-        sampled = result.sampled_token_ids.tolist()
+        # One device->host copy for the tokens and their logprobs: the step's only wait.
+        sampled, lp_ids, lp_vals, lp_ranks = result.to_lists()
         lp = result.logprobs
-        if lp is not None:
-            lp_ids, lp_vals, lp_ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
         for i, row in enumerate(inputs.sample_rows):
             req_id = inputs.req_ids[row]
             state = self.states[req_id]
