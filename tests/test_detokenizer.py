@@ -194,3 +194,69 @@ def test_random_stop_strings(request, vocab):
         assert detok.stop_reason == stop
         assert detok.output_text == full[:full.index(stop)]
         assert not any("\ufffd" in d for d in deltas)
+
+
+class CharTokenizer:
+    """One token per character (the id is its code point), so tests can stream arbitrary text."""
+
+    @staticmethod
+    def decode(ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def simple_stop_stream(chunks, stops, include_stop_str_in_output):
+    """The plain method the detokenizer must agree with: after each chunk, search the whole text
+    for every stop string, and hold back the longest tail found among all their proper prefixes.
+    Returns (deltas, text, stop)."""
+    stops = [s for s in stops if s]
+    proper_prefixes = {s[:n] for s in stops for n in range(1, len(s))}
+    text, released, deltas = "", 0, []
+    for chunk in chunks:
+        text += chunk
+        hits = [(text.find(s), i) for i, s in enumerate(stops) if s in text]
+        if hits:
+            start, i = min(hits)   # earliest start; the first listed on a tie
+            text = text[: start + len(stops[i]) if include_stop_str_in_output else start]
+            deltas.append(text[released:])
+            return deltas, text, stops[i]
+        held = max((n for n in range(1, len(text) + 1) if text[-n:] in proper_prefixes), default=0)
+        deltas.append(text[released:len(text) - held])
+        released = len(text) - held
+    deltas.append(text[released:])
+    return deltas, text, None
+
+
+def test_many_long_stop_strings_match_the_simple_method():
+    rng = random.Random(3)
+    for trial in range(300):
+        alphabet = rng.choice(["ab", "abc", "ab c\n"])
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 200)))
+        stops, share_of_pieces = [], rng.choice([0.0, 0.02, 0.3])
+        for _ in range(rng.randrange(1, 65)):
+            if rng.random() < share_of_pieces:   # a piece of the text, so that a stop string occurs
+                start = rng.randrange(len(text))
+                stops.append(text[start:start + rng.randrange(1, 60)])
+            else:                    # long ones that mostly match only as prefixes
+                stops.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 120))))
+        if rng.random() < 0.2:
+            stops.append(rng.choice(stops))   # duplicates and "" change nothing
+            stops.append("")
+        include = rng.random() < 0.5
+        chunks, i = [], 0
+        while i < len(text):
+            size = rng.choice([1, 1, 2, 3, 8, 40])
+            chunks.append(text[i:i + size])
+            i += size
+        expected_deltas, expected_text, expected_stop = simple_stop_stream(chunks, stops, include)
+
+        detok = IncrementalDetokenizer(CharTokenizer(), [], stop=stops, include_stop_str_in_output=include)
+        deltas = []
+        for chunk in chunks:
+            delta = detok.update([ord(c) for c in chunk])
+            if delta is None:
+                break
+            deltas.append(delta)
+        if detok.stop_reason is None:
+            deltas.append(detok.flush())
+        assert (deltas, detok.output_text, detok.stop_reason) == (expected_deltas, expected_text, expected_stop), (
+            trial, chunks, stops, include)

@@ -12,8 +12,8 @@ is what gives the first output token its leading space.
 
 Stop strings. A stop string can arrive split over several tokens, and everything from its first
 character on must never reach the user. Rather than emit and take back (vLLM truncates at the
-end), we hold back the shortest tail of the text that could still grow into a stop string: at
-most len(longest stop) - 1 characters, and none when the tail matches no stop string's start.
+end), we hold back the longest tail of the text that could still grow into a stop string (a
+proper prefix of one): at most len(longest stop) - 1 characters, none when no tail is one.
 `flush()` releases what is held once the request finishes for another reason (EOS, length).
 Hence `output_text` is always exactly the concatenation of every delta returned so far.
 """
@@ -49,6 +49,9 @@ class IncrementalDetokenizer:
         self._num_released = 0  # how much of _text has been handed out as deltas
         self._finished = False
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
+        self._stops_by_first_char: dict[str, list[str]] = {}
+        for stop_str in self.stop:
+            self._stops_by_first_char.setdefault(stop_str[0], []).append(stop_str)
         # window of ids being decoded: [prefix_offset, read_offset) is already text, [read_offset:]
         # is not yet; the prefix gives the decoder its context.
         self._window_ids = self._prompt_context(list(prompt_token_ids))
@@ -126,26 +129,35 @@ class IncrementalDetokenizer:
                 self._text = self._text[: start + len(stop_str) if self.include_stop_str_in_output else start]
                 self.stop_reason = stop_str
                 final = True
-        release_upto = len(self._text) if final else len(self._text) - self._held_tail_len()
+        release_upto = len(self._text) if final else self._held_tail_start()
         delta = self._text[self._num_released:release_upto]
-        self._num_released = max(self._num_released, release_upto)
+        self._num_released = release_upto
         return delta
 
+    # Both searches below start at the held tail (text[_num_released:]), never earlier: a stop
+    # string that starts before it would have made a longer tail a stop string's prefix on the last
+    # step. So each step reads the new text plus the held tail (at most len(longest stop) - 1
+    # characters), and every position that fails here is released, never to be tried again.
+
     def _find_stop(self, num_chars_before: int) -> tuple[int, str] | None:
-        """Earliest stop string that ends in the new text; it may start up to len-1 chars earlier."""
-        search_from = max(0, num_chars_before - self._max_stop_len + 1)
+        """Earliest-starting stop string that ends in the new text (the first listed on a tie)."""
         best = None
         for stop_str in self.stop:
-            index = self._text.find(stop_str, search_from)
+            # Only an occurrence ending after num_chars_before is new (an older one cut the text).
+            index = self._text.find(stop_str, max(self._num_released, num_chars_before - len(stop_str) + 1))
             if index != -1 and (best is None or index < best[0]):
                 best = (index, stop_str)
         return best
 
-    def _held_tail_len(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        text = self._text
-        for length in range(min(len(text), self._max_stop_len - 1), 0, -1):
-            tail = text[-length:]
-            if any(stop_str.startswith(tail) for stop_str in self.stop):
-                return length
-        return 0
+    def _held_tail_start(self) -> int:
+        """Where the longest tail of the text that is a proper prefix of some stop string starts
+        (len(text) when there is none)."""
+        text, end = self._text, len(self._text)
+        for start in range(max(self._num_released, end - self._max_stop_len + 1), end):
+            tail = None
+            for stop_str in self._stops_by_first_char.get(text[start], ()):
+                if len(stop_str) > end - start:
+                    tail = tail or text[start:]
+                    if stop_str.startswith(tail):
+                        return start
+        return end
