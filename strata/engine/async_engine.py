@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from strata.engine.engine import LLMEngine
 from strata.outputs import RequestOutput
@@ -52,8 +54,16 @@ class AsyncEngine:
             self._ids += 1
             return f"{prefix}-{self._ids}"
 
-    async def add_request(self, request_id: str, prompt, params: SamplingParams) -> asyncio.Queue:
-        """Admit a request; raises the engine's validation error (prompt too long, ...) here."""
+    async def add_request(self, request_id: str, prompt, params: SamplingParams,
+                          on_finished: Callable[[RequestOutput], None] | None = None
+                          ) -> AsyncIterator[RequestOutput]:
+        """Admit a request and return its outputs as they come; the last has ``finished=True``
+        and is passed to `on_finished` first.
+
+        Raises the engine's validation error (prompt too long, ...) here. A caller cancelled while
+        waiting, one that leaves the iteration early (a client that disconnected), and one that
+        drops the stream without starting it all abort the request.
+        """
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.error}")
         loop = asyncio.get_running_loop()
@@ -61,26 +71,41 @@ class AsyncEngine:
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("add", request_id, prompt, params, stream, done))
         self._wakeup.set()
-        await asyncio.wrap_future(done)
-        return stream.queue
+        try:
+            await asyncio.wrap_future(done)
+        except asyncio.CancelledError:
+            # The engine thread may have taken the add already; this abort is queued behind it.
+            self.abort(request_id)
+            raise
+        ended = [False]
+        outputs = self._outputs(request_id, stream.queue, ended, on_finished)
+        # An async generator that never started never runs its `finally`: abort when it is collected.
+        weakref.finalize(outputs, _abort_unless_ended, self, request_id, ended)
+        return outputs
 
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come; the last has ``finished=True``. Leaving the
         iteration early (a client that disconnected) aborts the request."""
-        request_id = request_id or self.new_request_id()
-        q = await self.add_request(request_id, prompt, params)
+        outputs = await self.add_request(request_id or self.new_request_id(), prompt, params)
+        async with contextlib.aclosing(outputs):   # closing it aborts the request if unfinished
+            async for out in outputs:
+                yield out
+
+    async def _outputs(self, request_id: str, items: asyncio.Queue, ended: list[bool],
+                       on_finished: Callable[[RequestOutput], None] | None) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
-            while True:
-                item = await q.get()
+            while not finished:
+                item = await items.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if finished and on_finished is not None:
+                    on_finished(item)
                 yield item
-                if finished:
-                    return
         finally:
+            ended[0] = True
             if not finished:
                 self.abort(request_id)
 
@@ -155,3 +180,8 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self.engine.abort_request(request_id)
             self._deliver(request_id, RuntimeError(f"request failed inside the engine: {error}"))
+
+
+def _abort_unless_ended(engine: AsyncEngine, request_id: str, ended: list[bool]) -> None:
+    if not ended[0]:
+        engine.abort(request_id)

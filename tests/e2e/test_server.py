@@ -159,6 +159,27 @@ def test_disconnect_mid_stream_frees_blocks(server, llm):
     assert server.wait_idle(timeout=10), "blocks not returned after the client left"
 
 
+def test_async_engine_generate_streams_and_aborts_when_left(server, llm):
+    # AsyncEngine.generate, the API for callers other than the HTTP server, on the server's engine.
+    import asyncio
+
+    async def run(max_tokens: int, keep: int | None):
+        outs = []
+        async for out in server.engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                       ignore_eos=True)):
+            outs.append(out)
+            if keep is not None and len(outs) == keep:
+                break   # a caller that leaves early
+        return outs
+
+    outs = asyncio.run(run(6, None))
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert outs[-1].outputs[0].text == offline(llm, PROMPT, temperature=0, max_tokens=6,
+                                               ignore_eos=True).outputs[0].text
+    assert len(asyncio.run(run(400, 2))) == 2
+    assert server.wait_idle(timeout=10), "leaving generate() early did not abort the request"
+
+
 def test_metrics_exported(server, client):
     client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=3, temperature=0)
     text = httpx.get(server.base_url + "/metrics").text

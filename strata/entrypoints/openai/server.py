@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import strata
 from strata.engine.async_engine import AsyncEngine
 from strata.entrypoints.openai import protocol as P
-from strata.entrypoints.openai.serving import APIError, OpenAIServing
+from strata.entrypoints.openai.serving import APIError, OpenAIServing, error_kind
 from strata.metrics import EngineMetrics
 
 STATIC = Path(__file__).parent / "static"
@@ -24,8 +24,8 @@ STATIC = Path(__file__).parent / "static"
 
 def error_response(status: int, message: str, param: str | None = None, kind: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    err = APIError(status, message, param, kind)
-    body = P.ErrorResponse(error=P.ErrorInfo(message=_utf8(message), type=err.kind, param=_utf8(param), code=status))
+    body = P.ErrorResponse(error=P.ErrorInfo(message=_utf8(message), type=kind or error_kind(status),
+                                             param=_utf8(param), code=status))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 

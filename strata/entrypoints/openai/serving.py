@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-import weakref
 from typing import AsyncIterator
 
+from strata.core.scheduler import QueueFull
 from strata.entrypoints.openai import protocol as P
 from strata.outputs import RequestOutput
 
@@ -19,7 +19,7 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.kind = kind or _ERROR_KINDS.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
+        self.kind = kind or error_kind(status)
 
 
 # The openai client's exception class for each status, which clients match on.
@@ -27,6 +27,11 @@ _ERROR_KINDS = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permis
                 404: "NotFoundError", 405: "MethodNotAllowedError", 409: "ConflictError",
                 413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError", 422: "UnprocessableEntityError",
                 429: "RateLimitError", 499: "ClientClosedRequestError", 503: "ServiceUnavailableError"}
+
+
+def error_kind(status: int) -> str:
+    """The `type` of an OpenAI error body for an HTTP status."""
+    return _ERROR_KINDS.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
 
 
 class OpenAIServing:
@@ -44,7 +49,8 @@ class OpenAIServing:
                            param="model")
 
     # ---- shared --------------------------------------------------------------------------------
-    def _max_tokens(self, prompt_len: int, requested: int | None) -> int | None:
+    def _check_fits_context(self, prompt_len: int, requested: int | None) -> None:
+        """400 unless the prompt, plus the completion tokens asked for, fits the context."""
         if prompt_len >= self.max_model_len:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
                                 f"the prompt has {prompt_len} tokens", param="prompt")
@@ -52,7 +58,6 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. "
                                 f"However, you requested {prompt_len + requested} tokens ({prompt_len} in "
                                 f"the prompt, {requested} for the completion)", param="max_tokens")
-        return requested
 
     def _params(self, request: P.SamplingFields, max_tokens, logprobs, prompt_logprobs=None):
         try:
@@ -64,41 +69,20 @@ class OpenAIServing:
 
     async def _run(self, prompts: list[list[int]], params, request_id: str) -> list[AsyncIterator[RequestOutput]]:
         """Admit every prompt (or none), returning one output stream per prompt."""
+        on_finished = self.metrics.record_finished if self.metrics is not None else None
         streams, ids = [], []
         try:
-            for i, ids_ in enumerate(prompts):
-                rid = f"{request_id}-{i}"
-                ids.append(rid)   # before the await: a caller cancelled while waiting may still be admitted
-                queue = await _uncancellable(self.engine.add_request(rid, {"prompt_token_ids": ids_}, params))
-                ended = [False]
-                stream = self._iterate(rid, queue, ended)
-                # A stream dropped before its first step (the client left before the response began)
-                # never runs its `finally`: abort the request when the stream is collected.
-                weakref.finalize(stream, _abort_unless_ended, self.engine, rid, ended)
-                streams.append(stream)
-        except BaseException as e:   # CancelledError included
+            for i, prompt_ids in enumerate(prompts):
+                ids.append(f"{request_id}-{i}")
+                streams.append(await self.engine.add_request(ids[-1], {"prompt_token_ids": prompt_ids}, params,
+                                                             on_finished))
+        except BaseException as e:   # CancelledError included: the prompts admitted so far must go
             for rid in ids:
                 self.engine.abort(rid)
             if isinstance(e, Exception):
                 raise _as_api_error(e) from None
             raise
         return streams
-
-    async def _iterate(self, rid: str, queue: asyncio.Queue, ended: list[bool]) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                if finished and self.metrics is not None:
-                    self.metrics.record_finished(item)
-                yield item
-        finally:
-            ended[0] = True
-            if not finished:
-                self.engine.abort(rid)
 
     # ---- /v1/completions -----------------------------------------------------------------------
     async def completions(self, request: P.CompletionRequest):
@@ -109,10 +93,9 @@ class OpenAIServing:
         k = request.logprobs
         if k is not None and not 0 <= k <= 20:
             raise APIError(400, f"logprobs must be in [0, 20], got {k}", param="logprobs")
-        max_tokens = None
         for ids in prompts:
-            max_tokens = self._max_tokens(len(ids), request.max_tokens)
-        params = self._params(request, max_tokens, k, k if (request.echo and k is not None) else None)
+            self._check_fits_context(len(ids), request.max_tokens)
+        params = self._params(request, request.max_tokens, k, k if (request.echo and k is not None) else None)
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._run(prompts, params, rid)
         if request.stream:
@@ -165,13 +148,13 @@ class OpenAIServing:
                 start = sent_text.get(index, 0)
                 tok_start = sent_tokens.get(index, 0)
                 delta = comp.text[start:]
+                if not delta and comp.finish_reason is None and index in sent_text:
+                    continue   # nothing new to say (tokens with no whole character yet, or held back)
                 if request.echo and index not in sent_text:
                     delta = self._decode(out.prompt_token_ids) + delta
                 logprobs = None
                 if request.logprobs is not None and comp.logprobs is not None:
                     logprobs = self._completion_logprobs(comp.token_ids[tok_start:], comp.logprobs[tok_start:], 0)
-                if not delta and comp.finish_reason is None and index in sent_text:
-                    continue
                 sent_text[index] = len(comp.text)
                 sent_tokens[index] = len(comp.token_ids)
                 chunk = P.CompletionChunk(id=rid, model=self.model_name, choices=[P.CompletionChoice(
@@ -204,7 +187,8 @@ class OpenAIServing:
         elif request.top_logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        params = self._params(request, self._max_tokens(len(ids), requested), k)
+        self._check_fits_context(len(ids), requested)
+        params = self._params(request, requested, k)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         (stream,) = await self._run([ids], params, rid)
         if request.stream:
@@ -293,7 +277,6 @@ class OpenAIServing:
 
 
 def _as_api_error(e: Exception) -> APIError:
-    from strata.core.scheduler import QueueFull
     if isinstance(e, APIError):
         return e
     if isinstance(e, QueueFull):
@@ -301,25 +284,6 @@ def _as_api_error(e: Exception) -> APIError:
     if isinstance(e, (ValueError, TypeError)):
         return APIError(400, str(e))
     return APIError(500, f"internal error: {e}")
-
-
-def _abort_unless_ended(engine, rid: str, ended: list[bool]) -> None:
-    if not ended[0]:
-        engine.abort(rid)
-
-
-async def _uncancellable(coro):
-    """Await `coro` in a task of its own that the caller's cancellation does not reach.
-
-    AsyncEngine.add_request waits on a future the engine thread resolves; cancelling that wait (a
-    client that left while its request was being admitted) cancels the future, and the engine
-    thread's set_result on it then raises and ends the engine thread. The caller still sees
-    CancelledError at once; the admission finishes on its own, and the caller aborts the request.
-    """
-    task = asyncio.ensure_future(coro)
-    # An admission error after the caller left has no one to read it: mark it retrieved.
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    return await asyncio.shield(task)
 
 
 async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
