@@ -4,7 +4,7 @@ tensor and pipeline parallelism keeps this interface."""
 from __future__ import annotations
 
 from strata.core.sched_output import RunnerOutput, SchedulerOutput
-from strata.runner.model_runner import ModelRunner
+from strata.runner.model_runner import ModelRunner, StepHandle
 
 
 class UniprocExecutor:
@@ -13,6 +13,13 @@ class UniprocExecutor:
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(sched)
+
+    def launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Queue the step on the device; its results come from `finish`."""
+        return self.runner.launch(sched)
+
+    def finish(self, handle: StepHandle) -> RunnerOutput:
+        return self.runner.finish(handle)
 
     def shutdown(self) -> None:
         pass

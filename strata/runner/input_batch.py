@@ -8,6 +8,7 @@ import torch
 
 from strata.attention.backend import AttentionMetadata
 from strata.core.sched_output import NewRequestData, SchedulerOutput
+from strata.sample.sampler import host_to_device
 from strata.sampling_params import SamplingParams
 
 
@@ -21,6 +22,11 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     num_prompt_logprobs_done: int = 0
+    # A launched step sampled this request's last output token, still a placeholder (-1) here
+    # until that step finishes: its id is row `pending_row` of step `pending_step`'s sampled
+    # tensor. Async scheduling computes the next step from that tensor on the device.
+    pending_step: int | None = None
+    pending_row: int = -1
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> "CachedRequestState":
@@ -36,7 +42,9 @@ class CachedRequestState:
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= n:   # decodes: no copy of the whole sequence
+            return self.output_token_ids[start - n: end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
 
 @dataclass
@@ -50,16 +58,23 @@ class StepInputs:
     # Per row wanting prompt logprobs: (row, flat index of the first position, first prompt
     # position, number of positions) for this step's chunk.
     prompt_logprob_spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # Async scheduling: input tokens that are placeholders, filled on the device from the sampled
+    # tensor of the step before. For each: its flat token index, and its row in that tensor.
+    placeholder_index: list[int] = field(default_factory=list)
+    placeholder_source: list[int] = field(default_factory=list)
+    placeholder_slot: dict[int, int] = field(default_factory=dict)   # row -> its placeholder's slot
 
 
 def build_step_inputs(sched: SchedulerOutput, states: dict[str, CachedRequestState],
-                      block_size: int, device: torch.device) -> StepInputs:
+                      block_size: int, device: torch.device, last_step: int | None = None) -> StepInputs:
+    """`last_step`: the launched step whose sampled tensor placeholders may name (no other can)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     seq_lens, query_lens, starts = [], [], [0]
     tables: list[list[int]] = []
     sample_rows, logits_indices, spans = [], [], []
+    placeholder_index, placeholder_source, placeholder_slot = [], [], {}
     req_ids = list(sched.num_scheduled_tokens)
     for row, req_id in enumerate(req_ids):
         state = states[req_id]
@@ -79,6 +94,13 @@ def build_step_inputs(sched: SchedulerOutput, states: dict[str, CachedRequestSta
         if end == state.num_tokens:
             sample_rows.append(row)
             logits_indices.append(flat_start + num_new - 1)
+            if state.pending_step is not None:   # only ever the last token, so only in rows that sample
+                if state.pending_step != last_step:
+                    raise RuntimeError(f"request {req_id}: its last token comes from step {state.pending_step}, "
+                                       f"which was never finished (the last step launched is {last_step})")
+                placeholder_slot[row] = len(placeholder_index)
+                placeholder_index.append(flat_start + num_new - 1)
+                placeholder_source.append(state.pending_row)
         seq_lens.append(end)
         query_lens.append(num_new)
         starts.append(flat_start + num_new)
@@ -89,7 +111,7 @@ def build_step_inputs(sched: SchedulerOutput, states: dict[str, CachedRequestSta
     prefill_rows = [r for r, n in enumerate(query_lens) if n != 1]
 
     def tensor(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return host_to_device(values, dtype, device)
 
     attn = AttentionMetadata(
         num_tokens=len(input_ids), slot_mapping=tensor(slots), block_tables=tensor(padded, torch.int32),
@@ -98,7 +120,7 @@ def build_step_inputs(sched: SchedulerOutput, states: dict[str, CachedRequestSta
         block_size=block_size, decode_rows=decode_rows, prefill_rows=prefill_rows,
         max_query_len=max(query_lens))
     return StepInputs(tensor(input_ids), tensor(positions), attn, req_ids, sample_rows,
-                      logits_indices, spans)
+                      logits_indices, spans, placeholder_index, placeholder_source, placeholder_slot)
 
 
 def dummy_prefill_inputs(num_tokens: int, num_seqs: int, block_size: int, vocab_size: int,

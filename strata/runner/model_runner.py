@@ -4,9 +4,17 @@ It keeps each request's tokens and block table between steps (the scheduler send
 owns the KV cache tensors and binds them to the attention layers, measures the activation
 memory of the largest step (the memory plan) and, on CUDA, replays captured graphs for decode
 steps.
+
+A step is `launch` (queue the device work, start the copy of the sampled ids to the host) then
+`finish` (wait for that copy, hand the tokens over). `execute` does both at once; an engine with
+async scheduling launches step N+1 before it finishes step N, so the host prepares N+1 and
+processes N's results while the device computes. Tokens sampled by a launched step are
+placeholders (-1) in the states until it finishes; the next step reads them on the device.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,7 +26,8 @@ from strata.forward_context import set_forward_context
 from strata.layers.attention import Attention
 from strata.runner.cuda_graph import CudaGraphRunner
 from strata.runner.input_batch import CachedRequestState, StepInputs, build_step_inputs, dummy_prefill_inputs
-from strata.sample.sampler import Sampler, SamplingMetadata, SamplingRow, make_generator
+from strata.sample.sampler import (HostCopy, HostSamplerOutput, Sampler, SamplingMetadata, SamplingRow,
+                                   host_to_device, make_generator, pack_ranked, unpack_ranked)
 
 # Prompt positions whose logits are computed at once for prompt logprobs.
 PROMPT_LOGPROB_ROWS = 256
@@ -38,6 +47,10 @@ class ModelRunner:
         self.num_blocks = 0
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.graphs: CudaGraphRunner | None = None
+        self._step_id = 0
+        # The last step that sampled, and its sampled ids [rows]: where placeholders point.
+        self._last_step: int | None = None
+        self._last_sampled: torch.Tensor | None = None
 
     # ---- KV cache ----------------------------------------------------------------------------
     def kv_cache_block_bytes(self) -> int:
@@ -74,26 +87,60 @@ class ModelRunner:
         return torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
 
     # ---- one step ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.finish(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Queue one step's work on the device and return without waiting for it. Sampled tokens
+        become placeholders in the request states until `finish`; a step launched before then
+        reads them from this step's sampled tensor on the device."""
         self._update_states(sched)
         for src, dst in sched.block_copies:
             for cache in self.kv_caches:
                 cache[:, dst].copy_(cache[:, src])
+        self._step_id += 1
+        handle = StepHandle(self._step_id, list(sched.num_scheduled_tokens))
         if sched.is_empty:
-            return RunnerOutput()
-        inputs = build_step_inputs(sched, self.states, self.block_size, self.device)
+            return handle
+        inputs = build_step_inputs(sched, self.states, self.block_size, self.device, self._last_step)
+        placeholders = None
+        if inputs.placeholder_index:
+            source = host_to_device(inputs.placeholder_source, torch.int64, self.device)
+            placeholders = self._last_sampled[source]                           # [num_placeholders]
+            index = host_to_device(inputs.placeholder_index, torch.int64, self.device)
+            inputs.input_ids.index_copy_(0, index, placeholders)
         if self.graphs is not None and self.graphs.can_run(inputs.attn):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
         else:
             with set_forward_context(inputs.attn):
                 hidden = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden]
-        out = RunnerOutput({req_id: [] for req_id in inputs.req_ids})
-        self._prompt_logprobs(hidden, inputs, out)
+        self._prompt_logprobs(hidden, inputs, handle)
         if inputs.sample_rows:
-            self._sample(hidden, inputs, out)
+            self._sample(hidden, inputs, handle, placeholders)
         for req_id in inputs.req_ids:
             self.states[req_id].num_computed_tokens += sched.num_scheduled_tokens[req_id]
+        return handle
+
+    def finish(self, handle: StepHandle) -> RunnerOutput:
+        """Wait for a launched step's tokens (one device->host copy), fill in its placeholders and
+        return them. States dropped since the launch (finished, preempted) are filled harmlessly."""
+        out = RunnerOutput({req_id: [] for req_id in handle.req_ids})
+        for req_id, first_pos, copy in handle.prompt_logprobs:
+            ids, vals, ranks = unpack_ranked(copy.numpy())
+            out.prompt_logprobs[req_id] = PromptLogprobs(first_pos, ids, vals, ranks)
+        if handle.sampled is None:
+            return out
+        sampled, lp_ids, lp_vals, lp_ranks = handle.sampled.lists()
+        for i, (state, index, num_logprobs) in enumerate(handle.sampled_rows):
+            token = sampled[i]
+            state.output_token_ids[index] = token
+            if state.pending_step == handle.step_id:
+                state.pending_step = None
+            out.sampled_token_ids[state.req_id] = [token]
+            if lp_ids is not None and num_logprobs is not None:
+                k = num_logprobs + 1
+                out.logprobs[state.req_id] = [(lp_ids[i][:k], lp_vals[i][:k], lp_ranks[i])]
         return out
 
     # ---- startup: memory plan and graphs -------------------------------------------------------
@@ -149,38 +196,38 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, out: RunnerOutput) -> None:
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle,
+                placeholders: torch.Tensor | None) -> None:
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()   # [rows, vocab]
         rows = []
         for row in inputs.sample_rows:
             state = self.states[inputs.req_ids[row]]
             params = state.sampling_params
             generator = None
+            # Placeholders count: the position is known even where the token is not yet.
+            num_output = len(state.output_token_ids)
             if params.seed is not None and params.temperature >= 1e-5:
-                generator = make_generator(params.seed, state.sequence_index, len(state.output_token_ids))
+                generator = make_generator(params.seed, state.sequence_index, num_output)
             mask = None
-            if len(state.output_token_ids) < params.min_tokens:
+            if num_output < params.min_tokens:
                 mask = set(self.eos_token_ids) | set(params.stop_token_ids or ())
-            rows.append(SamplingRow(params, state.prompt_token_ids, state.output_token_ids, generator, mask))
-        metadata = SamplingMetadata.from_rows(rows, logits.shape[-1], logits.device)
+            rows.append(SamplingRow(params, state.prompt_token_ids, state.output_token_ids, generator, mask,
+                                    device_token=inputs.placeholder_slot.get(row)))
+        metadata = SamplingMetadata.from_rows(rows, logits.shape[-1], logits.device, placeholders)
         result = self.sampler(logits, metadata)
-        # One device->host copy for the tokens and their logprobs: the step's only wait.
-        sampled, lp_ids, lp_vals, lp_ranks = result.to_lists()
-        lp = result.logprobs
+        handle.sampled = result.to_host()   # the copy starts now; finish() waits for it
+        self._last_sampled, self._last_step = result.sampled_token_ids, handle.step_id
         for i, row in enumerate(inputs.sample_rows):
-            req_id = inputs.req_ids[row]
-            state = self.states[req_id]
-            state.output_token_ids.append(sampled[i])
-            out.sampled_token_ids[req_id] = [sampled[i]]
-            k = state.sampling_params.logprobs
-            if lp is not None and k is not None:
-                out.logprobs[req_id] = [(lp_ids[i][: k + 1], lp_vals[i][: k + 1], lp_ranks[i])]
+            state = self.states[inputs.req_ids[row]]
+            state.output_token_ids.append(-1)
+            state.pending_step, state.pending_row = handle.step_id, i
+            handle.sampled_rows.append((state, len(state.output_token_ids) - 1, state.sampling_params.logprobs))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs, out: RunnerOutput) -> None:
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle) -> None:
         for row, flat_start, first_pos, count in inputs.prompt_logprob_spans:
             state = self.states[inputs.req_ids[row]]
             k = state.sampling_params.prompt_logprobs
-            ids, vals, ranks = [], [], []
+            pieces = []
             # Pieces of at most PROMPT_LOGPROB_ROWS positions: a whole chunk's logits (tokens x
             # vocab floats, twice over) could outgrow the memory the plan measured for one step.
             for offset in range(0, count, PROMPT_LOGPROB_ROWS):
@@ -188,11 +235,24 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[flat_start + offset: flat_start + offset + n]).float()
                 logprobs = torch.log_softmax(logits, dim=-1)                        # [n, vocab]
                 pos = first_pos + offset
-                targets = torch.tensor(state.prompt_token_ids[pos + 1: pos + 1 + n], device=logprobs.device)
+                targets = host_to_device(state.prompt_token_ids[pos + 1: pos + 1 + n], torch.int64,
+                                         logprobs.device)
                 target_lp = logprobs.gather(1, targets[:, None])                    # [n, 1]
                 top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], targets[:, None][:, :0])
-                ids += torch.cat([targets[:, None], top_ids], 1).tolist()
-                vals += torch.cat([target_lp, top_vals], 1).tolist()
-                ranks += ((logprobs > target_lp).sum(-1) + 1).tolist()
-            out.prompt_logprobs[state.req_id] = PromptLogprobs(first_pos, ids, vals, ranks)
+                pieces.append(pack_ranked(torch.cat([targets[:, None], top_ids], 1),
+                                          torch.cat([target_lp, top_vals], 1),
+                                          (logprobs > target_lp).sum(-1) + 1))
+            handle.prompt_logprobs.append((state.req_id, first_pos, HostCopy(torch.cat(pieces))))
             state.num_prompt_logprobs_done = first_pos + count
+
+
+@dataclass
+class StepHandle:
+    """A launched step: what `ModelRunner.finish` needs to hand its results over."""
+
+    step_id: int
+    req_ids: list[str]                       # the scheduled rows
+    sampled: HostSamplerOutput | None = None   # sampled ids (and logprobs) on their way to the host
+    # Per sampled row: its state, the index of its placeholder in output_token_ids, params.logprobs.
+    sampled_rows: list[tuple[CachedRequestState, int, int | None]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[str, int, HostCopy]] = field(default_factory=list)   # req_id, first position

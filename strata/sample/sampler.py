@@ -50,6 +50,10 @@ class SamplingRow:
     # row_seed(seed, sequence_index, len(output_token_ids)) for seeded requests: lets a GPU runner
     # skip building a torch.Generator per row. Used when set; else the generator's seed.
     seed: int | None = None
+    # Async scheduling: the last entry of output_token_ids is a placeholder for a token the step
+    # before sampled and the host has not seen yet; its id is device_tokens[device_token] (see
+    # `from_rows`). It counts for min_tokens like any output token and is penalised from the device.
+    device_token: int | None = None
 
 
 @dataclass
@@ -82,7 +86,10 @@ class SamplingMetadata:
     no_penalties: bool
 
     @classmethod
-    def from_rows(cls, rows: list[SamplingRow], vocab_size: int, device) -> "SamplingMetadata":
+    def from_rows(cls, rows: list[SamplingRow], vocab_size: int, device,
+                  device_tokens: torch.Tensor | None = None) -> "SamplingMetadata":
+        """`device_tokens` [num_placeholders] int64 on `device`: the ids behind rows' placeholders
+        (SamplingRow.device_token), read on the device only, so the host never waits for them."""
         device = torch.device(device)
         kernel = kernel_path(device)
         params = [row.params for row in rows]
@@ -110,8 +117,12 @@ class SamplingMetadata:
         _add_bias_and_min_tokens(up, fields, rows, params, vocab_size)
         tensors = up.finish()
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        values = {name: None if slot is None else tensors[slot] for name, slot in fields.items()}
+        if not no_penalties:
+            values["output_token_index"] = _with_device_tokens(
+                values["output_token_index"], rows, params, vocab_size, device_tokens)
         return cls(
-            **{name: None if slot is None else tensors[slot] for name, slot in fields.items()},
+            **values,
             all_greedy=num_greedy == len(rows),
             all_random=num_greedy == 0,
             generators=generators,
@@ -178,8 +189,7 @@ def _row_seeds(rows: list[SamplingRow], temps: list[float]) -> list[int]:
 
 
 def _add_penalties(up: _Upload, fields: dict, rows, params, vocab_size: int) -> bool:
-    penalised = [i for i, p in enumerate(params) if p.presence_penalty != 0.0
-                 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0]
+    penalised = [i for i, p in enumerate(params) if _penalised(p)]
     fields.update(presence_penalties=None, frequency_penalties=None, repetition_penalties=None,
                   output_token_index=None, prompt_token_index=None)
     if not penalised:
@@ -187,15 +197,47 @@ def _add_penalties(up: _Upload, fields: dict, rows, params, vocab_size: int) -> 
     fields["presence_penalties"] = up.add([p.presence_penalty for p in params], np.float32)
     fields["frequency_penalties"] = up.add([p.frequency_penalty for p in params], np.float32)
     fields["repetition_penalties"] = up.add([p.repetition_penalty for p in params], np.float32)
-    fields["output_token_index"] = up.add(
-        flat_token_index([rows[i].output_token_ids for i in penalised], penalised, vocab_size),
-        np.int64)
+    # A placeholder's id is still on the device: _with_device_tokens adds it there.
+    outputs = [rows[i].output_token_ids if rows[i].device_token is None
+               else rows[i].output_token_ids[:-1] for i in penalised]
+    fields["output_token_index"] = up.add(flat_token_index(outputs, penalised, vocab_size), np.int64)
     repeating = [i for i in penalised if params[i].repetition_penalty != 1.0]
     if repeating:
         fields["prompt_token_index"] = up.add(
             flat_token_index([rows[i].prompt_token_ids for i in repeating], repeating, vocab_size),
             np.int64)
     return False
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
+def _with_device_tokens(
+    output_index: torch.Tensor,  # [num_output_tokens] int64 flat, built on the host
+    rows: list[SamplingRow], params: list[SamplingParams], vocab_size: int,
+    device_tokens: torch.Tensor | None,
+) -> torch.Tensor:  # [num_output_tokens + placeholders of penalised rows] int64 flat
+    """Penalised rows' placeholder tokens, as flat positions computed on the device (a gather and
+    an add): the penalties see exactly the tokens the synchronous engine would have shown them."""
+    rows_ids = [i for i, row in enumerate(rows) if row.device_token is not None and _penalised(params[i])]
+    if not rows_ids:
+        return output_index
+    if device_tokens is None:
+        raise ValueError("rows name device tokens (SamplingRow.device_token) but from_rows got none")
+    device = output_index.device
+    slots, offsets = host_to_device([[rows[i].device_token for i in rows_ids],
+                                     [i * vocab_size for i in rows_ids]], torch.int64, device)
+    return torch.cat([output_index, device_tokens[slots] + offsets])
+
+
+def host_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`. On CUDA through pinned memory and a non-blocking copy:
+    a copy from pageable memory may wait for the work already queued on the stream, and with
+    async scheduling that work is the step before."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _add_bias_and_min_tokens(up: _Upload, fields: dict, rows, params, vocab_size: int) -> None:
@@ -243,16 +285,72 @@ class SamplerOutput:
                                 list[int] | None]:
         """(token ids, logprob token ids, logprobs, ranks) as host lists, in ONE device->host copy:
         the only point of a sampling step where the host waits for the device."""
+        return self.to_host().lists()
+
+    def to_host(self) -> "HostSamplerOutput":
+        """Start the one device->host copy without waiting for it (see HostCopy)."""
         lp = self.logprobs
         if lp is None:
-            return self.sampled_token_ids.tolist(), None, None, None
-        num_cols = lp.token_ids.shape[1]
-        # float32 bits ride along as int64 (sign-extended int32), undone on the host.
-        packed = torch.cat([self.sampled_token_ids[:, None], lp.ranks[:, None], lp.token_ids,
-                            lp.logprobs.view(torch.int32).to(torch.int64)], dim=1).cpu().numpy()
-        values = packed[:, 2 + num_cols:].astype(np.int32).view(np.float32)
-        return (packed[:, 0].tolist(), packed[:, 2: 2 + num_cols].tolist(), values.tolist(),
-                packed[:, 1].tolist())
+            return HostSamplerOutput(HostCopy(self.sampled_token_ids), False)
+        packed = torch.cat([self.sampled_token_ids[:, None], pack_ranked(lp.token_ids, lp.logprobs, lp.ranks)],
+                           dim=1)
+        return HostSamplerOutput(HostCopy(packed), True)
+
+
+@dataclass
+class HostSamplerOutput:
+    copy: "HostCopy"   # [num_reqs] sampled ids, or [num_reqs, 1 + packed logprobs] (pack_ranked)
+    has_logprobs: bool
+
+    def lists(self) -> tuple[list[int], list[list[int]] | None, list[list[float]] | None,
+                             list[int] | None]:
+        """SamplerOutput.to_lists' result; waits for the copy."""
+        packed = self.copy.numpy()
+        if not self.has_logprobs:
+            return packed.tolist(), None, None, None
+        ids, values, ranks = unpack_ranked(packed[:, 1:])
+        return packed[:, 0].tolist(), ids, values, ranks
+
+
+def pack_ranked(
+    token_ids: torch.Tensor,  # [rows, cols] int64
+    logprobs: torch.Tensor,  # [rows, cols] float32
+    ranks: torch.Tensor,  # [rows] int64
+) -> torch.Tensor:  # [rows, 1 + 2 * cols] int64: rank, token ids, logprob bits
+    """Logprobs rows as one int64 tensor, so that they reach the host in one copy: the float32 bits
+    ride along as int64 (sign-extended int32), undone by unpack_ranked."""
+    return torch.cat([ranks[:, None], token_ids, logprobs.view(torch.int32).to(torch.int64)], dim=1)
+
+
+def unpack_ranked(packed: np.ndarray) -> tuple[list[list[int]], list[list[float]], list[int]]:
+    """pack_ranked's rows on the host: (token ids, logprobs, ranks)."""
+    num_cols = (packed.shape[1] - 1) // 2
+    values = packed[:, 1 + num_cols:].astype(np.int32).view(np.float32)
+    return packed[:, 1: 1 + num_cols].tolist(), values.tolist(), packed[:, 0].tolist()
+
+
+class HostCopy:
+    """A device tensor on its way to the host.
+
+    On CUDA the copy goes into pinned memory behind the work queued so far and an event marks its
+    end, so `numpy()` waits for this copy only: not for work queued after it, like the next step
+    an async-scheduling engine has already launched. Elsewhere the tensor is on the host already.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.cpu()
+
+    def numpy(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
 
 
 class Sampler(torch.nn.Module):
