@@ -88,11 +88,12 @@ class KVCacheManager:
         return True
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
-        """Index every block that will be full once this step's tokens are computed: their
-        token ids are already known, and later steps only ever read them."""
+        """Index every block that will be full once this step's tokens are computed and whose
+        token ids are all known (a placeholder's block waits for a later step): later steps only
+        ever read them."""
         if not self.pool.enable_caching:
             return
-        num_full = num_tokens // self.block_size
+        num_full = min(num_tokens, request.num_tokens) // self.block_size
         start = self._num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
             return

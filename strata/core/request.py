@@ -57,6 +57,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_computed_tokens = 0
+        # Tokens sampled by scheduled steps whose ids the scheduler has not seen yet. The update of
+        # a step brings them; with async scheduling the next step is scheduled before that, and
+        # counts them as tokens of the sequence already (the runner has their ids on the device).
+        self.num_placeholders = 0
         self.num_cached_tokens = -1                # prompt tokens served by the prefix cache (-1: not yet known)
         self.num_preemptions = 0
         self.times = RequestTimes(arrival=arrival_time or time.time())
@@ -90,4 +94,5 @@ class Request:
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "
-                f"output={len(self.output_token_ids)}, computed={self.num_computed_tokens})")
+                f"output={len(self.output_token_ids)}+{self.num_placeholders}, "
+                f"computed={self.num_computed_tokens})")

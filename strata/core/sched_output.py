@@ -35,6 +35,7 @@ class CachedRequestData:
 
 @dataclass
 class SchedulerOutput:
+    step_id: int = 0                 # counts schedule() calls: the scheduler's key for its update
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)   # req_id -> tokens this step

@@ -49,6 +49,10 @@ class Scheduler:
         self._runner_block_ids: dict[str, list[int]] = {}
         self._finished_since_last_step: set[str] = set()
         self.num_preemptions = 0
+        # The requests each scheduled step ran, until its update: ids alone could name a newer
+        # request that reused the id of one that finished while the step was in flight.
+        self._step_requests: dict[int, list[Request]] = {}
+        self._num_steps = 0
 
     # ---- admission -------------------------------------------------------------------------
     def check_request(self, num_prompt_tokens: int) -> None:
@@ -85,7 +89,10 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
+        """The next step. With async scheduling the step before may still be running: its
+        sampled tokens are placeholders here, scheduled as inputs like known tokens."""
+        self._num_steps += 1
+        out = SchedulerOutput(step_id=self._num_steps, finished_req_ids=self._finished_since_last_step)
         self._finished_since_last_step = set()
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
@@ -94,7 +101,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_placeholders and self._ends_by_length(req):
+                i += 1   # its last token ends it (the update will say so): nothing left to compute
+                continue
+            num_new = min(req.num_tokens + req.num_placeholders - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -112,6 +122,8 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.num_placeholders:
+                break   # preempted while its last token was in flight: resumed once it is known
             hits, num_hit_tokens = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit_tokens
             if not self.config.enable_chunked_prefill and num_new > budget:
@@ -134,10 +146,19 @@ class Scheduler:
         for req in scheduled:
             self._describe(req, out)
             req.num_computed_tokens += out.num_scheduled_tokens[req.request_id]
+            if req.num_computed_tokens == req.num_tokens + req.num_placeholders:
+                req.num_placeholders += 1   # this step samples a token; its id comes with the update
+        self._step_requests[out.step_id] = scheduled
         out.preempted_req_ids = {r.request_id for r in preempted}
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         out.block_copies = self.kv.take_pending_copies()
         return out
+
+    def _ends_by_length(self, req: Request) -> bool:
+        """Whether the request's placeholders bring it to max_tokens or max_model_len, so that
+        their update finishes it."""
+        return (len(req.output_token_ids) + req.num_placeholders >= req.max_tokens
+                or req.num_tokens + req.num_placeholders >= self.config.max_model_len)
 
     def _describe(self, req: Request, out: SchedulerOutput) -> None:
         block_ids = self.kv.block_ids(req.request_id)
@@ -165,13 +186,20 @@ class Scheduler:
 
     # ---- after the step --------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> list[StepUpdate]:
+        """Take a step's sampled tokens. With async scheduling the step after it has been
+        scheduled already; requests that finished or were aborted since have their tokens
+        dropped here, and a request preempted since still takes its token (it was sampled)."""
+        scheduled = self._step_requests.pop(sched.step_id, None)
+        if scheduled is None:
+            raise ValueError(f"step {sched.step_id} was not scheduled here, or was updated already")
         updates = []
-        for req_id, num_tokens in sched.num_scheduled_tokens.items():
-            req = self.requests.get(req_id)
-            if req is None or req.is_finished:
+        for req in scheduled:
+            if req.is_finished:
                 continue
+            req_id = req.request_id
             new_tokens = result.sampled_token_ids.get(req_id, [])
             new_logprobs = result.logprobs.get(req_id, [])
+            req.num_placeholders -= len(new_tokens)
             for token in new_tokens:
                 req.output_token_ids.append(token)
                 if self._check_stop(req, token):

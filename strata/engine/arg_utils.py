@@ -34,6 +34,9 @@ HELP = {
     "enforce_eager": "run every step eagerly: no CUDA graphs for decode steps (GPU only; slower "
                      "decode, faster start)",
     "max_waiting": "most requests allowed to wait (server admission control); default unbounded",
+    "async_scheduling": "schedule and prepare step N+1 while the device computes step N, and process "
+                        "step N's tokens while it computes N+1 (host work overlaps device work; "
+                        "outputs arrive one step later). Same tokens either way",
 }
 
 
@@ -59,6 +62,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     enforce_eager: bool = False
     max_waiting: int | None = None
+    async_scheduling: bool = False
     extra: dict = field(default_factory=dict)
 
     @classmethod

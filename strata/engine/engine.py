@@ -11,13 +11,14 @@ import torch
 from strata.config import (CacheConfig, DeviceConfig, LoadConfig, ModelConfig, SchedulerConfig,
                            parse_bytes)
 from strata.core.request import Request
+from strata.core.sched_output import RunnerOutput, SchedulerOutput
 from strata.core.scheduler import Scheduler
 from strata.engine.arg_utils import EngineArgs
 from strata.engine.output_processor import OutputProcessor
 from strata.executor.executor import UniprocExecutor
 from strata.loader import model_loader
 from strata.outputs import RequestOutput
-from strata.runner.model_runner import ModelRunner
+from strata.runner.model_runner import ModelRunner, StepHandle
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
@@ -69,6 +70,9 @@ class LLMEngine:
         self.kv_block_bytes = runner.kv_cache_block_bytes()
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
+        self.async_scheduling = args.async_scheduling
+        # Async scheduling: the step launched last, whose results the next step() takes.
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         logger.info(self.describe())
 
     # ---- requests ----------------------------------------------------------------------------
@@ -119,8 +123,20 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if not self.async_scheduling:
+            sched = self.scheduler.schedule()
+            result = self.executor.execute(sched)
+            return self._process(sched, result)
+        # Launch step N+1 first (its placeholders are step N's tokens, still on the device), then
+        # take step N's tokens: the host updates and detokenizes while the device computes N+1.
         sched = self.scheduler.schedule()
-        result = self.executor.execute(sched)
+        launched = (sched, self.executor.launch(sched))
+        previous, self._in_flight = self._in_flight, launched
+        if previous is None:
+            return []
+        return self._process(previous[0], self.executor.finish(previous[1]))
+
+    def _process(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         updates = self.scheduler.update(sched, result)
         return self.output_processor.process(updates, result)
 
@@ -180,7 +196,9 @@ class LLMEngine:
                 f"weights {weight_gib:.2f} GiB, KV cache {kv_gib:.2f} GiB = {self.num_blocks} blocks x "
                 f"{self.args.block_size} tokens "
                 f"({self.num_blocks * self.args.block_size} tokens at most in flight) | "
-                f"max_model_len {self.scheduler_config.max_model_len} | loaded in {self.load_seconds:.1f}s"
+                f"max_model_len {self.scheduler_config.max_model_len} | "
+                f"{'async' if self.args.async_scheduling else 'sync'} scheduling | "
+                f"loaded in {self.load_seconds:.1f}s"
                 + self._describe_gpu())
 
     def _describe_gpu(self) -> str:

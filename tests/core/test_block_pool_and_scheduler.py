@@ -149,3 +149,119 @@ def test_eos_and_min_tokens():
     assert not r.is_finished                       # eos before min_tokens is ignored
     fake_step(s, token=7)
     assert r.status is RequestStatus.FINISHED_STOPPED and r.output_token_ids == [7, 7]
+
+
+# ---- async scheduling: step N+1 is scheduled before step N's tokens are known ----------------
+
+
+def sampled(sched: Scheduler, out, token=7):
+    """A RunnerOutput giving `token` to every request that step `out` sampled for."""
+    return RunnerOutput({rid: [token] if rid in out.sampling_req_ids else []
+                         for rid in out.num_scheduled_tokens})
+
+
+def schedule_tracking(sched: Scheduler):
+    """schedule(), noting which requests the step samples for (as the runner would know)."""
+    before = {rid: r.num_placeholders for rid, r in sched.requests.items()}
+    out = sched.schedule()
+    out.sampling_req_ids = {rid for rid in out.num_scheduled_tokens
+                            if sched.requests[rid].num_placeholders > before.get(rid, 0)}
+    return out
+
+
+def test_async_decode_schedules_the_placeholder_token():
+    s = make_scheduler()
+    r = req("a", [1, 2, 3], max_tokens=5)
+    s.add_request([r])
+    first = schedule_tracking(s)                   # the prompt: samples the first token
+    assert first.num_scheduled_tokens == {"a": 3} and r.num_placeholders == 1
+    second = schedule_tracking(s)                  # its input is the token still in flight
+    assert second.num_scheduled_tokens == {"a": 1} and r.num_placeholders == 2
+    assert r.num_computed_tokens == 4 and r.output_token_ids == []
+    s.update(first, sampled(s, first, token=11))
+    assert r.output_token_ids == [11] and r.num_placeholders == 1
+    third = schedule_tracking(s)
+    assert third.num_scheduled_tokens == {"a": 1} and r.num_computed_tokens == 5
+    s.update(second, sampled(s, second, token=12))
+    s.update(third, sampled(s, third, token=13))
+    assert r.output_token_ids == [11, 12, 13] and r.num_placeholders == 0
+
+
+def test_async_no_step_past_max_tokens_or_context():
+    s = make_scheduler(max_len=64)
+    r = req("a", [1, 2, 3], max_tokens=2)
+    s.add_request([r])
+    steps = [schedule_tracking(s), schedule_tracking(s)]
+    # Two placeholders reach max_tokens: the next schedule has nothing to run for this request.
+    assert r.num_placeholders == 2 and s.schedule().num_scheduled_tokens == {}
+    for out in steps:
+        s.update(out, sampled(s, out))
+    assert r.status is RequestStatus.FINISHED_LENGTH and r.output_token_ids == [7, 7]
+    assert s.kv.num_free_blocks == 16 and not s.requests
+
+
+def test_async_finish_in_flight_drops_the_next_token_and_frees_blocks():
+    s = make_scheduler()
+    r = Request("a", [1, 2, 3], SamplingParams(max_tokens=10), eos_token_ids=frozenset({2}))
+    s.add_request([r])
+    first, second = schedule_tracking(s), schedule_tracking(s)
+    updates = s.update(first, sampled(s, first, token=2))   # eos: finished in step 1
+    assert updates[0].finished and r.output_token_ids == [2]
+    assert s.kv.num_free_blocks == 16
+    assert s.update(second, sampled(s, second, token=99)) == []   # step 2's token is dropped
+    assert r.output_token_ids == [2]
+    assert s.schedule().finished_req_ids == {"a"}
+
+
+def test_async_reused_id_does_not_take_the_old_requests_token():
+    s = make_scheduler()
+    old = req("x", [1, 2, 3], max_tokens=10)
+    s.add_request([old])
+    first, second = schedule_tracking(s), schedule_tracking(s)
+    s.update(first, sampled(s, first))
+    s.finish_request("x", RequestStatus.FINISHED_ABORTED)
+    new = req("x", [4, 5, 6, 7], max_tokens=10)
+    s.add_request([new])
+    third = schedule_tracking(s)                   # the new x computes its prompt
+    assert third.new_requests[0].prompt_token_ids == [4, 5, 6, 7] and "x" in third.finished_req_ids
+    s.update(second, sampled(s, second, token=99))   # the old x's token, in flight when it ended
+    assert new.output_token_ids == [] and new.num_placeholders == 1
+    s.update(third, sampled(s, third, token=5))
+    assert new.output_token_ids == [5]
+
+
+def test_async_preempted_request_keeps_its_token_and_waits_for_it():
+    s = make_scheduler(num_blocks=4, block_size=4, max_len=16)
+    a, b = req("a", list(range(7)), max_tokens=8), req("b", list(range(7)), max_tokens=8)
+    s.add_request([a])
+    s.add_request([b])
+    pending = [schedule_tracking(s)]
+    while True:
+        pending.append(schedule_tracking(s))      # may preempt while the step before is in flight
+        if s.num_preemptions:
+            break
+        s.update(pending[0], sampled(s, pending.pop(0)))
+    victim = s.waiting[0]
+    assert victim.status is RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
+    # Its token from the step in flight is still unknown: it is not resumed before that.
+    pending.append(schedule_tracking(s))
+    assert victim.num_placeholders == 1 and victim.request_id not in pending[-1].num_scheduled_tokens
+    known = len(victim.output_token_ids)
+    for out in pending:
+        s.update(out, sampled(s, out))
+    assert len(victim.output_token_ids) == known + 1 and victim.num_placeholders == 0
+
+
+def test_async_placeholder_block_is_cached_only_once_its_tokens_are_known():
+    s = make_scheduler(block_size=4)
+    r = req("a", [1, 2, 3], max_tokens=4)
+    s.add_request([r])
+    first = schedule_tracking(s)                   # positions 0-2
+    second = schedule_tracking(s)                  # position 3 holds the placeholder: block full
+    assert s.kv._num_cached_blocks.get("a", 0) == 0
+    s.update(first, sampled(s, first, token=9))
+    third = schedule_tracking(s)
+    assert s.kv._num_cached_blocks["a"] == 1        # cached with the real token 9 in it
+    assert s.kv.req_blocks["a"][0].block_hash == hash_block_tokens(None, [1, 2, 3, 9])
+    for out in (second, third):
+        s.update(out, sampled(s, out))

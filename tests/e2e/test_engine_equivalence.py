@@ -1,5 +1,6 @@
 """Every scheduling optimisation must leave greedy outputs unchanged, token for token, and give
-every KV block back. The reference is the HF model's own greedy generate."""
+every KV block back. The reference is the HF model's own greedy generate. Each engine test runs
+with synchronous and with async scheduling (step N+1 scheduled while step N computes)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,13 @@ def reference(tiny):
     return hf_greedy(hf, PROMPTS + PREFIX_PROMPTS, MAX_NEW)
 
 
-def make_llm(path, **kw):
-    return LLM(str(path), skip_tokenizer_init=True, **kw)
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request):
+    return request.param
+
+
+def make_llm(path, async_scheduling, **kw):
+    return LLM(str(path), skip_tokenizer_init=True, async_scheduling=async_scheduling, **kw)
 
 
 def greedy(n=1):
@@ -58,27 +64,27 @@ def assert_all_blocks_free(llm):
         r not in sched.requests for r in llm.llm_engine.executor.runner.states)
 
 
-def test_batched_matches_hf(tiny, reference):
-    llm = make_llm(tiny[0])
+def test_batched_matches_hf(tiny, async_scheduling, reference):
+    llm = make_llm(tiny[0], async_scheduling)
     assert run(llm, PROMPTS + PREFIX_PROMPTS) == reference
     assert_all_blocks_free(llm)
 
 
-def test_one_at_a_time_matches_batched(tiny, reference):
-    llm = make_llm(tiny[0], enable_prefix_caching=False)
+def test_one_at_a_time_matches_batched(tiny, async_scheduling, reference):
+    llm = make_llm(tiny[0], async_scheduling, enable_prefix_caching=False)
     for prompt, ref in zip(PROMPTS, reference):
         assert run(llm, [prompt]) == [ref]
     assert_all_blocks_free(llm)
 
 
-def test_chunked_prefill_tiny_budget(tiny, reference):
-    llm = make_llm(tiny[0], max_num_batched_tokens=7, enable_prefix_caching=False)
+def test_chunked_prefill_tiny_budget(tiny, async_scheduling, reference):
+    llm = make_llm(tiny[0], async_scheduling, max_num_batched_tokens=7, enable_prefix_caching=False)
     assert run(llm, PROMPTS) == reference[: len(PROMPTS)]
     assert_all_blocks_free(llm)
 
 
-def test_prefix_cache_hits(tiny, reference):
-    llm = make_llm(tiny[0], enable_prefix_caching=True)
+def test_prefix_cache_hits(tiny, async_scheduling, reference):
+    llm = make_llm(tiny[0], async_scheduling, enable_prefix_caching=True)
     first = run(llm, PREFIX_PROMPTS[:1])
     outs = llm.generate([{"prompt_token_ids": p} for p in PREFIX_PROMPTS], greedy(), use_tqdm=False)
     assert first == reference[len(PROMPTS): len(PROMPTS) + 1]
@@ -88,24 +94,26 @@ def test_prefix_cache_hits(tiny, reference):
     assert_all_blocks_free(llm)
 
 
-def test_forced_preemption_tiny_cache(tiny, reference):
+def test_forced_preemption_tiny_cache(tiny, async_scheduling, reference):
     # 6 blocks of 16 tokens cannot hold all six requests at once: some are preempted and
     # recomputed, and must still produce the same tokens.
-    llm = make_llm(tiny[0], num_gpu_blocks_override=6, max_model_len=96, enable_prefix_caching=False)
+    llm = make_llm(tiny[0], async_scheduling, num_gpu_blocks_override=6, max_model_len=96,
+                   enable_prefix_caching=False)
     assert run(llm, PROMPTS) == reference[: len(PROMPTS)]
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert_all_blocks_free(llm)
 
 
-def test_preemption_with_prefix_cache_and_chunks(tiny, reference):
-    llm = make_llm(tiny[0], num_gpu_blocks_override=7, max_model_len=112, max_num_batched_tokens=9)
+def test_preemption_with_prefix_cache_and_chunks(tiny, async_scheduling, reference):
+    llm = make_llm(tiny[0], async_scheduling, num_gpu_blocks_override=7, max_model_len=112,
+                   max_num_batched_tokens=9)
     assert run(llm, PROMPTS + PREFIX_PROMPTS) == reference
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert_all_blocks_free(llm)
 
 
-def test_n_greater_than_one_shares_prompt_blocks(tiny, reference):
-    llm = make_llm(tiny[0])
+def test_n_greater_than_one_shares_prompt_blocks(tiny, async_scheduling, reference):
+    llm = make_llm(tiny[0], async_scheduling)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy(n=3), use_tqdm=False)
     for out, ref in zip(outs, reference):
         assert [c.token_ids for c in out.outputs] == [ref] * 3
@@ -113,8 +121,8 @@ def test_n_greater_than_one_shares_prompt_blocks(tiny, reference):
     assert_all_blocks_free(llm)
 
 
-def test_n_sampling_with_seed_is_reproducible_and_varied(tiny):
-    llm = make_llm(tiny[0])
+def test_n_sampling_with_seed_is_reproducible_and_varied(tiny, async_scheduling):
+    llm = make_llm(tiny[0], async_scheduling)
     params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, n=4, seed=123)
     a = llm.generate([{"prompt_token_ids": PROMPTS[2]}], params, use_tqdm=False)[0]
     # Same seed, different company in the batch: same samples.
@@ -124,11 +132,11 @@ def test_n_sampling_with_seed_is_reproducible_and_varied(tiny):
     assert_all_blocks_free(llm)
 
 
-def test_copy_on_write_keeps_siblings_apart(tiny):
+def test_copy_on_write_keeps_siblings_apart(tiny, async_scheduling):
     """A prompt ending mid-block: the samples share that block and must copy it before writing.
     Each sample's reported logprobs must equal a fresh recompute of its own sequence, which
     fails if one sample's keys and values leak into another's."""
-    llm = make_llm(tiny[0])
+    llm = make_llm(tiny[0], async_scheduling)
     prompt = list(range(50, 70))    # 20 tokens: the second block is partial
     params = SamplingParams(temperature=1.5, max_tokens=12, ignore_eos=True, n=3, seed=7, logprobs=0)
     together = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
@@ -142,8 +150,8 @@ def test_copy_on_write_keeps_siblings_apart(tiny):
     assert_all_blocks_free(llm)
 
 
-def test_seed_independent_of_batch(tiny):
-    llm = make_llm(tiny[0])
+def test_seed_independent_of_batch(tiny, async_scheduling):
+    llm = make_llm(tiny[0], async_scheduling)
     params = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, seed=42, ignore_eos=True)
     alone = run(llm, [PROMPTS[1]], params)
     mixed = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
