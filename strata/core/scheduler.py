@@ -97,6 +97,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
         preempted: list[Request] = []
+        if self._fork_waiters:
+            self._fork_computed_prompts()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -224,6 +226,16 @@ class Scheduler:
                                     or req.num_tokens >= self.config.max_model_len):
             req.status = RequestStatus.FINISHED_LENGTH
         return req.is_finished
+
+    def _fork_computed_prompts(self) -> None:
+        """Async scheduling: a first sibling's prompt step may still be running (no update yet),
+        but the step scheduled now runs after it, so the siblings can share its blocks already,
+        as they would after the update in the synchronous engine."""
+        for first_id in list(self._fork_waiters):
+            first = self.requests.get(first_id)
+            if (first is not None and first.status is RequestStatus.RUNNING
+                    and first.num_computed_tokens >= first.num_prompt_tokens):
+                self._fork_siblings(first)
 
     def _fork_siblings(self, first: Request) -> None:
         """Siblings share every block of the prompt but its last token, which each recomputes
