@@ -96,8 +96,9 @@ def build_step_inputs(sched: SchedulerOutput, states: dict[str, CachedRequestSta
             logits_indices.append(flat_start + num_new - 1)
             if state.pending_step is not None:   # only ever the last token, so only in rows that sample
                 if state.pending_step != last_step:
-                    raise RuntimeError(f"request {req_id}: its last token comes from step {state.pending_step}, "
-                                       f"which was never finished (the last step launched is {last_step})")
+                    raise RuntimeError(f"request {req_id}: its last token comes from step "
+                                       f"{state.pending_step}, which was never finished (the last "
+                                       f"step that sampled is {last_step})")
                 placeholder_slot[row] = len(placeholder_index)
                 placeholder_index.append(flat_start + num_new - 1)
                 placeholder_source.append(state.pending_row)

@@ -221,7 +221,8 @@ class ModelRunner:
             state = self.states[inputs.req_ids[row]]
             state.output_token_ids.append(-1)
             state.pending_step, state.pending_row = handle.step_id, i
-            handle.sampled_rows.append((state, len(state.output_token_ids) - 1, state.sampling_params.logprobs))
+            handle.sampled_rows.append((state, len(state.output_token_ids) - 1,
+                                        state.sampling_params.logprobs))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle) -> None:
         for row, flat_start, first_pos, count in inputs.prompt_logprob_spans:

@@ -292,8 +292,8 @@ class SamplerOutput:
         lp = self.logprobs
         if lp is None:
             return HostSamplerOutput(HostCopy(self.sampled_token_ids), False)
-        packed = torch.cat([self.sampled_token_ids[:, None], pack_ranked(lp.token_ids, lp.logprobs, lp.ranks)],
-                           dim=1)
+        ranked = pack_ranked(lp.token_ids, lp.logprobs, lp.ranks)
+        packed = torch.cat([self.sampled_token_ids[:, None], ranked], dim=1)
         return HostSamplerOutput(HostCopy(packed), True)
 
 
