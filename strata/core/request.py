@@ -61,6 +61,10 @@ class Request:
         # a step brings them; with async scheduling the next step is scheduled before that, and
         # counts them as tokens of the sequence already (the runner has their ids on the device).
         self.num_placeholders = 0
+        # Tokens (prompt + output) at which the request ends by length; the scheduler caps it at
+        # the context length when it admits the request.
+        max_tokens = sampling_params.max_tokens
+        self.max_num_tokens = len(self.prompt_token_ids) + (max_tokens if max_tokens is not None else 1 << 62)
         self.num_cached_tokens = -1                # prompt tokens served by the prefix cache (-1: not yet known)
         self.num_preemptions = 0
         self.times = RequestTimes(arrival=arrival_time or time.time())

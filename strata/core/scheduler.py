@@ -77,6 +77,7 @@ class Scheduler:
             raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
         for req in siblings:
             self.requests[req.request_id] = req
+            req.max_num_tokens = min(req.max_num_tokens, self.config.max_model_len)
         self.waiting.append(siblings[0])
         if len(siblings) > 1:
             for sib in siblings[1:]:
@@ -103,10 +104,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_placeholders and self._ends_by_length(req):
-                i += 1   # its last token ends it (the update will say so): nothing left to compute
+            num_tokens = req.num_tokens + req.num_placeholders
+            if req.num_placeholders and num_tokens >= req.max_num_tokens:
+                # Its placeholders bring it to max_tokens or the context: their update ends it,
+                # and there is nothing to compute before.
+                i += 1
                 continue
-            num_new = min(req.num_tokens + req.num_placeholders - req.num_computed_tokens, budget)
+            num_new = min(num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -155,12 +159,6 @@ class Scheduler:
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         out.block_copies = self.kv.take_pending_copies()
         return out
-
-    def _ends_by_length(self, req: Request) -> bool:
-        """Whether the request's placeholders bring it to max_tokens or max_model_len, so that
-        their update finishes it."""
-        return (len(req.output_token_ids) + req.num_placeholders >= req.max_tokens
-                or req.num_tokens + req.num_placeholders >= self.config.max_model_len)
 
     def _describe(self, req: Request, out: SchedulerOutput) -> None:
         block_ids = self.kv.block_ids(req.request_id)

@@ -104,12 +104,7 @@ class ModelRunner:
         if sched.is_empty:
             return handle
         inputs = build_step_inputs(sched, self.states, self.block_size, self.device, self._last_step)
-        placeholders = None
-        if inputs.placeholder_index:
-            source = host_to_device(inputs.placeholder_source, torch.int64, self.device)
-            placeholders = self._last_sampled[source]                           # [num_placeholders]
-            index = host_to_device(inputs.placeholder_index, torch.int64, self.device)
-            inputs.input_ids.index_copy_(0, index, placeholders)
+        placeholders = self._fill_placeholders(inputs) if inputs.placeholder_index else None
         if self.graphs is not None and self.graphs.can_run(inputs.attn):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
         else:
@@ -121,6 +116,21 @@ class ModelRunner:
         for req_id in inputs.req_ids:
             self.states[req_id].num_computed_tokens += sched.num_scheduled_tokens[req_id]
         return handle
+
+    def _fill_placeholders(self, inputs: StepInputs) -> torch.Tensor:  # [num_placeholders] int64
+        """Put the ids behind this step's placeholder inputs (the last step's sampled tokens) into
+        input_ids, on the device. In a steady decode batch the rows keep their order and every
+        input is a placeholder: the sampled tensor is then the input as it is, with no op at all."""
+        source, index = inputs.placeholder_source, inputs.placeholder_index
+        if source == list(range(len(source))):
+            placeholders = self._last_sampled[: len(source)]
+        else:
+            placeholders = self._last_sampled[host_to_device(source, torch.int64, self.device)]
+        if index == list(range(inputs.attn.num_tokens)):
+            inputs.input_ids = placeholders
+        else:
+            inputs.input_ids.index_copy_(0, host_to_device(index, torch.int64, self.device), placeholders)
+        return placeholders
 
     def finish(self, handle: StepHandle) -> RunnerOutput:
         """Wait for a launched step's tokens (one device->host copy), fill in its placeholders and
