@@ -102,6 +102,14 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], hashes[i])
         self._num_cached_blocks[request.request_id] = num_full
 
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Index the full blocks whose tokens are known and computed (or being computed by a
+        launched step). With async scheduling the last one may have held a placeholder when its
+        step was scheduled, and a request ending by length is not scheduled again to catch up."""
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks:
+            self._cache_full_blocks(request, blocks, min(request.num_computed_tokens, request.num_tokens))
+
     def fork(self, parent: Request, child: Request, num_tokens: int) -> None:
         """Let ``child`` share the blocks holding the parent's first ``num_tokens`` tokens."""
         shared = self.req_blocks[parent.request_id][: cdiv(num_tokens, self.block_size)]

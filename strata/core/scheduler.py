@@ -268,6 +268,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         req.times.finished = time.time()
+        self.kv.cache_computed_blocks(req)
         self.kv.free(req)
         self.kv.forget(req)
         self.requests.pop(req.request_id, None)

@@ -265,3 +265,17 @@ def test_async_placeholder_block_is_cached_only_once_its_tokens_are_known():
     assert s.kv.req_blocks["a"][0].block_hash == hash_block_tokens(None, [1, 2, 3, 9])
     for out in (second, third):
         s.update(out, sampled(s, out))
+
+
+def test_async_last_block_is_cached_when_the_request_ends():
+    s = make_scheduler(block_size=4)
+    r = req("a", [1, 2, 3], max_tokens=2)
+    s.add_request([r])
+    first, second = schedule_tracking(s), schedule_tracking(s)   # second: position 3, a placeholder
+    assert s.schedule().num_scheduled_tokens == {}      # max_tokens reached: nothing more to run
+    s.update(first, sampled(s, first, token=9))
+    s.update(second, sampled(s, second, token=8))
+    assert r.is_finished and s.kv.num_free_blocks == 16
+    # The block of positions 0-3 (its KV written by the second step) serves later prompts.
+    assert s.kv.pool.get_cached_block(hash_block_tokens(None, [1, 2, 3, 9])) is not None
+
