@@ -105,6 +105,20 @@ def test_logprobs_formats(server, client):
     assert all(c.token == c.top_logprobs[0].token for c in content)   # greedy picks the top token
 
 
+def test_streamed_logprobs_offsets_continue_across_chunks(server, client):
+    """text_offset is a position in the whole text, as in a non-streamed response: it must not
+    restart at 0 in every chunk."""
+    whole = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1)
+    offsets, tokens = [], []
+    for chunk in client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=8, temperature=0,
+                                           logprobs=1, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            offsets += chunk.choices[0].logprobs.text_offset
+            tokens += chunk.choices[0].logprobs.tokens
+    assert tokens == whole.choices[0].logprobs.tokens
+    assert offsets == whole.choices[0].logprobs.text_offset
+
+
 def test_echo_and_token_prompts(server, client, llm):
     ids = llm.get_tokenizer().encode(PROMPT)
     resp = client.completions.create(model="smollm2", prompt=[ids, ids], max_tokens=3, temperature=0, echo=True)

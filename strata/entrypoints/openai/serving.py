@@ -141,6 +141,7 @@ class OpenAIServing:
         n = request.n
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
+        text_offsets: dict[int, int] = {}   # where the next chunk's tokens start in the whole text
         finals: dict[int, RequestOutput] = {}
         async for p, out in _merge(streams):
             for comp in out.outputs:
@@ -151,10 +152,15 @@ class OpenAIServing:
                 if not delta and comp.finish_reason is None and index in sent_text:
                     continue   # nothing new to say (tokens with no whole character yet, or held back)
                 if request.echo and index not in sent_text:
-                    delta = self._decode(out.prompt_token_ids) + delta
+                    prompt_text = self._decode(out.prompt_token_ids)
+                    delta = prompt_text + delta
+                    text_offsets[index] = len(prompt_text)
                 logprobs = None
                 if request.logprobs is not None and comp.logprobs is not None:
-                    logprobs = self._completion_logprobs(comp.token_ids[tok_start:], comp.logprobs[tok_start:], 0)
+                    offset = text_offsets.get(index, 0)
+                    logprobs = self._completion_logprobs(comp.token_ids[tok_start:], comp.logprobs[tok_start:],
+                                                         offset)
+                    text_offsets[index] = offset + sum(len(t) for t in logprobs.tokens)
                 sent_text[index] = len(comp.text)
                 sent_tokens[index] = len(comp.token_ids)
                 chunk = P.CompletionChunk(id=rid, model=self.model_name, choices=[P.CompletionChoice(
