@@ -100,20 +100,23 @@ def random_prompts(n: int, in_lo: int, in_hi: int, out_lo: int, out_hi: int, see
     return reqs
 
 
-def strata_part(args, path: Path, results: dict) -> None:
+def strata_part(args, path: Path, results: dict, async_scheduling: bool = False) -> None:
+    """Keys start with strata_ (synchronous scheduling) or strata_async_."""
     from strata import LLM, SamplingParams
     t0 = time.perf_counter()
     llm = LLM(str(path), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=async_scheduling)
+    prefix = "strata_async" if async_scheduling else "strata"
+    measured: dict = {}
     first = llm.generate([{"prompt_token_ids": [1000, 1001, 1002]}],
                          SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    results["strata_start_to_first_token_s"] = time.perf_counter() - t0
+    measured["start_to_first_token_s"] = time.perf_counter() - t0
     assert first[0].outputs[0].token_ids
     engine = llm.llm_engine
     print(engine.describe(), flush=True)
-    results["strata_startup"] = engine.describe()
+    measured["startup"] = engine.describe()
     model = engine.executor.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if "embed_tokens" not in n)
@@ -127,8 +130,8 @@ def strata_part(args, path: Path, results: dict) -> None:
             out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
             m = out.metrics
             rates.append((len(out.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
-        results["strata_decode_tok_s"] = statistics.median(rates)
-        print(f"strata batch-1 decode: {rates}", flush=True)
+        measured["decode_tok_s"] = statistics.median(rates)
+        print(f"{prefix} batch-1 decode: {rates}", flush=True)
 
     if "offline" in args.only:
         for name, spec in (("fixed", (args.num_requests, 256, 256, 256, 256)),
@@ -142,11 +145,12 @@ def strata_part(args, path: Path, results: dict) -> None:
             elapsed = time.perf_counter() - t
             n_out = sum(len(o.outputs[0].token_ids) for o in outs)
             n_in = sum(len(p) for p, _ in reqs)
-            results[f"strata_{name}_total_tok_s"] = (n_in + n_out) / elapsed
-            results[f"strata_{name}_output_tok_s"] = n_out / elapsed
-            results[f"strata_{name}_seconds"] = elapsed
-            print(f"strata offline {name}: {len(reqs)} requests, {n_in} in + {n_out} out in {elapsed:.1f}s "
+            measured[f"{name}_total_tok_s"] = (n_in + n_out) / elapsed
+            measured[f"{name}_output_tok_s"] = n_out / elapsed
+            measured[f"{name}_seconds"] = elapsed
+            print(f"{prefix} offline {name}: {len(reqs)} requests, {n_in} in + {n_out} out in {elapsed:.1f}s "
                   f"-> {(n_in + n_out) / elapsed:.0f} total tok/s, {n_out / elapsed:.0f} output tok/s", flush=True)
+    results.update({f"{prefix}_{k}": v for k, v in measured.items()})
     del llm, engine, model
     gc.collect()
     torch.cuda.empty_cache()
@@ -221,6 +225,7 @@ def serve_part(args, path: Path, results: dict) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "strata.entrypoints.cli", "serve", "--model", str(path), "--load-format", "dummy",
+           "--async-scheduling" if "async" in args.scheduling else "--no-async-scheduling",
            "--dtype", "bfloat16", "--tokenizer", args.tokenizer, "--port", str(port),
            "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
            "--served-model-name", "llama8b"]
@@ -274,6 +279,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="strata token budget")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="strata memory share")
     parser.add_argument("--enforce-eager", action="store_true", help="strata without CUDA graphs")
+    parser.add_argument("--scheduling", nargs="+", default=["sync"], choices=["sync", "async"],
+                        help="strata's scheduling modes to measure, each with its own engine")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.make_tokenizer:
@@ -294,7 +301,8 @@ def main() -> None:
         print(f"ceilings: {results['copy_GBps']:.0f} GB/s copy, {results['bf16_matmul_TFLOPs']:.0f} TFLOP/s bf16",
               flush=True)
     if {"decode", "offline"} & set(args.only):
-        strata_part(args, path, results)
+        for mode in args.scheduling:
+            strata_part(args, path, results, async_scheduling=mode == "async")
     if "hf" in args.only:
         hf_part(args, path, results)
     if "serve" in args.only and args.tokenizer:
@@ -308,22 +316,27 @@ def report(r: dict) -> None:
     print(f"\n{r['device']}, torch {r['torch']}, triton {r.get('triton')}, {r['date']}")
     if "copy_GBps" in r:
         print(f"ceilings: copy {r['copy_GBps']:.0f} GB/s, bf16 matmul {r['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
-    if "strata_start_to_first_token_s" in r:
-        print(f"strata LLM(...) to first token: {r['strata_start_to_first_token_s']:.1f} s")
-    print("| metric | strata | HF | strata/HF | target |\n|---|---:|---:|---:|---|")
-    if "strata_decode_tok_s" in r:
-        line = f"| batch-1 decode tok/s | {r['strata_decode_tok_s']:.1f} | {r.get('hf_decode_tok_s', float('nan')):.1f} " \
-               f"| {r['strata_decode_tok_s'] / r.get('hf_decode_tok_s', float('nan')):.2f}x |"
-        if "copy_GBps" in r:
-            roof = r["copy_GBps"] * 1e9 / r["weight_bytes_per_token"]
-            line += f" {r['strata_decode_tok_s'] / roof:.0%} of roofline {roof:.0f} tok/s (target 85%) |"
-        print(line)
-    for name, target in (("fixed", "20k total, 5x HF"), ("mixed", "10x HF")):
-        key = f"strata_{name}_total_tok_s"
-        if key in r:
-            hf = r.get(f"hf_{name}_total_tok_s", float("nan"))
-            print(f"| offline {name} total tok/s | {r[key]:.0f} | {hf:.0f} | {r[key] / hf:.1f}x | {target} |")
-            print(f"| offline {name} output tok/s | {r[f'strata_{name}_output_tok_s']:.0f} | | | |")
+    hf = {k[3:]: v for k, v in r.items() if k.startswith("hf_")}
+    print("| metric | engine | strata | HF | strata/HF | target |\n|---|---|---:|---:|---:|---|")
+    for prefix in ("strata", "strata_async"):
+        if f"{prefix}_start_to_first_token_s" not in r:
+            continue
+        mode = "async" if prefix.endswith("async") else "sync"
+        print(f"| LLM(...) to first token (s) | {mode} | {r[f'{prefix}_start_to_first_token_s']:.1f} | | | |")
+        if f"{prefix}_decode_tok_s" in r:
+            tps = r[f"{prefix}_decode_tok_s"]
+            target = "85% of roofline"
+            if "copy_GBps" in r:
+                roof = r["copy_GBps"] * 1e9 / r["weight_bytes_per_token"]
+                target = f"{tps / roof:.0%} of roofline {roof:.0f} tok/s (target 85%)"
+            print(f"| batch-1 decode tok/s | {mode} | {tps:.1f} | {hf.get('decode_tok_s', float('nan')):.1f} "
+                  f"| {tps / hf.get('decode_tok_s', float('nan')):.2f}x | {target} |")
+        for name, target in (("fixed", "20k total (H100), 5x HF"), ("mixed", "10x HF")):
+            key = f"{prefix}_{name}_total_tok_s"
+            if key in r:
+                h = hf.get(f"{name}_total_tok_s", float("nan"))
+                print(f"| offline {name} total tok/s | {mode} | {r[key]:.0f} | {h:.0f} | {r[key] / h:.1f}x | {target} |")
+                print(f"| offline {name} output tok/s | {mode} | {r[f'{prefix}_{name}_output_tok_s']:.0f} | | | |")
     serve = [(k, v) for k, v in r.items() if k.startswith("serve_c")]
     if serve:
         print("\n| concurrency | TTFT p50 / p99 ms | TPOT p50 / p99 ms | output tok/s | req/s | failed |\n"
