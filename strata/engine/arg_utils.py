@@ -36,8 +36,13 @@ HELP = {
     "max_waiting": "most requests allowed to wait (server admission control); default unbounded",
     "async_scheduling": "schedule and prepare step N+1 while the device computes step N, and process "
                         "step N's tokens while it computes N+1 (host work overlaps device work; "
-                        "outputs arrive one step later). Same tokens either way",
+                        "outputs arrive one step later). Same tokens either way. Default: on for "
+                        "GPUs, off on the CPU, where there is nothing to overlap",
 }
+
+
+# Switches whose default (None) depends on the device.
+_AUTO_BOOLS = {"async_scheduling"}
 
 
 @dataclass
@@ -62,7 +67,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     enforce_eager: bool = False
     max_waiting: int | None = None
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None   # None: on for CUDA devices
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -82,7 +87,7 @@ class EngineArgs:
                 continue
             flag = "--" + f.name.replace("_", "-")
             default = f.default
-            if isinstance(default, bool):
+            if isinstance(default, bool) or f.name in _AUTO_BOOLS:
                 group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
                                    help=HELP[f.name])
             else:

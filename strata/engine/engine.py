@@ -70,7 +70,8 @@ class LLMEngine:
         self.kv_block_bytes = runner.kv_cache_block_bytes()
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
-        self.async_scheduling = args.async_scheduling
+        self.async_scheduling = (self.device.type == "cuda" if args.async_scheduling is None
+                                 else args.async_scheduling)
         # Async scheduling: the step launched last, whose results the next step() takes.
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         logger.info(self.describe())
@@ -197,7 +198,7 @@ class LLMEngine:
                 f"{self.args.block_size} tokens "
                 f"({self.num_blocks * self.args.block_size} tokens at most in flight) | "
                 f"max_model_len {self.scheduler_config.max_model_len} | "
-                f"{'async' if self.args.async_scheduling else 'sync'} scheduling | "
+                f"{'async' if self.async_scheduling else 'sync'} scheduling | "
                 f"loaded in {self.load_seconds:.1f}s"
                 + self._describe_gpu())
 
