@@ -88,7 +88,9 @@ def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr,
         tl.store(k_ptrs + HALF, k2, mask=k_mask)
         if WRITE_KV:
             slot = tl.load(slot_ptr + t * slot_s).to(tl.int64)
-            in_cache = slot >= 0                     # padding tokens have no slot
+            # Padding tokens have no slot. Broadcast to the head column so every mask below is an
+            # int1 tensor (newer interpreters refuse a tensor mask and-ed with a scalar).
+            in_cache = (hk * 0 + slot) >= 0
             blk = slot // block_size
             k_dst = cache_ptr + blk * c_block + (slot - blk * block_size) * c_off + hk * c_head
             c_mask = k_mask & in_cache
