@@ -4,11 +4,7 @@ Without a GPU the kernels run in Triton's interpreter, which rounds fp32 -> bf16
 bf16 results may then be one unit in the last place further from torch than on a GPU.
 """
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
@@ -16,6 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from sm90 import V4_LOADS_BUILD, run_without_interpreter  # noqa: E402
 
 from strata.kernels import activation as act  # noqa: E402
 from strata.layers.activation import SiluAndMul, get_act_fn  # noqa: E402
@@ -129,38 +127,6 @@ def test_gpu_model_sizes(num_tokens):
 # that only compilation finds (and unvectorised loads) would otherwise wait for a GPU machine.
 # --------------------------------------------------------------------------------------------
 
-# Runs in a subprocess without TRITON_INTERPRET (under it, @triton.jit gives functions that
-# cannot be compiled). Counts 16-byte global loads (ld.global.v4) in the PTX.
-_SM90_BUILD = r"""
-import json, re, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-def build(fn, meta, types):
-    meta = dict(meta)
-    opts = dict(num_warps=meta.pop("num_warps"))
-    sig = {n: types.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
-    # As the launcher specialises model-sized tensors: 16-byte aligned, sizes and strides
-    # multiples of 16.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n] not in ("constexpr", "fp32")}
-    k = triton.compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
-    return len(re.findall(r"ld\.global[.\w]*\.v4", k.asm["ptx"]))
-"""
-
-
-def _build_for_sm90(script: str) -> dict:
-    pytest.importorskip("triton.backends.nvidia")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _SM90_BUILD + script], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 _ACT_SCRIPT = r"""
 from strata.kernels import activation as act
 types = dict(x_ptr="*bf16", out_ptr="*bf16")
@@ -173,6 +139,6 @@ print(json.dumps({name: build(act._act_kernel, meta(which), types) for name, whi
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests compile the kernels for real")
 def test_kernel_compiles_for_hopper_with_16_byte_loads():
-    v4_loads = _build_for_sm90(_ACT_SCRIPT)
+    v4_loads = run_without_interpreter(V4_LOADS_BUILD + _ACT_SCRIPT)
     assert v4_loads["silu_and_mul"] >= 2, v4_loads            # gate and up
     assert all(n >= 1 for n in v4_loads.values()), v4_loads

@@ -8,12 +8,8 @@ contexts up to 4096, bf16). Every case draws fresh random inputs from a seed of 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import torch
 
@@ -23,6 +19,7 @@ if not torch.cuda.is_available():
 # Imported after TRITON_INTERPRET is set: @triton.jit reads it when the kernels are defined.
 import pytest
 
+from sm90 import run_without_interpreter  # noqa: E402
 from strata.kernels.paged_attention import (
     choose_num_splits,
     paged_decode,
@@ -333,14 +330,7 @@ print(json.dumps({
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
 def test_kernels_compile_for_hopper():
-    pytest.importorskip("triton.backends.nvidia")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], check=False, env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    stats = run_without_interpreter(_SM90_SCRIPT)
     for name, s in stats.items():
         assert s["shared"] <= 227 * 1024, f"{name}: {s['shared']} B of shared memory"
         if name != "reduce":

@@ -5,11 +5,7 @@ rounds after each operation. So fp32 is compared tightly, and bf16/fp16 twice: t
 the same math done in fp32 and rounded once, loosely (~1e-2 relative) against the layer itself.
 """
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
@@ -17,6 +13,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from sm90 import V4_LOADS_BUILD, run_without_interpreter  # noqa: E402
 
 from strata.attention import torch_ref  # noqa: E402
 from strata.kernels import rotary  # noqa: E402
@@ -206,38 +204,6 @@ def test_gpu_model_sizes(num_tokens):
 # that only compilation finds (and unvectorised loads) would otherwise wait for a GPU machine.
 # --------------------------------------------------------------------------------------------
 
-# Runs in a subprocess without TRITON_INTERPRET (under it, @triton.jit gives functions that
-# cannot be compiled). Counts 16-byte global loads (ld.global.v4) in the PTX.
-_SM90_BUILD = r"""
-import json, re, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-def build(fn, meta, types):
-    meta = dict(meta)
-    opts = dict(num_warps=meta.pop("num_warps"))
-    sig = {n: types.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
-    # As the launcher specialises model-sized tensors: 16-byte aligned, sizes and strides
-    # multiples of 16.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n] not in ("constexpr", "fp32")}
-    k = triton.compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
-    return len(re.findall(r"ld\.global[.\w]*\.v4", k.asm["ptx"]))
-"""
-
-
-def _build_for_sm90(script: str) -> dict:
-    pytest.importorskip("triton.backends.nvidia")
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _SM90_BUILD + script], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 _ROTARY_SCRIPT = r"""
 from strata.kernels import rotary
 types = dict(pos_ptr="*i64", q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", cos_ptr="*fp32",
@@ -252,6 +218,6 @@ print(json.dumps({
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests compile the kernels for real")
 def test_kernel_compiles_for_hopper_with_16_byte_loads():
-    v4_loads = _build_for_sm90(_ROTARY_SCRIPT)
+    v4_loads = run_without_interpreter(V4_LOADS_BUILD + _ROTARY_SCRIPT)
     # Both halves of q / k and of cos / sin come in as 16-byte vectors.
     assert all(n >= 4 for n in v4_loads.values()), v4_loads

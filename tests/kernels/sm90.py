@@ -1,0 +1,48 @@
+"""Building kernels for Hopper (sm_90) on a machine without a GPU, from the kernel tests.
+
+The interpreter never runs Triton's compiler, so errors only compilation finds (and unvectorised
+loads) would otherwise wait for a GPU machine. The build runs in a subprocess without
+TRITON_INTERPRET: under it, @triton.jit gives functions that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Prepended to a test's script: build(fn, meta, types) compiles one kernel and counts its 16-byte
+# global loads (ld.global.v4) in the PTX.
+V4_LOADS_BUILD = r"""
+import json, re, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def build(fn, meta, types):
+    meta = dict(meta)
+    opts = dict(num_warps=meta.pop("num_warps"))
+    sig = {n: types.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
+    # As the launcher specialises model-sized tensors: 16-byte aligned, sizes and strides
+    # multiples of 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] not in ("constexpr", "fp32")}
+    k = triton.compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=opts)
+    return len(re.findall(r"ld\.global[.\w]*\.v4", k.asm["ptx"]))
+"""
+
+
+def run_without_interpreter(script: str) -> dict:
+    """Run ``script`` in a fresh Python without TRITON_INTERPRET; its last stdout line is JSON."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
