@@ -6,8 +6,7 @@ comparison of plain greedy decoding in both modes lives in test_engine_equivalen
 from __future__ import annotations
 
 import pytest
-import torch
-from hf_tiny import make_tiny_model
+from hf_tiny import make_tiny_model, make_tiny_model_with_default_tokenizer
 
 from strata import LLM, SamplingParams
 from strata.sampling_params import RequestOutputKind
@@ -188,17 +187,9 @@ def test_request_id_reused_while_its_last_step_is_in_flight(tiny, greedy_tokens)
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     """A tiny random model with the default model's real tokenizer, for stop strings."""
-    transformers = pytest.importorskip("transformers")
-    from strata.loader.model_loader import default_model_path
+    pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("smol_tiny")
-    gguf = default_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.save_pretrained(path)
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    make_tiny_model_with_default_tokenizer(path)
     return path
 
 

@@ -7,24 +7,16 @@ import json
 
 import pytest
 import torch
+from hf_tiny import make_tiny_model_with_default_tokenizer
 
 from strata import LLM, SamplingParams
-from strata.loader.model_loader import default_model_path
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("smol_tiny")
-    gguf = default_model_path()
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.save_pretrained(path)
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(path)
+    tok, model = make_tiny_model_with_default_tokenizer(path)
     # An extra end-of-sequence id that only generation_config.json names.
     gen = json.loads((path / "generation_config.json").read_text())
     gen["eos_token_id"] = [2, 5]

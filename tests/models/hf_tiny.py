@@ -73,3 +73,20 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
                                  eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens)
         outs.append(gen[0, len(ids):].tolist())
     return outs
+
+
+def make_tiny_model_with_default_tokenizer(out_dir: Path):
+    """A tiny random Llama saved with the default model's real tokenizer (SmolLM2's, read from
+    its GGUF by transformers), for tests that need text: returns (tokenizer, model)."""
+    import transformers
+    from strata.loader.model_loader import default_model_path
+    gguf = default_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(out_dir)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(out_dir)
+    return tok, model
