@@ -23,8 +23,6 @@ class AttentionMetadata:
     decode_rows: list[int]
     prefill_rows: list[int]
     max_query_len: int = 1
-    # Sequence splits of the decode kernel; None lets the kernel choose from the shapes.
-    decode_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -61,7 +61,8 @@ class Attention(nn.Module):
         else:
             torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping)
         if meta.max_query_len == 1:
-            return paged_decode(q, self.kv_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                num_splits=meta.decode_splits)
+            # The kernel picks its sequence splits from the shapes alone, so a captured graph
+            # replays with the same split.
+            return paged_decode(q, self.kv_cache, meta.block_tables, meta.seq_lens, self.scale)
         return paged_prefill(q, self.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                              meta.max_query_len, self.scale)
