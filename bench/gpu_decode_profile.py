@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from gpu_llama8b import LLAMA_31_8B, median_ms, model_dir  # noqa: F401  (bench/ is the script dir)
+from gpu_llama8b import copy_bandwidth, median_ms, model_dir  # bench/ is the script dir
 
 
 def main() -> None:
@@ -56,10 +56,7 @@ def main() -> None:
     head_ms = median_ms(lambda: runner.model.compute_logits(hidden[: args.batch]), reps=50)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters()
                        if "embed_tokens" not in n)
-    n = 2**30 // 2
-    src, dst = torch.randn(n, dtype=torch.bfloat16, device="cuda"), torch.empty(n, dtype=torch.bfloat16, device="cuda")
-    bw = 2 * n * 2 / (median_ms(lambda: dst.copy_(src)) / 1e3)
-    del src, dst
+    bw = copy_bandwidth()
     mode = "async" if args.async_scheduling else "sync"
     print(f"batch {args.batch}, {mode} scheduling: engine step {statistics.median(step_ms):.3f} ms "
           f"(median of 50, synchronized), {back_to_back_ms:.3f} ms back to back (mean of 50), graph replay "

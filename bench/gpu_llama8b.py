@@ -65,14 +65,20 @@ def median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def ceilings() -> dict:
-    n = 2**30 // 2                                    # 1 GiB of bf16, several buffers to defeat L2
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    n = 2**30 // 2                                    # 1 GiB of bf16, two sources to defeat L2
     srcs = [torch.randn(n, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
     dst = torch.empty_like(srcs[0])
     i = iter(range(10**9))
     ms = median_ms(lambda: dst.copy_(srcs[next(i) % 2]))
-    copy_bw = 2 * n * 2 / (ms / 1e3)
     del srcs, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / (ms / 1e3)
+
+
+def ceilings() -> dict:
+    copy_bw = copy_bandwidth()
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     ms = median_ms(lambda: a @ b, reps=10)
