@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strata.kernels import use_triton
+
 
 class QuantMethod:
     name = "base"
@@ -34,4 +36,8 @@ class UnquantizedLinearMethod(QuantMethod):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer, x, bias):
+        if use_triton(x) and x.dim() == 2:
+            from strata.kernels import skinny_matmul as sk
+            if x.shape[0] <= sk.MAX_ROWS and x.stride(1) == 1:   # decode steps: a weight stream
+                return sk.skinny_matmul(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)

@@ -16,15 +16,17 @@ from pathlib import Path
 import pytest
 
 # Prepended to a test's script: build(fn, meta, types) compiles one kernel and counts its 16-byte
-# global loads (ld.global.v4) in the PTX.
+# global loads (ld.global.v4) in the PTX, or returns the PTX.
 V4_LOADS_BUILD = r"""
 import json, re, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-def build(fn, meta, types):
+def build(fn, meta, types, ptx=False):
     meta = dict(meta)
     opts = dict(num_warps=meta.pop("num_warps"))
+    if "num_stages" in meta:
+        opts["num_stages"] = meta.pop("num_stages")
     sig = {n: types.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
     # As the launcher specialises model-sized tensors: 16-byte aligned, sizes and strides
     # multiples of 16.
@@ -32,7 +34,7 @@ def build(fn, meta, types):
              if sig[n] not in ("constexpr", "fp32")}
     k = triton.compile(ASTSource(fn, sig, meta, attrs), target=GPUTarget("cuda", 90, 32),
                        options=opts)
-    return len(re.findall(r"ld\.global[.\w]*\.v4", k.asm["ptx"]))
+    return k.asm["ptx"] if ptx else len(re.findall(r"ld\.global[.\w]*\.v4", k.asm["ptx"]))
 """
 
 

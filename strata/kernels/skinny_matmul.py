@@ -1,0 +1,148 @@
+"""``x @ W^T`` for a few rows of ``x``: the matmuls of a decode step.
+
+At batch 1-16 a linear layer is a stream of its weight matrix past a handful of input rows: the
+time is the bytes of W over the memory bandwidth, and what matters is keeping enough loads in
+flight on every SM. cuBLAS reaches ~95% of the copy bandwidth on the wide gate/up and down
+projections of an 8B model but only ~75% on the narrow q/k/v and o_proj (4-6k output rows), and
+adds a split-K reduction launch for some; this kernel streams any of them.
+
+Measured on an H100 (`python bench/gpu_skinny_sweep.py`, CUDA-graph replay over 4 weight copies,
+copy bandwidth 2932 GB/s read+write; 2026-11-21), one row, time and fraction of bytes / copy rate:
+q/k/v [6144 x 4096] 19.4 us (89%; cuBLAS 20.9), o_proj [4096 x 4096] 13.9 us (82%; cuBLAS
+15.9), gate/up [28672 x 4096] 78.6 us (102%; cuBLAS 82.1), down [4096 x 14336] 42.0 us (95%;
+cuBLAS 43.8); 2-16 rows within 0.5 us of those. (A fused silu-and-mul prologue for the down
+projection was tried and dropped: recomputing the activation in every program made it slower
+than the separate kernel from 2 rows on, and saved 0.4 us at one.)
+
+Layout: the grid is (output-row blocks of ``BLOCK_N``, input-row blocks of ``BLOCK_M``); each
+program walks the whole K dimension in ``BLOCK_K`` steps, so there is no split-K and no second
+launch. Two inner products:
+
+* ``USE_DOT=False`` (CUDA cores): the products ``x[m, k] * W[n, k]`` accumulate elementwise into
+  an fp32 [BLOCK_M, BLOCK_N, BLOCK_K] register tile, reduced over k once after the loop, so the
+  loop body is loads and FMAs only.
+* ``USE_DOT=True`` (tensor cores): ``tl.dot`` on a [BLOCK_M >= 16, BLOCK_K] x [BLOCK_K, BLOCK_N]
+  pair, padding rows masked; Triton then pipelines the weight loads over ``num_stages`` buffers.
+
+Accumulation is fp32 whatever the dtype; the result is rounded once, as cuBLAS does. fp32
+weights use exact fp32 products (no TF32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Rows of x up to which matmuls take this kernel (beyond, cuBLAS's GEMMs are compute-efficient).
+MAX_ROWS = 16
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride,
+                   HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * w_stride
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+        elif EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0,
+                        eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :], mask=x_mask, other=0.0)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * out_stride + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _require(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"skinny_matmul: {name} {msg}")
+
+
+@functools.lru_cache(maxsize=None)
+def default_config(m: int, n: int, k: int) -> dict:
+    """Tile shape and launch settings for an [m, k] x [n, k]^T product.
+
+    The fastest of bench/gpu_skinny_sweep.py's candidates on an H100, as rules: one row times a
+    wide matrix with a short K streams [8 x 512] tiles through CUDA-core FMAs (q/k/v, gate/up);
+    everything else goes through tensor cores on a 16-row tile with the weight loads pipelined,
+    64-column tiles for wide matrices and 32 for narrow ones (o_proj, down).
+    """
+    block_k = min(256, triton.next_power_of_2(max(k, 16)))
+    wide = n >= 6144
+    if m == 1 and wide and k <= 4096:
+        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=2 * block_k, USE_DOT=False, num_warps=4, num_stages=1)
+    if m == 1 or not wide:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, USE_DOT=True, num_warps=4, num_stages=5)
+    return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, USE_DOT=True, num_warps=4, num_stages=3)
+
+
+def _check(x, weight, bias, out):
+    _require(x.dtype in _DTYPES and x.dim() == 2, "x", f"must be a 2-D fp32/fp16/bf16 tensor, got "
+             f"{x.dtype} of shape {tuple(x.shape)}")
+    _require(weight.dim() == 2 and weight.dtype == x.dtype and weight.device == x.device, "weight",
+             f"must be a 2-D {x.dtype} tensor on {x.device}, got {weight.dtype} {tuple(weight.shape)}")
+    _require(x.stride(1) == 1 and weight.stride(1) == 1, "x/weight", "need a contiguous last dim")
+    n, k = weight.shape
+    _require(x.shape[1] == k, "x", f"has {x.shape[1]} columns, the weight needs {k}")
+    if bias is not None:
+        _require(bias.shape == (n,) and bias.dtype == x.dtype and bias.is_contiguous(), "bias",
+                 f"must be a contiguous [{n}] {x.dtype} tensor")
+    if out is not None:
+        _require(out.shape == (x.shape[0], n) and out.dtype == x.dtype and out.stride(1) == 1,
+                 "out", f"must be a [{x.shape[0]}, {n}] {x.dtype} tensor with a contiguous last dim")
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias``: x [M, K], weight [N, K] -> [M, N] (any M; meant for M <= 16)."""
+    _check(x, weight, bias, out)
+    m, (n, k) = x.shape[0], weight.shape
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    meta = dict(config or default_config(m, n, k))
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+    _skinny_kernel[grid](
+        x, weight, bias if bias is not None else weight, out, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None,
+        EVEN_N=n % meta["BLOCK_N"] == 0, EVEN_K=k % meta["BLOCK_K"] == 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)
+    return out
+
+
+def skinny_matmul_ref(x, weight, bias=None, out=None, config=None):
+    """Reference: F.linear."""
+    _check(x, weight, bias, out)
+    y = F.linear(x, weight, bias)
+    return out.copy_(y) if out is not None else y

@@ -1,0 +1,112 @@
+"""strata.kernels.skinny_matmul (decode-sized matmuls) against F.linear.
+
+Both inner products (CUDA-core FMAs and tl.dot) run on every case: odd row and column counts,
+K not a multiple of the tile, bias, strided rows.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sm90 import V4_LOADS_BUILD, run_without_interpreter  # noqa: E402
+
+from strata.kernels import skinny_matmul as sk  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+FMA = dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=64, USE_DOT=False, num_warps=4, num_stages=1)
+FMA4 = dict(FMA, BLOCK_M=4, BLOCK_K=32)
+DOT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, USE_DOT=True, num_warps=4, num_stages=2)
+CONFIGS = {"fma": FMA, "fma4": FMA4, "dot": DOT, "default": None}
+
+
+def _assert_close(got, x, w, bias=None):
+    """got vs the reference, within a bound scaled by sum_k |x_k w_k| (the size of the rounding
+    errors of a dot product, whatever the cancellation)."""
+    want = sk.skinny_matmul_ref(x, w, bias)
+    scale = x.float().abs() @ w.float().abs().t()
+    eps = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[w.dtype]
+    err = (got.float() - want.float()).abs()
+    bound = eps * scale + eps * want.float().abs() + 1e-6
+    assert (err <= bound).all(), f"max err {err.max():.3g}, worst err/bound {(err / bound).max():.3g}"
+
+
+def _rand(*shape, dtype):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 64), (3, 24, 100), (5, 33, 128), (8, 16, 96), (17, 48, 64)])
+def test_matches_linear(config, dtype, m, n, k):
+    x, w = _rand(m, k, dtype=dtype), _rand(n, k, dtype=dtype) / k ** 0.5
+    _assert_close(sk.skinny_matmul(x, w, config=CONFIGS[config]), x, w)
+
+
+@pytest.mark.parametrize("config", ["fma", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_and_strided_rows(config, dtype):
+    m, n, k = 3, 40, 72
+    big = 3 * _rand(m, k + 10, dtype=dtype)
+    x = big[:, 5:5 + k]                                       # row stride k+10
+    w, b = _rand(n, k, dtype=dtype) / k ** 0.5, _rand(n, dtype=dtype)
+    out_big = torch.full((m, n + 8), float("nan"), device=DEVICE, dtype=dtype)
+    out = out_big[:, 4:4 + n]
+    assert sk.skinny_matmul(x, w, b, out=out, config=CONFIGS[config]) is out
+    _assert_close(out, x, w, b)
+    assert out_big[:, :4].isnan().all() and out_big[:, 4 + n:].isnan().all()
+
+
+def test_no_rows():
+    w = _rand(16, 32, dtype=torch.float32)
+    assert sk.skinny_matmul(torch.empty(0, 32, device=DEVICE), w).shape == (0, 16)
+
+
+def test_bad_arguments_name_the_argument():
+    x, w = _rand(2, 32, dtype=torch.bfloat16), _rand(16, 32, dtype=torch.bfloat16)
+    cases = [
+        (lambda: sk.skinny_matmul(x.float(), w), "weight"),
+        (lambda: sk.skinny_matmul(x[:, :31], w), "x"),
+        (lambda: sk.skinny_matmul(x, w, bias=w[0]), "bias"),
+        (lambda: sk.skinny_matmul(x, w, out=x), "out"),
+        (lambda: sk.skinny_matmul(x, w.t()), "x/weight"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+@pytest.mark.skipif(not CUDA, reason="realistic sizes need a GPU")
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_gpu_model_sizes(m, n, k):
+    x, w = _rand(m, k, dtype=torch.bfloat16), _rand(n, k, dtype=torch.bfloat16) / k ** 0.5
+    _assert_close(sk.skinny_matmul(x, w), x, w)
+
+
+# The weight stream must use 16-byte accesses: ld.global...v4 (evict-first hint and all) on the
+# CUDA-core path, 16-byte cp.async into shared memory (pipelined) on the tensor-core path.
+_BUILD_SCRIPT = r"""
+from strata.kernels import skinny_matmul as sk
+types = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
+res = {}
+for m in (1, 4):
+    meta = dict(sk.default_config(m, 6144, 4096))
+    meta.update(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, DOT_PRECISION="tf32")
+    ptx = build(sk._skinny_kernel, meta, types, ptx=True)
+    res[m] = dict(v4=len(re.findall(r"ld\.global[^ ]*\.v4", ptx)),
+                  cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)))
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU tests compile the kernels for real")
+def test_kernel_compiles_for_hopper_with_16_byte_loads():
+    found = run_without_interpreter(V4_LOADS_BUILD + _BUILD_SCRIPT)
+    assert found["1"]["v4"] >= 1, found
+    assert found["4"]["cp16"] >= 1, found
