@@ -28,8 +28,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from strata.kernels.pdl import pdl_meta, wait_for_inputs
-
 _BLOCK = 1024
 _NUM_WARPS = 4
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,9 +35,7 @@ _SILU_AND_MUL, _GELU, _GELU_TANH, _RELU = 0, 1, 2, 3
 
 
 @triton.jit
-def _act_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr,
-                USE_PDL: tl.constexpr):
-    wait_for_inputs(USE_PDL)
+def _act_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -93,8 +89,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor | None, out_shape: tuple, act: in
     if rows > 0 and n_cols > 0:
         grid = (rows, triton.cdiv(n_cols, _BLOCK))
         _act_kernel[grid](x2, out2, n_cols, x2.stride(0) if rows > 1 else 0,
-                          out2.stride(0) if rows > 1 else 0, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
-                          **pdl_meta(x))
+                          out2.stride(0) if rows > 1 else 0, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
     return out
 
 

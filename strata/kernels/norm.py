@@ -39,8 +39,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from strata.kernels.pdl import pdl_meta, wait_for_inputs
-
 _MAX_SINGLE_PASS = 16384   # widest row kept whole in registers; wider rows are looped over
 _CHUNK = 4096              # slice width of the looped path
 _ELEMS_PER_THREAD = 8      # sets num_warps: 8 bf16 elements are one 16-byte vector load
@@ -74,8 +72,7 @@ def _load_add_residual(x_ptrs, res_ptrs, res_out_ptrs, mask, HAS_RES: tl.constex
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, inner, n_cols, eps,
                      xs0, xs1, rs0, rs1, os0, os1, ros0, ros1,
                      HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                     NUM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr):
-    wait_for_inputs(USE_PDL)
+                     NUM_CHUNKS: tl.constexpr):
     # A [ROWS, BLOCK] tile: ROWS > 1 only for narrow rows (per-head norms), NUM_CHUNKS > 1 only
     # for rows wider than one block (then ROWS == 1).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -120,9 +117,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, inner,
 def _layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, n_rows, inner, n_cols, eps,
                        xs0, xs1, rs0, rs1, os0, os1, ros0, ros1,
                        HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-                       USE_PDL: tl.constexpr):
-    wait_for_inputs(USE_PDL)
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = (rows < n_rows)[:, None]
     x_ptr += _row_offsets(rows, inner, xs0, xs1)
@@ -289,7 +284,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     grid, res, res_out, n_rows, inner, n_cols, strides, meta = _launch_args(x, residual, out, residual_out)
     if n_rows > 0 and n_cols > 0:
         _rms_norm_kernel[grid](x, res, weight, out, res_out, n_rows, inner, n_cols, float(eps), *strides,
-                                  HAS_RES=residual is not None, **meta, **pdl_meta(x))
+                                  HAS_RES=residual is not None, **meta)
     return out if residual is None else (out, residual_out)
 
 
@@ -305,7 +300,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         _layer_norm_kernel[grid](x, res, x if weight is None else weight, x if bias is None else bias,
                                  out, res_out, n_rows, inner, n_cols, float(eps), *strides,
                                  HAS_RES=residual is not None, HAS_W=weight is not None,
-                                 HAS_B=bias is not None, **meta, **pdl_meta(x))
+                                 HAS_B=bias is not None, **meta)
     return out if residual is None else (out, residual_out)
 
 

@@ -57,8 +57,6 @@ import torch
 import triton
 import triton.language as tl
 
-from strata.kernels.pdl import pdl_meta, wait_for_inputs
-
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
@@ -100,9 +98,7 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
-    wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -155,9 +151,8 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    wait_for_inputs(USE_PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -183,9 +178,8 @@ def _prefill_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    wait_for_inputs(USE_PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD     # query tokens per program
     # Last query tiles first: they see the most keys, so the longest programs start earliest.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -424,11 +418,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
-        **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits), **pdl_meta(q))
+        **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(1),
-            **_reduce_meta(num_heads, head_dim, num_splits), **pdl_meta(q))
+            **_reduce_meta(num_heads, head_dim, num_splits))
     return out
 
 
@@ -455,7 +449,7 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     _prefill_kernel[grid](
         q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), **meta, **pdl_meta(q))
+        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), **meta)
     return out
 
 

@@ -37,8 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from strata.kernels.pdl import pdl_meta, wait_for_inputs
-
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _TILE_ELEMS = 2048      # elements of one head block (both halves of the rotated part)
@@ -63,8 +61,7 @@ def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr,
                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                      WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr):
-    wait_for_inputs(USE_PDL)
+                      WRITE_KV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     pos = tl.load(pos_ptr + t * pos_s).to(tl.int64)
@@ -230,7 +227,7 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     _rotary_kv_kernel[(num_tokens, blocks)](
         positions, q, k, v, cos_cache, sin_cache, cache, slots, positions.stride(0), slots.stride(0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos_cache.stride(0), sin_cache.stride(0), *c_strides, **meta, **pdl_meta(q))
+        cos_cache.stride(0), sin_cache.stride(0), *c_strides, **meta)
     return q, k
 
 

@@ -37,8 +37,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from strata.kernels.pdl import pdl_meta, wait_for_inputs
-
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Rows of x up to which matmuls take this kernel (beyond, cuBLAS's GEMMs are compute-efficient).
@@ -49,9 +47,7 @@ MAX_ROWS = 16
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride,
                    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   USE_PDL: tl.constexpr):
-    wait_for_inputs(USE_PDL)
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -141,7 +137,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None,
         EVEN_N=n % meta["BLOCK_N"] == 0, EVEN_K=k % meta["BLOCK_K"] == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta, **pdl_meta(x))
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)
     return out
 
 

@@ -27,8 +27,6 @@ def build(fn, meta, types, ptx=False):
     opts = dict(num_warps=meta.pop("num_warps"))
     if "num_stages" in meta:
         opts["num_stages"] = meta.pop("num_stages")
-    if "USE_PDL" in fn.arg_names:
-        meta.setdefault("USE_PDL", True)    # as launched on sm_90
     sig = {n: types.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
     # As the launcher specialises model-sized tensors: 16-byte aligned, sizes and strides
     # multiples of 16.
