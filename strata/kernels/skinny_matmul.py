@@ -9,8 +9,9 @@ adds a split-K reduction launch for some; this kernel streams any of them.
 Measured on an H100 (`python bench/gpu_skinny_sweep.py`, CUDA-graph replay over 4 weight copies,
 copy bandwidth 2932 GB/s read+write; 2026-11-21), one row, time and fraction of bytes / copy rate:
 q/k/v [6144 x 4096] 19.4 us (89%; cuBLAS 20.9), o_proj [4096 x 4096] 13.9 us (82%; cuBLAS
-15.9), gate/up [28672 x 4096] 78.6 us (102%; cuBLAS 82.1), down [4096 x 14336] 42.0 us (95%;
-cuBLAS 43.8); 2-16 rows within 0.5 us of those. (A fused silu-and-mul prologue for the down
+15.9), gate/up [28672 x 4096] 80.5 us (100%; cuBLAS 82.1), down [4096 x 14336] 42.0 us (95%;
+cuBLAS 43.8); 2-16 rows within 0.5 us of those. On an H200 (4.2 TB/s): q/k/v 14.9 us (cuBLAS
+16.2), o_proj 11.3 (12.8), gate/up 57.5 (57.2), down 30.5 (31.6). (A fused silu-and-mul prologue for the down
 projection was tried and dropped: recomputing the activation in every program made it slower
 than the separate kernel from 2 rows on, and saved 0.4 us at one.)
 
@@ -91,14 +92,15 @@ def _require(ok: bool, name: str, msg: str) -> None:
 def default_config(m: int, n: int, k: int) -> dict:
     """Tile shape and launch settings for an [m, k] x [n, k]^T product.
 
-    The fastest of bench/gpu_skinny_sweep.py's candidates on an H100, as rules: one row times a
-    wide matrix with a short K streams [8 x 512] tiles through CUDA-core FMAs (q/k/v, gate/up);
-    everything else goes through tensor cores on a 16-row tile with the weight loads pipelined,
-    64-column tiles for wide matrices and 32 for narrow ones (o_proj, down).
+    bench/gpu_skinny_sweep.py's fastest candidates on an H100 and an H200, as rules: one row
+    times a q/k/v-sized matrix streams [8 x 512] tiles through CUDA-core FMAs; everything else
+    goes through tensor cores on a 16-row tile with the weight loads pipelined, 64-column tiles
+    for wide matrices and 32 for narrow ones (o_proj, down). (FMAs would also win gate/up's one
+    row on an H100 by 2%, but lose 5% on an H200, where the tensor-core tile ties cuBLAS.)
     """
     block_k = min(256, triton.next_power_of_2(max(k, 16)))
     wide = n >= 6144
-    if m == 1 and wide and k <= 4096:
+    if m == 1 and wide and n <= 8192 and k <= 4096:
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=2 * block_k, USE_DOT=False, num_warps=4, num_stages=1)
     if m == 1 or not wide:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, USE_DOT=True, num_warps=4, num_stages=5)

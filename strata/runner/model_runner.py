@@ -208,7 +208,7 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle,
                 placeholders: torch.Tensor | None) -> None:
-        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()   # [rows, vocab]
+        logits = self.model.compute_logits(_rows(hidden, inputs.logits_indices)).float()   # [rows, vocab]
         rows = []
         for row in inputs.sample_rows:
             state = self.states[inputs.req_ids[row]]
@@ -267,3 +267,12 @@ class StepHandle:
     # Per sampled row: its state, the index of its placeholder in output_token_ids, params.logprobs.
     sampled_rows: list[tuple[CachedRequestState, int, int | None]] = field(default_factory=list)
     prompt_logprobs: list[tuple[str, int, HostCopy]] = field(default_factory=list)   # req_id, first position
+
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """t[index] for a host list of row indices, without a host<->device sync: indexing a CUDA
+    tensor with a Python list copies the list from pageable memory, which waits for all queued
+    work (with async scheduling, the whole step before). Decode steps take a leading slice."""
+    if index == list(range(len(index))):
+        return t[: len(index)]
+    return t[host_to_device(index, torch.int64, t.device)]

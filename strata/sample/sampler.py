@@ -451,7 +451,9 @@ def exponential_noise(
         rows = list(generators)
         seeded = torch.stack([torch.empty(shape[1], dtype=torch.float32).exponential_(generator=g)
                               for g in generators.values()])
-        noise[torch.tensor(rows, device=device)] = seeded.to(device)
+        if noise.is_cuda:   # pinned and non-blocking, so the host does not wait for queued work
+            seeded = seeded.pin_memory().to(device, non_blocking=True)
+        noise[host_to_device(rows, torch.int64, device)] = seeded
     # Exp(1) can round to 0, and 0/0 = nan would win the argmax with a forbidden token.
     return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 

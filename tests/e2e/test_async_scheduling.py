@@ -6,6 +6,7 @@ comparison of plain greedy decoding in both modes lives in test_engine_equivalen
 from __future__ import annotations
 
 import pytest
+import torch
 from hf_tiny import make_tiny_model, make_tiny_model_with_default_tokenizer
 
 from strata import LLM, SamplingParams
@@ -213,3 +214,28 @@ def test_stop_strings_match_sync(text_model):
         assert_all_blocks_free(llm)
     assert results[True] == results[False]
     assert sum(r[2] == "stop" for r in results[True]) >= 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host<->device syncs exist only on a GPU")
+def test_decode_steps_never_wait_for_the_gpu(tiny):
+    """The point of async scheduling: between launching step N+1 and finishing step N the host
+    must not wait for queued device work. A hidden sync (a Python-list index on a CUDA tensor, a
+    copy from pageable memory) silently turns the engine synchronous again, so decode steps,
+    greedy and seeded, run here under torch's sync debug mode set to raise."""
+    llm = make_llm(tiny, True, dtype="float32", kv_cache_memory=1 << 28)
+    engine = llm.llm_engine
+    engine.add_request("greedy", {"prompt_token_ids": PROMPTS[2]},
+                       SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    engine.add_request("seeded", {"prompt_token_ids": PROMPTS[0]},
+                       SamplingParams(temperature=0.8, seed=3, max_tokens=40, ignore_eos=True))
+    for _ in range(4):                     # prefill and the first decodes: uploads may pin memory
+        engine.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_all_blocks_free(llm)
