@@ -1,4 +1,4 @@
-"""The ``strata`` command: generate, chat and info (serve arrives with the server issue)."""
+"""The ``strata`` command: generate, chat, serve, bench, perplexity and info."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   strata generate "Tell me a joke" --chat --temperature 0.8 --seed 1
   strata chat --system "You are terse."
   strata info --model path/to/model.gguf
+  strata perplexity --context-len 512 --max-windows 8
 """
 
 
@@ -43,6 +44,23 @@ def _sampling_params(args, default_temperature: float):
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=args.sampling_seed, stop=args.stop,
         ignore_eos=args.ignore_eos)
+
+
+def _add_perplexity_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                        help="model directory or .gguf file (same as --model; default: the embedded "
+                             "SmolLM2-135M-Instruct)")
+    g = parser.add_argument_group("perplexity")
+    g.add_argument("--text", default=None, metavar="FILE",
+                   help="UTF-8 text file to score (default: the built-in English text, prose of "
+                        "Python's help topics, see strata/evaluation/text.py)")
+    g.add_argument("--context-len", type=int, default=512,
+                   help="tokens per window: each is one prompt scored with its own context (default: 512)")
+    g.add_argument("--stride", type=int, default=None,
+                   help="text tokens between window starts; below --context-len the windows overlap "
+                        "and each scores only its last STRIDE tokens (default: --context-len, no overlap)")
+    g.add_argument("--max-windows", type=int, default=None,
+                   help="score at most this many windows from the start of the text (default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="TTFT, TPOT, ITL, latency and throughput of a running server",
         description=bench_serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
 
+    ppl = sub.add_parser("perplexity", help="perplexity of the model on a text (llama.cpp's llama-perplexity)",
+                         description="Cut the text into windows of --context-len tokens, score every "
+                                     "token after each window's first with the engine's prompt logprobs, "
+                                     "and print exp(mean negative log-likelihood).")
+    _add_perplexity_args(ppl)
+    EngineArgs.add_cli_args(ppl)
+
     info = sub.add_parser("info", help="architecture, parameters, dtype, memory plan and KV capacity",
                           description="Load the model and print what was loaded where.")
     EngineArgs.add_cli_args(info)
@@ -91,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "model_path", None) is not None:
+        if args.model is not None:
+            parser.error(f"the model is given twice: {args.model_path!r} and --model {args.model!r}")
+        args.model = args.model_path
     if args.command == "bench":
         from strata.entrypoints import bench_serve
         return bench_serve.main(args)
@@ -104,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
+        # A bad text file fails before the model loads.
+        text = _perplexity_text(args) if args.command == "perplexity" else None
         from strata import LLM
         llm = LLM(**_engine_kwargs(args))
         if args.command == "generate":
             return _generate(llm, args)
         if args.command == "chat":
             return _chat(llm, args)
+        if args.command == "perplexity":
+            return _perplexity(llm, args, text)
         return _info(llm)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"strata: error: {e}", file=sys.stderr)
@@ -178,6 +212,34 @@ def _stream(engine, req_id: str) -> str:
         print(" [stopped]")
     print()
     return text
+
+
+def _perplexity_text(args) -> str:
+    if args.text is None:
+        from strata.evaluation import english_eval_text
+        return english_eval_text()
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:   # a directory, no permission...: a user error, not a traceback
+        raise ValueError(f"--text {args.text}: {e.strerror or e}") from None
+
+
+def _perplexity(llm, args, text: str) -> int:
+    import time
+    from strata.evaluation import perplexity
+    start = time.perf_counter()
+    result = perplexity(llm, text, context_len=args.context_len, stride=args.stride,
+                        max_windows=args.max_windows, use_tqdm=True)
+    seconds = time.perf_counter() - start
+    print(f"text        {args.text or 'built-in English text'} ({len(text)} characters)")
+    print(f"windows     {result.num_windows} of {args.context_len} tokens"
+          + (f", stride {args.stride}" if args.stride else ""))
+    print(f"tokens      {result.num_tokens} scored in {seconds:.1f} s "
+          f"({result.num_tokens / seconds:.0f} tokens/s)")
+    print(f"nll         {result.nll_mean:.4f} nats per token")
+    print(f"perplexity  {result.ppl:.4f}")
+    return 0
 
 
 def _info(llm) -> int:
