@@ -1,0 +1,127 @@
+"""Quantized weights and KV cache on one NVIDIA GPU: Llama-3.1-8B's shape, random weights.
+
+    python bench/gpu_quant.py [--formats bf16 int8 int4] [--kv auto int8] [--quick]
+
+Same process, one engine at a time (each freed before the next):
+1. ceilings: the device-to-device copy bandwidth (bytes read + written), as bench/gpu_llama8b.py.
+2. decode, per weight format (bf16, int8 per channel, int4 in groups of 128; quantized at load):
+   batch 1, 128-token prompt, 256 new tokens, median of 3; the weight memory; and the fraction of
+   the format's own roofline = tok/s / (copy bandwidth / bytes a decode step reads), the bytes
+   being every weight but the embedding table (packed codes, scales and the bf16 LM head).
+   Ratios int8/bf16 and int4/bf16 (targets: 1.7x and 2.5x).
+3. kv (with --kv): the offline fixed set (1000 x 256 prompt / 256 new tokens, ignore_eos) with
+   bf16 weights at the same KV memory budget for each KV dtype: total tok/s, the KV blocks and
+   the most sequences the budget lets run at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_llama8b import copy_bandwidth, model_dir, random_prompts  # noqa: E402
+
+FORMATS = {"bf16": {}, "int8": {"quantization": "int8"},
+           "int4": {"quantization": "int4", "quantization_group_size": 128}}
+
+
+def _llm(path: Path, args, **kw):
+    from strata import LLM
+    return LLM(str(path), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+               max_model_len=4096, max_num_seqs=args.max_num_seqs, **kw)
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def decode_part(path: Path, args, bw: float, results: dict) -> None:
+    from strata import SamplingParams
+    for name in args.formats:
+        llm = _llm(path, args, **FORMATS[name])
+        engine = llm.llm_engine
+        print(engine.describe(), flush=True)
+        model = engine.executor.runner.model
+        read_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                         if "embed_tokens" not in n)
+        total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        prompt = random_prompts(1, 128, 128, 0, 0, 1, 128256)[0][0]
+        params = SamplingParams(max_tokens=args.decode_new, temperature=0.0, ignore_eos=True)
+        rates = []
+        for _ in range(3):
+            out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+            m = out.metrics
+            rates.append((len(out.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
+        tok_s = statistics.median(rates)
+        roofline = bw / read_bytes
+        results[name] = dict(decode_tok_s=tok_s, rates=rates, weight_gib=total_bytes / 2**30,
+                             read_bytes_per_token=read_bytes, roofline_tok_s=roofline,
+                             roofline_fraction=tok_s / roofline, startup=engine.describe())
+        print(f"{name}: decode {tok_s:.1f} tok/s {rates}, weights {total_bytes / 2**30:.2f} GiB, "
+              f"{tok_s / roofline:.0%} of its roofline {roofline:.0f} tok/s", flush=True)
+        _free(llm, engine, model)
+
+
+def kv_part(path: Path, args, results: dict) -> None:
+    from strata import SamplingParams
+    reqs = random_prompts(args.num_requests, 256, 256, 256, 256, seed=7, vocab=128256)
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+    for kv in args.kv:
+        llm = _llm(path, args, kv_cache_memory=args.kv_budget, kv_cache_dtype=kv)
+        engine = llm.llm_engine
+        print(engine.describe(), flush=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        tokens = sum(len(p) for p, _ in reqs) + sum(len(o.outputs[0].token_ids) for o in outs)
+        blocks = engine.num_blocks
+        results[f"kv_{kv}"] = dict(total_tok_s=tokens / elapsed, blocks=blocks,
+                                   max_concurrent_seqs=min(args.max_num_seqs, blocks * engine.args.block_size // 512))
+        print(f"kv {kv}: {tokens / elapsed:.0f} total tok/s, {blocks} blocks", flush=True)
+        _free(llm, engine)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--kv", nargs="*", default=[], help="KV cache dtypes for the throughput part")
+    ap.add_argument("--kv-budget", default="8GiB", help="KV cache memory for the throughput part")
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--decode-new", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="2 layers: a smoke run")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    path = model_dir(args.quick)
+    bw = copy_bandwidth()
+    results: dict = {"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9,
+                     "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    print(f"{results['device']}, copy {bw / 1e9:.0f} GB/s", flush=True)
+    decode_part(path, args, bw, results)
+    if args.kv:
+        kv_part(path, args, results)
+    print("\n| weights | decode tok/s | vs bf16 | weights GiB | roofline fraction |")
+    print("|---|---:|---:|---:|---:|")
+    base = results.get("bf16", {}).get("decode_tok_s")
+    for name in args.formats:
+        r = results[name]
+        ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else ""
+        print(f"| {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['weight_gib']:.2f} | {r['roofline_fraction']:.0%} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
