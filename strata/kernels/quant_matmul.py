@@ -1,0 +1,388 @@
+"""``x @ W^T`` for weight-only quantized linears: int8 per output channel, and packed int4 with a
+scale and a min per group of K.
+
+Formats (what the loaders produce and the torch references below define):
+
+* w8a16: ``qweight`` [N, K] int8, ``scales`` [N]: ``W[n, k] = qweight[n, k] * scales[n]``.
+* w4a16: ``qweight`` [N, K/2] uint8, element k of row n in byte k/2, the low nibble for even k
+  and the high one for odd k (``pack_int4``); ``scales``, ``mins`` [N, K/G] for groups of G
+  (32-256) along K: ``W[n, k] = q[n, k] * scales[n, k/G] + mins[n, k/G]``, q in 0..15.
+
+One kernel per format, three ways to run it, chosen by the config (``default_config``):
+
+* decode, one row (``USE_DOT=False``, ``BLOCK_M=1``): the products ``x[m, k] * W[n, k]``
+  accumulate elementwise in an fp32 [BLOCK_N, BLOCK_K] register tile on CUDA cores, reduced over
+  k after the loop; the time is the packed weight bytes over the memory bandwidth. The tile has
+  the weight loads' own layout: skinny_matmul's [BLOCK_M, BLOCK_N, BLOCK_K] tile makes Triton
+  move the (here fp32, dequantized) weights through shared memory to match x's layout, which for
+  int4 would take more shared-memory bandwidth than an SM has (8 bytes per byte read).
+* decode, up to 16 rows (``USE_DOT=True``, ``BLOCK_M=16``): ``tl.dot`` on the dequantized tile,
+  the packed weight loads pipelined over ``num_stages`` buffers.
+* prefill (``USE_DOT=True``, ``BLOCK_M`` 64/128): the same loop as a tiled GEMM; the programs
+  walk the output in groups of ``GROUP_M`` row blocks so that a weight tile is reused from L2 by
+  the row blocks that need it before it is evicted.
+
+Weights are dequantized in registers inside the K loop: int8 to exact integers (the per-channel
+scale commutes with the sum over k, so it multiplies the fp32 accumulator once, after the loop);
+int4 to ``q * scale + min`` in fp32, per group, then rounded to x's dtype for the tensor cores
+(``BLOCK_K`` may cover part of a group or several whole ones). Accumulation is fp32 whatever the
+dtype; fp32 activations use exact fp32 products (no TF32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GROUP_SIZES = (32, 64, 128, 256)
+# Rows of x up to which default_config streams the weights (decode); beyond, it tiles a GEMM.
+MAX_DECODE_ROWS = 16
+
+
+@triton.jit
+def _int_to_f32(v, OFFSET: tl.constexpr):
+    """int32 v, -OFFSET <= v < 2**23 - OFFSET, as fp32, exactly: the bits 0x4B000000 + OFFSET + v
+    are the float 2**23 + OFFSET + v. An integer add and a float subtract, where a conversion
+    instruction would run at 16 a clock per SM on sm_80/sm_90 (the CUDA guide's throughput table;
+    adds run at 64 and 128), below the ~27 int4 weights a clock per SM of an H100's bandwidth."""
+    return (v + (0x4B000000 + OFFSET)).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column offsets of this program's output tile, column blocks fastest within groups
+    of GROUP_M row blocks (one row block when decoding: a plain walk over the columns)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % rows_in_group
+    pid_n = (pid % pids_per_group) // rows_in_group
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _load_weight(ptrs, n_mask, k_mask, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 EVICT: tl.constexpr):
+    # Unmasked when the tile divides the matrix: masks would split the 16-byte loads.
+    if EVEN_N and EVEN_K:
+        return tl.load(ptrs, eviction_policy=EVICT)
+    elif EVEN_K:
+        return tl.load(ptrs, mask=n_mask[:, None], other=0, eviction_policy=EVICT)
+    else:
+        return tl.load(ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0,
+                       eviction_policy=EVICT)
+
+
+@triton.jit
+def _load_scales(ptrs, n_mask, g_mask, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    if EVEN_N and EVEN_K:
+        return tl.load(ptrs).to(tl.float32)
+    elif EVEN_K:
+        return tl.load(ptrs, mask=n_mask[:, None], other=0.0).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=n_mask[:, None] & g_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _multiply_add(acc, x, w, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += x @ w^T for an x tile [BLOCK_M, BLOCK_K] and a dequantized fp32 w [BLOCK_N, BLOCK_K]:
+    on tensor cores in x's dtype, or (one row) elementwise into acc [BLOCK_N, BLOCK_K]."""
+    if USE_DOT:
+        return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    else:
+        return acc + tl.reshape(x, (x.shape[1],)).to(tl.float32)[None, :] * w
+
+
+@triton.jit
+def _accumulator(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_DOT: tl.constexpr):
+    if USE_DOT:
+        return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+
+
+@triton.jit
+def _reduced(acc, USE_DOT: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] result of the accumulator after the K loop."""
+    if USE_DOT:
+        return acc
+    else:
+        return tl.sum(acc, axis=1)[None, :]
+
+
+@triton.jit
+def _store(acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, out_stride,
+           HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _w8_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, x_stride, q_stride, s_stride,
+               out_stride, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr,
+               EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVICT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr):
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride
+    q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride
+    acc = _accumulator(BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        q = _load_weight(q_rows + offs_k[None, :], n_mask, k_mask, EVEN_N, EVEN_K, EVICT)
+        w = _int_to_f32(q.to(tl.int32), 128)
+        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+        acc = _multiply_add(acc, x, w, USE_DOT, DOT_PRECISION)
+    acc = _reduced(acc, USE_DOT)
+    scales = tl.load(s_ptr + offs_n * s_stride, mask=n_mask, other=0.0).to(tl.float32)
+    _store(acc * scales[None, :], bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, out_stride,
+           HAS_BIAS)
+
+
+@triton.jit
+def _dequant_int4(packed, s_rows, mn_rows, s_stride_g, mn_stride_g, k0, K, n_mask,
+                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K // 2] tile of packed bytes -> [BLOCK_N, BLOCK_K] fp32 weights."""
+    b = packed.to(tl.int32)
+    # join puts each byte's two nibbles side by side: even k (low nibble), then odd k (high).
+    q = _int_to_f32(tl.join(b & 15, b >> 4).reshape(BLOCK_N, BLOCK_K), 0)
+    if BLOCK_K <= GROUP_SIZE:           # the tile lies in one group (both are powers of two)
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_rows + g * s_stride_g, mask=n_mask, other=0.0).to(tl.float32)
+        mn = tl.load(mn_rows + g * mn_stride_g, mask=n_mask, other=0.0).to(tl.float32)
+        return q * s[:, None] + mn[:, None]
+    else:                               # several whole groups: scale [BLOCK_N, groups, G] views
+        NUM_G: tl.constexpr = BLOCK_K // GROUP_SIZE
+        offs_g = k0 // GROUP_SIZE + tl.arange(0, NUM_G)
+        g_mask = offs_g < K // GROUP_SIZE
+        s = _load_scales(s_rows[:, None] + offs_g[None, :] * s_stride_g, n_mask, g_mask,
+                         EVEN_N, EVEN_K)
+        mn = _load_scales(mn_rows[:, None] + offs_g[None, :] * mn_stride_g, n_mask, g_mask,
+                          EVEN_N, EVEN_K)
+        w = q.reshape(BLOCK_N, NUM_G, GROUP_SIZE) * s[:, :, None] + mn[:, :, None]
+        return w.reshape(BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _w4_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, M, N, K, x_stride, q_stride,
+               s_stride_n, s_stride_g, mn_stride_n, mn_stride_g, out_stride,
+               GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               EVICT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride
+    q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride
+    s_rows = s_ptr + offs_n.to(tl.int64) * s_stride_n
+    mn_rows = mn_ptr + offs_n.to(tl.int64) * mn_stride_n
+    acc = _accumulator(BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        k_mask = offs_k < K
+        packed = _load_weight(q_rows + offs_b[None, :], n_mask, offs_b < K // 2, EVEN_N, EVEN_K,
+                              EVICT)
+        w = _dequant_int4(packed, s_rows, mn_rows, s_stride_g, mn_stride_g, k0, K, n_mask,
+                          EVEN_N, EVEN_K, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+        acc = _multiply_add(acc, x, w, USE_DOT, DOT_PRECISION)
+    acc = _reduced(acc, USE_DOT)
+    _store(acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, out_stride, HAS_BIAS)
+
+
+@functools.lru_cache(maxsize=None)
+def default_config(m: int, n: int, k: int, bits: int = 8) -> dict:
+    """Tile shape and launch settings for an [m, k] x [n, k]^T product with ``bits``-bit weights.
+
+    Guesses from skinny_matmul's measured rules until bench/gpu_quant_sweep.py has run: one row
+    streams [8 x BLOCK_K] weight tiles of 4 KiB (two 16-byte loads a thread) through CUDA-core
+    FMAs; up to 16 rows take a 16-row tensor-core tile with the weight loads pipelined; more rows
+    tile a GEMM, 64 or 128 rows by 128 columns, 64 deep (a whole or half int4 group).
+    """
+    def depth(cap):                     # a power of two, >= 16 for tl.dot, no deeper than K
+        return min(cap, triton.next_power_of_2(max(k, 16)))
+    if m == 1:
+        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=depth(512 * 8 // bits), USE_DOT=False,
+                    num_warps=4, num_stages=1, GROUP_M=1)
+    if m <= MAX_DECODE_ROWS:
+        return dict(BLOCK_M=16, BLOCK_N=64 if n >= 6144 else 32, BLOCK_K=depth(256),
+                    USE_DOT=True, num_warps=4, num_stages=4, GROUP_M=1)
+    block_m = 64 if m <= 64 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128 if n >= 2048 else 64, BLOCK_K=depth(64),
+                USE_DOT=True, num_warps=4 if block_m == 64 else 8, num_stages=3, GROUP_M=8)
+
+
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "USE_DOT", "num_warps", "num_stages"}
+
+
+def _require(ok: bool, op: str, name: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{op}: {name} {msg}")
+
+
+def _check_config(op: str, meta: dict) -> None:
+    _require(_CONFIG_KEYS <= meta.keys(), op, "config", f"needs the keys {sorted(_CONFIG_KEYS)}, "
+             f"got {sorted(meta)}")
+    blocks = [meta[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")]
+    _require(all(b >= 1 and b & (b - 1) == 0 for b in blocks) and meta["BLOCK_K"] >= 2, op,
+             "config", f"needs power-of-two blocks (BLOCK_K >= 2), got {blocks}")
+    if meta["USE_DOT"]:
+        _require(min(blocks) >= 16, op, "config", f"with USE_DOT needs blocks of at least 16, "
+                 f"got {blocks}")
+    else:
+        _require(meta["BLOCK_M"] == 1, op, "config", "without USE_DOT needs BLOCK_M=1")
+
+
+def _check_float(op: str, name: str, t: torch.Tensor, shape: tuple, device) -> None:
+    _require(t.dtype in _DTYPES and tuple(t.shape) == shape and t.device == device, op, name,
+             f"must be a {list(shape)} fp32/fp16/bf16 tensor on {device}, got {t.dtype} "
+             f"{tuple(t.shape)} on {t.device}")
+
+
+def _columns(qweight):
+    return qweight.shape[-1] if qweight.dim() else -1
+
+
+def _check_common(op, x, qweight, qdtype, k, bias, out):
+    """Checks shared by both formats; returns (m, n)."""
+    _require(x.dtype in _DTYPES and x.dim() == 2, op, "x", f"must be a 2-D fp32/fp16/bf16 tensor, "
+             f"got {x.dtype} of shape {tuple(x.shape)}")
+    _require(x.stride(1) == 1 or x.shape[1] <= 1, op, "x", "needs a contiguous last dim")
+    _require(qweight.dtype == qdtype and qweight.dim() == 2 and qweight.is_contiguous()
+             and qweight.device == x.device, op, "qweight", f"must be a contiguous 2-D {qdtype} "
+             f"tensor on {x.device}, got {qweight.dtype} {tuple(qweight.shape)} on {qweight.device}")
+    m, n = x.shape[0], qweight.shape[0]
+    _require(x.shape[1] == k, op, "x", f"has {x.shape[1]} columns, the weight needs {k}")
+    if bias is not None:
+        _check_float(op, "bias", bias, (n,), x.device)
+        _require(bias.is_contiguous(), op, "bias", "must be contiguous")
+    if out is not None:
+        _require(out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device
+                 and (out.stride(1) == 1 or n <= 1), op, "out",
+                 f"must be a [{m}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dim")
+    return m, n
+
+
+def _check_int4(op, qweight, scales, mins, group_size, device=None):
+    """Checks of an int4 weight (shape of its scales and mins); returns (n, k)."""
+    _require(qweight.dtype == torch.uint8 and qweight.dim() == 2, op, "qweight",
+             f"must be a 2-D uint8 tensor of packed nibbles, got {qweight.dtype} "
+             f"{tuple(qweight.shape)}")
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    _require(group_size in GROUP_SIZES, op, "group_size", f"must be one of {GROUP_SIZES}, "
+             f"got {group_size}")
+    _require(k % group_size == 0, op, "group_size", f"{group_size} must divide K = {k}")
+    device = device or qweight.device
+    _check_float(op, "scales", scales, (n, k // group_size), device)
+    _check_float(op, "mins", mins, (n, k // group_size), device)
+    return n, k
+
+
+def _launch(op, kernel, x, out, n, k, config, bits, tensors, strides, **constexprs):
+    """Pick the tile config, allocate ``out`` and launch ``kernel`` over the output tiles:
+    ``tensors`` are its pointer arguments before ``out``, ``strides`` its weight strides."""
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    meta = {"GROUP_M": 1, **(config or default_config(m, n, k, bits))}
+    _check_config(op, meta)
+    num_row_blocks = triton.cdiv(m, meta["BLOCK_M"])
+    grid = (num_row_blocks * triton.cdiv(n, meta["BLOCK_N"]),)
+    kernel[grid](
+        *tensors, out, m, n, k, x.stride(0), *strides, out.stride(0),
+        EVEN_N=n % meta["BLOCK_N"] == 0, EVEN_K=k % meta["BLOCK_K"] == 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        # A weight tile read by one row block is not read again: keep it out of L2's way.
+        EVICT="evict_first" if num_row_blocks == 1 else "", **constexprs, **meta)
+    return out
+
+
+def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 config: dict | None = None) -> torch.Tensor:
+    """``x @ (qweight * scales[:, None])^T + bias``: x [M, K], int8 qweight [N, K] -> [M, N]."""
+    op = "w8a16_matmul"
+    _, n = _check_common(op, x, qweight, torch.int8, _columns(qweight), bias, out)
+    _check_float(op, "scales", scales, (n,), x.device)
+    return _launch(op, _w8_kernel, x, out, n, x.shape[1], config, 8,
+                   (x, qweight, scales, bias if bias is not None else scales),
+                   (qweight.stride(0), scales.stride(0)), HAS_BIAS=bias is not None)
+
+
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 mins: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """``x @ dequantize_int4(...)^T + bias``: x [M, K], packed qweight [N, K/2] -> [M, N]."""
+    op = "w4a16_matmul"
+    n, k = _check_int4(op, qweight, scales, mins, group_size, x.device)
+    _check_common(op, x, qweight, torch.uint8, k, bias, out)
+    return _launch(op, _w4_kernel, x, out, n, k, config, 4,
+                   (x, qweight, scales, mins, bias if bias is not None else scales),
+                   (qweight.stride(0), *scales.stride(), *mins.stride()),
+                   GROUP_SIZE=group_size, HAS_BIAS=bias is not None)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [..., K] -> bytes [..., K/2]: even k in the low nibble, odd k high."""
+    if q.dtype != torch.uint8 or q.dim() == 0 or q.shape[-1] % 2:
+        raise ValueError(f"pack_int4: q must be a uint8 tensor with an even last dim, got "
+                         f"{q.dtype} {tuple(q.shape)}")
+    if q.numel() and int(q.max()) > 15:
+        raise ValueError(f"pack_int4: q values must be 0..15, got up to {int(q.max())}")
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: bytes [..., K/2] -> uint8 values 0..15 [..., K]."""
+    if packed.dtype != torch.uint8 or packed.dim() == 0:
+        raise ValueError(f"unpack_int4: packed must be a uint8 tensor, got {packed.dtype}")
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def dequantize_int4(qweight, scales, mins, group_size, dtype=torch.float32) -> torch.Tensor:
+    """Packed qweight [N, K/2] -> weights [N, K] in ``dtype``, computed in fp32."""
+    n, k = _check_int4("dequantize_int4", qweight, scales, mins, group_size)
+    q = unpack_int4(qweight).float().view(n, k // group_size, group_size)
+    w = q * scales.float()[..., None] + mins.float()[..., None]
+    return w.view(n, k).to(dtype)
+
+
+def w8a16_matmul_ref(x, qweight, scales, bias=None, out=None, config=None):
+    """Reference: dequantize to fp32, F.linear in fp32, round to x's dtype."""
+    op = "w8a16_matmul"
+    _, n = _check_common(op, x, qweight, torch.int8, _columns(qweight), bias, out)
+    _check_float(op, "scales", scales, (n,), x.device)
+    w = qweight.float() * scales.float()[:, None]
+    return _finish_ref(x, w, bias, out)
+
+
+def w4a16_matmul_ref(x, qweight, scales, mins, group_size, bias=None, out=None, config=None):
+    """Reference: dequantize to fp32, F.linear in fp32, round to x's dtype."""
+    op = "w4a16_matmul"
+    _, k = _check_int4(op, qweight, scales, mins, group_size, x.device)
+    _check_common(op, x, qweight, torch.uint8, k, bias, out)
+    return _finish_ref(x, dequantize_int4(qweight, scales, mins, group_size), bias, out)
+
+
+def _finish_ref(x, w, bias, out):
+    y = F.linear(x.float(), w, bias.float() if bias is not None else None).to(x.dtype)
+    return out.copy_(y) if out is not None else y
