@@ -13,9 +13,10 @@ One kernel per format, three ways to run it, chosen by the config (``default_con
 * decode, one row (``USE_DOT=False``, ``BLOCK_M=1``): the products ``x[m, k] * W[n, k]``
   accumulate elementwise in an fp32 [BLOCK_N, BLOCK_K] register tile on CUDA cores, reduced over
   k after the loop; the time is the packed weight bytes over the memory bandwidth. The tile has
-  the weight loads' own layout: skinny_matmul's [BLOCK_M, BLOCK_N, BLOCK_K] tile makes Triton
-  move the (here fp32, dequantized) weights through shared memory to match x's layout, which for
-  int4 would take more shared-memory bandwidth than an SM has (8 bytes per byte read).
+  the weight loads' own layout: with skinny_matmul's [BLOCK_M, BLOCK_N, BLOCK_K] tile, Triton
+  3.6 moves the (here fp32, dequantized) weights through shared memory to match x's layout (seen
+  in the PTX), 8 bytes written and 8 read per int4 byte streamed: more than an SM's shared memory
+  can take at full DRAM bandwidth.
 * decode, up to 16 rows (``USE_DOT=True``, ``BLOCK_M=16``): ``tl.dot`` on the dequantized tile,
   the packed weight loads pipelined over ``num_stages`` buffers.
 * prefill (``USE_DOT=True``, ``BLOCK_M`` 64/128): the same loop as a tiled GEMM; the programs
@@ -47,9 +48,10 @@ MAX_DECODE_ROWS = 16
 @triton.jit
 def _int_to_f32(v, OFFSET: tl.constexpr):
     """int32 v, -OFFSET <= v < 2**23 - OFFSET, as fp32, exactly: the bits 0x4B000000 + OFFSET + v
-    are the float 2**23 + OFFSET + v. An integer add and a float subtract, where a conversion
-    instruction would run at 16 a clock per SM on sm_80/sm_90 (the CUDA guide's throughput table;
-    adds run at 64 and 128), below the ~27 int4 weights a clock per SM of an H100's bandwidth."""
+    are the float 2**23 + OFFSET + v. An integer add and a float subtract instead of a conversion
+    instruction, which the CUDA guide's throughput table lists at 16 a clock per SM on sm_80 and
+    sm_90 (integer adds 64, float adds 128): fewer than the 25-30 int4 weights a clock that an
+    H100's memory delivers to each SM."""
     return (v + (0x4B000000 + OFFSET)).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
 
 
@@ -214,7 +216,7 @@ def default_config(m: int, n: int, k: int, bits: int = 8) -> dict:
     Guesses from skinny_matmul's measured rules until bench/gpu_quant_sweep.py has run: one row
     streams [8 x BLOCK_K] weight tiles of 4 KiB (two 16-byte loads a thread) through CUDA-core
     FMAs; up to 16 rows take a 16-row tensor-core tile with the weight loads pipelined; more rows
-    tile a GEMM, 64 or 128 rows by 128 columns, 64 deep (a whole or half int4 group).
+    tile a GEMM, 64 or 128 rows by 128 columns (64 for narrow matrices), 64 deep.
     """
     def depth(cap):                     # a power of two, >= 16 for tl.dot, no deeper than K
         return min(cap, triton.next_power_of_2(max(k, 16)))
@@ -264,7 +266,7 @@ def _check_common(op, x, qweight, qdtype, k, bias, out):
     """Checks shared by both formats; returns (m, n)."""
     _require(x.dtype in _DTYPES and x.dim() == 2, op, "x", f"must be a 2-D fp32/fp16/bf16 tensor, "
              f"got {x.dtype} of shape {tuple(x.shape)}")
-    _require(x.stride(1) == 1 or x.shape[1] <= 1, op, "x", "needs a contiguous last dim")
+    _require(x.stride(1) == 1, op, "x", "needs a contiguous last dim")
     _require(qweight.dtype == qdtype and qweight.dim() == 2 and qweight.is_contiguous()
              and qweight.device == x.device, op, "qweight", f"must be a contiguous 2-D {qdtype} "
              f"tensor on {x.device}, got {qweight.dtype} {tuple(qweight.shape)} on {qweight.device}")
@@ -275,7 +277,7 @@ def _check_common(op, x, qweight, qdtype, k, bias, out):
         _require(bias.is_contiguous(), op, "bias", "must be contiguous")
     if out is not None:
         _require(out.shape == (m, n) and out.dtype == x.dtype and out.device == x.device
-                 and (out.stride(1) == 1 or n <= 1), op, "out",
+                 and out.stride(1) == 1, op, "out",
                  f"must be a [{m}, {n}] {x.dtype} tensor on {x.device} with a contiguous last dim")
     return m, n
 
