@@ -39,8 +39,7 @@ def _llm(path: Path, args, **kw):
                max_model_len=4096, max_num_seqs=args.max_num_seqs, **kw)
 
 
-def _free(*objs) -> None:
-    del objs
+def _free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -69,7 +68,8 @@ def decode_part(path: Path, args, bw: float, results: dict) -> None:
                              roofline_fraction=tok_s / roofline, startup=engine.describe())
         print(f"{name}: decode {tok_s:.1f} tok/s {rates}, weights {total_bytes / 2**30:.2f} GiB, "
               f"{tok_s / roofline:.0%} of its roofline {roofline:.0f} tok/s", flush=True)
-        _free(llm, engine, model)
+        del llm, engine, model, out      # the next engine needs the whole card
+        _free()
 
 
 def kv_part(path: Path, args, results: dict) -> None:
@@ -87,10 +87,13 @@ def kv_part(path: Path, args, results: dict) -> None:
         elapsed = time.perf_counter() - t
         tokens = sum(len(p) for p, _ in reqs) + sum(len(o.outputs[0].token_ids) for o in outs)
         blocks = engine.num_blocks
-        results[f"kv_{kv}"] = dict(total_tok_s=tokens / elapsed, blocks=blocks,
-                                   max_concurrent_seqs=min(args.max_num_seqs, blocks * engine.args.block_size // 512))
-        print(f"kv {kv}: {tokens / elapsed:.0f} total tok/s, {blocks} blocks", flush=True)
-        _free(llm, engine)
+        # How many whole 512-token sequences the KV cache holds (capped by max_num_seqs).
+        seqs = min(args.max_num_seqs, blocks * engine.args.block_size // 512)
+        results[f"kv_{kv}"] = dict(total_tok_s=tokens / elapsed, blocks=blocks, seqs_at_full_length=seqs)
+        print(f"kv {kv}: {tokens / elapsed:.0f} total tok/s, {blocks} blocks, {seqs} sequences of 512 "
+              "tokens fit", flush=True)
+        del llm, engine, outs
+        _free()
 
 
 def main() -> None:

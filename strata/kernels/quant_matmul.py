@@ -213,16 +213,23 @@ def _w4_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, M, N, K, x_stride
 def default_config(m: int, n: int, k: int, bits: int = 8) -> dict:
     """Tile shape and launch settings for an [m, k] x [n, k]^T product with ``bits``-bit weights.
 
-    Guesses from skinny_matmul's measured rules until bench/gpu_quant_sweep.py has run: one row
-    streams [8 x BLOCK_K] weight tiles of 4 KiB (two 16-byte loads a thread) through CUDA-core
-    FMAs; up to 16 rows take a 16-row tensor-core tile with the weight loads pipelined; more rows
-    tile a GEMM, 64 or 128 rows by 128 columns (64 for narrow matrices), 64 deep.
+    One row streams 4 KiB weight tiles through CUDA-core FMAs; the tile shape is what
+    bench/gpu_quant_sweep.py measured fastest on an H100 (2026-11-21, Llama-3.1-8B shapes):
+    int8 wants tall-thin tiles for narrow matrices (o_proj, down: [4 x 1024], 86-66% of the
+    bandwidth floor) and wide-short ones for gate/up ([16 x 256], 92%), int4 [16 x 512] for
+    q/k/v and [8 x 1024] elsewhere (44-48%: the unpacking makes int4 compute-bound there).
+    Up to 16 rows take a 16-row tensor-core tile with the weight loads pipelined; more rows
+    tile a GEMM, 64 or 128 rows by 128 columns (64 for narrow matrices), 64 deep (guesses).
     """
     def depth(cap):                     # a power of two, >= 16 for tl.dot, no deeper than K
         return min(cap, triton.next_power_of_2(max(k, 16)))
     if m == 1:
-        return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=depth(512 * 8 // bits), USE_DOT=False,
-                    num_warps=4, num_stages=1, GROUP_M=1)
+        if bits == 8:
+            block_n = 4 if n <= 4096 else 16 if n >= 16384 else 8
+        else:
+            block_n = 16 if 6144 <= n < 16384 else 8
+        return dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=depth(4096 * 8 // bits // block_n),
+                    USE_DOT=False, num_warps=4, num_stages=1, GROUP_M=1)
     if m <= MAX_DECODE_ROWS:
         return dict(BLOCK_M=16, BLOCK_N=64 if n >= 6144 else 32, BLOCK_K=depth(256),
                     USE_DOT=True, num_warps=4, num_stages=4, GROUP_M=1)
