@@ -4,6 +4,16 @@ Column-parallel layers split output features across ranks, row-parallel ones spl
 features and all-reduce the partial sums. Each parameter carries a ``weight_loader`` that takes
 the full checkpoint tensor and copies in this rank's slice (into the right rows for fused
 q/k/v and gate/up matrices). The matmul itself is delegated to a QuantMethod.
+
+A quant method's parameters need not be [out, in] matrices: GPTQ stores its codes as
+[in / 8, out] and its zero points as [groups, out / 8]. Such a parameter says where its features
+lie through attributes (``set_weight_attrs``), read here when slicing shards:
+
+* ``output_dim``: the dim along output features (default 0); None for a tensor every output
+  shares (GPTQ's g_idx), which each part of a fused layer must then carry identically.
+* ``output_pack``: output features per stored entry along it (default 1; 8 for packed 4-bit
+  zero points), so fused offsets in features become offsets in entries.
+* ``input_dim``: the dim along input features (default 1 for matrices, None for vectors).
 """
 
 from __future__ import annotations
@@ -13,6 +23,29 @@ from torch import nn
 
 from strata.distributed import parallel_state as ps
 from strata.quant.base import QuantMethod, UnquantizedLinearMethod
+
+
+def set_weight_attrs(param: nn.Parameter, **attrs) -> nn.Parameter:
+    for key, value in attrs.items():
+        setattr(param, key, value)
+    return param
+
+
+def _output_dim(param: nn.Parameter) -> int | None:
+    return getattr(param, "output_dim", 0)
+
+
+def _input_dim(param: nn.Parameter) -> int | None:
+    return getattr(param, "input_dim", 1 if param.dim() >= 2 else None)
+
+
+def _entries(features: int, param: nn.Parameter, layer: nn.Module) -> int:
+    """Output features -> stored entries along the param's output dim."""
+    pack = getattr(param, "output_pack", 1)
+    if features % pack:
+        raise ValueError(f"{type(layer).__name__}: a shard of {features} output features does not "
+                         f"fill whole packed entries of {pack} features")
+    return features // pack
 
 
 def _check_divisible(value: int, tp_size: int, what: str) -> int:
@@ -48,10 +81,24 @@ class LinearBase(nn.Module):
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, layer: nn.Module) -> None:
+    if dst.is_meta:   # storage sized by the checkpoint (GGUF blocks): the method keeps the rows
+        return layer.quant_method.load_rows(layer, dst, src)
     if dst.shape != src.shape:
         raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit "
                          f"{type(layer).__name__} parameter of shape {tuple(dst.shape)}")
     dst.copy_(src)
+
+
+def _copy_shared(param: nn.Parameter, loaded: torch.Tensor, layer: nn.Module, shard_id) -> None:
+    """A tensor without an output dim, given once per part of a fused layer: the parts must agree
+    (GPTQ's q/k/v see the same inputs, so their act-order permutations are the same)."""
+    seen = getattr(param, "loaded_parts", None)
+    if seen and not torch.equal(param.data, loaded.to(param.dtype)):
+        raise ValueError(f"{type(layer).__name__}: part {shard_id!r} of the fused layer carries a "
+                         f"different {tuple(loaded.shape)} tensor than parts {sorted(map(str, seen))}; "
+                         "strata needs them equal (one input permutation per fused matmul)")
+    _copy_checked(param.data, loaded, layer)
+    param.loaded_parts = (seen or set()) | {shard_id}
 
 
 class ReplicatedLinear(LinearBase):
@@ -68,8 +115,11 @@ class ColumnParallelLinear(LinearBase):
                          bias, dtype, quant_method)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        shard = param.data.shape[0]
-        _copy_checked(param.data, loaded.narrow(0, self.tp_rank * shard, shard), self)
+        dim = _output_dim(param)
+        if dim is None:
+            return _copy_shared(param, loaded, self, shard_id)
+        shard = param.data.shape[dim]
+        _copy_checked(param.data, loaded.narrow(dim, self.tp_rank * shard, shard), self)
 
     def forward(self, x):
         y = super().forward(x)
@@ -85,12 +135,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias, dtype, quant_method)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        if shard_id is None:
-            return super().weight_loader(param, loaded)
-        shard = self.output_sizes[shard_id] // self.tp_size
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _copy_checked(param.data.narrow(0, offset, shard),
-                      loaded.narrow(0, self.tp_rank * shard, shard), self)
+        dim = _output_dim(param)
+        if shard_id is None or dim is None:
+            return super().weight_loader(param, loaded, shard_id)
+        shard = _entries(self.output_sizes[shard_id] // self.tp_size, param, self)
+        offset = _entries(sum(self.output_sizes[:shard_id]) // self.tp_size, param, self)
+        _copy_checked(param.data.narrow(dim, offset, shard),
+                      loaded.narrow(dim, self.tp_rank * shard, shard), self)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -113,13 +164,15 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, out, bias, dtype, quant_method)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        if shard_id is None:
-            return super().weight_loader(param, loaded)
+        dim = _output_dim(param)
+        if shard_id is None or dim is None:
+            return super().weight_loader(param, loaded, shard_id)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[shard_id]
+        offset, size = _entries(offset, param, self), _entries(size, param, self)
         shard_rank = self.tp_rank if shard_id == "q" else self.tp_rank // self.kv_replicas
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, shard_rank * size, size), self)
+        _copy_checked(param.data.narrow(dim, offset, size), loaded.narrow(dim, shard_rank * size, size), self)
 
 
 class RowParallelLinear(LinearBase):
@@ -132,10 +185,11 @@ class RowParallelLinear(LinearBase):
                          bias, dtype, quant_method)
 
     def weight_loader(self, param, loaded, shard_id=None):
-        if param.dim() == 1:   # the bias is added once, after the reduction
+        dim = _input_dim(param)
+        if dim is None:   # the bias is added once, after the reduction
             return _copy_checked(param.data, loaded, self)
-        shard = param.data.shape[1]
-        _copy_checked(param.data, loaded.narrow(1, self.tp_rank * shard, shard), self)
+        shard = param.data.shape[dim]
+        _copy_checked(param.data, loaded.narrow(dim, self.tp_rank * shard, shard), self)
 
     def forward(self, x):
         y = self.quant_method.apply(self, x, None)

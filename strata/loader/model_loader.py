@@ -36,6 +36,7 @@ class ModelSource:
     gguf: Any = None            # strata.loader.gguf.GGUFFile for GGUF sources
     hf_model: nn.Module | None = None
     quantization: str | None = None   # as stored in the checkpoint, for the startup line
+    quant_spec: dict | None = None    # the checkpoint's quantization_config (GPTQ ...)
 
 
 def default_model_path() -> Path:
@@ -81,8 +82,11 @@ def _hf_dir_source(path: Path) -> ModelSource:
         cfg = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    quant = (cfg.get("quantization_config") or {}).get("quant_method")
-    return ModelSource("hf_dir", path, cfg, str(path), quantization=quant)
+    from strata.quant import describe_checkpoint
+    from strata.quant.gptq import read_checkpoint_spec
+    spec = read_checkpoint_spec(path, cfg)
+    return ModelSource("hf_dir", path, cfg, str(path), quantization=describe_checkpoint(spec),
+                       quant_spec=spec)
 
 
 def _gguf_source(path: Path) -> ModelSource:
@@ -112,8 +116,9 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
                 device: torch.device, progress: bool = False,
                 quant_config: QuantConfig | None = None) -> nn.Module:
     cls = get_model_class(model_config.architecture)
-    # With a quantized checkpoint (GGUF) this re-quantizes its dequantized weights.
-    quant = make_quant_method(quant_config) if quant_config is not None else None
+    # With a GGUF checkpoint this re-quantizes its dequantized weights; GPTQ checkpoints bring
+    # their own method.
+    quant = make_quant_method(quant_config or QuantConfig(), source.quant_spec)
     with torch.device(device):
         model = cls(model_config, quant=quant)
     model.eval()

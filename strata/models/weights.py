@@ -19,16 +19,12 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
     loaded: set[str] = set()
     tied = getattr(model.config, "tie_word_embeddings", False)
     for ckpt_name, tensor in weights:
-        name = rename(ckpt_name)
-        if name is None:
+        target = checkpoint_target(ckpt_name, stacked, rename)
+        if target is None:
             continue
+        name, shard_id = target
         if tied and name.startswith("lm_head."):
             continue   # the head shares the embedding's storage
-        shard_id = None
-        for fused, part, sid in stacked:
-            if f".{part}." in name:
-                name, shard_id = name.replace(f".{part}.", f".{fused}."), sid
-                break
         param = params.get(name)
         if param is None:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {type(model).__name__}")
@@ -45,13 +41,28 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
     return loaded
 
 
+def checkpoint_target(ckpt_name: str, stacked: list[tuple[str, str, object]],
+                      rename: Callable[[str], str | None]) -> tuple[str, object] | None:
+    """Checkpoint name -> (strata parameter name, shard id within a fused parameter or None),
+    or None for a tensor the model skips."""
+    name = rename(ckpt_name)
+    if name is None:
+        return None
+    for fused, part, sid in stacked:
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{fused}."), sid
+    return name, None
+
+
 def _check_complete(model, params, loaded, stacked, tied) -> None:
     shards: dict[str, list] = {}
     for fused, _, sid in stacked:
         shards.setdefault(fused, []).append(sid)
     missing = []
-    for name in params:
+    for name, param in params.items():
         if tied and name.startswith("lm_head."):
+            continue
+        if getattr(param, "optional_in_checkpoint", False):   # has a default (GPTQ's g_idx)
             continue
         fused = next((f for f in shards if f".{f}." in name), None)
         if fused is not None and name not in loaded:

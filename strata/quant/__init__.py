@@ -15,13 +15,19 @@ from strata.config import QuantConfig
 from strata.quant.base import QuantMethod
 
 
-def make_quant_method(config: QuantConfig) -> QuantMethod | None:
-    """The method for config; ``STRATA_QUANT_REFERENCE=1`` asks for its reference form (the same
+CHECKPOINT_METHODS = ("gptq",)
+
+
+def make_quant_method(config: QuantConfig, checkpoint: dict | None = None) -> QuantMethod | None:
+    """The method for config, or for a checkpoint that is already quantized (``checkpoint``: its
+    quantization_config). ``STRATA_QUANT_REFERENCE=1`` asks for the reference form (the same
     quantized values, stored dequantized and multiplied by plain matmuls), which is what the
     packed kernels are compared against."""
+    reference = config.reference or os.environ.get("STRATA_QUANT_REFERENCE") == "1"
+    if checkpoint is not None:
+        return _checkpoint_method(config, checkpoint, reference)
     if config.method is None:
         return None
-    reference = config.reference or os.environ.get("STRATA_QUANT_REFERENCE") == "1"
     if config.method == "int8":
         from strata.quant.int8 import Int8LinearMethod
         return Int8LinearMethod(reference=reference)
@@ -29,6 +35,31 @@ def make_quant_method(config: QuantConfig) -> QuantMethod | None:
         from strata.quant.int4 import Int4LinearMethod
         return Int4LinearMethod(config.group_size, reference=reference)
     raise ValueError(f"quantization {config.method!r} is not implemented")
+
+
+def _checkpoint_method(config: QuantConfig, checkpoint: dict, reference: bool) -> QuantMethod:
+    method = checkpoint.get("quant_method")
+    if method not in CHECKPOINT_METHODS:
+        raise ValueError(f"quantization_config.quant_method = {method!r} is not supported; "
+                         f"supported: {', '.join(CHECKPOINT_METHODS)}")
+    if config.method is not None:
+        raise ValueError(f"the checkpoint is already quantized ({method}); quantization="
+                         f"{config.method!r} cannot re-quantize it: leave quantization unset")
+    from strata.quant.gptq import GPTQConfig, GPTQLinearMethod
+    return GPTQLinearMethod(GPTQConfig.from_dict(checkpoint), reference=reference)
+
+
+def describe_checkpoint(checkpoint: dict | None) -> str | None:
+    """For the startup line: what the checkpoint's own quantization is."""
+    if not checkpoint:
+        return None
+    if checkpoint.get("quant_method") == "gptq":
+        from strata.quant.gptq import GPTQConfig
+        try:
+            return GPTQConfig.from_dict(checkpoint).describe()
+        except ValueError:
+            pass   # reported when the model is built
+    return str(checkpoint.get("quant_method"))
 
 
 def finish_loading(model: nn.Module) -> None:

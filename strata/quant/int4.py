@@ -50,7 +50,21 @@ def dequantize_int4_codes(codes, scales, mins, group_size: int, dtype: torch.dty
     return (groups * scales[..., None] + mins[..., None]).reshape(n, k).to(dtype)
 
 
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """codes [..., K] uint8 0..15 -> bytes [..., K/2], even k in the low nibble: the layout of
+    strata.kernels.quant_matmul.pack_int4, written here so that checkpoints can be packed and
+    read without Triton."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
 class Int4LinearMethod(QuantMethod):
+    """``store`` and ``apply`` also serve methods that arrive at the same codes another way
+    (GPTQ checkpoints, strata's own quantized checkpoints)."""
+
     name = "int4"
 
     def __init__(self, group_size: int | None = None, reference: bool = False):
@@ -59,20 +73,25 @@ class Int4LinearMethod(QuantMethod):
 
     def create_weights(self, layer, in_features, out_features, dtype):
         UnquantizedLinearMethod().create_weights(layer, in_features, out_features, dtype)
-        layer.input_pad = padded_size(in_features, self.group_size) - in_features
 
     def process_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight
         codes, scales, mins = quantize_int4(weight.data, self.group_size)
         del layer.weight
+        self.store(layer, codes, scales, mins, weight.dtype)
+
+    def store(self, layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+              dtype: torch.dtype) -> None:
+        """codes [N, Kp] uint8 0..15 (Kp: in_features rounded up to whole groups), scales and mins
+        [N, Kp/G] float32 -> the parameters ``apply`` reads on this device."""
+        layer.input_pad = codes.shape[1] - layer.in_features
         if self.reference:
-            dense = dequantize_int4_codes(codes, scales, mins, self.group_size, weight.dtype)
-            layer.weight = nn.Parameter(dense[:, : weight.shape[1]].contiguous(), requires_grad=False)
+            dense = dequantize_int4_codes(codes, scales, mins, self.group_size, dtype)
+            layer.weight = nn.Parameter(dense[:, : layer.in_features].contiguous(), requires_grad=False)
             return
-        if use_triton(weight):
-            from strata.kernels.quant_matmul import pack_int4
-            layer.qweight = nn.Parameter(pack_int4(codes), requires_grad=False)   # [N, K/2] uint8
-            layer.scales = nn.Parameter(scales, requires_grad=False)              # [N, K/G] f32
+        if use_triton(codes):
+            layer.qweight = nn.Parameter(pack_nibbles(codes), requires_grad=False)   # [N, K/2] uint8
+            layer.scales = nn.Parameter(scales, requires_grad=False)                 # [N, K/G] f32
             layer.mins = nn.Parameter(mins, requires_grad=False)
             return
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), _CPU_INNER_K_TILES)
@@ -80,7 +99,7 @@ class Int4LinearMethod(QuantMethod):
         layer.qweight = nn.Parameter(packed, requires_grad=False)
         # [K/G, N, 2]: torch's layout of (scale, zero) pairs, in the activation dtype.
         layer.scales_and_zeros = nn.Parameter(torch.stack([scales, zeros], dim=-1).transpose(0, 1)
-                                              .contiguous().to(weight.dtype), requires_grad=False)
+                                              .contiguous().to(dtype), requires_grad=False)
 
     def apply(self, layer, x, bias):
         if self.reference:

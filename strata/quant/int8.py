@@ -44,8 +44,13 @@ class Int8LinearMethod(QuantMethod):
         weight = layer.weight
         codes, scales = quantize_int8(weight.data)
         del layer.weight
+        self.store(layer, codes, scales, weight.dtype)
+
+    def store(self, layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        """codes [N, K] int8, scales [N] float32 -> what ``apply`` reads (also used by methods
+        that arrive at such codes from a checkpoint: GPTQ, strata's own format)."""
         if self.reference:
-            layer.weight = nn.Parameter(dequantize_int8(codes, scales, weight.dtype), requires_grad=False)
+            layer.weight = nn.Parameter(dequantize_int8(codes, scales, dtype), requires_grad=False)
             return
         layer.qweight = nn.Parameter(codes, requires_grad=False)      # [N, K] int8
         layer.scales = nn.Parameter(scales, requires_grad=False)      # [N] float32
@@ -59,5 +64,61 @@ class Int8LinearMethod(QuantMethod):
         shape = x.shape
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), layer.qweight,
                                                layer.scales.to(x.dtype))
+        y = y.reshape(*shape[:-1], y.shape[-1])
+        return y + bias if bias is not None else y
+
+
+class Int8GroupedLinearMethod(QuantMethod):
+    """int8 codes with a scale and an offset per group of G input features: ``c * scale + offset``.
+
+    Not a format strata quantizes to; it holds 8-bit GPTQ checkpoints exactly (groups, zero
+    points). The CPU matmul runs torch's packed int8 kernel once per group and adds the offsets'
+    share as one small matmul of the per-group sums of x; elsewhere the weight is dequantized per
+    call (no grouped W8A16 kernel yet: correct and 8-bit in memory, but not a fast path)."""
+
+    name = "int8-grouped"
+
+    def __init__(self, group_size: int, reference: bool = False):
+        self.group_size = group_size
+        self.reference = reference
+
+    def store(self, layer: nn.Module, codes: torch.Tensor, scales: torch.Tensor,
+              offsets: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """codes [N, Kp] int8 (Kp: in_features rounded up to whole groups), scales and offsets
+        [N, Kp/G] float32; offsets None when all are zero."""
+        n, k = codes.shape
+        layer.input_pad = k - layer.in_features
+        groups = k // self.group_size
+        if self.reference:
+            dense = codes.float().view(n, groups, self.group_size) * scales[..., None]
+            if offsets is not None:
+                dense = dense + offsets[..., None]
+            dense = dense.view(n, k)[:, : layer.in_features].to(dtype).contiguous()
+            layer.weight = nn.Parameter(dense, requires_grad=False)
+            return
+        # [G groups, N, group]: each group's codes contiguous, as the per-group kernel wants them.
+        grouped = codes.view(n, groups, self.group_size).transpose(0, 1).contiguous()
+        layer.qweight = nn.Parameter(grouped, requires_grad=False)
+        layer.scales = nn.Parameter(scales.t().contiguous(), requires_grad=False)     # [groups, N]
+        layer.offsets = None if offsets is None else nn.Parameter(offsets.t().contiguous(), requires_grad=False)
+
+    def apply(self, layer, x, bias):
+        if self.reference:
+            return F.linear(x, layer.weight, bias)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if layer.input_pad:
+            x = F.pad(x, (0, layer.input_pad))
+        xg = x.view(x.shape[0], -1, self.group_size)          # [M, groups, group]
+        if x.device.type == "cpu":
+            y = torch.zeros(x.shape[0], layer.qweight.shape[1], dtype=x.dtype)
+            for g in range(layer.qweight.shape[0]):
+                y += torch.ops.aten._weight_int8pack_mm(xg[:, g].contiguous(), layer.qweight[g],
+                                                        layer.scales[g].to(x.dtype))
+        else:
+            w = layer.qweight.to(x.dtype) * layer.scales.to(x.dtype)[..., None]   # [groups, N, group]
+            y = x @ w.transpose(0, 1).reshape(w.shape[1], -1).t()
+        if layer.offsets is not None:
+            y = y + xg.sum(-1) @ layer.offsets.to(x.dtype)
         y = y.reshape(*shape[:-1], y.shape[-1])
         return y + bias if bias is not None else y
