@@ -35,9 +35,10 @@ from gpu_skinny_sweep import COPIES, SHAPES, graph_us  # noqa: E402
 from strata.kernels import quant_matmul as qm  # noqa: E402
 
 
-def candidates(m: int, bits: int):
+def candidates(m: int, bits: int, group_size: int):
     """Tiles worth timing for m rows: CUDA-core FMAs for one or two rows, the 16-row tensor-core
-    tile up to 16, GEMM tiles beyond."""
+    tile up to 16 (for int4 also the magic-number tile, FAST_INT4, with and without its inline
+    PTX), GEMM tiles beyond."""
     if m <= 2:
         for bn, bk, w in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8)):
             weight_bytes = bn * bk * bits // 8
@@ -48,11 +49,23 @@ def candidates(m: int, bits: int):
         for bn, bk, st in itertools.product((16, 32, 64), (128, 256, 512), (3, 4, 5)):
             yield dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, num_warps=4,
                        num_stages=st)
+        if bits == 4:
+            yield from fast_int4_candidates(group_size)
         return
     for bm, bn, bk, st in itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (3, 4)):
         if bm * bn <= 128 * 128:
             yield dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True,
                        num_warps=4 if bm * bn <= 64 * 128 else 8, num_stages=st, GROUP_M=8)
+
+
+def fast_int4_candidates(group_size: int):
+    """The magic-number int4 tile: BLOCK_K divides the group; 32 columns on 1 or 2 warps and 64
+    or 128 on 4 trade per-step overheads (x, the ones dot, scale loads) against programs."""
+    for (bn, w), bk, st, asm in itertools.product(((16, 1), (32, 2), (32, 4), (64, 4), (128, 4)),
+                                                  (64, 128, 256), (4, 6), (True, False)):
+        if bk <= group_size and (asm or (bn, bk, st) == (64, 128, 4)):
+            yield dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, FAST_INT4=True,
+                       USE_ASM=asm, num_warps=w, num_stages=st)
 
 
 def make_weights(bits: int, n: int, k: int, group_size: int):
@@ -80,12 +93,12 @@ def make_weights(bits: int, n: int, k: int, group_size: int):
     return call, ref, nbytes, copies
 
 
-def sweep_one(call, ref, copies, bf16_copies, m: int, k: int, bits: int):
+def sweep_one(call, ref, copies, bf16_copies, m: int, k: int, bits: int, group_size: int):
     """[(label, us)] sorted by time, for every candidate that runs and matches the reference."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     want = ref(x).float()
     rows = [("cublas-bf16", graph_us([lambda w=w: F.linear(x, w) for w in bf16_copies]))]
-    for cfg in candidates(m, bits):
+    for cfg in candidates(m, bits, group_size):
         try:
             if not torch.allclose(call(x, copies[0], cfg).float(), want, rtol=2e-2, atol=2e-2):
                 print(f"  WRONG {cfg}", flush=True)
@@ -118,7 +131,7 @@ def main() -> None:
                        for _ in range(COPIES)]
         floor_us = nbytes / bw * 1e6
         for m in args.rows:
-            rows = sweep_one(call, ref, copies, bf16_copies, m, k, bits)
+            rows = sweep_one(call, ref, copies, bf16_copies, m, k, bits, args.group_size)
             print(f"{name} int{bits} [{m} x {k}] x [{n} x {k}]^T: bandwidth floor {floor_us:.1f} us",
                   flush=True)
             for label, us in rows[:6] + [r for r in rows[6:] if r[0] in ("default", "cublas-bf16")]:

@@ -28,11 +28,46 @@ scale commutes with the sum over k, so it multiplies the fp32 accumulator once, 
 int4 to ``q * scale + min`` in fp32, per group, then rounded to x's dtype for the tensor cores
 (``BLOCK_K`` may cover part of a group or several whole ones). Accumulation is fp32 whatever the
 dtype; fp32 activations use exact fp32 products (no TF32).
+
+int4 decode, fp16/bf16 rows (``FAST_INT4``, ``_w4_magic_kernel``). Streaming int4 is 2x the
+elements per byte of int8, and the paths above spend ~7.4 SASS instructions per weight (the
+one-row loop, counted in the sm_90 build: shift/and per nibble, the int->fp32 add/sub, the
+scale-and-min FMA, the product FMA, and the reductions), mostly on the integer pipe that runs
+at half the FP32 rate: about 2/3 of what 3.35 TB/s needs, 44-48% measured. This path takes the
+per-element work down to what the tensor cores cannot do:
+
+* scale after the dot: a step is one ``tl.dot`` inside one group (``BLOCK_K`` divides G), so
+  ``y += scale_g * sum_k x_k q_k + min_g * sum_k x_k`` is one [BLOCK_M, BLOCK_N] FMA pair a
+  step, not a multiply-add per weight;
+* no int->float conversion: a nibble or-ed into the mantissa of 128.0 (bf16 0x4300) or 1024.0
+  (fp16 0x6400) is exactly MAGIC + q, and ``x * (MAGIC + q)`` is exact on the tensor cores, so
+  ``c_g = min_g - MAGIC * scale_g`` absorbs the offset: ``y += scale_g * dot + c_g * xsum``,
+  all fp32 (more exact than the old dot path, which rounds ``q * scale + min`` to x's dtype);
+* tensor cores even for one row (a 16-row tile, 15 rows masked): at full bandwidth that is
+  ~1/3 of the H100's mma.sync rate, and the products cost one HMMA per 4 weights a lane;
+* ``xsum = sum_k x_k`` in the accumulator's own layout comes from a second dot with a tile of
+  ones (8 HMMA per warp a step, x reused from shared memory): a reduction of x on CUDA cores
+  costs more (each warp holds all of x in the dot layout) and would need a layout conversion;
+* ``USE_ASM``: one 32-bit word of 4 packed bytes becomes four bf16x2/fp16x2 registers in 8
+  instructions (2 prmt to spread the bytes into 16-bit halves, 2 shifts, 4 lop3 doing
+  ``(t & 0x000F000F) | MAGIC``), then Triton pairs (low, high) nibbles for the mma operand (4
+  prmt): 1.5 integer ops a weight. The plain Triton version of the same arithmetic (what the
+  interpreter runs) compiles to ~2.3. Output element j of the asm depends only on byte j, so
+  the storage layout stays pack_int4's: a layout with the bytes of a word reordered would save
+  1 op in 12 (3 shifts + 4 lop3, no prmt), not worth moving a format other code reads.
+
+Counted in the sm_90 SASS of the K loop (bf16, 128-deep steps, 4 warps), per weight a lane:
+[16 x 32] tiles 6.0 instructions, [16 x 64] 4.6, [16 x 128] 3.6 (the fixed per-step costs: x
+from shared memory, the ones dot, the scale loads, amortised over wider tiles) against ~4.9
+that the issue rate allows at 3.35 TB/s; wide tiles leave narrow matrices few programs (4096
+outputs / 64 = 64 programs on 132 SMs), which the sweep weighs. Groups of 32 make 32-deep
+steps (13.6 instructions a weight): default_config keeps them on the old path.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -209,20 +244,125 @@ def _w4_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, M, N, K, x_stride
     _store(acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, out_stride, HAS_BIAS)
 
 
+# One 32-bit word of 4 packed bytes -> 4 bf16x2 (fp16x2) registers, each half MAGIC + q:
+# $0 = (lo nibble of byte 0, lo of byte 1), $1 = (lo 2, lo 3), $2 = (hi 0, hi 1), $3 = (hi 2, hi 3).
+# prmt spreads bytes 0/1 (2/3) into the two 16-bit halves; lop3 is (t & 0x000F000F) | MAGIC.
+_MAGIC_ASM = """
+{
+.reg .b32 t<4>;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shr.b32 t2, t0, 4;
+shr.b32 t3, t1, 4;
+lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $2, t2, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $3, t3, 0x000F000F, MAGIC, 0xEA;
+}
+"""
+_MAGIC_ASM_BF16 = tl.constexpr(_MAGIC_ASM.replace("MAGIC", "0x43004300"))
+_MAGIC_ASM_FP16 = tl.constexpr(_MAGIC_ASM.replace("MAGIC", "0x64006400"))
+
+
+@triton.jit
+def _int4_magic(packed, X_BF16: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Packed bytes [BLOCK_N, BLOCK_K // 2] -> [BLOCK_N, BLOCK_K] ``MAGIC + q`` in x's dtype
+    (128 + q in bf16, 1024 + q in fp16: the nibble or-ed into the mantissa of MAGIC, exact, no
+    conversion instruction). USE_ASM does it on whole 32-bit words (two values per instruction);
+    the plain version is the same arithmetic per element, for the interpreter."""
+    if USE_ASM:
+        if X_BF16:
+            lo, hi = tl.inline_asm_elementwise(_MAGIC_ASM_BF16, "=r,=r,=r,=r,r", [packed],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                               pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_MAGIC_ASM_FP16, "=r,=r,=r,=r,r", [packed],
+                                               dtype=(tl.float16, tl.float16), is_pure=True,
+                                               pack=4)
+    else:
+        b = packed.to(tl.int16)
+        if X_BF16:
+            lo = ((b & 15) | 0x4300).to(tl.bfloat16, bitcast=True)
+            hi = ((b >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+        else:
+            lo = ((b & 15) | 0x6400).to(tl.float16, bitcast=True)
+            hi = ((b >> 4) | 0x6400).to(tl.float16, bitcast=True)
+    # even k (low nibbles) and odd k (high) side by side: pack_int4's order
+    return tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _group_coefs(s_rows, mn_rows, s_stride_g, mn_stride_g, g, n_mask, MAGIC: tl.constexpr):
+    """(scale, min - MAGIC * scale) [BLOCK_N] in fp32 of group g."""
+    s = tl.load(s_rows + g * s_stride_g, mask=n_mask, other=0.0).to(tl.float32)
+    mn = tl.load(mn_rows + g * mn_stride_g, mask=n_mask, other=0.0).to(tl.float32)
+    return s, mn - MAGIC * s
+
+
+@triton.jit
+def _w4_magic_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, M, N, K, x_stride, q_stride,
+                     s_stride_n, s_stride_g, mn_stride_n, mn_stride_g, out_stride,
+                     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+                     EVICT: tl.constexpr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """The int4 decode path on tensor cores with the scales after the dot (module docstring):
+    BLOCK_K divides GROUP_SIZE, so each step is one dot inside one group."""
+    MAGIC: tl.constexpr = 128.0 if X_BF16 else 1024.0
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride
+    q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride
+    s_rows = s_ptr + offs_n.to(tl.int64) * s_stride_n
+    mn_rows = mn_ptr + offs_n.to(tl.int64) * mn_stride_n
+    ones = tl.full((BLOCK_K, BLOCK_N), 1.0, tl.float32).to(x_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The scales feed no dot, so the pipeliner would leave their latency in every step: each
+    # step loads the next step's.
+    s, c = _group_coefs(s_rows, mn_rows, s_stride_g, mn_stride_g, 0, n_mask, MAGIC)
+    last_g = K // GROUP_SIZE - 1
+    for k0 in range(0, K, BLOCK_K):
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = _load_weight(q_rows + offs_b[None, :], n_mask, n_mask, EVEN_N, True, EVICT)
+        x = tl.load(x_rows + k0 + tl.arange(0, BLOCK_K)[None, :], mask=m_mask[:, None], other=0.0)
+        s_next, c_next = _group_coefs(s_rows, mn_rows, s_stride_g, mn_stride_g,
+                                      tl.minimum((k0 + BLOCK_K) // GROUP_SIZE, last_g), n_mask,
+                                      MAGIC)
+        w = _int4_magic(packed, X_BF16, USE_ASM, BLOCK_N, BLOCK_K)     # MAGIC + q
+        dot = tl.dot(x, tl.trans(w))                 # sum_k x (MAGIC + q), exact products
+        xsum = tl.dot(x, ones)                       # sum_k x, in every column
+        acc += dot * s[None, :] + xsum * c[None, :]
+        s, c = s_next, c_next
+    _store(acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, out_stride, HAS_BIAS)
+
+
 @functools.lru_cache(maxsize=None)
-def default_config(m: int, n: int, k: int, bits: int = 8) -> dict:
-    """Tile shape and launch settings for an [m, k] x [n, k]^T product with ``bits``-bit weights.
+def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | None = None,
+                   group_size: int | None = None) -> dict:
+    """Tile shape and launch settings for an [m, k] x [n, k]^T product with ``bits``-bit weights
+    (int4: in groups of ``group_size``) and activations of ``dtype``.
 
     One row streams 4 KiB weight tiles through CUDA-core FMAs; the tile shape is what
     bench/gpu_quant_sweep.py measured fastest on an H100 (2026-11-21, Llama-3.1-8B shapes):
     int8 wants tall-thin tiles for narrow matrices (o_proj, down: [4 x 1024], 86-66% of the
     bandwidth floor) and wide-short ones for gate/up ([16 x 256], 92%), int4 [16 x 512] for
     q/k/v and [8 x 1024] elsewhere (44-48%: the unpacking makes int4 compute-bound there).
+    int4 decode with fp16/bf16 rows and groups of 64 or more takes the magic-number
+    tensor-core tile instead (``FAST_INT4``, module docstring), one group (at most 128 deep) a
+    step, 64 columns for wide matrices, else 32 (so 128 programs for 4096 outputs): chosen from
+    the SASS instruction counts, not yet measured. Groups of 32 keep the old path (a 32-deep
+    step spends more on its per-step work than the unpacking saves).
     Up to 16 rows take a 16-row tensor-core tile with the weight loads pipelined; more rows
     tile a GEMM, 64 or 128 rows by 128 columns (64 for narrow matrices), 64 deep (guesses).
     """
     def depth(cap):                     # a power of two, >= 16 for tl.dot, no deeper than K
         return min(cap, triton.next_power_of_2(max(k, 16)))
+    if (bits == 4 and m <= MAX_DECODE_ROWS and dtype in (torch.float16, torch.bfloat16)
+            and group_size is not None and group_size >= 64):
+        return dict(BLOCK_M=16, BLOCK_N=64 if n >= 6144 else 32, BLOCK_K=min(128, group_size),
+                    USE_DOT=True, FAST_INT4=True, USE_ASM=True, num_warps=4, num_stages=4,
+                    GROUP_M=1)
     if m == 1:
         if bits == 8:
             block_n = 4 if n <= 4096 else 16 if n >= 16384 else 8
@@ -257,6 +397,21 @@ def _check_config(op: str, meta: dict) -> None:
                  f"got {blocks}")
     else:
         _require(meta["BLOCK_M"] == 1, op, "config", "without USE_DOT needs BLOCK_M=1")
+
+
+def _check_fast_int4(op: str, meta: dict, x: torch.Tensor, group_size: int | None) -> None:
+    """FAST_INT4 (the magic-number tensor-core tile) takes int4 weights, fp16/bf16 rows and
+    steps that stay inside one group."""
+    _require(group_size is not None, op, "config", "FAST_INT4 is for int4 weights")
+    _require(x.dtype in (torch.float16, torch.bfloat16), op, "config",
+             f"FAST_INT4 needs fp16/bf16 x, got {x.dtype}")
+    _require(meta["USE_DOT"] and meta["BLOCK_K"] <= group_size, op, "config",
+             f"FAST_INT4 needs USE_DOT and BLOCK_K <= group_size {group_size}, got "
+             f"USE_DOT={meta['USE_DOT']} BLOCK_K={meta['BLOCK_K']}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _check_float(op: str, name: str, t: torch.Tensor, shape: tuple, device) -> None:
@@ -312,14 +467,25 @@ def _launch(op, kernel, x, out, n, k, config, bits, tensors, strides, **constexp
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    meta = {"GROUP_M": 1, **(config or default_config(m, n, k, bits))}
+    group_size = constexprs.get("GROUP_SIZE")
+    meta = {"GROUP_M": 1, **(config or default_config(m, n, k, bits, x.dtype, group_size))}
     _check_config(op, meta)
+    if meta.pop("FAST_INT4", False):
+        _check_fast_int4(op, meta, x, group_size)
+        del meta["USE_DOT"]
+        kernel = _w4_magic_kernel
+        # The interpreter cannot run inline PTX; it runs the same arithmetic in plain Triton.
+        constexprs.update(X_BF16=x.dtype == torch.bfloat16,
+                          USE_ASM=meta.pop("USE_ASM", True) and not _interpreting())
+    else:
+        meta.pop("USE_ASM", None)
+        constexprs.update(EVEN_K=k % meta["BLOCK_K"] == 0,
+                          DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     num_row_blocks = triton.cdiv(m, meta["BLOCK_M"])
     grid = (num_row_blocks * triton.cdiv(n, meta["BLOCK_N"]),)
     kernel[grid](
         *tensors, out, m, n, k, x.stride(0), *strides, out.stride(0),
-        EVEN_N=n % meta["BLOCK_N"] == 0, EVEN_K=k % meta["BLOCK_K"] == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        EVEN_N=n % meta["BLOCK_N"] == 0,
         # A weight tile read by one row block is not read again: keep it out of L2's way.
         EVICT="evict_first" if num_row_blocks == 1 else "", **constexprs, **meta)
     return out

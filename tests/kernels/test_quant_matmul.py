@@ -87,6 +87,33 @@ def test_int4_matches_reference(config, m, n, k, dtype):
     _check_int4(x, *_int4_weight(n, k, 32, dtype), 32, config=CONFIGS[config])
 
 
+FAST = dict(BLOCK_M=16, BLOCK_N=32, USE_DOT=True, FAST_INT4=True, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group_size,block_k", [(32, 32), (64, 32), (128, 64)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_int4_magic_number_tile(m, group_size, block_k, dtype):
+    """FAST_INT4 (the interpreter runs its plain-Triton unpacking): one or half a group a step,
+    odd N, bias, masked rows."""
+    k, n = 2 * group_size, 33
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    _check_int4(x, *_int4_weight(n, k, group_size, dtype), group_size, bias,
+                config=dict(FAST, BLOCK_K=block_k))
+
+
+def test_int4_default_config_takes_the_magic_number_tile():
+    for dtype in (torch.bfloat16, torch.float16):
+        for m in (1, 16):
+            assert qm.default_config(m, 4096, 4096, 4, dtype, 128)["FAST_INT4"]
+    for args in ((1, 4096, 4096, 4, torch.float32, 128), (17, 4096, 4096, 4, torch.bfloat16, 128),
+                 (1, 4096, 4096, 4, torch.bfloat16, 32), (1, 4096, 4096, 8, torch.bfloat16)):
+        assert not qm.default_config(*args).get("FAST_INT4"), args
+    x = torch.randn(3, 256, device=DEVICE).to(torch.bfloat16)
+    _check_int4(x, *_int4_weight(40, 256, 128, torch.float32), 128)     # fp32 scales
+
+
 @pytest.mark.parametrize("config", ["fma", "dot", "gemm"])
 @pytest.mark.parametrize("group_size,k", [(64, 192), (128, 256), (256, 256)])
 def test_int4_group_sizes(config, group_size, k):
@@ -162,6 +189,10 @@ def test_bad_arguments_name_the_argument():
         (lambda: w8(x, q8, s8, config=dict(DOT, BLOCK_K=8)), "config"),
         (lambda: w8(x, q8, s8, config=dict(FMA, BLOCK_M=2)), "config"),
         (lambda: w8(x, q8, s8, config=dict(BLOCK_M=16)), "config"),
+        (lambda: w8(x, q8, s8, config=dict(FAST, BLOCK_K=32)), "config"),
+        (lambda: w4(x.float(), q4, s4, m4, 32, config=dict(FAST, BLOCK_K=32)), "config"),
+        (lambda: w4(x, q4, s4, m4, 32, config=dict(FAST, BLOCK_K=64)), "config"),
+        (lambda: w4(x, q4, s4, m4, 32, config=dict(FMA, FAST_INT4=True)), "config"),
         (lambda: w4(x, q8, s4, m4, 32), "qweight"),
         (lambda: w4(x, q4, s4, m4, 48), "group_size"),
         (lambda: w4(x[:, :32], q4[:, :16].contiguous(), s4, m4, 64), "group_size"),
@@ -205,6 +236,18 @@ for bits, kernel in ((8, qm._w8_kernel), (4, qm._w4_kernel)):
         res[f"{bits}-{m}-{even}"] = dict(
             v4=len(re.findall(r"ld\.global[^ ]*\.v4", ptx)),
             cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)))
+# The magic-number int4 tile with its inline PTX, fp16, odd N and bias (the interpreter runs
+# only the plain-Triton unpacking).
+meta = dict(qm.default_config(1, 4096, 4096, 4, torch.float16, 128))
+del meta["FAST_INT4"], meta["USE_DOT"]
+meta.update(HAS_BIAS=True, EVEN_N=False, EVICT="evict_first", GROUP_SIZE=128, s_stride_g=1,
+            mn_stride_g=1, X_BF16=False)
+ptx = build(qm._w4_magic_kernel, meta, dict(x_ptr="*fp16", q_ptr="*u8", s_ptr="*fp16",
+                                             mn_ptr="*fp32", bias_ptr="*fp16", out_ptr="*fp16"),
+            ptx=True)
+res["magic"] = dict(cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)),
+                    lop3=len(re.findall(r"lop3\.b32[^;]*0x64006400", ptx)),
+                    mma=len(re.findall(r"mma\.sync", ptx)))
 print(json.dumps(res))
 """
 
@@ -216,3 +259,5 @@ def test_kernels_compile_for_hopper_with_16_byte_loads():
         assert found[f"{bits}-1-True"]["v4"] >= 1, found
         assert found[f"{bits}-4-True"]["cp16"] >= 1, found
         assert found[f"{bits}-256-True"]["cp16"] >= 1, found
+    magic = found["magic"]
+    assert magic["cp16"] >= 1 and magic["mma"] >= 1 and magic["lop3"] >= 1, found
