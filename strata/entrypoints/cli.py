@@ -1,4 +1,4 @@
-"""The ``strata`` command: generate, chat, serve, bench, perplexity and info."""
+"""The ``strata`` command: generate, chat, serve, bench, perplexity, quantize and info."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   strata chat --system "You are terse."
   strata info --model path/to/model.gguf
   strata perplexity --context-len 512 --max-windows 8
+  strata quantize path/to/hf-model path/to/model-int4 --method int4 --group-size 64
 """
 
 
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_perplexity_args(ppl)
     EngineArgs.add_cli_args(ppl)
 
+    from strata.entrypoints import quantize_cli
+    quantize_cli.add_parser(sub)
+
     info = sub.add_parser("info", help="architecture, parameters, dtype, memory plan and KV capacity",
                           description="Load the model and print what was loaded where.")
     EngineArgs.add_cli_args(info)
@@ -122,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is not None:
             parser.error(f"the model is given twice: {args.model_path!r} and --model {args.model!r}")
         args.model = args.model_path
+    if args.command == "quantize":
+        from strata.entrypoints import quantize_cli
+        return quantize_cli.main(args)
     if args.command == "bench":
         from strata.entrypoints import bench_serve
         return bench_serve.main(args)

@@ -16,7 +16,7 @@ from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from strata.layers.norm import RMSNorm
 from strata.layers.rotary import RotaryEmbedding
-from strata.models.weights import load_named_weights
+from strata.models.weights import checkpoint_target, load_named_weights
 from strata.quant.base import QuantMethod
 
 
@@ -115,6 +115,9 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_named_weights(self, weights, self.stacked_params_mapping, _llama_name)
+
+    def checkpoint_target(self, name: str) -> tuple[str, object] | None:
+        return checkpoint_target(name, self.stacked_params_mapping, _llama_name)
 
 
 def _llama_name(name: str) -> str | None:

@@ -20,7 +20,7 @@ from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.layers.linear import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
                                   RowParallelLinear)
 from strata.layers.norm import LayerNorm
-from strata.models.weights import load_named_weights
+from strata.models.weights import checkpoint_target, load_named_weights
 from strata.quant.base import QuantMethod
 
 # HF's OPTLearnedPositionalEmbedding keeps two extra rows in front (a fairseq padding legacy):
@@ -122,6 +122,9 @@ class OPTForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_named_weights(self, weights, self.stacked_params_mapping, self._checkpoint_name)
+
+    def checkpoint_target(self, name: str) -> tuple[str, object] | None:
+        return checkpoint_target(name, self.stacked_params_mapping, self._checkpoint_name)
 
     def _checkpoint_name(self, name: str) -> str | None:
         """Checkpoint name -> strata parameter name (None: skip).

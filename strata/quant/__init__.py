@@ -15,7 +15,7 @@ from strata.config import QuantConfig
 from strata.quant.base import QuantMethod
 
 
-CHECKPOINT_METHODS = ("gptq",)
+CHECKPOINT_METHODS = ("gptq", "strata")
 
 
 def make_quant_method(config: QuantConfig, checkpoint: dict | None = None) -> QuantMethod | None:
@@ -42,6 +42,15 @@ def _checkpoint_method(config: QuantConfig, checkpoint: dict, reference: bool) -
     if method not in CHECKPOINT_METHODS:
         raise ValueError(f"quantization_config.quant_method = {method!r} is not supported; "
                          f"supported: {', '.join(CHECKPOINT_METHODS)}")
+    if method == "strata":
+        from strata.quant.packed import PackedLinearMethod, parse_spec
+        fmt, group = parse_spec(checkpoint)
+        # Asking for what the checkpoint already holds is fine (the same codes either way).
+        if config.method is not None and (config.method, config.group_size) != (fmt, group):
+            raise ValueError(f"the checkpoint is already quantized ({fmt}, group size {group}); "
+                             f"quantization={config.method!r} with group size {config.group_size} "
+                             "cannot re-quantize it: leave quantization unset")
+        return PackedLinearMethod(fmt, group, reference=reference)
     if config.method is not None:
         raise ValueError(f"the checkpoint is already quantized ({method}); quantization="
                          f"{config.method!r} cannot re-quantize it: leave quantization unset")
@@ -53,6 +62,9 @@ def describe_checkpoint(checkpoint: dict | None) -> str | None:
     """For the startup line: what the checkpoint's own quantization is."""
     if not checkpoint:
         return None
+    if checkpoint.get("quant_method") == "strata":
+        group = checkpoint.get("group_size")
+        return f"strata {checkpoint.get('format')}" + (f", groups of {group}" if group else ", per channel")
     if checkpoint.get("quant_method") == "gptq":
         from strata.quant.gptq import GPTQConfig
         try:
