@@ -1,6 +1,7 @@
 """int8 / int4 weights quantized at load (round to nearest): the codes are within half a step of
-the weights, the packed CPU matmuls equal dequantize-then-matmul, and a whole model's greedy
-tokens on the packed path equal the same quantized values run through plain matmuls."""
+the weights, the packed matmuls (the GPU's Triton kernels, run by the interpreter here) equal
+dequantize-then-matmul, and a whole model's greedy tokens on the packed path equal the same
+quantized values run through plain matmuls."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def _layer(method: str, k: int, n: int, reference: bool, weight: torch.Tensor, b
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("k", [128, 96])
-def test_packed_cpu_matmul_equals_dequantized(method, k):
+def test_packed_matmul_equals_dequantized(method, k, monkeypatch):
+    monkeypatch.setenv("STRATA_FORCE_TRITON", "1")   # the GPU's packed kernels, interpreted on CPU
     torch.manual_seed(0)
     weight = torch.randn(48, k) / k ** 0.5
     packed = _layer(method, k, 48, False, weight, bias=True)
@@ -66,6 +68,14 @@ def test_packed_cpu_matmul_equals_dequantized(method, k):
     for rows in (1, 5, 33):
         x = torch.randn(rows, k)
         torch.testing.assert_close(packed(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_cpu_keeps_the_quantized_values_dequantized(method):
+    torch.manual_seed(0)
+    weight = torch.randn(48, 96)
+    cpu, ref = _layer(method, 96, 48, False, weight, False), _layer(method, 96, 48, True, weight, False)
+    assert torch.equal(cpu.weight, ref.weight) and not torch.equal(cpu.weight, weight)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +97,7 @@ def _greedy(path, **kw):
 
 @pytest.mark.parametrize("method,group", [("int8", None), ("int4", 32), ("int4", 128)])
 def test_packed_path_greedy_equals_reference_path(tiny, monkeypatch, method, group):
+    monkeypatch.setenv("STRATA_FORCE_TRITON", "1")   # the GPU's packed kernels, interpreted on CPU
     packed = _greedy(tiny, quantization=method, quantization_group_size=group)
     monkeypatch.setenv("STRATA_QUANT_REFERENCE", "1")
     assert _greedy(tiny, quantization=method, quantization_group_size=group) == packed
