@@ -348,21 +348,15 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
     int8 wants tall-thin tiles for narrow matrices (o_proj, down: [4 x 1024], 86-66% of the
     bandwidth floor) and wide-short ones for gate/up ([16 x 256], 92%), int4 [16 x 512] for
     q/k/v and [8 x 1024] elsewhere (44-48%: the unpacking makes int4 compute-bound there).
-    int4 decode with fp16/bf16 rows and groups of 64 or more takes the magic-number
-    tensor-core tile instead (``FAST_INT4``, module docstring), one group (at most 128 deep) a
-    step, 64 columns for wide matrices, else 32 (so 128 programs for 4096 outputs): chosen from
-    the SASS instruction counts, not yet measured. Groups of 32 keep the old path (a 32-deep
-    step spends more on its per-step work than the unpacking saves).
+    The magic-number int4 tile (``FAST_INT4``, ``magic_int4_config``) is not the default: with
+    it, batch-1 decode of the 8B shape on an H100 ran at 137 tok/s against 263 on the one-row
+    path (bench/gpu_quant.py, 2026-11-21 15:52), so it waits for bench/gpu_quant_sweep.py to
+    find tiles where it wins.
     Up to 16 rows take a 16-row tensor-core tile with the weight loads pipelined; more rows
     tile a GEMM, 64 or 128 rows by 128 columns (64 for narrow matrices), 64 deep (guesses).
     """
     def depth(cap):                     # a power of two, >= 16 for tl.dot, no deeper than K
         return min(cap, triton.next_power_of_2(max(k, 16)))
-    if (bits == 4 and m <= MAX_DECODE_ROWS and dtype in (torch.float16, torch.bfloat16)
-            and group_size is not None and group_size >= 64):
-        return dict(BLOCK_M=16, BLOCK_N=64 if n >= 6144 else 32, BLOCK_K=min(128, group_size),
-                    USE_DOT=True, FAST_INT4=True, USE_ASM=True, num_warps=4, num_stages=4,
-                    GROUP_M=1)
     if m == 1:
         if bits == 8:
             block_n = 4 if n <= 4096 else 16 if n >= 16384 else 8
@@ -376,6 +370,13 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
     block_m = 64 if m <= 64 else 128
     return dict(BLOCK_M=block_m, BLOCK_N=128 if n >= 2048 else 64, BLOCK_K=depth(64),
                 USE_DOT=True, num_warps=4 if block_m == 64 else 8, num_stages=3, GROUP_M=8)
+
+
+def magic_int4_config(n: int, group_size: int) -> dict:
+    """The magic-number int4 decode tile (fp16/bf16 rows, groups of 64 or more): one group (at
+    most 128 deep) a step, 64 columns for wide matrices, else 32."""
+    return dict(BLOCK_M=16, BLOCK_N=64 if n >= 6144 else 32, BLOCK_K=min(128, group_size),
+                USE_DOT=True, FAST_INT4=True, USE_ASM=True, num_warps=4, num_stages=4, GROUP_M=1)
 
 
 _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "USE_DOT", "num_warps", "num_stages"}

@@ -103,13 +103,12 @@ def test_int4_magic_number_tile(m, group_size, block_k, dtype):
                 config=dict(FAST, BLOCK_K=block_k))
 
 
-def test_int4_default_config_takes_the_magic_number_tile():
-    for dtype in (torch.bfloat16, torch.float16):
-        for m in (1, 16):
-            assert qm.default_config(m, 4096, 4096, 4, dtype, 128)["FAST_INT4"]
-    for args in ((1, 4096, 4096, 4, torch.float32, 128), (17, 4096, 4096, 4, torch.bfloat16, 128),
-                 (1, 4096, 4096, 4, torch.bfloat16, 32), (1, 4096, 4096, 8, torch.bfloat16)):
+def test_int4_default_config_keeps_the_measured_faster_path():
+    # The magic-number tile measured slower end to end on an H100 (see default_config).
+    for args in ((1, 4096, 4096, 4, torch.bfloat16, 128), (16, 4096, 4096, 4, torch.float16, 128),
+                 (1, 4096, 4096, 4, torch.float32, 128), (1, 4096, 4096, 8, torch.bfloat16)):
         assert not qm.default_config(*args).get("FAST_INT4"), args
+    assert qm.magic_int4_config(4096, 128)["FAST_INT4"]
     x = torch.randn(3, 256, device=DEVICE).to(torch.bfloat16)
     _check_int4(x, *_int4_weight(40, 256, 128, torch.float32), 128)     # fp32 scales
 
@@ -238,7 +237,7 @@ for bits, kernel in ((8, qm._w8_kernel), (4, qm._w4_kernel)):
             cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)))
 # The magic-number int4 tile with its inline PTX, fp16, odd N and bias (the interpreter runs
 # only the plain-Triton unpacking).
-meta = dict(qm.default_config(1, 4096, 4096, 4, torch.float16, 128))
+meta = dict(qm.magic_int4_config(4096, 128))
 del meta["FAST_INT4"], meta["USE_DOT"]
 meta.update(HAS_BIAS=True, EVEN_N=False, EVICT="evict_first", GROUP_SIZE=128, s_stride_g=1,
             mn_stride_g=1, X_BF16=False)
