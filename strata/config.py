@@ -95,6 +95,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Formats in strata.quant.kv.KV_FORMATS; "auto" is the model dtype.
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}   # vLLM's spelling
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -103,8 +108,15 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None   # tests force a tiny cache with this
+    # "auto" (the model dtype), or 8-bit codes with a scale per token and head (strata.quant.kv).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
+        name = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        _require(name in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (fp8 = fp8_e4m3), "
+                 f"got {self.kv_cache_dtype!r}")
+        object.__setattr__(self, "kv_cache_dtype", name)
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
                  f"block_size must be a power of two in [1, 128], got {self.block_size}")
         _require(0.0 < self.gpu_memory_utilization <= 1.0,

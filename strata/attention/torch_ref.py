@@ -3,7 +3,9 @@ against, and the path the CPU takes.
 
 The cache of one layer is ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. New keys and
 values are written to their slots first, then each sequence attends to its whole context
-(cached prefix included) through its block table.
+(cached prefix included) through its block table. A quantized cache (strata.quant.kv) holds codes
+there plus ``kv_scales [2, num_blocks, block_size, num_kv_heads]``: writes quantize each token's
+heads, reads dequantize the gathered context to the query's dtype.
 """
 
 from __future__ import annotations
@@ -12,38 +14,57 @@ import torch
 import torch.nn.functional as F
 
 from strata.attention.backend import AttentionMetadata
+from strata.quant.kv import dequantize_kv, quantize_kv
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """key/value [num_tokens, kv_heads, head_dim] into their slots."""
+             slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """key/value [num_tokens, kv_heads, head_dim] into their slots (quantized where the cache
+    holds codes: then kv_scales receives each token's scale per head)."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, key)
-    flat[1].index_copy_(0, slot_mapping, value)
+    if kv_scales is None:
+        flat[0].index_copy_(0, slot_mapping, key)
+        flat[1].index_copy_(0, slot_mapping, value)
+        return
+    flat_scales = kv_scales.view(2, num_blocks * block_size, kv_heads)
+    for plane, x in enumerate((key, value)):
+        codes, scales = quantize_kv(x, kv_cache.dtype)
+        # As bytes: the CPU has no index_copy_ for float8.
+        flat[plane].view(torch.uint8).index_copy_(0, slot_mapping, codes.view(torch.uint8))
+        flat_scales[plane].index_copy_(0, slot_mapping, scales)
 
 
-def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int):
+def _gather(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, blocks: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """kv_cache[:, blocks] -> [2, *blocks.shape, block_size, kv_heads, head_dim] values in dtype."""
+    if kv_scales is None:
+        return kv_cache[:, blocks]
+    return dequantize_kv(kv_cache[:, blocks], kv_scales[:, blocks], dtype)
+
+
+def _gather_context(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, block_table: torch.Tensor,
+                    ctx_len: int, dtype: torch.dtype):
     """K and V of one sequence's first ctx_len tokens: [ctx_len, kv_heads, head_dim] each."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-ctx_len // block_size)
-    blocks = kv_cache[:, block_table[:num_blocks]]             # [2, nb, bs, kvh, d]
+    blocks = _gather(kv_cache, kv_scales, block_table[:num_blocks], dtype)   # [2, nb, bs, kvh, d]
     blocks = blocks.flatten(1, 2)[:, :ctx_len]
     return blocks[0], blocks[1]
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """query [num_tokens, heads, head_dim] -> output of the same shape."""
     out = torch.empty_like(query)
     num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
     groups = num_heads // num_kv_heads
     if meta.decode_rows:
-        _decode_batch(query, kv_cache, meta, scale, groups, out)
+        _decode_batch(query, kv_cache, kv_scales, meta, scale, groups, out)
     for row in meta.prefill_rows:
         start, end = meta.query_start_loc_cpu[row], meta.query_start_loc_cpu[row + 1]
         ctx_len = meta.seq_lens_cpu[row]
-        k, v = _gather_context(kv_cache, meta.block_tables[row], ctx_len)
+        k, v = _gather_context(kv_cache, kv_scales, meta.block_tables[row], ctx_len, query.dtype)
         q_len = end - start
         # Query i sits at position ctx_len - q_len + i and sees keys up to that position.
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
@@ -52,7 +73,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     return out
 
 
-def _decode_batch(query, kv_cache, meta, scale, groups, out):
+def _decode_batch(query, kv_cache, kv_scales, meta, scale, groups, out):
     """All single-token rows at once, keys padded to the longest context and masked."""
     rows = meta.decode_rows
     token_idx = torch.tensor([meta.query_start_loc_cpu[r] for r in rows], device=query.device)
@@ -61,7 +82,7 @@ def _decode_batch(query, kv_cache, meta, scale, groups, out):
     block_size = kv_cache.shape[2]
     max_blocks = -(-max_ctx // block_size)
     tables = meta.block_tables[rows][:, :max_blocks]           # [b, nb]
-    kv = kv_cache[:, tables].flatten(2, 3)[:, :, :max_ctx]     # [2, b, max_ctx, kvh, d]
+    kv = _gather(kv_cache, kv_scales, tables, query.dtype).flatten(2, 3)[:, :, :max_ctx]   # [2, b, max_ctx, kvh, d]
     lens = torch.tensor(ctx_lens, device=query.device)
     mask = torch.arange(max_ctx, device=query.device)[None, :] < lens[:, None]   # [b, max_ctx]
     b, kvh, d = len(rows), kv.shape[3], kv.shape[4]
