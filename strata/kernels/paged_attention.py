@@ -4,6 +4,12 @@ The KV cache of one layer is ``[2, num_blocks, block_size, num_kv_heads, head_di
 V at 1). Token ``p`` of a sequence lives in block ``block_tables[row, p // block_size]`` at offset
 ``p % block_size``. Keys and values of this step's tokens are already in the cache.
 
+A quantized cache (``kv_cache_dtype`` int8 or fp8, strata.quant.kv) holds 8-bit codes and comes
+with ``kv_scales [2, num_blocks, block_size, num_kv_heads]`` float32. The kernels' ``KV_QUANT``
+switch then loads codes (half the bytes of bf16), converts them to q's dtype (exact), multiplies
+each score column by its key's scale and dequantizes V in registers; products still accumulate
+in fp32. Off, the switch compiles away: the plain kernels' PTX is what it was before it existed.
+
 ``paged_decode`` (one query token per row) is flash-decoding in two launches:
 
 1. ``_decode_kernel``, grid ``(batch, num_kv_heads, num_splits)``. A program owns one KV head of
@@ -51,15 +57,14 @@ the head_dim mask of the K/V loads exists only when head_dim is not a power of t
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from strata.kernels.paged_attention_checks import check_decode, check_prefill
+
 _LOG2E = 1.4426950408889634
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_HEAD_DIM = 256
 # Running-max start value: finite, so a row that has seen only masked keys yields exp2(-inf) = 0
 # rather than exp2(-inf - -inf) = NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -73,31 +78,45 @@ _MAX_SPLITS = 64
 
 @triton.jit
 def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, qk_scale,
-                 DOT_PRECISION: tl.constexpr):
+                 ks_ptrs, vs_ptrs, scale_mask, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     """One online-softmax step of FlashAttention-2 (log2 domain) over one gathered K/V tile.
 
     q [M, D]; k_ptrs/v_ptrs [N, D]; kv_mask broadcasts to [N, D]; score_mask to [M, N].
+    KV_QUANT: K/V are 8-bit codes with a float32 scale per token at ks_ptrs/vs_ptrs [N]
+    (scale_mask [N]); otherwise those are not touched.
     """
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # [M, N] fp32
+    if KV_QUANT:
+        # Codes are exact in q's dtype; K's scale is one per key, so it scales the score columns.
+        k_scale = tl.load(ks_ptrs, mask=scale_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        s = s * (k_scale * qk_scale)[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale    # [M, N] fp32
     s = tl.where(score_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if KV_QUANT:
+        # V dequantized to q's dtype (not its scale folded into p: p * scale could fall below
+        # fp16's normal range).
+        v_scale = tl.load(vs_ptrs, mask=scale_mask, other=0.0)
+        v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, qk_scale,
+    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, s_ptr, qk_scale,
     stride_qb, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
-    stride_ob, stride_oh,
+    stride_ob, stride_oh, stride_sv, stride_sb, stride_st,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -120,6 +139,7 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     k_base = kv_ptr + kv_head * stride_kh + d[None, :]
+    s_base = s_ptr + kv_head          # scales [2, blocks, block_size, kv_heads], contiguous
     bt_row = bt_ptr + row * stride_btb
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
@@ -127,12 +147,14 @@ def _decode_kernel(
         # One physical slot per token (int64: a cache may pass 2**31 elements).
         block = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0)
         slots = (block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt)[:, None]
+        s_slots = block.to(tl.int64) * stride_sb + (pos % BLOCK_SIZE) * stride_st   # unused unless KV_QUANT
         if HEAD_DIM == BLOCK_D:
             kv_mask = valid[:, None]    # keeps the loads 16-byte vectors along head_dim
         else:
             kv_mask = valid[:, None] & d_mask[None, :]
         m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, kv_mask,
-                                     valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+                                     valid[None, :], m_i, l_i, acc, qk_scale, s_base + s_slots,
+                                     s_base + stride_sv + s_slots, valid, DOT_PRECISION, KV_QUANT)
 
     if NUM_SPLITS == 1:
         # l_i == 0 only for padding rows (seq_len 0): write zeros, never 0/0.
@@ -173,12 +195,12 @@ def _decode_reduce_kernel(
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, qk_scale,
+    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, s_ptr, qk_scale,
     stride_qt, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
-    stride_ot, stride_oh,
+    stride_ot, stride_oh, stride_sv, stride_sb, stride_st,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD     # query tokens per program
     # Last query tiles first: they see the most keys, so the longest programs start earliest.
@@ -207,6 +229,7 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = kv_ptr + kv_head * stride_kh + d[None, :]
+    s_base = s_ptr + kv_head          # scales [2, blocks, block_size, kv_heads], contiguous
     bt_row = bt_ptr + seq * stride_btb
     first_pos = ctx_len - q_len + q_first
     # Keys past the tile's last query position are masked for every row: stop there.
@@ -218,21 +241,26 @@ def _prefill_kernel(
     else:
         full_mask = tl.full([BLOCK_N, 1], 1, tl.int1) & d_mask[None, :]
     all_keys = tl.full([1, BLOCK_N], 1, tl.int1)
+    all_scales = tl.full([BLOCK_N], 1, tl.int1)
     for tile_start in range(0, lo, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         block = tl.load(bt_row + pos // BLOCK_SIZE)
         slots = (block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt)[:, None]
+        s_slots = block.to(tl.int64) * stride_sb + (pos % BLOCK_SIZE) * stride_st   # unused unless KV_QUANT
         m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, full_mask,
-                                     all_keys, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+                                     all_keys, m_i, l_i, acc, qk_scale, s_base + s_slots,
+                                     s_base + stride_sv + s_slots, all_scales, DOT_PRECISION, KV_QUANT)
     for tile_start in range(lo, hi, BLOCK_N):
         pos = tile_start + tl.arange(0, BLOCK_N)
         valid = pos < hi
         block = tl.load(bt_row + pos // BLOCK_SIZE, mask=valid, other=0)
         slots = (block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt)[:, None]
+        s_slots = block.to(tl.int64) * stride_sb + (pos % BLOCK_SIZE) * stride_st
         causal = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots,
                                      full_mask & valid[:, None], causal, m_i, l_i, acc,
-                                     qk_scale, DOT_PRECISION)
+                                     qk_scale, s_base + s_slots, s_base + stride_sv + s_slots,
+                                     valid, DOT_PRECISION, KV_QUANT)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_off = (q_begin + tok)[:, None] * stride_ot + (kv_head * GROUP + g)[:, None] * stride_oh
@@ -253,7 +281,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _decode_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, num_splits: int) -> dict:
+                 dtype: torch.dtype, num_splits: int, kv_quant: bool = False) -> dict:
     """Compile-time parameters and launch options of _decode_kernel."""
     group = num_heads // num_kv_heads
     # fp32 products run on the FMA units with fp32 operand tiles: halve the tile to stay in
@@ -262,7 +290,7 @@ def _decode_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: i
     return dict(NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
                 HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size,
                 BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(dtype),
-                num_warps=4, num_stages=3)
+                KV_QUANT=kv_quant, num_warps=4, num_stages=3)
 
 
 def _reduce_meta(num_heads: int, head_dim: int, num_splits: int) -> dict:
@@ -272,7 +300,7 @@ def _reduce_meta(num_heads: int, head_dim: int, num_splits: int) -> dict:
 
 
 def _prefill_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                  dtype: torch.dtype) -> dict:
+                  dtype: torch.dtype, kv_quant: bool = False) -> dict:
     """Compile-time parameters and launch options of _prefill_kernel."""
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
@@ -286,8 +314,8 @@ def _prefill_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: 
         block_m, block_n, num_warps = 128, 64, 8 if head_dim > 64 else 4
     return dict(GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
                 BLOCK_SIZE=block_size, BLOCK_M=max(block_m, group_pad),  # >= 1 query token
-                BLOCK_N=block_n, DOT_PRECISION=_dot_precision(dtype), num_warps=num_warps,
-                num_stages=2)
+                BLOCK_N=block_n, DOT_PRECISION=_dot_precision(dtype), KV_QUANT=kv_quant,
+                num_warps=num_warps, num_stages=2)
 
 
 @functools.cache
@@ -314,91 +342,22 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks (shared by the kernels and the references)
-# --------------------------------------------------------------------------------------------
-
-def _require(ok: bool, name: str, msg: str) -> None:
-    if not ok:
-        raise ValueError(f"paged attention: `{name}` {msg}")
-
-
-def _check_index(t: torch.Tensor, name: str, shape: tuple, device: torch.device) -> None:
-    _require(isinstance(t, torch.Tensor), name, f"must be a torch.Tensor, got {type(t).__name__}")
-    _require(t.dtype == torch.int32, name, f"must be int32, got {t.dtype}")
-    _require(t.dim() == len(shape) and all(s is None or a == s for a, s in zip(t.shape, shape)),
-             name, f"must have shape {tuple('*' if s is None else s for s in shape)}, "
-                   f"got {tuple(t.shape)}")
-    _require(t.device == device, name, f"must be on {device}, got {t.device}")
-    _require(t.numel() == 0 or t.stride(-1) == 1, name, "must be contiguous in its last dimension")
-
-
-def _check_common(q, kv_cache, block_tables, seq_lens, scale, out, num_seqs):
-    """Checks shared by decode and prefill; returns (num_kv_heads, block_size, group)."""
-    _require(isinstance(q, torch.Tensor) and q.dim() == 3, "q",
-             f"must be a 3-D tensor [tokens, heads, head_dim], got {getattr(q, 'shape', q)}")
-    _require(q.dtype in _SUPPORTED_DTYPES, "q", f"dtype must be one of {_SUPPORTED_DTYPES}, got {q.dtype}")
-    _require(q.stride(-1) == 1, "q", f"must be contiguous along head_dim, strides {q.stride()}")
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    _require(1 <= head_dim <= _MAX_HEAD_DIM, "q", f"head_dim {head_dim} must be in [1, {_MAX_HEAD_DIM}]")
-    _require(isinstance(kv_cache, torch.Tensor) and kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
-             "kv_cache", "must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
-                         f"got {tuple(getattr(kv_cache, 'shape', ()))}")
-    _require(kv_cache.dtype == q.dtype, "kv_cache", f"dtype {kv_cache.dtype} must match q ({q.dtype})")
-    _require(kv_cache.is_contiguous(), "kv_cache", "must be contiguous")
-    _require(kv_cache.device == q.device, "kv_cache", f"must be on {q.device}, got {kv_cache.device}")
-    block_size, num_kv_heads, kv_dim = kv_cache.shape[2:]
-    _require(kv_dim == head_dim, "kv_cache", f"head_dim {kv_dim} must match q's {head_dim}")
-    _require(num_kv_heads > 0 and num_heads % num_kv_heads == 0, "kv_cache",
-             f"num_kv_heads {num_kv_heads} must divide q's {num_heads} heads")
-    _require(block_size > 0 and block_size & (block_size - 1) == 0, "kv_cache",
-             f"block_size {block_size} must be a power of two")
-    _check_index(block_tables, "block_tables", (num_seqs, None), q.device)
-    _check_index(seq_lens, "seq_lens", (num_seqs,), q.device)
-    _require(isinstance(scale, (int, float)) and math.isfinite(scale), "scale",
-             f"must be a finite float, got {scale!r}")
-    if out is not None:
-        _require(isinstance(out, torch.Tensor) and out.shape == q.shape, "out",
-                 f"must have q's shape {tuple(q.shape)}, got {tuple(getattr(out, 'shape', ()))}")
-        _require(out.dtype == q.dtype, "out", f"dtype {out.dtype} must match q ({q.dtype})")
-        _require(out.device == q.device, "out", f"must be on {q.device}, got {out.device}")
-        _require(out.stride(-1) == 1, "out", f"must be contiguous along head_dim, strides {out.stride()}")
-    return num_kv_heads, block_size, num_heads // num_kv_heads
-
-
-def _check_decode(q, kv_cache, block_tables, seq_lens, scale, out, num_splits):
-    shape = _check_common(q, kv_cache, block_tables, seq_lens, scale, out, q.shape[0] if
-                          isinstance(q, torch.Tensor) and q.dim() == 3 else -1)
-    _require(num_splits is None or (isinstance(num_splits, int) and num_splits >= 1),
-             "num_splits", f"must be None or a positive int, got {num_splits!r}")
-    return shape
-
-
-def _check_prefill(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, out):
-    _require(isinstance(seq_lens, torch.Tensor) and seq_lens.dim() == 1, "seq_lens",
-             "must be a 1-D tensor [num_seqs]")
-    num_seqs = seq_lens.shape[0]
-    shape = _check_common(q, kv_cache, block_tables, seq_lens, scale, out, num_seqs)
-    _check_index(query_start_loc, "query_start_loc", (num_seqs + 1,), q.device)
-    _require(isinstance(max_query_len, int) and max_query_len >= 0, "max_query_len",
-             f"must be a non-negative int, got {max_query_len!r}")
-    return shape
-
-
-# --------------------------------------------------------------------------------------------
 # Public wrappers
 # --------------------------------------------------------------------------------------------
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                 num_splits: int | None = None) -> torch.Tensor:
+                 num_splits: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per row over its paged context.
 
     q [batch, heads, head_dim]; block_tables [batch, max_blocks] int32; seq_lens [batch] int32,
     the context length including this token (0 marks a padding row: its output is zeros).
+    ``kv_scales`` [2, num_blocks, block_size, kv_heads] float32: the cache holds 8-bit codes
+    (strata.quant.kv), dequantized as they are loaded.
     Returns ``out`` ([batch, heads, head_dim], q's dtype). No host sync: CUDA-graph safe.
     """
-    num_kv_heads, block_size, _ = _check_decode(q, kv_cache, block_tables, seq_lens, scale, out,
-                                                num_splits)
+    num_kv_heads, block_size, _ = check_decode(q, kv_cache, block_tables, seq_lens, scale, out,
+                                                num_splits, kv_scales)
     batch, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -414,11 +373,13 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         ws_l = torch.empty_like(ws_m)
     else:
         ws_acc = ws_m = ws_l = out   # unused by the single-split path
+    scales, s_strides = _scale_args(kv_cache, kv_scales)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scale * _LOG2E,
+        q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scales, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
-        **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits))
+        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), *s_strides,
+        **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits,
+                       kv_scales is not None))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(1),
@@ -428,43 +389,56 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
-                  scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float, out: torch.Tensor | None = None,
+                  kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention for a varlen batch whose new tokens follow a cached prefix.
 
     q [tokens, heads, head_dim]; sequence i's queries are q[query_start_loc[i]:query_start_loc[i+1]]
     and are the last query_len of its seq_lens[i] context tokens. ``max_query_len`` (host int,
     >= every query_len) sizes the grid only. Tokens outside query_start_loc's range are not written.
+    ``kv_scales``: as for paged_decode.
     """
-    num_kv_heads, block_size, _ = _check_prefill(q, kv_cache, block_tables, seq_lens,
-                                                 query_start_loc, max_query_len, scale, out)
+    num_kv_heads, block_size, _ = check_prefill(q, kv_cache, block_tables, seq_lens,
+                                                 query_start_loc, max_query_len, scale, out, kv_scales)
     num_heads, head_dim = q.shape[1], q.shape[2]
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0 or q.shape[0] == 0:
         return out
-    meta = _prefill_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype)
+    meta = _prefill_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, kv_scales is not None)
     block_q = meta["BLOCK_M"] // meta["GROUP_PAD"]
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    scales, s_strides = _scale_args(kv_cache, kv_scales)
     _prefill_kernel[grid](
-        q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * _LOG2E,
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out, scales, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), **meta)
+        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), *s_strides, **meta)
     return out
+
+
+def _scale_args(kv_cache, kv_scales):
+    """The kernels' scale pointer and its (plane, block, token) strides; a plain cache passes
+    itself and zeros, never read (KV_QUANT is off)."""
+    if kv_scales is None:
+        return kv_cache, (0, 0, 0)
+    return kv_scales, (kv_scales.stride(0), kv_scales.stride(1), kv_scales.stride(2))
 
 
 # --------------------------------------------------------------------------------------------
 # Torch references: float32, one sequence at a time, explicit masks
 # --------------------------------------------------------------------------------------------
 
-def _gather_ref(kv_cache, table_row, ctx_len, group):
-    """K, V of a sequence's first ctx_len tokens, repeated per query head: [ctx, heads, d] fp32."""
+def _gather_ref(kv_cache, kv_scales, table_row, ctx_len, group):
+    """K, V of a sequence's first ctx_len tokens, repeated per query head: [ctx, heads, d] fp32
+    (codes times their scales for a quantized cache)."""
     block_size = kv_cache.shape[2]
     pos = torch.arange(ctx_len, device=kv_cache.device)
     blocks = table_row.long()[pos // block_size]
-    k = kv_cache[0, blocks, pos % block_size].float().repeat_interleave(group, dim=1)
-    v = kv_cache[1, blocks, pos % block_size].float().repeat_interleave(group, dim=1)
-    return k, v
+    kv = kv_cache[:, blocks, pos % block_size].float()                        # [2, ctx, kvh, d]
+    if kv_scales is not None:
+        kv = kv * kv_scales[:, blocks, pos % block_size][..., None]
+    return kv[0].repeat_interleave(group, dim=1), kv[1].repeat_interleave(group, dim=1)
 
 
 def _attend_ref(q, k, v, mask, scale):
@@ -474,14 +448,15 @@ def _attend_ref(q, k, v, mask, scale):
     return torch.einsum("htn,nhd->thd", torch.softmax(scores, dim=-1), v)
 
 
-def paged_decode_ref(q, kv_cache, block_tables, seq_lens, scale, out=None, num_splits=None):
+def paged_decode_ref(q, kv_cache, block_tables, seq_lens, scale, out=None, num_splits=None,
+                     kv_scales=None):
     """Reference for paged_decode (num_splits is accepted and ignored)."""
-    _, _, group = _check_decode(q, kv_cache, block_tables, seq_lens, scale, out, num_splits)
+    _, _, group = check_decode(q, kv_cache, block_tables, seq_lens, scale, out, num_splits, kv_scales)
     result = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     for row, ctx_len in enumerate(seq_lens.tolist()):
         if ctx_len == 0:
             continue
-        k, v = _gather_ref(kv_cache, block_tables[row], ctx_len, group)
+        k, v = _gather_ref(kv_cache, kv_scales, block_tables[row], ctx_len, group)
         mask = torch.ones(1, ctx_len, dtype=torch.bool, device=q.device)
         result[row] = _attend_ref(q[row:row + 1], k, v, mask, scale)[0]
     if out is None:
@@ -490,10 +465,10 @@ def paged_decode_ref(q, kv_cache, block_tables, seq_lens, scale, out=None, num_s
 
 
 def paged_prefill_ref(q, kv_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
-                      out=None):
+                      out=None, kv_scales=None):
     """Reference for paged_prefill."""
-    _, _, group = _check_prefill(q, kv_cache, block_tables, seq_lens, query_start_loc,
-                                 max_query_len, scale, out)
+    _, _, group = check_prefill(q, kv_cache, block_tables, seq_lens, query_start_loc,
+                                 max_query_len, scale, out, kv_scales)
     if out is None:
         out = torch.empty_like(q)
     starts = query_start_loc.tolist()
@@ -501,7 +476,7 @@ def paged_prefill_ref(q, kv_cache, block_tables, seq_lens, query_start_loc, max_
         start, end = starts[seq], starts[seq + 1]
         if end == start:
             continue
-        k, v = _gather_ref(kv_cache, block_tables[seq], ctx_len, group)
+        k, v = _gather_ref(kv_cache, kv_scales, block_tables[seq], ctx_len, group)
         q_pos = torch.arange(ctx_len - (end - start), ctx_len, device=q.device)
         mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
         out[start:end] = _attend_ref(q[start:end], k, v, mask, scale).to(q.dtype)

@@ -27,6 +27,7 @@ from strata.kernels.paged_attention import (
     paged_prefill,
     paged_prefill_ref,
 )
+from strata.quant.kv import quantize_kv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
@@ -83,40 +84,52 @@ def assert_matches(out, ref, dtype, where=""):
     assert rel <= REL_NORM_TOL[dtype], f"{where}: relative error {rel:.2e}"
 
 
-def run_decode(ctx_lens, heads, head_dim, block_size, dtype, gen, num_splits_list):
+def quantized(kv_cache, code_dtype):
+    """(cache, kv_scales): the cache itself, or its codes and scales (strata.quant.kv)."""
+    if code_dtype is None:
+        return kv_cache, None
+    return quantize_kv(kv_cache, code_dtype)
+
+
+def run_decode(ctx_lens, heads, head_dim, block_size, dtype, gen, num_splits_list, code_dtype=None):
     num_heads, num_kv_heads = heads
     kv_cache, tables = make_cache_and_tables(ctx_lens, block_size, num_kv_heads, head_dim, dtype, gen)
+    kv_cache, kv_scales = quantized(kv_cache, code_dtype)
     q = _randn(len(ctx_lens), num_heads, head_dim, gen=gen, dtype=dtype, std=2.0)
     seq_lens = _int32(ctx_lens)
     scale = head_dim ** -0.5
-    ref = paged_decode_ref(q, kv_cache, tables, seq_lens, scale)
+    ref = paged_decode_ref(q, kv_cache, tables, seq_lens, scale, kv_scales=kv_scales)
     ref32 = torch.zeros(q.shape, dtype=torch.float32, device=DEVICE)
     # The reference in fp32 from the same (rounded) inputs: bf16 output rounding is the only gap.
-    paged_decode_ref(q.float(), kv_cache.float(), tables, seq_lens, scale, out=ref32)
+    paged_decode_ref(q.float(), kv_cache if code_dtype else kv_cache.float(), tables, seq_lens, scale,
+                     out=ref32, kv_scales=kv_scales)
     assert ref.dtype == dtype
     for num_splits in num_splits_list:
         out = torch.full_like(q, float("nan"))
-        got = paged_decode(q, kv_cache, tables, seq_lens, scale, out=out, num_splits=num_splits)
+        got = paged_decode(q, kv_cache, tables, seq_lens, scale, out=out, num_splits=num_splits,
+                           kv_scales=kv_scales)
         assert got is out
         assert_matches(out, ref32, dtype, f"num_splits={num_splits}")
         pad = seq_lens == 0
         assert (out[pad] == 0).all(), "padding rows must be zeros"
 
 
-def run_prefill(seqs, heads, head_dim, block_size, dtype, gen):
+def run_prefill(seqs, heads, head_dim, block_size, dtype, gen, code_dtype=None):
     """seqs: (context length, query length) per sequence; queries are the context's last ones."""
     num_heads, num_kv_heads = heads
     ctx_lens = [c for c, _ in seqs]
     q_lens = [n for _, n in seqs]
     kv_cache, tables = make_cache_and_tables(ctx_lens, block_size, num_kv_heads, head_dim, dtype, gen)
+    kv_cache, kv_scales = quantized(kv_cache, code_dtype)
     starts = [0]
     for n in q_lens:
         starts.append(starts[-1] + n)
     q = _randn(starts[-1], num_heads, head_dim, gen=gen, dtype=dtype, std=2.0)
     args = (tables, _int32(ctx_lens), _int32(starts), max(q_lens), head_dim ** -0.5)
-    ref32 = paged_prefill_ref(q.float(), kv_cache.float(), *args)
+    ref32 = paged_prefill_ref(q.float(), kv_cache if code_dtype else kv_cache.float(), *args,
+                              kv_scales=kv_scales)
     out = torch.full_like(q, float("nan"))
-    got = paged_prefill(q, kv_cache, *args, out=out)
+    got = paged_prefill(q, kv_cache, *args, out=out, kv_scales=kv_scales)
     assert got is out
     assert_matches(out, ref32, dtype, f"seqs={seqs}")
 
@@ -233,6 +246,54 @@ def test_prefill_strided_q(gen):
 
 
 # --------------------------------------------------------------------------------------------
+# Quantized KV cache: 8-bit codes and a float32 scale per (slot, KV head), read by the kernels
+# --------------------------------------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+# (heads, head_dim, block_size, dtype, codes): both code types in fp32 and bf16, a head size that
+# is not a power of two (masked head_dim loads), fp16 (V dequantized in registers, not folded).
+QUANT_CASES = [
+    ("gqa4", 32, 16, torch.float32, torch.int8), ("gqa2", 32, 16, torch.bfloat16, torch.int8),
+    ("mqa", 80, 4, torch.bfloat16, torch.int8), ("gqa4", 32, 4, torch.float16, torch.int8),
+    ("gqa2", 32, 16, torch.float32, FP8), ("mha", 64, 4, torch.bfloat16, FP8),
+]
+QUANT_IDS = [f"{h}-d{d}-bs{b}-{str(t)[6:]}-{'fp8' if c == FP8 else 'int8'}" for h, d, b, t, c in QUANT_CASES]
+
+
+@pytest.mark.parametrize("heads,head_dim,block_size,dtype,codes", QUANT_CASES, ids=QUANT_IDS)
+def test_decode_reads_quantized_cache(heads, head_dim, block_size, dtype, codes, gen):
+    bs = block_size
+    num_splits = 3 if dtype == torch.float32 else 1
+    run_decode([1, bs - 1, bs + 1, 0, 3 * bs + 5, 151], HEADS[heads], head_dim, block_size, dtype, gen,
+               [num_splits], code_dtype=codes)
+
+
+@pytest.mark.parametrize("heads,head_dim,block_size,dtype,codes", QUANT_CASES, ids=QUANT_IDS)
+def test_prefill_reads_quantized_cache(heads, head_dim, block_size, dtype, codes, gen):
+    bs = block_size
+    run_prefill([(bs - 1, bs - 1), (3 * bs + 5, 1), (2 * bs + 3, bs), (151, 40)], HEADS[heads], head_dim,
+                block_size, dtype, gen, code_dtype=codes)
+
+
+def test_quantized_cache_arguments_are_checked(gen):
+    args = _decode_args(gen)
+    codes, scales = quantize_kv(args["kv_cache"], torch.int8)
+    for fn in (paged_decode, paged_decode_ref):
+        with pytest.raises(ValueError, match="`kv_cache`"):          # codes without their scales
+            fn(**{**args, "kv_cache": codes})
+        with pytest.raises(ValueError, match="`kv_cache`"):          # scales for a float cache
+            fn(**args, kv_scales=scales)
+        with pytest.raises(ValueError, match="`kv_scales`"):
+            fn(**{**args, "kv_cache": codes}, kv_scales=scales[..., :1])
+        with pytest.raises(ValueError, match="`kv_scales`"):
+            fn(**{**args, "kv_cache": codes}, kv_scales=scales.half())
+    q = _randn(4, 4, 16, gen=gen)
+    with pytest.raises(ValueError, match="`kv_scales`"):
+        paged_prefill(q, codes, args["block_tables"], args["seq_lens"], _int32([0, 1, 4]), 3, 0.25,
+                      kv_scales=scales.transpose(2, 3).contiguous().transpose(2, 3))
+
+
+# --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
 
@@ -306,16 +367,17 @@ def build(fn, meta, ptrs):
     return dict(shared=k.metadata.shared, wgmma="wgmma" in ptx,
                 cp_async_16b=len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx)))
 
-def decode(h, kvh, d, dt, splits):
+def decode(h, kvh, d, dt, splits, kv=None):
     t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
-    ptrs = dict(q_ptr=t, kv_ptr=t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32",
-                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32")
-    return build(pa._decode_kernel, pa._decode_meta(h, kvh, d, 16, dt, splits), ptrs)
+    ptrs = dict(q_ptr=t, kv_ptr=kv or t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32",
+                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32")
+    return build(pa._decode_kernel, pa._decode_meta(h, kvh, d, 16, dt, splits, kv is not None), ptrs)
 
-def prefill(h, kvh, d, dt):
+def prefill(h, kvh, d, dt, kv=None):
     t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
-    ptrs = dict(q_ptr=t, kv_ptr=t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32")
-    return build(pa._prefill_kernel, pa._prefill_meta(h, kvh, d, 16, dt), ptrs)
+    ptrs = dict(q_ptr=t, kv_ptr=kv or t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+                s_ptr="*fp32")
+    return build(pa._prefill_kernel, pa._prefill_meta(h, kvh, d, 16, dt, kv is not None), ptrs)
 
 bf16, f32 = torch.bfloat16, torch.float32
 print(json.dumps({
@@ -324,6 +386,8 @@ print(json.dumps({
                     dict(ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", out_ptr="*bf16")),
     "prefill": prefill(32, 8, 128, bf16),
     "decode_fp32_d80": decode(5, 1, 80, f32, 3), "prefill_fp32_d80": prefill(5, 1, 80, f32),
+    "decode_int8": decode(32, 8, 128, bf16, 1, "*i8"), "prefill_int8": prefill(32, 8, 128, bf16, "*i8"),
+    "decode_fp8": decode(32, 8, 128, bf16, 8, "*fp8e4nv"), "prefill_fp8": prefill(32, 8, 128, bf16, "*fp8e4nv"),
 }))
 """
 
@@ -335,7 +399,8 @@ def test_kernels_compile_for_hopper():
         assert s["shared"] <= 227 * 1024, f"{name}: {s['shared']} B of shared memory"
         if name != "reduce":
             assert s["cp_async_16b"] > 0, f"{name}: K/V loads are not 16-byte copies"
-    assert stats["prefill"]["wgmma"], "bf16 prefill should use Hopper's wgmma"
+    for name in ("prefill", "prefill_int8", "prefill_fp8"):
+        assert stats[name]["wgmma"], f"{name}: bf16 prefill should use Hopper's wgmma"
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from sm90 import V4_LOADS_BUILD, run_without_interpreter  # noqa: E402
 from strata.attention import torch_ref  # noqa: E402
 from strata.kernels import rotary  # noqa: E402
 from strata.layers.rotary import RotaryEmbedding  # noqa: E402
+from strata.quant.kv import quantize_kv  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -149,6 +150,65 @@ def test_rotate_only_without_cache():
     torch.testing.assert_close(k, k_want, **_tol(torch.float32))
 
 
+# (dtype, config): GQA in bf16, partial rotary with a tail in fp32 and fp16, more q heads than
+# one head block in bf16.
+QUANT_WRITE_CASES = [(torch.bfloat16, CONFIGS[0]), (torch.float32, CONFIGS[1]), (torch.float16, CONFIGS[1]),
+                     (torch.bfloat16, CONFIGS[3])]
+
+
+def _write_quantized_case(dtype, config, code_dtype):
+    """Run the kernel on a quantized cache; return what it wrote and what strata.quant.kv says."""
+    heads, kv_heads, head_dim, rot_dim = config
+    num_tokens, num_blocks, block_size = 9, 6, 4
+    _, cos, sin = _tables(head_dim, rot_dim)
+    _, q, k, v = _fused_qkv(num_tokens, heads, kv_heads, head_dim, dtype)
+    k[4] = 0.0                                                  # an all-zero key: scale 0, no 0/0
+    positions = torch.randint(0, MAX_POS, (num_tokens,), device=DEVICE)
+    slots = _slots(num_tokens, num_blocks * block_size, pad_rows=(2, 7))
+    codes = torch.full((2, num_blocks, block_size, kv_heads, head_dim), 99, dtype=torch.int8,
+                       device=DEVICE).view(torch.uint8).view(code_dtype) if code_dtype != torch.int8 else \
+        torch.full((2, num_blocks, block_size, kv_heads, head_dim), 99, dtype=torch.int8, device=DEVICE)
+    scales = torch.full((2, num_blocks, block_size, kv_heads), float("nan"), device=DEVICE)
+    q32, k32 = rotary.rotary_ref(positions, q.float(), k.float(), cos, sin)
+    v0 = v.clone()
+    rotary.rotary_write_kv(positions, q, k, v, cos, sin, codes, slots, scales)
+    # q and k are rotated in place exactly as without quantization.
+    torch.testing.assert_close(q, q32.to(dtype), **_tol(dtype))
+    torch.testing.assert_close(k, k32.to(dtype), **_tol(dtype))
+    keep = slots >= 0
+    want = [quantize_kv(x[keep], code_dtype) for x in (k, v0)]   # from the rotated k the kernel kept
+    flat, flat_scales = codes.flatten(1, 2), scales.flatten(1, 2)
+    got = [(flat[p, slots[keep]], flat_scales[p, slots[keep]]) for p in (0, 1)]
+    # Every other slot is untouched.
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots[keep]] = False
+    assert (flat.view(torch.uint8)[:, untouched] == 99).all() and flat_scales[:, untouched].isnan().all()
+    return got, want
+
+
+@pytest.mark.parametrize("dtype,config", QUANT_WRITE_CASES,
+                         ids=[f"{str(d)[6:]}-{c[0]}x{c[1]}x{c[2]}-rot{c[3]}" for d, c in QUANT_WRITE_CASES])
+def test_rotary_writes_int8_cache(dtype, config):
+    """The kernel's codes and scales are strata.quant.kv's, computed the same way in float32 (on
+    the GPU a code may differ by one where a division rounds differently)."""
+    got, want = _write_quantized_case(dtype, config, torch.int8)
+    for (codes, scales), (want_codes, want_scales) in zip(got, want):
+        diff = (codes.int() - want_codes.int()).abs()
+        assert diff.max() <= (1 if CUDA else 0), f"{int((diff > 0).sum())} codes differ"
+        torch.testing.assert_close(scales, want_scales, rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter's float32 -> float8 conversion drops the carry of "
+                                     "its rounding (0.49999997 becomes 0.25, not 0.5)")
+@pytest.mark.parametrize("dtype,config", QUANT_WRITE_CASES[:2],
+                         ids=[f"{str(d)[6:]}-rot{c[3]}" for d, c in QUANT_WRITE_CASES[:2]])
+def test_rotary_writes_fp8_cache(dtype, config):
+    got, want = _write_quantized_case(dtype, config, torch.float8_e4m3fn)
+    for (codes, scales), (want_codes, want_scales) in zip(got, want):
+        torch.testing.assert_close(codes.float(), want_codes.float(), rtol=0.07, atol=2.0 ** -9)
+        torch.testing.assert_close(scales, want_scales, rtol=1e-6, atol=0)
+
+
 def test_bad_arguments_name_the_argument():
     heads, kv_heads, head_dim = 4, 2, 64
     _, cos, sin = _tables(head_dim, head_dim)
@@ -168,6 +228,7 @@ def test_bad_arguments_name_the_argument():
         "sin_cache": dict(sin_cache=sin[:, :32]),
         "rot_dim": dict(cos_cache=cos[:, :31], sin_cache=sin[:, :31]),
         "kv_cache": dict(kv_cache=cache.float()),
+        "kv_scales": dict(kv_cache=cache.to(torch.int8), kv_scales=torch.zeros(2, 2, 4, 1, device=DEVICE)),
     }
     for name, bad in cases.items():
         with pytest.raises(ValueError, match=name):
@@ -175,6 +236,11 @@ def test_bad_arguments_name_the_argument():
     _, big_cos, big_sin = _tables(128, 128)                     # rot_dim 128 > head_dim 64
     with pytest.raises(ValueError, match="rot_dim"):
         rotary.rotary_write_kv(**{**good, "cos_cache": big_cos, "sin_cache": big_sin})
+    scales = torch.zeros(2, 2, 4, kv_heads, device=DEVICE)
+    with pytest.raises(ValueError, match="kv_cache"):           # scales beside a float cache
+        rotary.rotary_write_kv(**good, kv_scales=scales)
+    with pytest.raises(ValueError, match="kv_cache"):           # codes without their scales
+        rotary.rotary_write_kv(**{**good, "kv_cache": cache.to(torch.int8)})
 
 
 @pytest.mark.skipif(not CUDA, reason="realistic sizes need a GPU")
@@ -207,11 +273,19 @@ def test_gpu_model_sizes(num_tokens):
 _ROTARY_SCRIPT = r"""
 from strata.kernels import rotary
 types = dict(pos_ptr="*i64", q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", cos_ptr="*fp32",
-             sin_ptr="*fp32", cache_ptr="*bf16", slot_ptr="*i64")
+             sin_ptr="*fp32", cache_ptr="*bf16", slot_ptr="*i64", scale_ptr="*fp32")
+int8 = dict(types, cache_ptr="*i8")
+fp8 = dict(types, cache_ptr="*fp8e4nv")
 print(json.dumps({
     "llama_gqa": build(rotary._rotary_kv_kernel, rotary._rotary_meta(32, 8, 128, 128, True)[1], types),
     "partial": build(rotary._rotary_kv_kernel, rotary._rotary_meta(32, 32, 80, 32, True)[1], types),
     "rotate_only": build(rotary._rotary_kv_kernel, rotary._rotary_meta(40, 8, 128, 128, False)[1], types),
+    "int8_cache": build(rotary._rotary_kv_kernel,
+                        rotary._rotary_meta(32, 8, 128, 128, True, torch.int8)[1], int8),
+    "int8_partial": build(rotary._rotary_kv_kernel,
+                          rotary._rotary_meta(32, 32, 80, 32, True, torch.int8)[1], int8),
+    "fp8_cache": build(rotary._rotary_kv_kernel,
+                       rotary._rotary_meta(32, 8, 128, 128, True, torch.float8_e4m3fn)[1], fp8),
 }))
 """
 
