@@ -25,6 +25,10 @@ HELP = {
     "enable_chunked_prefill": "split long prompts over several steps, mixed with decodes",
     "kv_cache_memory": "bytes for the KV cache, e.g. 2GiB (default on CPU: 4GiB, capped to what "
                        "max_num_seqs full contexts need)",
+    "kv_cache_dtype": "KV cache storage: auto (the model dtype), int8, or fp8 (= fp8_e4m3; CUDA compute "
+                      "capability >= 8.9). int8/fp8 store each token's K and V per head as 8-bit codes "
+                      "plus a float32 scale: about half the bytes of bf16 (a quarter of fp32), so about "
+                      "twice the tokens fit in the same kv_cache_memory",
     "gpu_memory_utilization": "share of GPU memory strata may use (weights + activations + KV)",
     "num_gpu_blocks_override": "force the number of KV blocks (testing)",
     "load_format": "auto, safetensors, gguf, or dummy (random weights of the model's shape)",
@@ -64,6 +68,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
     kv_cache_memory: str | int | None = None
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     load_format: str = "auto"

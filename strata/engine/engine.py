@@ -18,6 +18,7 @@ from strata.engine.output_processor import OutputProcessor
 from strata.executor.executor import UniprocExecutor
 from strata.loader import model_loader
 from strata.outputs import RequestOutput
+from strata.quant.kv import resolve_kv_format
 from strata.runner.model_runner import ModelRunner, StepHandle
 from strata.sampling_params import SamplingParams
 
@@ -33,6 +34,13 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.args = args
         self.device = DeviceConfig.resolve(args.device).device
+        # Before the load, so a bad cache option fails fast.
+        cache_config = CacheConfig(
+            block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+            kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_dtype=args.kv_cache_dtype)
+        self.kv_format = resolve_kv_format(cache_config.kv_cache_dtype, self.device)
         load_config = LoadConfig(args.load_format, args.seed)
         source = model_loader.resolve_model(args.model, load_config)
         dtype = model_loader.resolve_dtype(args.dtype, source, self.device)
@@ -44,12 +52,8 @@ class LLMEngine:
         self.model_config = model_config
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | (
             frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset())
-        cache_config = CacheConfig(
-            block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
-            kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            num_gpu_blocks_override=args.num_gpu_blocks_override)
-        runner = ModelRunner(model, model_config, args.block_size, self.device, self.eos_token_ids)
+        runner = ModelRunner(model, model_config, args.block_size, self.device, self.eos_token_ids,
+                             self.kv_format)
         max_num_batched_tokens = args.max_num_batched_tokens or (
             DEFAULT_GPU_BATCHED_TOKENS if self.device.type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
         self.memory_plan: dict[str, float] = {}
@@ -198,13 +202,20 @@ class LLMEngine:
                 f"{str(cfg.dtype).removeprefix('torch.')} on {self.device} "
                 f"(checkpoint quantization: {self.source.quantization or 'none'}"
                 f"{self._describe_quant()}) | "
-                f"weights {weight_gib:.2f} GiB, KV cache {kv_gib:.2f} GiB = {self.num_blocks} blocks x "
+                f"weights {weight_gib:.2f} GiB, KV cache {self.describe_kv_dtype()} {kv_gib:.2f} GiB = "
+                f"{self.num_blocks} blocks x "
                 f"{self.args.block_size} tokens "
                 f"({self.num_blocks * self.args.block_size} tokens at most in flight) | "
                 f"max_model_len {self.scheduler_config.max_model_len} | "
                 f"{'async' if self.async_scheduling else 'sync'} scheduling | "
                 f"loaded in {self.load_seconds:.1f}s"
                 + self._describe_gpu())
+
+    def describe_kv_dtype(self) -> str:
+        """What the KV cache stores: the model dtype, or the quantized format (kv_cache_dtype)."""
+        if self.kv_format is None:
+            return str(self.model_config.dtype).removeprefix("torch.")
+        return f"{self.kv_format.name} (scale per token and head)"
 
     def _describe_quant(self) -> str:
         q = self.quant_config

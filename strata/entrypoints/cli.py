@@ -265,7 +265,8 @@ def _info(llm) -> int:
         ("dtype / device", f"{str(cfg.dtype).removeprefix('torch.')} / {engine.device}"),
         ("checkpoint quantization", engine.source.quantization or "none"),
         ("weights", f"{weight_bytes / 2**30:.3f} GiB"),
-        ("KV cache", f"{engine.num_blocks * engine.kv_block_bytes / 2**30:.3f} GiB: {engine.num_blocks} blocks "
+        ("KV cache", f"{engine.describe_kv_dtype()}, {engine.num_blocks * engine.kv_block_bytes / 2**30:.3f} GiB: "
+                     f"{engine.num_blocks} blocks "
                      f"x {engine.args.block_size} tokens = {kv_tokens} tokens "
                      f"({engine.kv_block_bytes // engine.args.block_size} bytes per token)"),
         ("max_model_len", f"{engine.scheduler_config.max_model_len} (model: {cfg.max_position_embeddings})"),

@@ -4,8 +4,9 @@ step's keys and values into the paged cache, then attends over each sequence's w
 On CUDA the rotation and the cache write are one Triton kernel and attention is the Triton
 paged kernels (decode-only steps take the split-sequence decode kernel, any step with a prompt
 chunk the varlen prefill kernel); elsewhere the torch references run. The runner binds
-``kv_cache`` (this layer's slice of the cache) after allocating memory; the attention metadata
-comes from the forward context.
+``kv_cache`` (this layer's slice of the cache) after allocating memory, and ``kv_scales`` when the
+cache is quantized (kv_cache_dtype int8/fp8: codes in kv_cache, see strata.quant.kv); the attention
+metadata comes from the forward context.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.rotary_emb = rotary_emb
         self.kv_cache: torch.Tensor | None = None   # [2, num_blocks, block_size, kv_heads, head_dim]
+        self.kv_scales: torch.Tensor | None = None  # [2, num_blocks, block_size, kv_heads] float32
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,8 +48,8 @@ class Attention(nn.Module):
             return self._forward_triton(q, k, v, positions, meta).view(n, -1)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
-        torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping)
-        out = torch_ref.paged_attention(q, self.kv_cache, meta, self.scale)
+        torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.kv_scales)
+        out = torch_ref.paged_attention(q, self.kv_cache, meta, self.scale, self.kv_scales)
         return out.reshape(n, self.num_heads * self.head_dim)
 
     def _forward_triton(self, q, k, v, positions, meta) -> torch.Tensor:
@@ -57,12 +59,13 @@ class Attention(nn.Module):
         if rope is not None:
             q = q.contiguous() if q.stride(-1) != 1 else q
             rotary_write_kv(positions, q, k, v, rope.cos_cached, rope.sin_cached, self.kv_cache,
-                            meta.slot_mapping)
+                            meta.slot_mapping, self.kv_scales)
         else:
-            torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping)
+            torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.kv_scales)
         if meta.max_query_len == 1:
             # The kernel picks its sequence splits from the shapes alone, so a captured graph
             # replays with the same split.
-            return paged_decode(q, self.kv_cache, meta.block_tables, meta.seq_lens, self.scale)
+            return paged_decode(q, self.kv_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                kv_scales=self.kv_scales)
         return paged_prefill(q, self.kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                             meta.max_query_len, self.scale)
+                             meta.max_query_len, self.scale, kv_scales=self.kv_scales)

@@ -24,6 +24,7 @@ from strata.config import ModelConfig
 from strata.core.sched_output import PromptLogprobs, RunnerOutput, SchedulerOutput
 from strata.forward_context import set_forward_context
 from strata.layers.attention import Attention
+from strata.quant.kv import SCALE_DTYPE, KVCacheFormat, kv_cache_bytes_per_slot
 from strata.runner.cuda_graph import CudaGraphRunner
 from strata.runner.input_batch import CachedRequestState, StepInputs, build_step_inputs, dummy_prefill_inputs
 from strata.sample.sampler import (HostCopy, HostSamplerOutput, Sampler, SamplingMetadata, SamplingRow,
@@ -31,15 +32,19 @@ from strata.sample.sampler import (HostCopy, HostSamplerOutput, Sampler, Samplin
 
 # Prompt positions whose logits are computed at once for prompt logprobs.
 PROMPT_LOGPROB_ROWS = 256
+# Cache dtypes numpy can calloc (bfloat16 and fp8 have no numpy type).
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int8: np.int8}
 
 
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, block_size: int,
-                 device: torch.device, eos_token_ids: frozenset[int] = frozenset()):
+                 device: torch.device, eos_token_ids: frozenset[int] = frozenset(),
+                 kv_format: KVCacheFormat | None = None):
         self.model = model
         self.model_config = model_config
         self.block_size = block_size
         self.device = device
+        self.kv_format = kv_format       # None: K/V in the model dtype
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.states: dict[str, CachedRequestState] = {}
@@ -54,37 +59,42 @@ class ModelRunner:
 
     # ---- KV cache ----------------------------------------------------------------------------
     def kv_cache_block_bytes(self) -> int:
-        """Bytes of one block over all layers."""
-        a = self.attn_layers[0]
-        elem = torch.empty((), dtype=self.model_config.dtype).element_size()
-        return 2 * self.block_size * a.num_kv_heads * a.head_dim * elem * len(self.attn_layers)
+        """Bytes of one block over all layers (codes and scales for a quantized cache)."""
+        return self.block_size * sum(
+            kv_cache_bytes_per_slot(a.num_kv_heads, a.head_dim, self.model_config.dtype, self.kv_format)
+            for a in self.attn_layers)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """num_blocks for requests plus one scratch block at the end that no request owns: the
         padding rows of a CUDA graph write their keys and values there."""
         self.free_kv_cache()
         self.num_blocks = num_blocks
+        fmt = self.kv_format
         for layer in self.attn_layers:
             shape = (2, num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.kv_cache = self._zeros(shape)
+            layer.kv_cache = self._zeros(shape, self.model_config.dtype if fmt is None else fmt.dtype)
             self.kv_caches.append(layer.kv_cache)
+            if fmt is not None:
+                layer.kv_scales = self._zeros(shape[:-1], SCALE_DTYPE)
+                self.kv_caches.append(layer.kv_scales)   # block copies move the scales too
 
     def free_kv_cache(self) -> None:
         self.graphs = None
         for layer in self.attn_layers:
             layer.kv_cache = None
+            layer.kv_scales = None
         self.kv_caches = []
 
     @property
     def scratch_slot(self) -> int:
         return self.num_blocks * self.block_size
 
-    def _zeros(self, shape) -> torch.Tensor:
-        if self.device.type == "cpu" and self.model_config.dtype in (torch.float32, torch.float16):
+    def _zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        np_dtype = _NUMPY_DTYPES.get(dtype)
+        if self.device.type == "cpu" and np_dtype is not None:
             # calloc'd pages: zero without touching them, so an unused cache costs no RAM.
-            np_dtype = np.float32 if self.model_config.dtype == torch.float32 else np.float16
             return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
-        return torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     # ---- one step ----------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
