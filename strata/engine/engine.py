@@ -220,7 +220,8 @@ class LLMEngine:
     def _describe_quant(self) -> str:
         q = self.quant_config
         if q.method is None:
-            return ""
+            summary = getattr(self.executor.runner.model, "quant_summary", None)   # GGUF kept packed
+            return f"; {summary}" if summary else ""
         group = f", groups of {q.group_size}" if q.group_size else ", per channel"
         return f"; quantized at load: {q.method}{group}"
 

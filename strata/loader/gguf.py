@@ -12,8 +12,9 @@ import math
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch
 from strata.quant import ggml_formats as fmt
 from strata.quant.ggml_dequant import dequantize
 from strata.quant.ggml_formats import GGMLType
+from strata.quant.gguf import GGMLRows
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -151,6 +153,15 @@ class GGUFFile:
         """The tensor's bytes as a read-only uint8 view into the memory map (no copy)."""
         info = self._info(name)
         return self._mmap[info.offset : info.offset + info.nbytes]
+
+    def raw_rows(self, name: str) -> GGMLRows:
+        """A 2-D tensor's GGML blocks as [rows, row_bytes] uint8, a view of the map (no copy)."""
+        info = self._info(name)
+        rows = info.shape[0]
+        with warnings.catch_warnings():   # the map is read-only; nothing writes to these views
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            blocks = torch.from_numpy(self.raw(name)).view(rows, info.nbytes // rows)
+        return GGMLRows(blocks, info.ggml_type, info.shape)
 
     def load_tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to float32 in torch shape: a new tensor, not a view of the map."""
@@ -306,6 +317,8 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Weights of linear layers: what gguf_weights(packed=True) hands over as GGML blocks.
+_LINEAR_WEIGHT = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 # tensors with no HF parameter: llama3's rope factors are folded into config["rope_scaling"]
 _SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
 
@@ -446,11 +459,13 @@ def llama3_rope_factors(scaling: dict, freqs: torch.Tensor) -> torch.Tensor:
     return torch.where(wavelen > original / low, torch.full_like(freqs, factor), factors)
 
 
-def gguf_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
+def gguf_weights(gguf: GGUFFile, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | GGMLRows]]:
     """Yield (HF checkpoint name, float32 tensor) for every weight, in file order.
 
     Q/K rows of "llama" files are put back into HF's rotate-half order. Every tensor's name and
-    type are checked before the first one is dequantized, so a bad file fails fast.
+    type are checked before the first one is dequantized, so a bad file fails fast. With
+    ``packed``, the quantized weights of linear layers come as GGMLRows, their blocks untouched
+    (whole block rows permuted likewise), for strata.quant.gguf to keep packed.
     """
     arch = _architecture(gguf)
     for info in gguf.tensors.values():
@@ -463,7 +478,10 @@ def gguf_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
     for info in gguf.tensors.values():
         if info.name in _SKIPPED_TENSORS:
             continue
-        tensor = gguf.load_tensor(info.name)
+        if packed and info.ggml_type.block_size > 1 and _LINEAR_WEIGHT.fullmatch(info.name):
+            tensor = gguf.raw_rows(info.name)
+        else:
+            tensor = gguf.load_tensor(info.name)
         if arch in _ROPE_PERMUTED_ARCHITECTURES:
             if ".attn_q." in info.name:
                 tensor = _unpermute_rope_rows(tensor, config["num_attention_heads"])
@@ -472,14 +490,17 @@ def gguf_weights(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
         yield hf_tensor_name(info.name), tensor
 
 
-def _unpermute_rope_rows(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _unpermute_rope_rows(tensor: torch.Tensor | GGMLRows, num_heads: int) -> torch.Tensor | GGMLRows:
     """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py LlamaModel.permute).
 
     HF's llama rotates halves: within a head, row i pairs with row i + head_dim/2. GGML's rope
     rotates adjacent rows 2i, 2i+1, so the converter reorders each head's rows as
     [0, hd/2, 1, hd/2+1, ...]. Reading them back as [head, hd/2, 2] and swapping the last two
-    axes restores [0, 1, ..., hd/2-1, hd/2, ...]. Biases (1-D) are permuted the same way.
+    axes restores [0, 1, ..., hd/2-1, hd/2, ...]. Biases (1-D) are permuted the same way, and
+    GGML blocks as whole rows (the permutation is over output rows, a block lies within one).
     """
+    if isinstance(tensor, GGMLRows):
+        return replace(tensor, blocks=_unpermute_rope_rows(tensor.blocks, num_heads))
     rows = tensor.shape[0]  # [num_heads * head_dim, (hidden)]
     if rows % (2 * num_heads):
         raise GGUFError(f"cannot split {rows} Q/K rows into {num_heads} rotary heads")

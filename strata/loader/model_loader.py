@@ -3,6 +3,7 @@ nothing: the embedded default), build strata's model and put the weights in plac
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -116,9 +117,12 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
                 device: torch.device, progress: bool = False,
                 quant_config: QuantConfig | None = None) -> nn.Module:
     cls = get_model_class(model_config.architecture)
-    # With a GGUF checkpoint this re-quantizes its dequantized weights; GPTQ checkpoints bring
-    # their own method.
-    quant = make_quant_method(quant_config or QuantConfig(), source.quant_spec)
+    # GGUF and GPTQ checkpoints bring their own method; asking for int8/int4 on a GGUF file
+    # re-quantizes its dequantized weights.
+    spec = source.quant_spec
+    if source.kind == "gguf" and load_config.load_format != "dummy":
+        spec = {"quant_method": "gguf"}   # GGUF weights stay in their blocks (quant/gguf.py)
+    quant = make_quant_method(quant_config or QuantConfig(), spec)
     with torch.device(device):
         model = cls(model_config, quant=quant)
     model.eval()
@@ -130,22 +134,34 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
         adopt_hf_weights(model, source.hf_model)
     elif source.kind == "gguf":
         from strata.loader.gguf import gguf_weights
-        # Dequantizing is many small elementwise ops: with several OpenMP threads on a busy
-        # machine they spin-wait on each other (measured 2.5-17 s on 2 shared cores vs ~1 s on one).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            model.load_weights(_cast(gguf_weights(source.gguf), model_config.dtype, progress,
+        packed = getattr(quant, "name", None) == "gguf"
+        with _one_thread():
+            model.load_weights(_cast(gguf_weights(source.gguf, packed), model_config.dtype, progress,
                                      len(source.gguf.tensors)))
-        finally:
-            torch.set_num_threads(threads)
     else:
         from strata.loader.safetensors import iter_safetensors, safetensors_files
         model.load_weights(iter_safetensors(safetensors_files(source.path), progress))
     # Counted before quantized layers pack their weights (packed codes are not parameters).
     model.num_parameters = sum(p.numel() for p in model.parameters())
-    finish_loading(model)
+    if getattr(quant, "name", None) == "gguf":
+        with _one_thread():   # unpacking GGML blocks is the same kind of small elementwise ops
+            finish_loading(model)
+        model.quant_summary = _gguf_summary(source.gguf, quant, model_config)
+    else:
+        finish_loading(model)
     return model
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # Dequantizing is many small elementwise ops: with several OpenMP threads on a busy
+    # machine they spin-wait on each other (measured 2.5-17 s on 2 shared cores vs ~1 s on one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _cast(weights, dtype, progress: bool, total: int):
@@ -156,9 +172,18 @@ def _cast(weights, dtype, progress: bool, total: int):
     for name, tensor in weights:
         if bar is not None:
             bar.update(1)
-        yield name, tensor.to(dtype)
+        # GGML blocks (GGMLRows) are left as they are: the GGUF method repacks them
+        yield name, tensor.to(dtype) if isinstance(tensor, torch.Tensor) else tensor
     if bar is not None:
         bar.close()
+
+
+def _gguf_summary(gguf, method, model_config: ModelConfig) -> str:
+    """What was kept packed, and what the embedding (a row lookup, always dequantized) is."""
+    embedding = gguf.tensors["token_embd.weight"].ggml_type.name
+    head = ("the LM head tied to it" if model_config.tie_word_embeddings
+            else f"LM head {gguf.tensors['output.weight'].ggml_type.name} dequantized")
+    return f"{method.summary()}; token embedding {embedding} dequantized, {head}"
 
 
 def model_config_for(source: ModelSource, dtype: torch.dtype) -> ModelConfig:

@@ -24,6 +24,13 @@ def make_quant_method(config: QuantConfig, checkpoint: dict | None = None) -> Qu
     quantized values, stored dequantized and multiplied by plain matmuls), which is what the
     packed kernels are compared against."""
     reference = config.reference or os.environ.get("STRATA_QUANT_REFERENCE") == "1"
+    if checkpoint is not None and checkpoint.get("quant_method") == "gguf":
+        # GGUF blocks stay packed, unless asked to re-quantize (int8/int4 from the dequantized
+        # weights) or for the reference path (every tensor dequantized at load).
+        if config.method is None and not reference:
+            from strata.quant.gguf import GGUFLinearMethod
+            return GGUFLinearMethod()
+        checkpoint = None
     if checkpoint is not None:
         return _checkpoint_method(config, checkpoint, reference)
     if config.method is None:

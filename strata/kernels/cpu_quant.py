@@ -1,0 +1,218 @@
+"""CPU matmuls on packed 4-bit and grouped 8-bit weights (the layouts are in cpu_quant.c).
+
+torch's own packed CPU matmuls (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) are
+fast on AVX-512 but fall back to scalar code on AVX2 machines (measured on a 2-core EPYC: 14x
+slower than an fp32 F.linear of the same shape), and have no grouped int8 at all. So strata
+carries its own: a small C file built on first use with the system's C compiler (``$CC``, else
+``cc``) into ~/.cache/strata (``$STRATA_CACHE_DIR``), loaded with ctypes. Without a compiler,
+or with ``STRATA_DISABLE_CPU_KERNELS=1``, the same layouts are computed by torch in row tiles.
+
+Decode-sized inputs (up to ``MAX_GEMV_ROWS`` rows) go to the C matmuls, which read each packed
+weight once. Larger ones (prefill) dequantize row tiles of W into a cache-sized float buffer and
+hand each tile to torch's GEMM: the unpacking is then paid once per tile for all rows of x.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("strata")
+
+MAX_GEMV_ROWS = 8
+_TILE_BYTES = 1 << 20          # float32 weight tile of the prefill path: about an L2
+_SOURCE = Path(__file__).with_name("cpu_quant.c")
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+_COMMON_FLAGS = ["-std=c11", "-shared", "-fPIC", "-ffp-contract=off"]
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (disabled, or no working compiler: said once in the log)."""
+    if os.environ.get("STRATA_DISABLE_CPU_KERNELS") == "1":
+        return None
+    return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.info(f"strata: CPU quantized matmuls not built ({e}); packed weights are computed "
+                    "by torch in tiles, more slowly")
+        return None
+    ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.strata_w4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, cint]
+    lib.strata_w8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, cint]
+    lib.strata_w4_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, cint]
+    lib.strata_w8_dequantize.argtypes = [ptr, ptr, i64, i64, i64, ptr, cint]
+    return lib
+
+
+def _build() -> Path:
+    """Compile cpu_quant.c once per source, compiler, flags and CPU; reuse the cached library after.
+
+    Flag sets go from best to most portable (-march=native or OpenMP may be missing: clang on
+    macOS, old gcc), each cached under its own name, so a build that failed once for a passing
+    reason (a busy machine out of processes) is tried again by the next process."""
+    cc = os.environ.get("CC", "cc")
+    cache = Path(os.environ.get("STRATA_CACHE_DIR") or Path.home() / ".cache" / "strata") / "kernels"
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b" ".join([_SOURCE.read_bytes(), cc.encode(), *map(str.encode, flags),
+                                        _cpu_signature()])).hexdigest()[:16]
+        target = cache / f"cpu_quant-{key}.so"
+        if target.exists():
+            return target
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        cmd = [cc, *flags, *_COMMON_FLAGS, str(_SOURCE), "-o", tmp]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            os.replace(tmp, target)   # atomic: processes building at once each write their own
+            return target
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{' '.join(cmd[:1 + len(flags)])}: {getattr(e, 'stderr', b'') or e}")
+            Path(tmp).unlink(missing_ok=True)
+    raise subprocess.SubprocessError("; ".join(str(e)[:200] for e in errors))
+
+
+def _cpu_signature() -> bytes:
+    """What -march=native depends on, so a shared home directory never hands one CPU's build
+    to another."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        import platform
+        return platform.processor().encode()
+
+
+# --- matmuls ------------------------------------------------------------------------------------
+
+def w4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale_min: torch.Tensor,
+              lib: ctypes.CDLL | None, check: bool = True) -> torch.Tensor:
+    """x [..., K] float -> [..., N]: W = q * scale + min, groups of 32 (see cpu_quant.c).
+    ``check=False`` is for callers that validated the weights once (a layer, per call)."""
+    n, k = check_w4(qweight, scale_min) if check else (qweight.shape[0], 2 * qweight.shape[1])
+    x2 = _rows(x, k)
+    y = torch.empty(x2.shape[0], n)                     # [M, N]
+    if lib is not None and x2.shape[0] <= MAX_GEMV_ROWS:
+        status = lib.strata_w4_matmul(x2.data_ptr(), x2.shape[0], k, qweight.data_ptr(),
+                                      scale_min.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+        if status:
+            raise MemoryError(f"w4 matmul: no memory for the group sums of {x2.shape[0]} rows")
+    else:
+        for rows in _tiles(n, k):
+            y[:, rows] = x2 @ w4_dequantize(qweight[rows], scale_min[rows], lib).t()
+    return _like(y, x)
+
+
+def w8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              lib: ctypes.CDLL | None, check: bool = True) -> torch.Tensor:
+    """x [..., K] float -> [..., N]: W = q * scale, groups of K / scales.shape[1]."""
+    if check:
+        n, k, group = check_w8(qweight, scales)
+    else:
+        (n, k), group = qweight.shape, qweight.shape[1] // scales.shape[1]
+    x2 = _rows(x, k)
+    y = torch.empty(x2.shape[0], n)
+    if lib is not None and x2.shape[0] <= MAX_GEMV_ROWS:
+        lib.strata_w8_matmul(x2.data_ptr(), x2.shape[0], k, qweight.data_ptr(), scales.data_ptr(),
+                             group, y.data_ptr(), n, torch.get_num_threads())
+    else:
+        for rows in _tiles(n, k):
+            y[:, rows] = x2 @ w8_dequantize(qweight[rows], scales[rows], lib).t()
+    return _like(y, x)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x as a contiguous float32 [M, K] (itself when it already is: the decode step's case)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"packed matmul: x has {x.shape[-1]} features, the weight {k}")
+    if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.reshape(-1, k).float().contiguous()
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.dtype == torch.float32:
+        return y
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _tiles(n: int, k: int):
+    """Row slices of W whose float32 copy is about _TILE_BYTES."""
+    tile = max(1, _TILE_BYTES // (4 * k))
+    return (slice(start, min(start + tile, n)) for start in range(0, n, tile))
+
+
+# --- dequantizers (the tiled path, and the references the tests compare with) -------------------
+
+def w4_dequantize(qweight: torch.Tensor, scale_min: torch.Tensor, lib: ctypes.CDLL | None = None
+                  ) -> torch.Tensor:
+    n, k = check_w4(qweight, scale_min)
+    if lib is not None:
+        out = torch.empty(n, k)
+        lib.strata_w4_dequantize(qweight.data_ptr(), scale_min.data_ptr(), n, k, out.data_ptr(),
+                                 torch.get_num_threads())
+        return out
+    b = qweight.view(n, k // 32, 1, 16)
+    codes = torch.cat((b & 0x0F, b >> 4), dim=2).float()        # [n, K/32, 2, 16]
+    w = codes.view(n, k // 32, 32) * scale_min[..., 0:1] + scale_min[..., 1:2]
+    return w.view(n, k)
+
+
+def w8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, lib: ctypes.CDLL | None = None
+                  ) -> torch.Tensor:
+    n, k, group = check_w8(qweight, scales)
+    if lib is not None:
+        out = torch.empty(n, k)
+        lib.strata_w8_dequantize(qweight.data_ptr(), scales.data_ptr(), group, n, k, out.data_ptr(),
+                                 torch.get_num_threads())
+        return out
+    return (qweight.float().view(n, k // group, group) * scales[..., None]).view(n, k)
+
+
+def pack_w4(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] uint8 0..15 -> [N, K/2]: per group of 32, byte j = code j | code j+16 << 4."""
+    n, k = codes.shape
+    if codes.dtype != torch.uint8 or k % 32:
+        raise ValueError(f"pack_w4: codes must be uint8 with K a multiple of 32, got {codes.dtype} "
+                         f"[{n}, {k}]")
+    halves = codes.view(n, k // 32, 2, 16)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def check_w4(qweight, scale_min) -> tuple[int, int]:
+    n, half_k = qweight.shape
+    k = 2 * half_k
+    _check("w4", qweight, torch.uint8, k % 32 == 0, f"[N, K/2] with K a multiple of 32, got {tuple(qweight.shape)}")
+    _check("w4", scale_min, torch.float32, scale_min.shape == (n, k // 32, 2),
+           f"[{n}, {k // 32}, 2], got {tuple(scale_min.shape)}")
+    return n, k
+
+
+def check_w8(qweight, scales) -> tuple[int, int, int]:
+    n, k = qweight.shape
+    groups = scales.shape[-1] if scales.dim() == 2 else 0
+    ok = scales.dim() == 2 and scales.shape[0] == n and groups > 0 and k % groups == 0 and (k // groups) % 8 == 0
+    _check("w8", qweight, torch.int8, True, "")
+    _check("w8", scales, torch.float32, ok, f"[{n}, K/group] with group a multiple of 8 (K = {k}), "
+           f"got {tuple(scales.shape)}")
+    return n, k, k // groups
+
+
+def _check(op, t, dtype, ok, what):
+    if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu" or not ok:
+        raise ValueError(f"{op}: expected a contiguous CPU {dtype} tensor {what} "
+                         f"(got {t.dtype} on {t.device}, contiguous={t.is_contiguous()})")
