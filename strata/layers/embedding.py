@@ -20,6 +20,17 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size, dtype=dtype),
                                    requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.dtype = dtype
+        self.packed: nn.Module | None = None   # set by use_packed
+
+    def use_packed(self, packed: nn.Module) -> None:
+        """Hold the table quantized (GGUF blocks kept packed, quant/gguf.py) instead of the float
+        weight: ``packed.rows(ids)`` dequantizes just the rows a lookup reads, and ``packed(x)``
+        is ``x @ table^T`` for an LM head."""
+        if self.tp_size != 1:
+            raise ValueError(f"a packed vocabulary table needs tensor_parallel_size 1, got {self.tp_size}")
+        del self.weight
+        self.packed = packed
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if loaded.shape[1] != param.shape[1] or loaded.shape[0] != self.vocab_size:
@@ -30,6 +41,8 @@ class VocabParallelEmbedding(nn.Module):
         param.data[rows.shape[0]:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:   # [num_tokens] -> [num_tokens, hidden]
+        if self.packed is not None:
+            return self.packed.rows(input_ids).to(self.dtype)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
@@ -53,6 +66,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, vocab]
-        logits = F.linear(hidden, self.weight, self.bias)
+        if self.packed is not None:
+            logits = self.packed(hidden)
+            logits = logits + self.bias if self.bias is not None else logits
+        else:
+            logits = F.linear(hidden, self.weight, self.bias)
         logits = ps.tensor_model_parallel_all_gather(logits)
         return logits[..., : self.vocab_size]

@@ -144,9 +144,11 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
     # Counted before quantized layers pack their weights (packed codes are not parameters).
     model.num_parameters = sum(p.numel() for p in model.parameters())
     if getattr(quant, "name", None) == "gguf":
+        from strata.quant.gguf import keep_vocab_packed
         with _one_thread():   # unpacking GGML blocks is the same kind of small elementwise ops
             finish_loading(model)
-        model.quant_summary = _gguf_summary(source.gguf, quant, model_config)
+            vocab = keep_vocab_packed(model, source.gguf)
+        model.quant_summary = f"{quant.summary()}; {vocab}"
     else:
         finish_loading(model)
     return model
@@ -176,14 +178,6 @@ def _cast(weights, dtype, progress: bool, total: int):
         yield name, tensor.to(dtype) if isinstance(tensor, torch.Tensor) else tensor
     if bar is not None:
         bar.close()
-
-
-def _gguf_summary(gguf, method, model_config: ModelConfig) -> str:
-    """What was kept packed, and what the embedding (a row lookup, always dequantized) is."""
-    embedding = gguf.tensors["token_embd.weight"].ggml_type.name
-    head = ("the LM head tied to it" if model_config.tie_word_embeddings
-            else f"LM head {gguf.tensors['output.weight'].ggml_type.name} dequantized")
-    return f"{method.summary()}; token embedding {embedding} dequantized, {head}"
 
 
 def model_config_for(source: ModelSource, dtype: torch.dtype) -> ModelConfig:

@@ -125,12 +125,8 @@ class GGUFLinearMethod(QuantMethod):
         if isinstance(rows, torch.Tensor):           # a float GGUF tensor, dequantized by the loader
             return "dense"
         name = rows.ggml_type.name
-        if name in _INT4_TYPES and (device.type == "cpu" or on_triton):
-            form = "int4"
-        elif name in _INT8_TYPES and device.type == "cpu":
-            form = "int8"
-        else:
-            form = "dense"
+        form = packed_form(name, device, on_triton) or "dense"
+        if form == "dense":
             if name not in self._noticed:
                 self._noticed.add(name)
                 why = ("no grouped-int8 kernel on CUDA yet" if name in _INT8_TYPES
@@ -178,10 +174,14 @@ class Int4Segment(nn.Module):
         return cpu_quant.w4_matmul(x, self.qweight, self.scale_min, self.lib, check=False)
 
     def dequantize(self) -> torch.Tensor:
+        return self.rows(slice(None))
+
+    def rows(self, ids) -> torch.Tensor:
+        """Rows ``ids`` of W in float32 (an embedding lookup)."""
         if self.on_triton:
             from strata.kernels.quant_matmul import dequantize_int4
-            return dequantize_int4(self.qweight, self.scales, self.mins, 32)
-        return cpu_quant.w4_dequantize(self.qweight, self.scale_min)
+            return dequantize_int4(self.qweight[ids], self.scales[ids], self.mins[ids], 32)
+        return cpu_quant.w4_dequantize(self.qweight[ids], self.scale_min[ids])
 
 
 class Int8Segment(nn.Module):
@@ -198,7 +198,10 @@ class Int8Segment(nn.Module):
         return cpu_quant.w8_matmul(x, self.qweight, self.scales, self.lib, check=False)
 
     def dequantize(self) -> torch.Tensor:
-        return cpu_quant.w8_dequantize(self.qweight, self.scales)
+        return self.rows(slice(None))
+
+    def rows(self, ids) -> torch.Tensor:
+        return cpu_quant.w8_dequantize(self.qweight[ids], self.scales[ids])
 
 
 def _check_rows_covered(layer: nn.Module, pieces: list) -> None:
@@ -210,6 +213,45 @@ def _check_rows_covered(layer: nn.Module, pieces: list) -> None:
         expected = first + rows.shape[0]
     if expected != layer.out_features:
         raise ValueError(f"{type(layer).__name__}: checkpoint rows {expected}..{layer.out_features} are missing")
+
+
+def packed_form(type_name: str, device: torch.device, on_triton: bool) -> str | None:
+    """'int4' or 'int8' where a kernel computes the type on this device, else None."""
+    if type_name in _INT4_TYPES and (device.type == "cpu" or on_triton):
+        return "int4"
+    if type_name in _INT8_TYPES and device.type == "cpu":
+        return "int8"
+    return None
+
+
+def keep_vocab_packed(model: nn.Module, gguf_file) -> str:
+    """Swap the float token embedding (and LM head) of a model loaded from ``gguf_file`` for
+    their GGUF rows kept packed, where the type has a packed form here: a lookup dequantizes only
+    the rows it reads, and a tied LM head multiplies by the same codes. Returns what was done,
+    for the startup line."""
+    embedding, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+    if embedding is None or head is None or embedding.tp_size != 1:
+        return "token embedding dequantized"
+    tied = head.weight is embedding.weight
+    done = [_keep_table_packed(embedding, gguf_file, "token_embd.weight", "token embedding")]
+    if tied:
+        if embedding.packed is not None:
+            head.use_packed(embedding.packed)
+        done.append("the LM head tied to it")
+    elif "output.weight" in gguf_file.tensors:
+        done.append(_keep_table_packed(head, gguf_file, "output.weight", "LM head"))
+    return ", ".join(done)
+
+
+def _keep_table_packed(module: nn.Module, gguf_file, name: str, what: str) -> str:
+    rows = gguf_file.raw_rows(name)
+    device, dtype = module.weight.device, module.weight.dtype
+    on_triton = device.type == "cuda" and use_triton(torch.empty(0, device=device))
+    form = packed_form(rows.ggml_type.name, device, on_triton)
+    if form is None or tuple(rows.shape) != tuple(module.weight.shape):
+        return f"{what} {rows.ggml_type.name} dequantized"
+    module.use_packed(_segment(form, [rows], dtype, device, on_triton))
+    return f"{what} {rows.ggml_type.name} kept packed"
 
 
 def _segment(form: str, pieces: list, dtype: torch.dtype, device: torch.device, on_triton: bool

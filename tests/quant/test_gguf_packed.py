@@ -172,7 +172,8 @@ def _greedy(path, prompts, max_tokens, **kw):
 def test_default_model_packed_equals_reference(monkeypatch):
     prompts = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea."]
     packed, line = _greedy(None, prompts, 16)
-    assert "gguf Q4_1 x210 kept packed; token embedding Q8_0 dequantized, the LM head tied to it" in line
+    assert "gguf Q4_1 x210 kept packed; token embedding Q8_0 kept packed, the LM head tied to it" in line
+    assert "weights 0.10 GiB" in line                 # 0.50 GiB dequantized to float32
     monkeypatch.setenv("STRATA_QUANT_REFERENCE", "1")
     reference_tokens, reference_line = _greedy(None, prompts, 16)
     assert reference_tokens == packed and "kept packed" not in reference_line
@@ -186,8 +187,9 @@ MIXED = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q
          "ffn_gate": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "Q6_K"}
 
 
-def tiny_llama_gguf(path, types: dict[str, str]):
-    """A 2-layer random Llama whose linear weights are random blocks of the given GGML types."""
+def tiny_llama_gguf(path, types: dict[str, str], embedding: str = "F32", head: str | None = None):
+    """A 2-layer random Llama whose linear weights are random blocks of the given GGML types;
+    the LM head is tied to the embedding unless ``head`` names its type."""
     rng = np.random.default_rng(7)
     writer = gguf.GGUFWriter(str(path), "llama")
     for method, key, value in [
@@ -199,7 +201,11 @@ def tiny_llama_gguf(path, types: dict[str, str]):
         ("add_uint32", "tokenizer.ggml.bos_token_id", 1), ("add_uint32", "tokenizer.ggml.eos_token_id", 2),
     ]:
         getattr(writer, method)(key, value)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32))
+    for name, t in (("token_embd.weight", embedding), ("output.weight", head)):
+        if t == "F32":
+            writer.add_tensor(name, rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32))
+        elif t is not None:
+            writer.add_tensor(name, random_rows(t, VOCAB, HIDDEN, rng), raw_dtype=QT[t])
     writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))
     for i in range(2):
         for norm in ("attn_norm", "ffn_norm"):
@@ -215,12 +221,20 @@ def tiny_llama_gguf(path, types: dict[str, str]):
     return path
 
 
-@pytest.mark.parametrize("types", ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "mixed"])
-def test_tiny_llama_packed_equals_reference(tmp_path, monkeypatch, types):
-    path = tiny_llama_gguf(tmp_path / "tiny.gguf", MIXED if types == "mixed" else dict.fromkeys(LINEARS, types))
+@pytest.mark.parametrize("types,embedding,head,expected", [
+    ("Q4_0", "F32", None, "gguf Q4_0 x14 kept packed; token embedding F32 dequantized, the LM head tied"),
+    ("Q4_K", "Q8_0", None, "gguf Q4_K x14 kept packed; token embedding Q8_0 kept packed, the LM head tied"),
+    ("Q6_K", "Q4_1", None, "gguf Q6_K x14 kept packed; token embedding Q4_1 kept packed, the LM head tied"),
+    ("Q8_0", "F32", "F32", "gguf Q8_0 x14 kept packed; token embedding F32 dequantized, LM head F32 dequantized"),
+    ("mixed", "Q4_K", "Q6_K", "gguf Q4_0 x2, Q4_1 x2, Q4_K x4, Q6_K x4, Q8_0 x2 kept packed; "
+                              "token embedding Q4_K kept packed, LM head Q6_K kept packed"),
+])
+def test_tiny_llama_packed_equals_reference(tmp_path, monkeypatch, types, embedding, head, expected):
+    path = tiny_llama_gguf(tmp_path / "tiny.gguf", MIXED if types == "mixed" else dict.fromkeys(LINEARS, types),
+                           embedding, head)
     prompts = [{"prompt_token_ids": p} for p in ([5, 17, 33, 61, 7], list(range(3, 40)), [9] * 13 + [44])]
     packed, line = _greedy(path, prompts, 12, skip_tokenizer_init=True)
-    assert "kept packed" in line
+    assert expected in line
     monkeypatch.setenv("STRATA_QUANT_REFERENCE", "1")
     assert _greedy(path, prompts, 12, skip_tokenizer_init=True)[0] == packed
 
