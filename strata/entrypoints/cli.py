@@ -253,7 +253,7 @@ def _info(llm) -> int:
     engine = llm.llm_engine
     cfg = engine.model_config
     model = engine.executor.runner.model
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = getattr(model, "num_parameters", None) or sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_tokens = engine.num_blocks * engine.args.block_size
     rows = [

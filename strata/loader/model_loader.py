@@ -126,6 +126,9 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
     with torch.device(device):
         model = cls(model_config, quant=quant)
     model.eval()
+    # Counted as built, before checkpoints or quantized layers swap in packed codes (which are
+    # not parameters: a GGUF layer's weight is a placeholder of the logical shape until then).
+    model.num_parameters = sum(p.numel() for p in model.parameters())
     if load_config.load_format == "dummy":
         from strata.loader.dummy import init_dummy_weights
         init_dummy_weights(model, load_config.seed)
@@ -141,8 +144,6 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
     else:
         from strata.loader.safetensors import iter_safetensors, safetensors_files
         model.load_weights(iter_safetensors(safetensors_files(source.path), progress))
-    # Counted before quantized layers pack their weights (packed codes are not parameters).
-    model.num_parameters = sum(p.numel() for p in model.parameters())
     if getattr(quant, "name", None) == "gguf":
         from strata.quant.gguf import keep_vocab_packed
         with _one_thread():   # unpacking GGML blocks is the same kind of small elementwise ops
