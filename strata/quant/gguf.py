@@ -129,9 +129,8 @@ class GGUFLinearMethod(QuantMethod):
         if form == "dense":
             if name not in self._noticed:
                 self._noticed.add(name)
-                why = ("no grouped-int8 kernel on CUDA yet" if name in _INT8_TYPES
-                       else "no packed kernel for this type on " + device.type)
-                logger.info(f"strata: GGUF {name} linear weights are dequantized at load ({why})")
+                logger.info(f"strata: GGUF {name} linear weights are dequantized at load "
+                            f"({_why_dense(name, device)})")
         self.counts[name, "dequantized" if form == "dense" else "packed"] += 1
         return form
 
@@ -216,12 +215,24 @@ def _check_rows_covered(layer: nn.Module, pieces: list) -> None:
 
 
 def packed_form(type_name: str, device: torch.device, on_triton: bool) -> str | None:
-    """'int4' or 'int8' where a kernel computes the type on this device, else None."""
-    if type_name in _INT4_TYPES and (device.type == "cpu" or on_triton):
+    """'int4' or 'int8' where a kernel computes the type on this device, else None. Without
+    strata's C kernels the CPU keeps float weights: torch's tiled stand-in for them is ~15x
+    slower than F.linear at decode."""
+    cpu = device.type == "cpu" and cpu_quant.library() is not None
+    if type_name in _INT4_TYPES and (cpu or on_triton):
         return "int4"
-    if type_name in _INT8_TYPES and device.type == "cpu":
+    if type_name in _INT8_TYPES and cpu:
         return "int8"
     return None
+
+
+def _why_dense(type_name: str, device: torch.device) -> str:
+    if type_name not in _INT4_TYPES | _INT8_TYPES:
+        return f"no packed kernel for this type on {device.type}"
+    if device.type == "cpu":
+        return "strata's CPU kernels could not be built: is there a C compiler?"
+    return (f"no grouped-int8 kernel on {device.type} yet" if type_name in _INT8_TYPES
+            else "Triton, which runs the W4A16 kernel, is not installed")
 
 
 def keep_vocab_packed(model: nn.Module, gguf_file) -> str:

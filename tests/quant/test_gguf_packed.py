@@ -88,29 +88,67 @@ def test_packed_segments_hold_the_same_values(type_name):
 
 # --- the packed matmuls ---------------------------------------------------------------------------
 
-@pytest.fixture(params=["c", "torch"])
-def kernels(request, monkeypatch):
-    """The C matmuls, and the torch fallback used where no C compiler is found."""
-    if request.param == "c" and cpu_quant.library() is None:
+@pytest.fixture
+def c_kernels():
+    if cpu_quant.library() is None:
         pytest.skip("no C compiler: the CPU kernels could not be built")
-    if request.param == "torch":
-        monkeypatch.setenv("STRATA_DISABLE_CPU_KERNELS", "1")
-    return request.param
 
 
 @pytest.mark.parametrize("type_name", PACKED)
-def test_packed_matmul_equals_dequantized_linear(type_name, kernels):
-    rng = np.random.default_rng(3)
-    rows = ggml_rows(type_name, 48, 768, rng)
+def test_packed_matmul_equals_dequantized_linear(type_name, c_kernels):
+    rows = ggml_rows(type_name, 48, 768, np.random.default_rng(3))
     layer, _ = packed_layer(RowParallelLinear, [(None, rows)], in_features=768, out_features=48)
     w = reference(rows)
-    for m in (1, 3, 4, 8, 9, 40):     # decode-sized (the C matmul) and prefill-sized (tiles)
+    for m in (1, 3, 4, 5, 16, 17, 40):     # decode-sized (the C matmul) and prefill-sized (tiles)
         x = torch.randn(m, 768)
         expected = F.linear(x, w)
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-def test_mixed_types_in_fused_layers(kernels):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_torch_reference_of_the_c_kernels(bits):
+    """cpu_quant's torch path (no C library) computes the same layouts."""
+    torch.manual_seed(0)
+    if bits == 4:
+        q, params = cpu_quant.pack_w4(torch.randint(0, 16, (40, 96), dtype=torch.uint8)), torch.randn(40, 3, 2)
+        matmul, dequantize = cpu_quant.w4_matmul, cpu_quant.w4_dequantize
+    else:
+        q, params = torch.randint(-128, 128, (40, 96), dtype=torch.int8), torch.randn(40, 6)
+        matmul, dequantize = cpu_quant.w8_matmul, cpu_quant.w8_dequantize
+    w = dequantize(q, params)
+    if cpu_quant.library() is not None:
+        assert torch.equal(dequantize(q, params, cpu_quant.library()), w)
+    for m in (1, 20):
+        x = torch.randn(m, 96)
+        torch.testing.assert_close(matmul(x, q, params, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K"])
+def test_int4_segment_on_the_triton_kernel(type_name):
+    """The CUDA form (pack_int4 layout, fp32 scales and mins) through the W4A16 kernel; on a
+    machine without a GPU the kernel runs in Triton's interpreter (tests/conftest.py)."""
+    pytest.importorskip("triton")
+    rows = ggml_rows(type_name, 16, 256, np.random.default_rng(9))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    segment = Int4Segment(unpack_codes(rows.blocks, rows.ggml_type), device, on_triton=True)
+    w = reference(rows).to(device)
+    torch.testing.assert_close(segment.dequantize(), w, rtol=0, atol=0)
+    x = torch.randn(3, 256, device=device)
+    torch.testing.assert_close(segment(x), F.linear(x, w), rtol=1e-5, atol=1e-5 * F.linear(x, w).abs().max().item())
+    assert torch.equal(segment.rows(torch.tensor([3, 0, 3], device=device)), w[[3, 0, 3]])
+
+
+def test_without_c_kernels_weights_are_dequantized_at_load(monkeypatch):
+    monkeypatch.setenv("STRATA_DISABLE_CPU_KERNELS", "1")
+    rows = ggml_rows("Q4_K", 16, 256, np.random.default_rng(8))
+    layer, method = packed_layer(RowParallelLinear, [(None, rows)], in_features=256, out_features=16)
+    assert [type(s) for s in layer.gguf_segments] == [DenseSegment]
+    assert method.summary() == "gguf Q4_K x1 dequantized at load"
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(layer(x), F.linear(x, reference(rows)))
+
+
+def test_mixed_types_in_fused_layers(c_kernels):
     """llama.cpp's Q4_K_M stores attn_v as Q6_K beside Q4_K q and k: one packed segment per run
     of rows with the same packed form, outputs concatenated; Q8_0 and Q6_K share an int8 segment."""
     rng = np.random.default_rng(4)
