@@ -29,6 +29,7 @@ def _rss_mib() -> float:
 def measure(model: str | None, tokens: int, runs: int) -> dict:
     """One path, in this process: what a child process prints as JSON."""
     import torch
+
     from strata import LLM, SamplingParams
     rss_before = _rss_mib()
     t0 = time.perf_counter()
@@ -44,9 +45,9 @@ def measure(model: str | None, tokens: int, runs: int) -> dict:
         t0 = time.perf_counter()
         out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
         speeds.append(len(out.token_ids) / (time.perf_counter() - t0))
-    return dict(load_s=load_s, weight_mib=weight_bytes / 2**20, rss_after_load_mib=rss_loaded - rss_before,
-                tok_s=statistics.median(speeds), runs=speeds, threads=torch.get_num_threads(),
-                first_tokens=out.token_ids[:16])
+    return {"load_s": load_s, "weight_mib": weight_bytes / 2**20, "rss_after_load_mib": rss_loaded - rss_before,
+            "tok_s": statistics.median(speeds), "runs": speeds, "threads": torch.get_num_threads(),
+            "first_tokens": out.token_ids[:16]}
 
 
 def run_path(model: str | None, tokens: int, runs: int, reference: bool) -> dict:
@@ -61,25 +62,31 @@ def run_path(model: str | None, tokens: int, runs: int, reference: bool) -> dict
 def kernel_table(runs: int = 50) -> list[tuple]:
     """Packed matmul vs F.linear on the dequantized weight, SmolLM2-135M shapes, 1 row of x."""
     import torch
-    import torch.nn.functional as F
+
     from strata.kernels import cpu_quant as cq
-    lib = cq.library()
     rows = []
-    for name, n, k, fmt in (("qkv", 960, 576, "w4"), ("gate_up", 3072, 576, "w4"), ("down", 576, 1536, "w4"),
-                            ("lm_head (Q8_0)", 49152, 576, "w8")):
-        x = torch.randn(1, k)
-        if fmt == "w4":
-            q, sm = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), torch.rand(n, k // 32, 2)
-            w = cq.w4_dequantize(q, sm)
-            packed = lambda lib_: cq.w4_matmul(x, q, sm, lib_, check=False)   # noqa: E731
+    for name, n, k, bits in (("qkv", 960, 576, 4), ("gate_up", 3072, 576, 4), ("down", 576, 1536, 4),
+                             ("lm_head (Q8_0)", 49152, 576, 8)):
+        if bits == 4:
+            weights = (torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), torch.rand(n, k // 32, 2))
+            rows.append((name, f"{n}x{k}", *_time_matmuls(cq.w4_matmul, cq.w4_dequantize, weights, k, runs)))
         else:
-            q, s = torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32)
-            w = cq.w8_dequantize(q, s)
-            packed = lambda lib_: cq.w8_matmul(x, q, s, lib_, check=False)   # noqa: E731
-        rows.append((name, f"{n}x{k}", _best_us(lambda: F.linear(x, w), runs),
-                     _best_us(lambda: packed(lib), runs) if lib is not None else float("nan"),
-                     _best_us(lambda: packed(None), max(3, runs // 10))))
+            weights = (torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, k // 32))
+            rows.append((name, f"{n}x{k}", *_time_matmuls(cq.w8_matmul, cq.w8_dequantize, weights, k, runs)))
     return rows
+
+
+def _time_matmuls(matmul, dequantize, weights, k: int, runs: int) -> tuple[float, float, float]:
+    """Median us of F.linear on the dequantized weight, the C matmul, torch's tiled stand-in."""
+    import torch
+    import torch.nn.functional as F
+
+    from strata.kernels import cpu_quant as cq
+    lib, x = cq.library(), torch.randn(1, k)
+    w = dequantize(*weights)
+    c_us = _best_us(lambda: matmul(x, *weights, lib, check=False), runs) if lib is not None else float("nan")
+    return (_best_us(lambda: F.linear(x, w), runs), c_us,
+            _best_us(lambda: matmul(x, *weights, None, check=False), max(3, runs // 10)))
 
 
 def _best_us(fn, runs: int) -> float:

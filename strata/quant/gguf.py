@@ -8,9 +8,11 @@ Packed forms (values as in ggml_codes.py; nothing is rounded again):
 * int8 codes with a scale per group of 16 or 32 (Q8_0, Q6_K): the C matmul on the CPU. CUDA has
   no grouped-int8 kernel yet, so there they are dequantized at load.
 
-Any other type (Q5_K, and float weights) is dequantized at load, with one log line per type.
-A fused layer (q/k/v, gate/up) may get rows of different types: consecutive rows of one packed
-form make one segment, and the layer concatenates its segments' outputs.
+Any other type (Q5_K, and float weights) is dequantized at load, with one log line per type, and
+so is everything on a CPU where the C kernels could not be built. A fused layer (q/k/v, gate/up)
+may get rows of different types: consecutive rows of one packed form make one segment, and the
+layer concatenates its segments' outputs. ``keep_vocab_packed`` does the same for the token
+embedding and the LM head once the model is loaded.
 
 The reference path (``STRATA_QUANT_REFERENCE=1``) does not use this method: the loader then
 dequantizes every tensor, which is what the packed path is tested against.
@@ -27,7 +29,7 @@ from torch import nn
 
 from strata.kernels import cpu_quant, use_triton
 from strata.quant.base import QuantMethod, UnquantizedLinearMethod
-from strata.quant.ggml_codes import GroupedCodes, dequantize_codes, unpack_codes
+from strata.quant.ggml_codes import GroupedCodes, unpack_codes
 from strata.quant.ggml_dequant import dequantize
 from strata.quant.ggml_formats import GGMLType
 
@@ -47,7 +49,7 @@ class GGMLRows:
     ggml_type: GGMLType
     shape: tuple[int, int]      # [rows, columns] of the weight it encodes
 
-    def narrow(self, dim: int, start: int, length: int) -> "GGMLRows":
+    def narrow(self, dim: int, start: int, length: int) -> GGMLRows:
         if dim == 0:
             return replace(self, blocks=self.blocks.narrow(0, start, length), shape=(length, self.shape[1]))
         size, nbytes = self.ggml_type.block_size, self.ggml_type.type_size
@@ -126,11 +128,10 @@ class GGUFLinearMethod(QuantMethod):
             return "dense"
         name = rows.ggml_type.name
         form = packed_form(name, device, on_triton) or "dense"
-        if form == "dense":
-            if name not in self._noticed:
-                self._noticed.add(name)
-                logger.info(f"strata: GGUF {name} linear weights are dequantized at load "
-                            f"({_why_dense(name, device)})")
+        if form == "dense" and name not in self._noticed:
+            self._noticed.add(name)
+            logger.info(f"strata: GGUF {name} linear weights are dequantized at load "
+                        f"({_why_dense(name, device)})")
         self.counts[name, "dequantized" if form == "dense" else "packed"] += 1
         return form
 

@@ -15,12 +15,23 @@ import torch.nn.functional as F
 
 from strata import LLM, SamplingParams
 from strata.kernels import cpu_quant
-from strata.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from strata.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from strata.loader.gguf import GGUFFile, gguf_weights
-from strata.quant import finish_loading, ggml_formats as fmt
+from strata.quant import finish_loading
+from strata.quant import ggml_formats as fmt
 from strata.quant.ggml_codes import dequantize_codes, unpack_codes
 from strata.quant.ggml_dequant import dequantize
-from strata.quant.gguf import DenseSegment, GGMLRows, GGUFLinearMethod, Int4Segment, Int8Segment
+from strata.quant.gguf import (
+    DenseSegment,
+    GGMLRows,
+    GGUFLinearMethod,
+    Int4Segment,
+    Int8Segment,
+)
 
 QT = gguf.GGMLQuantizationType
 PACKED = ["Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K"]
@@ -153,8 +164,8 @@ def test_mixed_types_in_fused_layers(c_kernels):
     of rows with the same packed form, outputs concatenated; Q8_0 and Q6_K share an int8 segment."""
     rng = np.random.default_rng(4)
     q, k, v = ggml_rows("Q4_K", 64, 256, rng), ggml_rows("Q4_0", 32, 256, rng), ggml_rows("Q6_K", 32, 256, rng)
-    qkv, method = packed_layer(QKVParallelLinear, [("q", q), ("v", v), ("k", k)], hidden_size=256,
-                               head_dim=16, num_heads=4, num_kv_heads=2)
+    qkv, _ = packed_layer(QKVParallelLinear, [("q", q), ("v", v), ("k", k)], hidden_size=256,
+                          head_dim=16, num_heads=4, num_kv_heads=2)
     assert [type(s) for s in qkv.gguf_segments] == [Int4Segment, Int8Segment]
     gate, up = ggml_rows("Q8_0", 48, 256, rng), ggml_rows("Q6_K", 48, 256, rng)
     gate_up, _ = packed_layer(MergedColumnParallelLinear, [(0, gate), (1, up)], in_features=256,
@@ -264,8 +275,8 @@ def tiny_llama_gguf(path, types: dict[str, str], embedding: str = "F32", head: s
     ("Q4_K", "Q8_0", None, "gguf Q4_K x14 kept packed; token embedding Q8_0 kept packed, the LM head tied"),
     ("Q6_K", "Q4_1", None, "gguf Q6_K x14 kept packed; token embedding Q4_1 kept packed, the LM head tied"),
     ("Q8_0", "F32", "F32", "gguf Q8_0 x14 kept packed; token embedding F32 dequantized, LM head F32 dequantized"),
-    ("mixed", "Q4_K", "Q6_K", "gguf Q4_0 x2, Q4_1 x2, Q4_K x4, Q6_K x4, Q8_0 x2 kept packed; "
-                              "token embedding Q4_K kept packed, LM head Q6_K kept packed"),
+    ("mixed", "Q4_K", "Q6_K", ("gguf Q4_0 x2, Q4_1 x2, Q4_K x4, Q6_K x4, Q8_0 x2 kept packed; "
+                               "token embedding Q4_K kept packed, LM head Q6_K kept packed")),
 ])
 def test_tiny_llama_packed_equals_reference(tmp_path, monkeypatch, types, embedding, head, expected):
     path = tiny_llama_gguf(tmp_path / "tiny.gguf", MIXED if types == "mixed" else dict.fromkeys(LINEARS, types),
