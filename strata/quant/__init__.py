@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from strata.config import QuantConfig
@@ -87,3 +88,32 @@ def finish_loading(model: nn.Module) -> None:
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_after_loading(module)
+
+
+class _HeadAsLinear(nn.Module):
+    """An LM head's weight seen as a linear layer, so that a QuantMethod can quantize and apply it;
+    the head then computes its logits through it (VocabParallelEmbedding.use_packed)."""
+
+    def __init__(self, weight: torch.Tensor, method: QuantMethod):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.quant_method = method
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        method.process_after_loading(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, None)
+
+
+def quantize_lm_head(model: nn.Module, quant: QuantMethod | None) -> bool:
+    """Quantize an untied LM head with the method's ``lm_head_method`` (int8 / int4, at load or
+    from a strata checkpoint). A head tied to the token embedding stays float: the lookup needs
+    its rows, and a second, quantized copy would add memory where the format is meant to save
+    it. Returns whether the head was quantized."""
+    method = quant.lm_head_method() if quant is not None else None
+    head, embedding = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
+    if (method is None or head is None or head.packed is not None or head.tp_size != 1
+            or (embedding is not None and head.weight is embedding.weight)):
+        return False
+    head.use_packed(_HeadAsLinear(head.weight.data, method))
+    return True

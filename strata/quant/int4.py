@@ -100,3 +100,6 @@ class Int4LinearMethod(QuantMethod):
             x = F.pad(x, (0, layer.input_pad))
         from strata.kernels.quant_matmul import w4a16_matmul
         return w4a16_matmul(x, layer.qweight, layer.scales, layer.mins, self.group_size, bias)
+
+    def lm_head_method(self) -> QuantMethod:
+        return self

@@ -64,6 +64,9 @@ class Int8LinearMethod(QuantMethod):
         from strata.kernels.quant_matmul import w8a16_matmul
         return w8a16_matmul(x, layer.qweight, layer.scales, bias)
 
+    def lm_head_method(self) -> QuantMethod:
+        return self
+
 
 class Int8GroupedLinearMethod(QuantMethod):
     """int8 codes with a scale and an offset per group of G input features: ``c * scale + offset``.

@@ -87,3 +87,8 @@ class PackedLinearMethod(QuantMethod):
 
     def apply(self, layer, x, bias):
         return self.inner.apply(layer, x, bias)
+
+    def lm_head_method(self) -> QuantMethod:
+        # The checkpoint keeps the head in float (strata quantize writes linears only): quantized
+        # at load the same way, so a saved model computes what quantizing at load computes.
+        return self.inner

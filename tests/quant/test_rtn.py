@@ -115,4 +115,33 @@ def test_quantization_arguments_are_checked(tiny):
 def test_startup_line_names_the_quantization(tiny):
     llm = LLM(str(tiny), skip_tokenizer_init=True, quantization="int4", quantization_group_size=32,
               kv_cache_memory=1 << 26)
-    assert "quantized at load: int4, groups of 32" in llm.llm_engine.describe()
+    assert "quantized at load: int4, groups of 32, LM head quantized" in llm.llm_engine.describe()
+
+
+@pytest.mark.parametrize("method,group", [("int8", None), ("int4", 64)])
+def test_untied_lm_head_is_quantized_tied_stays_float(tiny, tmp_path, method, group):
+    """An untied head goes through the method (its logits are the quantized values' product); a
+    head tied to the embedding keeps the float table the lookup needs."""
+    llm = LLM(str(tiny), skip_tokenizer_init=True, quantization=method, quantization_group_size=group,
+              kv_cache_memory=1 << 26)
+    model = llm.llm_engine.executor.runner.model
+    head = model.lm_head
+    assert head.packed is not None and not hasattr(head, "weight")
+    weights = dict(model.named_parameters())
+    assert "lm_head.packed.weight" in weights          # the CPU keeps the quantized values dense
+    hidden = torch.randn(3, head.packed.in_features)
+    ref = _layer(method, head.packed.in_features, head.packed.out_features, True,
+                 _tiny_head_weight(tiny), False)
+    torch.testing.assert_close(head(hidden), ref(hidden)[:, : head.vocab_size])
+    tied = tmp_path / "tied"
+    make_tiny_model("llama3_scaled_tied", tied)
+    llm = LLM(str(tied), skip_tokenizer_init=True, quantization=method, quantization_group_size=group,
+              kv_cache_memory=1 << 26)
+    model = llm.llm_engine.executor.runner.model
+    assert model.lm_head.packed is None and model.lm_head.weight is model.embed_tokens.weight
+    assert "LM head float" in llm.llm_engine.describe()
+
+
+def _tiny_head_weight(path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))["lm_head.weight"]
