@@ -208,3 +208,99 @@ class DeviceConfig:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA device is available")
         return DeviceConfig(dev)
+
+
+# Keys of an explicit offload_policy: fractions of the decoder layers' weights per tier, of the
+# KV cache per tier, and the block schedule's micro-batches (FlexGen's "percent" vector).
+OFFLOAD_POLICY_KEYS = ("w_gpu", "w_cpu", "w_disk", "kv_gpu", "kv_cpu", "micro_batch_tokens", "prefetch_depth")
+
+
+def parse_offload_policy(policy: str | dict | None) -> dict | None:
+    """"auto" / None -> None (the policy search decides); "w_gpu=0.25,w_cpu=0.5,w_disk=0.25" or a
+    dict -> the fractions, checked. Missing weight fractions: w_disk takes what w_gpu and w_cpu
+    leave; missing KV fractions: all on the GPU."""
+    if policy is None or (isinstance(policy, str) and policy.strip().lower() == "auto"):
+        return None
+    if isinstance(policy, str):
+        items = {}
+        for part in filter(None, (p.strip() for p in policy.split(","))):
+            key, sep, value = part.partition("=")
+            _require(bool(sep), f"offload_policy must be 'auto' or key=value pairs like "
+                                f"'w_gpu=0.25,w_cpu=0.75', got {policy!r}")
+            items[key.strip()] = value.strip()
+        policy = items
+    _require(isinstance(policy, dict), f"offload_policy must be 'auto', a dict or a string, got {policy!r}")
+    unknown = sorted(set(policy) - set(OFFLOAD_POLICY_KEYS))
+    _require(not unknown, f"offload_policy has unknown key(s) {unknown}; known: {', '.join(OFFLOAD_POLICY_KEYS)}")
+    out: dict = {}
+    for key, value in policy.items():
+        try:
+            out[key] = int(value) if key in ("micro_batch_tokens", "prefetch_depth") else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"offload_policy {key} must be a number, got {value!r}") from None
+    for key in ("w_gpu", "w_cpu", "w_disk", "kv_gpu", "kv_cpu"):
+        if key in out:
+            _require(0.0 <= out[key] <= 1.0, f"offload_policy {key} must be in [0, 1], got {out[key]}")
+    missing = [k for k in ("w_disk", "w_cpu", "w_gpu") if k not in out]
+    if len(missing) == 3:   # only KV or schedule keys: every layer streams from the CPU
+        out.update(w_gpu=0.0, w_cpu=1.0, w_disk=0.0)
+    elif missing:   # the first missing of w_disk, w_cpu, w_gpu takes what the others leave
+        for key in missing[1:]:
+            out[key] = 0.0
+        out[missing[0]] = max(0.0, 1.0 - sum(out[k] for k in ("w_gpu", "w_cpu", "w_disk") if k in out))
+    total = out["w_gpu"] + out["w_cpu"] + out["w_disk"]
+    _require(abs(total - 1.0) < 1e-6, f"offload_policy weight fractions w_gpu + w_cpu + w_disk must sum to 1, "
+                                      f"got {out['w_gpu']} + {out['w_cpu']} + {out['w_disk']} = {total}")
+    kv_gpu = out.setdefault("kv_gpu", 1.0 - out.get("kv_cpu", 0.0))
+    kv_cpu = out.setdefault("kv_cpu", 1.0 - kv_gpu)
+    _require(abs(kv_gpu + kv_cpu - 1.0) < 1e-6,
+             f"offload_policy kv_gpu + kv_cpu must sum to 1, got {kv_gpu} + {kv_cpu}")
+    if kv_cpu > 0:
+        raise ValueError(f"offload_policy kv_cpu={kv_cpu}: the KV cache on the CPU tier (with CPU "
+                         "attention) is not supported yet; keep kv_gpu=1")
+    if "micro_batch_tokens" in out:
+        _require(out["micro_batch_tokens"] >= 1,
+                 f"offload_policy micro_batch_tokens must be >= 1, got {out['micro_batch_tokens']}")
+    if "prefetch_depth" in out:
+        _require(1 <= out["prefetch_depth"] <= 8,
+                 f"offload_policy prefetch_depth must be in [1, 8], got {out['prefetch_depth']}")
+    return out
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Weights (and later the KV cache) spread over GPU, CPU and disk (FlexGen). Offloading is on
+    when any budget, a disk folder or explicit fractions are given.
+
+    gpu_memory_budget: bytes of GPU memory strata may use for weights, staging buffers, KV cache
+    and activations (CUDA only). cpu_memory_budget: bytes of host RAM for weights: the CPU tier
+    plus the staging buffers the disk tier reads into (on a CPU-only machine: every resident
+    weight). offload_dir: the disk tier's folder (default: a temporary folder, removed at exit).
+    policy: None (search) or the checked fractions of parse_offload_policy."""
+
+    gpu_memory_budget: int | None = None
+    cpu_memory_budget: int | None = None
+    offload_dir: str | None = None
+    policy: dict | None = None
+
+    @staticmethod
+    def from_args(gpu_memory_budget=None, cpu_memory_budget=None, offload_dir=None,
+                  offload_policy="auto") -> "OffloadConfig":
+        def budget(name, value):
+            if value is None:
+                return None
+            try:
+                parsed = parse_bytes(value)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            _require(parsed > 0, f"{name} must be > 0 bytes, got {value!r}")
+            return parsed
+        return OffloadConfig(budget("gpu_memory_budget", gpu_memory_budget),
+                             budget("cpu_memory_budget", cpu_memory_budget),
+                             None if offload_dir in (None, "") else str(offload_dir),
+                             parse_offload_policy(offload_policy))
+
+    @property
+    def enabled(self) -> bool:
+        return (self.gpu_memory_budget is not None or self.cpu_memory_budget is not None
+                or self.offload_dir is not None or self.policy is not None)

@@ -47,6 +47,18 @@ HELP = {
                         "step N's tokens while it computes N+1 (host work overlaps device work; "
                         "outputs arrive one step later). Same tokens either way. Default: on for "
                         "GPUs, off on the CPU, where there is nothing to overlap",
+    "gpu_memory_budget": "offloading: bytes of GPU memory for weights, staging buffers, KV cache and "
+                         "activations, e.g. 4GiB; layers that do not fit stream from the CPU or disk "
+                         "tier, layer i+1 copied while layer i computes (CUDA only)",
+    "cpu_memory_budget": "offloading: bytes of host RAM for weights, e.g. 24GiB: the CPU tier (pinned) "
+                         "plus the staging buffers the disk tier reads into; on a CPU-only machine, "
+                         "every weight held in RAM (the rest streams from --offload-dir)",
+    "offload_dir": "offloading: folder of the disk tier (a file per layer, read through mmap); "
+                   "default: a temporary folder removed at exit",
+    "offload_policy": "offloading: 'auto' (a cost model fed by measured bandwidths picks the placement "
+                      "and batch) or fractions 'w_gpu=F,w_cpu=F,w_disk=F[,kv_gpu=1][,micro_batch_tokens=N]"
+                      "[,prefetch_depth=N]': shares of the decoder layers per tier, tokens per "
+                      "micro-batch of the block schedule, layers fetched ahead",
 }
 
 
@@ -80,6 +92,10 @@ class EngineArgs:
     enforce_eager: bool = False
     max_waiting: int | None = None
     async_scheduling: bool | None = None   # None: on for CUDA devices
+    gpu_memory_budget: str | int | None = None
+    cpu_memory_budget: str | int | None = None
+    offload_dir: str | None = None
+    offload_policy: str | dict = "auto"
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
 
 import torch
 
-from strata.config import (CacheConfig, DeviceConfig, LoadConfig, ModelConfig, QuantConfig, SchedulerConfig,
-                           parse_bytes)
+from strata.config import (CacheConfig, DeviceConfig, LoadConfig, ModelConfig, OffloadConfig, QuantConfig,
+                           SchedulerConfig, parse_bytes)
 from strata.core.request import Request
 from strata.core.sched_output import RunnerOutput, SchedulerOutput
 from strata.core.scheduler import Scheduler
@@ -47,21 +48,35 @@ class LLMEngine:
         model_config = model_loader.model_config_for(source, dtype)
         self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(args, source, hf_tokenizer)
         self.quant_config = QuantConfig(args.quantization, args.quantization_group_size)
-        model = model_loader.build_model(source, model_config, load_config, self.device, progress=use_tqdm,
-                                         quant_config=self.quant_config)
+        self.offload_config = OffloadConfig.from_args(args.gpu_memory_budget, args.cpu_memory_budget,
+                                                      args.offload_dir, args.offload_policy)
+        offload = self.offload_config.enabled
+        if offload and args.tensor_parallel_size > 1:
+            raise ValueError("offloading (gpu_memory_budget / cpu_memory_budget / offload_dir / "
+                             f"offload_policy) runs on one device; got tensor_parallel_size "
+                             f"{args.tensor_parallel_size}")
+        # An offloaded model is built in host memory; the mover then places each part.
+        model = model_loader.build_model(source, model_config, load_config,
+                                         torch.device("cpu") if offload else self.device, progress=use_tqdm,
+                                         quant_config=self.quant_config, keep_gguf_packed=not offload,
+                                         init_device=self.device if offload else None)
         self.model_config = model_config
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | (
             frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset())
-        runner = ModelRunner(model, model_config, args.block_size, self.device, self.eos_token_ids,
-                             self.kv_format)
         max_num_batched_tokens = args.max_num_batched_tokens or (
             DEFAULT_GPU_BATCHED_TOKENS if self.device.type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
+        self.offload_plan = self.offload_mover = None
+        if offload:
+            cache_config, max_num_batched_tokens = self._offload(model, model_config, cache_config,
+                                                                 max_num_batched_tokens)
+        runner = ModelRunner(model, model_config, args.block_size, self.device, self.eos_token_ids,
+                             self.kv_format)
         self.memory_plan: dict[str, float] = {}
         num_blocks, max_model_len = self._plan_kv_cache(runner, cache_config, model_config,
                                                         max_num_batched_tokens)
         runner.allocate_kv_cache(num_blocks)
         self.graphs = None
-        if self.device.type == "cuda" and not args.enforce_eager:
+        if self.device.type == "cuda" and not args.enforce_eager and not offload:
             self.graphs = runner.capture_cuda_graphs(args.max_num_seqs, max_model_len)
             self.memory_plan["graphs"] = self.graphs.pool_bytes
         self.scheduler_config = SchedulerConfig(
@@ -147,6 +162,25 @@ class LLMEngine:
         updates = self.scheduler.update(sched, result)
         return self.output_processor.process(updates, result)
 
+    def _offload(self, model, cfg: ModelConfig, cache: CacheConfig, max_num_batched_tokens: int):
+        """Search the offload policy and carry it out (runner/offload_loop.py). On a GPU the plan's
+        KV allotment becomes the KV cache, and (unless given) a step's token budget holds the
+        plan's whole batch of prompts, so each layer's weights cross PCIe once for all of them."""
+        from strata.core.offload_policy import Workload
+        from strata.runner.offload_loop import offload_model
+        args = self.args
+        workload = Workload.from_max_model_len(args.max_model_len or cfg.max_position_embeddings,
+                                               args.max_num_seqs)
+        self.offload_plan, self.offload_mover, self.offload_hardware = offload_model(
+            model, cfg, self.offload_config, self.device, workload, cache.gpu_memory_utilization)
+        plan = self.offload_plan
+        if self.device.type == "cuda":
+            if cache.kv_cache_memory_bytes is None and cache.num_gpu_blocks_override is None:
+                cache = dataclasses.replace(cache, kv_cache_memory_bytes=plan.kv_bytes)
+            if args.max_num_batched_tokens is None:
+                max_num_batched_tokens = max(256, plan.batch_size * workload.prompt_len)
+        return cache, max_num_batched_tokens
+
     # ---- reporting ---------------------------------------------------------------------------
     def _plan_kv_cache(self, runner: ModelRunner, cache: CacheConfig, cfg: ModelConfig,
                        max_num_batched_tokens: int) -> tuple[int, int]:
@@ -209,7 +243,8 @@ class LLMEngine:
                 f"max_model_len {self.scheduler_config.max_model_len} | "
                 f"{'async' if self.async_scheduling else 'sync'} scheduling | "
                 f"loaded in {self.load_seconds:.1f}s"
-                + self._describe_gpu())
+                + self._describe_gpu()
+                + (f" | {self.offload_plan.describe()}" if self.offload_plan is not None else ""))
 
     def describe_kv_dtype(self) -> str:
         """What the KV cache stores: the model dtype, or the quantized format (kv_cache_dtype)."""

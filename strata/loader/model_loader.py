@@ -115,12 +115,17 @@ def resolve_dtype(dtype: str | torch.dtype, source: ModelSource, device: torch.d
 
 def build_model(source: ModelSource, model_config: ModelConfig, load_config: LoadConfig,
                 device: torch.device, progress: bool = False,
-                quant_config: QuantConfig | None = None) -> nn.Module:
+                quant_config: QuantConfig | None = None, keep_gguf_packed: bool = True,
+                init_device: torch.device | None = None) -> nn.Module:
+    """keep_gguf_packed=False dequantizes GGUF blocks to the model dtype (offloading streams
+    float weights); init_device: where dummy weights are drawn (a GPU draws an offloaded
+    model's host weights much faster than the CPU, and the same values as a resident run)."""
     cls = get_model_class(model_config.architecture)
     # GGUF and GPTQ checkpoints bring their own method; asking for int8/int4 on a GGUF file
     # re-quantizes its dequantized weights.
     spec = source.quant_spec
-    if source.kind == "gguf" and load_config.load_format != "dummy":
+    packed = keep_gguf_packed and source.kind == "gguf" and load_config.load_format != "dummy"
+    if packed:
         spec = {"quant_method": "gguf"}   # GGUF weights stay in their blocks (quant/gguf.py)
     quant = make_quant_method(quant_config or QuantConfig(), spec)
     with torch.device(device):
@@ -131,7 +136,7 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
     model.num_parameters = sum(p.numel() for p in model.parameters())
     if load_config.load_format == "dummy":
         from strata.loader.dummy import init_dummy_weights
-        init_dummy_weights(model, load_config.seed)
+        init_dummy_weights(model, load_config.seed, init_device)
     elif source.kind == "hf_object":
         from strata.loader.hf_model import adopt_hf_weights
         adopt_hf_weights(model, source.hf_model)

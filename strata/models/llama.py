@@ -16,6 +16,7 @@ from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from strata.layers.norm import RMSNorm
 from strata.layers.rotary import RotaryEmbedding
+from strata.models.layer_loop import Carry, LayerLoop
 from strata.models.weights import checkpoint_target, load_named_weights
 from strata.quant.base import QuantMethod
 
@@ -101,13 +102,20 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.tie(self.embed_tokens)
+        self.layer_loop = LayerLoop()   # the runner's hook (offloading swaps in its own loop)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [num_tokens] -> hidden states [num_tokens, hidden]."""
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
+        return self.layer_loop.run(self, input_ids, positions)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Carry:
+        return self.embed_tokens(input_ids), None      # hidden, residual
+
+    def layer_forward(self, layer: nn.Module, positions: torch.Tensor, carry: Carry) -> Carry:
+        return layer(positions, *carry)
+
+    def finish(self, carry: Carry) -> torch.Tensor:
+        hidden, _ = self.norm(*carry)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.layers.linear import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear,
                                   RowParallelLinear)
 from strata.layers.norm import LayerNorm
+from strata.models.layer_loop import Carry, LayerLoop
 from strata.models.weights import checkpoint_target, load_named_weights
 from strata.quant.base import QuantMethod
 
@@ -102,15 +103,23 @@ class OPTForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, embed_dim, cfg.dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.tie(self.embed_tokens)
+        self.layer_loop = LayerLoop()   # the runner's hook (offloading swaps in its own loop)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [num_tokens] -> hidden states [num_tokens, word_embed_proj_dim]."""
+        return self.layer_loop.run(self, input_ids, positions)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Carry:
         hidden = self.embed_tokens(input_ids)
         if self.project_in is not None:
             hidden = self.project_in(hidden)
-        hidden = hidden + self.embed_positions(positions + POSITION_OFFSET)
-        for layer in self.layers:
-            hidden = layer(hidden)
+        return (hidden + self.embed_positions(positions + POSITION_OFFSET),)
+
+    def layer_forward(self, layer: nn.Module, positions: torch.Tensor, carry: Carry) -> Carry:
+        return (layer(carry[0]),)
+
+    def finish(self, carry: Carry) -> torch.Tensor:
+        hidden = carry[0]
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:

@@ -1,0 +1,282 @@
+"""Where each decoder layer's weights live, how far ahead they are fetched and how large a batch
+runs: FlexGen's policy search over a cost model (pure Python, no torch; core/ decides, the
+runner's offload mover moves).
+
+Tiers: ``resident`` (in the compute device's memory: the GPU, or RAM on a CPU-only machine),
+``cpu`` (pinned host memory, copied to the GPU before use) and ``disk`` (a file per layer, read
+into a staging buffer). Every streamed layer goes through one of ``prefetch_depth`` staging
+slots on the device; a step reads each streamed layer once for the whole batch (the block
+schedule: the batch's micro-batches all pass layer i before layer i+1), so the weight traffic
+per step does not grow with the batch while the compute does: the search raises the batch until
+the KV cache fills the budget, and trades resident layers against KV room.
+
+Cost of one decode step at batch B (seconds), the copies overlapping the compute:
+    io      = max(bytes over PCIe / h2d, bytes from disk / disk)
+    compute = sum over layers of max(2 * params * B / flops, layer bytes / memory bandwidth)
+              + KV bytes read by attention / memory bandwidth + the LM head
+    step    = max(io, compute) + per-layer overhead
+A prefill pass is the same with B * prompt_len tokens. Throughput = B * gen_len / (prefill +
+gen_len decode steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 2**30
+# Fraction of a GPU budget kept back for the allocator's rounding and fragmentation.
+GPU_RESERVE = 0.05
+# Host-side launch cost of one layer per micro-batch (Python, kernel launches, events).
+LAYER_OVERHEAD_S = 150e-6
+MICRO_BATCH_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the cost model needs of a model, in bytes and counts."""
+
+    num_layers: int
+    layer_bytes: int              # one decoder layer's weights (all layers have the same shape)
+    layer_params: int
+    device_bytes: int             # weights that stay on the compute device (LM head, norms, ...)
+    host_bytes: int               # weights kept in host RAM outside the tiers (an untied embedding)
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    kv_bytes_per_token: int       # K and V of one token over all layers
+    dtype_bytes: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_layers * self.layer_bytes + self.device_bytes + self.host_bytes
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Measured (runner/offload_mover.measure_hardware) or given rates, bytes/s and flop/s."""
+
+    device: str                   # "cuda" or "cpu"
+    h2d_bytes_per_s: float        # pinned host -> device (inf on a CPU-only machine)
+    disk_bytes_per_s: float       # file -> host staging buffer
+    flops: float                  # matmul rate of the compute device at the model dtype
+    mem_bytes_per_s: float        # compute device memory bandwidth (weights and KV read by a step)
+
+
+@dataclass(frozen=True)
+class Workload:
+    max_model_len: int
+    prompt_len: int
+    gen_len: int
+    max_num_seqs: int
+
+    @staticmethod
+    def from_max_model_len(max_model_len: int, max_num_seqs: int) -> "Workload":
+        # Without a stated workload: FlexGen's shape, a long prompt and a short answer.
+        gen_len = max(1, max_model_len // 16)
+        return Workload(max_model_len, max(1, max_model_len - gen_len), gen_len, max_num_seqs)
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    placement: tuple[str, ...]    # per decoder layer: "resident", "cpu" or "disk"
+    prefetch_depth: int           # staging slots: streamed layers in flight ahead of the compute
+    batch_size: int               # sequences of max_model_len the KV allotment holds
+    micro_batch_tokens: int       # tokens of one micro-batch through one layer
+    kv_bytes: int                 # KV cache on the compute device (0: not budgeted here)
+    device_bytes: int             # what the plan puts on the compute device
+    host_bytes: int               # what it puts in host RAM (CPU tier, staging, host embedding)
+    predicted_tok_s: float        # generated tokens/s for the workload
+    step_seconds: float           # one decode step at batch_size
+    io_seconds: float
+    compute_seconds: float
+    reason: str
+    explicit: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def count(self, tier: str) -> int:
+        return sum(1 for p in self.placement if p == tier)
+
+    @property
+    def streamed(self) -> list[int]:
+        return [i for i, p in enumerate(self.placement) if p != "resident"]
+
+    def describe(self) -> str:
+        n = len(self.placement)
+        return (f"offload: layers {self.count('resident')}/{n} resident, {self.count('cpu')} CPU, "
+                f"{self.count('disk')} disk, prefetch depth {self.prefetch_depth}, batch {self.batch_size} "
+                f"in micro-batches of {self.micro_batch_tokens} tokens; device {self.device_bytes / GIB:.2f} "
+                f"GiB, host {self.host_bytes / GIB:.2f} GiB; predicted {self.predicted_tok_s:.1f} tok/s "
+                f"(decode step {self.step_seconds * 1e3:.1f} ms: io {self.io_seconds * 1e3:.1f} ms, "
+                f"compute {self.compute_seconds * 1e3:.1f} ms) | {self.reason}")
+
+
+def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: int, tokens: int,
+               context_tokens: int, micro_batches: int, depth: int = 2) -> tuple[float, float, float]:
+    """(io, compute, step) seconds of one forward pass over `tokens` tokens that attend to
+    `context_tokens` cached tokens in all. With one staging slot (depth 1) a fetch cannot start
+    before the layer that used the slot is done: copies and compute take turns."""
+    cpu_path = hw.device == "cpu"
+    pcie = 0.0 if cpu_path else (n_cpu + n_disk) * spec.layer_bytes / hw.h2d_bytes_per_s
+    disk = n_disk * spec.layer_bytes / hw.disk_bytes_per_s
+    io = max(pcie, disk)
+    per_layer = max(2.0 * spec.layer_params * tokens / hw.flops, spec.layer_bytes / hw.mem_bytes_per_s)
+    kv_read = context_tokens * spec.kv_bytes_per_token / hw.mem_bytes_per_s
+    head = max(2.0 * spec.vocab_size * spec.hidden_size * tokens / hw.flops,
+               spec.vocab_size * spec.hidden_size * spec.dtype_bytes / hw.mem_bytes_per_s)
+    compute = spec.num_layers * per_layer + kv_read + head
+    overhead = spec.num_layers * micro_batches * LAYER_OVERHEAD_S
+    overlapped = max(io, compute) if depth >= 2 or not (n_cpu + n_disk) else io + compute
+    return io, compute, overlapped + overhead
+
+
+def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int, batch: int) -> int:
+    """Device memory of a step's activations: the carry between layers for every token of the
+    step (hidden state and residual, plus the embedding output), one micro-batch's intermediates
+    inside a layer (q/k/v, attention, the MLP's widest tensors, 1.5x for the allocator) and the
+    LM head's float32 logits for the sampled rows."""
+    h, i, e = spec.hidden_size, spec.intermediate_size, spec.dtype_bytes
+    carry = 3 * step_tokens * h * e
+    inside = int(1.5 * micro_batch_tokens * (6 * h + 3 * i) * e)
+    logits = 3 * batch * spec.vocab_size * 4
+    return carry + inside + logits
+
+
+def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget: int | None,
+                  cpu_budget: int | None, explicit: dict | None = None) -> OffloadPlan:
+    """The plan with the highest predicted throughput inside both budgets (exhaustive over the
+    resident layer count, the prefetch depth and the micro-batch size; the CPU tier takes every
+    streamed layer host RAM holds, since it is never slower than the disk). `explicit`: the
+    user's fractions (config.parse_offload_policy), checked against the budgets the same way."""
+    _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget)
+    best: OffloadPlan | None = None
+    for n_res, n_cpu, depth, mbt in _candidates(spec, hw, workload, cpu_budget, explicit):
+        plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt)
+        if plan is not None and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
+            best = plan
+    if best is None:
+        raise ValueError(_no_plan_message(spec, hw, workload, gpu_budget, cpu_budget, explicit))
+    if explicit is not None:
+        return _with(best, explicit=True, reason="explicit offload_policy " + _fractions(explicit)
+                     + "; " + best.reason)
+    return best
+
+
+def _candidates(spec, hw, workload, cpu_budget, explicit):
+    layers = spec.num_layers
+    depths = (1, 2, 3, 4)
+    mbts = MICRO_BATCH_TOKENS
+    if explicit is not None:
+        n_res = round(explicit["w_gpu"] * layers)
+        n_cpu = round(explicit["w_cpu"] * layers) if hw.device == "cuda" else 0
+        if hw.device == "cpu":   # no separate device memory: the CPU tier is resident
+            n_res = round((explicit["w_gpu"] + explicit["w_cpu"]) * layers)
+        n_cpu = min(n_cpu, layers - n_res)
+        if "prefetch_depth" in explicit:
+            depths = (explicit["prefetch_depth"],)
+        if "micro_batch_tokens" in explicit:
+            mbts = (explicit["micro_batch_tokens"],)
+        for depth in depths:
+            for mbt in mbts:
+                yield n_res, n_cpu, depth, mbt
+        return
+    for n_res in range(layers + 1):
+        streamed = layers - n_res
+        for depth in (depths if streamed else (0,)):
+            if depth > max(streamed, 1):
+                continue
+            n_cpu = 0
+            if hw.device == "cuda":
+                room = (cpu_budget if cpu_budget is not None else float("inf")) - spec.host_bytes
+                disk_staging = depth * spec.layer_bytes   # needed only if some layer stays on disk
+                fit_all = room // spec.layer_bytes if spec.layer_bytes else streamed
+                n_cpu = int(min(streamed, fit_all))
+                if n_cpu < streamed:
+                    n_cpu = int(max(0, min(streamed, (room - disk_staging) // spec.layer_bytes)))
+            for mbt in mbts:
+                yield n_res, n_cpu, depth, mbt
+
+
+def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt) -> OffloadPlan | None:
+    layers = spec.num_layers
+    n_disk = layers - n_res - n_cpu
+    streamed = n_cpu + n_disk
+    depth = depth if streamed else 0
+    if streamed and depth < 1:
+        return None
+    staging = depth * spec.layer_bytes
+    if hw.device == "cuda":
+        host = spec.host_bytes + n_cpu * spec.layer_bytes + (staging if n_disk else 0)
+        weights_on_device = spec.device_bytes + n_res * spec.layer_bytes + staging
+        room = (gpu_budget * (1 - GPU_RESERVE) if gpu_budget is not None else float("inf")) - weights_on_device
+        batch = _largest_batch(spec, workload, room, mbt)
+        if batch < 1:
+            return None
+        kv_bytes = batch * workload.max_model_len * spec.kv_bytes_per_token
+        device = weights_on_device + kv_bytes + activation_bytes(spec, batch * workload.prompt_len, mbt, batch)
+    else:
+        # On the CPU the budget covers the weights in RAM; the KV cache has its own (kv_cache_memory).
+        host = spec.host_bytes + spec.device_bytes + n_res * spec.layer_bytes + staging
+        batch, kv_bytes, device = workload.max_num_seqs, 0, 0
+    if cpu_budget is not None and host > cpu_budget:
+        return None
+    ctx = batch * workload.max_model_len
+    io, compute, step = step_costs(spec, hw, n_res, n_cpu, n_disk, batch, ctx, 1, depth)
+    prefill_tokens = batch * workload.prompt_len
+    micro = max(1, -(-prefill_tokens // mbt))
+    _, _, prefill = step_costs(spec, hw, n_res, n_cpu, n_disk, prefill_tokens, prefill_tokens, micro, depth)
+    total = prefill + workload.gen_len * step
+    tok_s = batch * workload.gen_len / total
+    bound = "I/O-bound" if io >= compute else "compute-bound"
+    reason = (f"{bound} decode; batch {batch} is the most sequences of {workload.max_model_len} tokens "
+              f"whose KV fits beside the weights" if hw.device == "cuda" else
+              f"{bound} decode; {n_res} layers fit the RAM budget beside {depth} staging slots")
+    return OffloadPlan(tuple(["resident"] * n_res + ["cpu"] * n_cpu + ["disk"] * n_disk), depth, batch, mbt,
+                       kv_bytes, int(device), int(host), tok_s, step, io, compute, reason)
+
+
+def _largest_batch(spec, workload, room, mbt) -> int:
+    """Most sequences whose KV cache (max_model_len tokens each) and activations fit in room."""
+    per_seq = workload.max_model_len * spec.kv_bytes_per_token
+    lo, hi = 0, workload.max_num_seqs
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        need = mid * per_seq + activation_bytes(spec, mid * workload.prompt_len, mbt, mid)
+        lo, hi = (mid, hi) if need <= room else (lo, mid - 1)
+    return lo
+
+
+def _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget) -> None:
+    one = spec.layer_bytes
+    if hw.device == "cuda" and gpu_budget is not None:
+        need = spec.device_bytes + one
+        if gpu_budget * (1 - GPU_RESERVE) < need:
+            raise ValueError(
+                f"gpu_memory_budget ({gpu_budget / GIB:.2f} GiB) cannot hold even one layer: the weights "
+                f"kept on the GPU ({spec.device_bytes / GIB:.2f} GiB: LM head, norms) plus one decoder "
+                f"layer ({one / GIB:.2f} GiB) need {need / GIB:.2f} GiB (+{GPU_RESERVE:.0%} reserve)")
+    if hw.device == "cpu" and cpu_budget is not None:
+        need = spec.device_bytes + spec.host_bytes + one
+        if cpu_budget < need:
+            raise ValueError(
+                f"cpu_memory_budget ({cpu_budget / 2**20:.1f} MiB) cannot hold even one layer: the weights "
+                f"kept in RAM ({(spec.device_bytes + spec.host_bytes) / 2**20:.1f} MiB: embeddings, LM head, "
+                f"norms) plus one decoder layer ({one / 2**20:.1f} MiB) need {need / 2**20:.1f} MiB")
+
+
+def _no_plan_message(spec, hw, workload, gpu_budget, cpu_budget, explicit) -> str:
+    what = f"offload_policy {_fractions(explicit)}" if explicit else "any placement"
+    return (f"{what} does not fit the budgets (gpu_memory_budget "
+            f"{'none' if gpu_budget is None else f'{gpu_budget / GIB:.2f} GiB'}, cpu_memory_budget "
+            f"{'none' if cpu_budget is None else f'{cpu_budget / GIB:.2f} GiB'}) for {spec.num_layers} layers "
+            f"of {spec.layer_bytes / GIB:.3f} GiB and one sequence of max_model_len {workload.max_model_len} "
+            f"({workload.max_model_len * spec.kv_bytes_per_token / GIB:.3f} GiB of KV): raise a budget, "
+            "lower max_model_len, or put more layers on the disk tier")
+
+
+def _fractions(explicit: dict) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in explicit.items())
+
+
+def _with(plan: OffloadPlan, **changes) -> OffloadPlan:
+    import dataclasses
+    return dataclasses.replace(plan, **changes)

@@ -1,0 +1,24 @@
+"""The one loop every model runs its decoder layers through, and the seam the runner hooks.
+
+A model splits its forward pass into ``embed(input_ids, positions) -> carry``,
+``layer_forward(layer, positions, carry) -> carry`` and ``finish(carry) -> hidden``, where the
+carry is a tuple of [num_tokens, ...] tensors (or None) handed from layer to layer (Llama's
+hidden state and residual). ``LayerLoop`` runs them plainly; the offload mover puts in its own
+loop (runner/offload_mover.py), which fetches layer i+1's weights while layer i computes and
+runs several micro-batches through each layer (FlexGen's block schedule).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+Carry = tuple[torch.Tensor | None, ...]
+
+
+class LayerLoop:
+    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        carry = model.embed(input_ids, positions)
+        for layer in model.layers:
+            carry = model.layer_forward(layer, positions, carry)
+        return model.finish(carry)

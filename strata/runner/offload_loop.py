@@ -1,0 +1,231 @@
+"""The layer loop of an offloaded model, and what the offload policy needs to know about the
+model and the machine.
+
+``OffloadLayerLoop`` replaces the model's plain loop (models/layer_loop.py). A step's sequences
+are cut into micro-batches of at most ``micro_batch_tokens`` tokens (a sequence is never cut);
+every micro-batch passes layer i before any passes layer i+1, so layer i's weights are fetched
+once per step for all of them (FlexGen's block schedule) while the activations of only one
+micro-batch are alive inside a layer. Each micro-batch attends with its own slice of the step's
+attention metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+from strata.attention.backend import AttentionMetadata
+from strata.config import ModelConfig
+from strata.core.offload_policy import Hardware, ModelSpec
+from strata.forward_context import get_attn_metadata, set_forward_context
+from strata.models.layer_loop import Carry
+from strata.runner.offload_mover import OffloadMover, layer_layout
+from strata.sample.sampler import host_to_device
+
+
+class OffloadLayerLoop:
+    def __init__(self, mover: OffloadMover, micro_batch_tokens: int):
+        self.mover = mover
+        self.micro_batch_tokens = micro_batch_tokens
+
+    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        meta = get_attn_metadata()
+        spans = micro_batch_spans(meta.query_lens_cpu, self.micro_batch_tokens)
+        carry = model.embed(input_ids, positions)
+        if len(spans) == 1:
+            parts = [(meta, positions, carry)]
+        else:
+            parts = [(split_metadata(meta, a, b, positions.device), _slice(positions, meta, a, b),
+                      tuple(_slice(t, meta, a, b) for t in carry)) for a, b in spans]
+        mover = self.mover
+        try:
+            mover.begin_pass()
+            for index, layer in enumerate(model.layers):
+                mover.before_layer(index)
+                for k, (part_meta, part_pos, part_carry) in enumerate(parts):
+                    with set_forward_context(part_meta):
+                        parts[k] = (part_meta, part_pos, model.layer_forward(layer, part_pos, part_carry))
+                mover.after_layer(index)
+        except BaseException:
+            mover.reset()
+            raise
+        if len(parts) == 1:
+            return model.finish(parts[0][2])
+        return model.finish(_cat([p[2] for p in parts]))
+
+
+def micro_batch_spans(query_lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive rows [a, b) holding at most max_tokens tokens each (a longer row alone)."""
+    spans, start, tokens = [], 0, 0
+    for row, n in enumerate(query_lens):
+        if row > start and tokens + n > max_tokens:
+            spans.append((start, row))
+            start, tokens = row, 0
+        tokens += n
+    spans.append((start, len(query_lens)))
+    return spans
+
+
+def split_metadata(meta: AttentionMetadata, a: int, b: int, device: torch.device) -> AttentionMetadata:
+    t0, t1 = meta.query_start_loc_cpu[a], meta.query_start_loc_cpu[b]
+    query_lens = meta.query_lens_cpu[a:b]
+    starts = [s - t0 for s in meta.query_start_loc_cpu[a: b + 1]]
+    return AttentionMetadata(
+        num_tokens=t1 - t0, slot_mapping=meta.slot_mapping[t0:t1], block_tables=meta.block_tables[a:b],
+        seq_lens=meta.seq_lens[a:b], query_start_loc=host_to_device(starts, torch.int32, device),
+        seq_lens_cpu=meta.seq_lens_cpu[a:b], query_lens_cpu=query_lens, query_start_loc_cpu=starts,
+        block_size=meta.block_size, decode_rows=[r for r, n in enumerate(query_lens) if n == 1],
+        prefill_rows=[r for r, n in enumerate(query_lens) if n != 1], max_query_len=max(query_lens))
+
+
+def _slice(t: torch.Tensor | None, meta: AttentionMetadata, a: int, b: int) -> torch.Tensor | None:
+    return None if t is None else t[meta.query_start_loc_cpu[a]: meta.query_start_loc_cpu[b]]
+
+
+def _cat(carries: list[Carry]) -> Carry:
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*carries))
+
+
+class HostEmbedding(nn.Module):
+    """An untied token embedding kept in host RAM: a lookup reads num_tokens rows there and sends
+    only those to the device (Llama-3-8B's table is 1 GiB of bf16 that a GPU budget can spare)."""
+
+    def __init__(self, embedding: nn.Module, device: torch.device):
+        super().__init__()
+        self.inner = embedding
+        self.device = device
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.inner(input_ids.to("cpu"))
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+
+def host_embedding_ok(model: nn.Module, device: torch.device) -> bool:
+    """The embedding may stay on the host when the model runs on a GPU and the LM head does not
+    share its table."""
+    emb = getattr(model, "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    return (device.type == "cuda" and emb is not None and getattr(emb, "packed", None) is None
+            and (head is None or head.weight is not emb.weight))
+
+
+def place_outside_layers(model: nn.Module, device: torch.device, embed_on_host: bool) -> None:
+    """Everything but the decoder layers goes to the device (the embedding maybe kept on host)."""
+    for name, child in model.named_children():
+        if name == "layers" or (name == "embed_tokens" and embed_on_host):
+            continue
+        child.to(device)
+    if embed_on_host:
+        model.embed_tokens = HostEmbedding(model.embed_tokens, device)
+
+
+def model_spec(model: nn.Module, cfg: ModelConfig, embed_on_host: bool) -> ModelSpec:
+    _, layer_bytes = layer_layout(model.layers[0])
+    layer_params = sum(p.numel() for p in model.layers[0].parameters())
+    layer_ids = {id(p) for p in model.layers.parameters()}
+    others = [(n, p) for n, p in model.named_parameters() if id(p) not in layer_ids]
+    host = sum(p.numel() * p.element_size() for n, p in others if embed_on_host and n.startswith("embed_tokens"))
+    device = sum(p.numel() * p.element_size() for _, p in others) - host
+    elem = torch.empty((), dtype=cfg.dtype).element_size()
+    return ModelSpec(num_layers=len(model.layers), layer_bytes=layer_bytes, layer_params=layer_params,
+                     device_bytes=device, host_bytes=host, hidden_size=cfg.hidden_size,
+                     intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                     kv_bytes_per_token=cfg.kv_bytes_per_token, dtype_bytes=elem)
+
+
+def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str | None) -> Hardware:
+    """Quick measurements at startup (well under a second): pinned host -> device copies, a file
+    read from the disk tier's folder with the page cache dropped, a matmul and a device copy."""
+    disk = _disk_read_rate(offload_dir, 64 * 2**20 if device.type == "cuda" else 16 * 2**20)
+    if device.type != "cuda":
+        n = 512
+        a = torch.randn(n, n, dtype=torch.float32)
+        flops = 2 * n**3 / _median_s(lambda: a @ a)
+        buf = torch.empty(16 * 2**20, dtype=torch.uint8)
+        mem = 2 * buf.numel() / _median_s(lambda: buf.clone())
+        return Hardware("cpu", float("inf"), disk, flops, mem)
+    host = torch.empty(256 * 2**20, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty_like(host, device=device)
+    h2d = host.numel() / _median_cuda_s(lambda: dev.copy_(host, non_blocking=True))
+    mem = 2 * dev.numel() / _median_cuda_s(lambda: dev.clone())
+    n = 4096
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    flops = 2 * n**3 / _median_cuda_s(lambda: a @ a)
+    del host, dev, a
+    torch.cuda.empty_cache()
+    return Hardware("cuda", h2d, disk, flops, mem)
+
+
+def _median_s(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return max(statistics.median(times), 1e-9)
+
+
+def _median_cuda_s(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return max(statistics.median(times), 1e-9)
+
+
+def _disk_read_rate(folder: str | None, nbytes: int) -> float:
+    """Write nbytes, flush them to the disk, drop them from the page cache, time one read."""
+    folder = folder or tempfile.gettempdir()
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="strata-disk-probe-", dir=folder)
+    try:
+        os.write(fd, os.urandom(1 << 20) * (nbytes >> 20))
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(nbytes)
+        t0 = time.perf_counter()
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            f.readinto(buf)
+        return nbytes / max(time.perf_counter() - t0, 1e-9)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def offload_model(model: nn.Module, cfg: ModelConfig, offload, device: torch.device, workload,
+                  gpu_memory_utilization: float = 0.9):
+    """Pick the plan (core/offload_policy.search_policy, fed by measured rates) and carry it out:
+    the model (built on the host) ends with its resident parts on the device, its streamed layers
+    on their tiers, and the offload loop in place. `offload`: an OffloadConfig. Returns
+    (plan, mover, hardware)."""
+    from strata.core.offload_policy import search_policy
+    if device.type != "cuda" and offload.gpu_memory_budget is not None:
+        raise ValueError(f"gpu_memory_budget ({offload.gpu_memory_budget} bytes) needs a CUDA device; "
+                         f"this engine runs on {device} (use cpu_memory_budget)")
+    embed_on_host = host_embedding_ok(model, device)
+    spec = model_spec(model, cfg, embed_on_host)
+    hardware = measure_hardware(device, cfg.dtype, offload.offload_dir)
+    gpu_budget = offload.gpu_memory_budget
+    if device.type == "cuda" and gpu_budget is None:
+        gpu_budget = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
+    plan = search_policy(spec, hardware, workload, gpu_budget, offload.cpu_memory_budget, offload.policy)
+    if offload.offload_dir is not None:
+        os.makedirs(offload.offload_dir, exist_ok=True)
+    mover = OffloadMover(model, plan, device, offload.offload_dir)
+    place_outside_layers(model, device, embed_on_host)
+    model.layer_loop = OffloadLayerLoop(mover, plan.micro_batch_tokens)
+    return plan, mover, hardware

@@ -1,0 +1,152 @@
+"""Offloading through the whole engine on the CPU: weights streamed from the disk tier through
+a RAM budget far below the model's size give the resident run's greedy tokens, and the RAM that
+weights hold stays within the budget (the mover's accounting, and the process's peak RSS while
+generating). The block schedule (several micro-batches per layer) gives the same tokens too.
+
+The model: a random Llama of 24 layers, 3.9 MiB each in float32 (94 MiB in all)."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+
+from strata import LLM, SamplingParams
+
+CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=256,
+              intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2)
+PROMPTS = [[5, 17, 33, 101, 7], list(range(3, 40)), [300, 301, 302], list(range(100, 150)), [8]]
+MIB = 2**20
+BUDGET = 12 * MIB     # three layers' worth of a 94 MiB model
+# RSS may grow while generating by the KV pages the requests touch, activations and allocator
+# slack: far less than the 94 MiB that streaming pages without dropping them would add.
+RSS_MARGIN = 24 * MIB
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: more threads only wait on each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Random weights in HF's names, written directly (building the HF model initialises 24M
+    parameters one by one: seconds on a busy machine)."""
+    from safetensors.torch import save_file
+    path = tmp_path_factory.mktemp("llama24")
+    gen = torch.Generator().manual_seed(0)
+    h, i, v, kv = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"], 128
+
+    def rand(*shape, std=0.05):
+        return torch.randn(*shape, generator=gen) * std
+
+    tensors = {"model.embed_tokens.weight": rand(v, h, std=1.0), "lm_head.weight": rand(v, h),
+               "model.norm.weight": 1 + rand(h, std=0.1)}
+    for n in range(CONFIG["num_hidden_layers"]):
+        pre = f"model.layers.{n}."
+        tensors.update({
+            pre + "self_attn.q_proj.weight": rand(h, h), pre + "self_attn.k_proj.weight": rand(kv, h),
+            pre + "self_attn.v_proj.weight": rand(kv, h), pre + "self_attn.o_proj.weight": rand(h, h),
+            pre + "mlp.gate_proj.weight": rand(i, h), pre + "mlp.up_proj.weight": rand(i, h),
+            pre + "mlp.down_proj.weight": rand(h, i),
+            pre + "input_layernorm.weight": 1 + rand(h, std=0.1),
+            pre + "post_attention_layernorm.weight": 1 + rand(h, std=0.1)})
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({**CONFIG, "torch_dtype": "float32"}))
+    return path
+
+
+def make(path, **kw):
+    return LLM(str(path), skip_tokenizer_init=True, device="cpu", dtype="float32", max_num_seqs=8,
+               kv_cache_memory="8MiB", use_tqdm_on_load=False, **kw)
+
+
+def run(llm, prompts=PROMPTS, max_new=8):
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    kv = llm.llm_engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_blocks
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def resident_tokens(model_dir):
+    llm = make(model_dir)
+    tokens = run(llm)
+    del llm
+    gc.collect()
+    return tokens
+
+
+def _status_bytes(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def test_tokens_vary(resident_tokens):
+    """The comparisons below mean something only if the tokens depend on the weights."""
+    assert len({t for seq in resident_tokens for t in seq}) >= 10
+
+
+def test_disk_tier_within_ram_budget(model_dir, resident_tokens, tmp_path):
+    llm = make(model_dir, cpu_memory_budget=BUDGET, offload_dir=str(tmp_path / "tier"))
+    engine = llm.llm_engine
+    plan, mover = engine.offload_plan, engine.offload_mover
+    assert plan.count("disk") >= 22 and plan.prefetch_depth >= 2     # nearly every layer on disk
+    assert len(list((tmp_path / "tier").glob("layer_*.bin"))) == plan.count("disk")
+    model = engine.executor.runner.model
+    streamed = {id(p) for i in plan.streamed for p in model.layers[i].parameters()}
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in streamed)
+    held += mover.host_weight_bytes()           # the staging slots the streamed layers share
+    assert held <= BUDGET and plan.host_bytes <= BUDGET
+    weights = mover.slot_bytes * CONFIG["num_hidden_layers"]
+    assert weights > 7 * BUDGET
+
+    open("/proc/self/clear_refs", "w").write("5")   # restart the peak-RSS count (VmHWM) here
+    base = _status_bytes("VmRSS")
+    tokens = run(llm)
+    peak = _status_bytes("VmHWM")
+    assert tokens == resident_tokens
+    assert peak - base <= RSS_MARGIN, f"RSS grew by {(peak - base) / MIB:.1f} MiB while generating"
+    steps_bytes = mover.stats.bytes_from_disk
+    assert steps_bytes >= 8 * plan.count("disk") * mover.slot_bytes   # every step read the disk tier
+    mover.close()
+
+
+def test_block_schedule_and_mixed_tiers(model_dir, resident_tokens, tmp_path):
+    """Micro-batches of at most 16 tokens per layer (several per step), a third of the layers
+    resident, the rest on disk, three slots ahead: the same tokens."""
+    llm = make(model_dir, offload_dir=str(tmp_path),
+               offload_policy="w_gpu=0.33,w_disk=0.67,micro_batch_tokens=16,prefetch_depth=3")
+    plan = llm.llm_engine.offload_plan
+    assert plan.micro_batch_tokens == 16 and plan.prefetch_depth == 3 and plan.count("resident") == 8
+    assert run(llm) == resident_tokens
+    llm.llm_engine.offload_mover.close()
+
+
+def test_budget_below_one_layer_is_an_error(model_dir):
+    with pytest.raises(ValueError, match="cpu_memory_budget .* cannot hold even one layer"):
+        make(model_dir, cpu_memory_budget="4MiB")
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(gpu_memory_budget="4GiB"), "gpu_memory_budget .* needs a CUDA device"),
+    (dict(cpu_memory_budget="lots"), "cpu_memory_budget: cannot parse"),
+    (dict(cpu_memory_budget=-5), "cpu_memory_budget must be > 0"),
+    (dict(offload_policy="w_gpu=0.5,w_cpu=0.7"), "must sum to 1"),
+    (dict(offload_policy="kv_cpu=1"), "kv_cpu"),
+    (dict(offload_policy="speed=9"), "unknown key"),
+])
+def test_bad_offload_options(model_dir, kw, message):
+    with pytest.raises(ValueError, match=message):
+        make(model_dir, **kw)
