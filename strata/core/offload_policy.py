@@ -104,8 +104,9 @@ class OffloadPlan:
         n = len(self.placement)
         return (f"offload: layers {self.count('resident')}/{n} resident, {self.count('cpu')} CPU, "
                 f"{self.count('disk')} disk, prefetch depth {self.prefetch_depth}, batch {self.batch_size} "
-                f"in micro-batches of {self.micro_batch_tokens} tokens; device {self.device_bytes / GIB:.2f} "
-                f"GiB, host {self.host_bytes / GIB:.2f} GiB; predicted {self.predicted_tok_s:.1f} tok/s "
+                f"in micro-batches of {self.micro_batch_tokens} tokens; "
+                + (f"GPU {self.device_bytes / GIB:.2f} GiB, " if self.device_bytes else "")
+                + f"host {self.host_bytes / GIB:.3f} GiB; predicted {self.predicted_tok_s:.1f} tok/s "
                 f"(decode step {self.step_seconds * 1e3:.1f} ms: io {self.io_seconds * 1e3:.1f} ms, "
                 f"compute {self.compute_seconds * 1e3:.1f} ms) | {self.reason}")
 
@@ -163,7 +164,9 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
 
 def _candidates(spec, hw, workload, cpu_budget, explicit):
     layers = spec.num_layers
-    depths = (1, 2, 3, 4)
+    # Auto plans double-buffer at least: one slot would trade overlap for one layer of KV room,
+    # which the cost model can favour when I/O dominates, but its copies then wait on compute.
+    depths = (2, 3, 4)
     mbts = MICRO_BATCH_TOKENS
     if explicit is not None:
         n_res = round(explicit["w_gpu"] * layers)
@@ -182,7 +185,7 @@ def _candidates(spec, hw, workload, cpu_budget, explicit):
     for n_res in range(layers + 1):
         streamed = layers - n_res
         for depth in (depths if streamed else (0,)):
-            if depth > max(streamed, 1):
+            if depth > max(streamed, 2):
                 continue
             n_cpu = 0
             if hw.device == "cuda":
@@ -227,9 +230,17 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     total = prefill + workload.gen_len * step
     tok_s = batch * workload.gen_len / total
     bound = "I/O-bound" if io >= compute else "compute-bound"
-    reason = (f"{bound} decode; batch {batch} is the most sequences of {workload.max_model_len} tokens "
-              f"whose KV fits beside the weights" if hw.device == "cuda" else
-              f"{bound} decode; {n_res} layers fit the RAM budget beside {depth} staging slots")
+    if hw.device == "cuda":
+        reason = (f"{bound} decode; batch {batch} is the most sequences of {workload.max_model_len} tokens "
+                  f"whose KV fits the GPU budget beside {n_res} resident layers and {depth} staging slots")
+    else:
+        reason = f"{bound} decode; {n_res} layers fit the RAM budget beside {depth} staging slots"
+    if n_disk and hw.device == "cuda":
+        reason += f"; host RAM holds {n_cpu} streamed layers"
+    if n_disk:
+        reason += f"; {n_disk} read from disk at {hw.disk_bytes_per_s / GIB:.2f} GiB/s"
+    if streamed and hw.device == "cuda":
+        reason += f"; PCIe {hw.h2d_bytes_per_s / GIB:.1f} GiB/s"
     return OffloadPlan(tuple(["resident"] * n_res + ["cpu"] * n_cpu + ["disk"] * n_disk), depth, batch, mbt,
                        kv_bytes, int(device), int(host), tok_s, step, io, compute, reason)
 

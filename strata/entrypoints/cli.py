@@ -274,6 +274,12 @@ def _info(llm) -> int:
         ("tokenizer", "none" if engine.tokenizer is None else
          f"{engine.tokenizer.vocab_size} tokens, chat template: {'yes' if engine.tokenizer.chat_template else 'no'}"),
     ]
+    if engine.offload_plan is not None:
+        hw = engine.offload_hardware
+        rows.append(("offload policy", engine.offload_plan.describe()))
+        rows.append(("offload measured rates", f"host->device {hw.h2d_bytes_per_s / 2**30:.1f} GiB/s, disk read "
+                     f"{hw.disk_bytes_per_s / 2**30:.2f} GiB/s, matmul {hw.flops / 1e12:.2f} TFLOP/s, memory "
+                     f"{hw.mem_bytes_per_s / 2**30:.0f} GiB/s"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

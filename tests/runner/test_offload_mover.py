@@ -124,3 +124,17 @@ def test_failed_pass_resets(tmp_path):
         mover.reset()   # a pass that failed after layer 0
         torch.testing.assert_close(model.run(x, mover), expected, rtol=0, atol=0)
     mover.close()
+
+
+def test_micro_batch_spans_and_metadata_split():
+    from strata.runner.input_batch import dummy_prefill_inputs
+    from strata.runner.offload_loop import micro_batch_spans, split_metadata
+    assert micro_batch_spans([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    assert micro_batch_spans([5, 30, 1, 1, 3], 8) == [(0, 1), (1, 2), (2, 5)]   # a long row alone
+    assert micro_batch_spans([4], 1) == [(0, 1)]
+    meta = dummy_prefill_inputs(20, 4, 4, 100, torch.device("cpu")).attn   # rows of 5 tokens
+    part = split_metadata(meta, 1, 3, torch.device("cpu"))
+    assert part.num_tokens == 10 and part.query_start_loc_cpu == [0, 5, 10]
+    assert part.query_start_loc.tolist() == [0, 5, 10] and part.seq_lens_cpu == [5, 5]
+    assert torch.equal(part.slot_mapping, meta.slot_mapping[5:15])
+    assert torch.equal(part.block_tables, meta.block_tables[1:3]) and part.prefill_rows == [0, 1]

@@ -1,0 +1,103 @@
+"""The offload policy search (pure Python): every plan respects every budget, for a table of
+model sizes and budgets; budgets too small for one layer are a clear error; explicit fractions
+are honoured; more memory never predicts less throughput."""
+
+from __future__ import annotations
+
+import pytest
+
+from strata.config import parse_offload_policy
+from strata.core.offload_policy import GPU_RESERVE, Hardware, ModelSpec, Workload, search_policy
+
+GIB = 2**30
+H100 = Hardware("cuda", h2d_bytes_per_s=25e9, disk_bytes_per_s=2e9, flops=600e12, mem_bytes_per_s=2.5e12)
+CPU = Hardware("cpu", h2d_bytes_per_s=float("inf"), disk_bytes_per_s=1e9, flops=100e9, mem_bytes_per_s=20e9)
+
+
+def llama_spec(layers, hidden, inter, kv_heads, vocab, head_dim=128, dtype_bytes=2, host_embed=True):
+    params = hidden * (hidden + 2 * kv_heads * head_dim) + hidden * hidden + 3 * hidden * inter
+    table = vocab * hidden * dtype_bytes
+    return ModelSpec(num_layers=layers, layer_bytes=params * dtype_bytes, layer_params=params,
+                     device_bytes=table + (0 if host_embed else table), host_bytes=table if host_embed else 0,
+                     hidden_size=hidden, intermediate_size=inter, vocab_size=vocab,
+                     kv_bytes_per_token=2 * layers * kv_heads * head_dim * dtype_bytes, dtype_bytes=dtype_bytes)
+
+
+MODELS = {
+    "llama-8b": llama_spec(32, 4096, 14336, 8, 128256),
+    "llama-70b": llama_spec(80, 8192, 28672, 8, 128256),
+    "opt-30b": llama_spec(48, 7168, 28672 * 2 // 3, 56, 50272, host_embed=False),
+    "smol-135m": llama_spec(30, 576, 1536, 3, 49152, head_dim=64),
+}
+BUDGETS = [(4 * GIB, 32 * GIB), (4 * GIB, 8 * GIB), (12 * GIB, None), (24 * GIB, 200 * GIB), (6 * GIB, 2 * GIB)]
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("gpu, cpu", BUDGETS)
+def test_plans_respect_budgets(name, gpu, cpu):
+    spec = MODELS[name]
+    workload = Workload(max_model_len=544, prompt_len=512, gen_len=32, max_num_seqs=256)
+    try:
+        plan = search_policy(spec, H100, workload, gpu, cpu)
+    except ValueError as e:   # only when nothing fits: then the message says which budget
+        assert "budget" in str(e)
+        return
+    assert len(plan.placement) == spec.num_layers
+    assert plan.device_bytes <= gpu * (1 - GPU_RESERVE)
+    if cpu is not None:
+        assert plan.host_bytes <= cpu
+    staged = plan.prefetch_depth * spec.layer_bytes
+    assert plan.device_bytes >= spec.device_bytes + plan.count("resident") * spec.layer_bytes + staged
+    assert plan.kv_bytes >= plan.batch_size * 544 * spec.kv_bytes_per_token >= 544 * spec.kv_bytes_per_token
+    if plan.streamed:
+        assert plan.prefetch_depth >= 2      # copies overlap compute
+    assert plan.predicted_tok_s > 0 and plan.reason
+    assert "predicted" in plan.describe()
+
+
+def test_more_memory_never_predicts_less():
+    spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
+    rates = [search_policy(spec, H100, workload, g * GIB, 64 * GIB).predicted_tok_s for g in (3, 4, 8, 16, 40)]
+    assert rates == sorted(rates)
+    everything = search_policy(spec, H100, workload, 80 * GIB, 64 * GIB)
+    assert everything.count("resident") == spec.num_layers     # all fits: nothing streams
+
+
+def test_small_host_budget_sends_layers_to_disk():
+    spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
+    plan = search_policy(spec, H100, workload, 4 * GIB, 6 * GIB)
+    assert plan.count("disk") > 0 and plan.host_bytes <= 6 * GIB
+    assert plan.count("cpu") * spec.layer_bytes + spec.host_bytes <= 6 * GIB
+
+
+@pytest.mark.parametrize("gpu, cpu, hw, message", [
+    (0.5 * GIB, None, H100, "gpu_memory_budget .* cannot hold even one layer"),
+    (None, 1 * GIB, CPU, "cpu_memory_budget .* cannot hold even one layer"),
+])
+def test_budget_below_one_layer(gpu, cpu, hw, message):
+    with pytest.raises(ValueError, match=message):
+        search_policy(MODELS["llama-8b"], hw, Workload(544, 512, 32, 256), gpu and int(gpu), cpu)
+
+
+def test_no_room_for_one_sequence_names_max_model_len():
+    with pytest.raises(ValueError, match="max_model_len"):
+        search_policy(MODELS["llama-8b"], H100, Workload(131072, 130000, 1072, 256), 4 * GIB, None)
+
+
+def test_explicit_fractions():
+    spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 64)
+    fractions = parse_offload_policy("w_gpu=0.25,w_cpu=0.5,micro_batch_tokens=1024,prefetch_depth=3")
+    plan = search_policy(spec, H100, workload, 40 * GIB, None, fractions)
+    assert (plan.count("resident"), plan.count("cpu"), plan.count("disk")) == (8, 16, 8)
+    assert plan.micro_batch_tokens == 1024 and plan.prefetch_depth == 3 and plan.explicit
+    with pytest.raises(ValueError, match="does not fit"):
+        search_policy(spec, H100, workload, 4 * GIB, None, parse_offload_policy("w_gpu=1"))
+
+
+def test_cpu_only_budget_counts_resident_layers_and_slots():
+    spec, workload = MODELS["smol-135m"], Workload(256, 240, 16, 8)
+    budget = spec.device_bytes + spec.host_bytes + 10 * spec.layer_bytes
+    plan = search_policy(spec, CPU, workload, None, budget)
+    assert plan.count("cpu") == 0
+    assert plan.host_bytes <= budget
+    assert plan.count("resident") == 8 and plan.prefetch_depth == 2    # 8 resident + 2 slots
