@@ -275,13 +275,18 @@ def _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget) -> None:
 
 
 def _no_plan_message(spec, hw, workload, gpu_budget, cpu_budget, explicit) -> str:
-    what = f"offload_policy {_fractions(explicit)}" if explicit else "any placement"
-    return (f"{what} does not fit the budgets (gpu_memory_budget "
-            f"{'none' if gpu_budget is None else f'{gpu_budget / GIB:.2f} GiB'}, cpu_memory_budget "
-            f"{'none' if cpu_budget is None else f'{cpu_budget / GIB:.2f} GiB'}) for {spec.num_layers} layers "
-            f"of {spec.layer_bytes / GIB:.3f} GiB and one sequence of max_model_len {workload.max_model_len} "
-            f"({workload.max_model_len * spec.kv_bytes_per_token / GIB:.3f} GiB of KV): raise a budget, "
-            "lower max_model_len, or put more layers on the disk tier")
+    what = f"offload_policy {_fractions(explicit)}" if explicit else "no placement"
+    return (f"{what} fits the budgets (gpu_memory_budget {_size(gpu_budget)}, cpu_memory_budget "
+            f"{_size(cpu_budget)}) for {spec.num_layers} layers of {_size(spec.layer_bytes)} plus "
+            f"{_size(spec.device_bytes + spec.host_bytes)} of other weights and tables, and one sequence of "
+            f"max_model_len {workload.max_model_len} ({_size(workload.max_model_len * spec.kv_bytes_per_token)} "
+            "of KV): raise a budget, lower max_model_len, or put more layers on the disk tier")
+
+
+def _size(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "none"
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _fractions(explicit: dict) -> str:
@@ -291,3 +296,14 @@ def _fractions(explicit: dict) -> str:
 def _with(plan: OffloadPlan, **changes) -> OffloadPlan:
     import dataclasses
     return dataclasses.replace(plan, **changes)
+
+
+def predict_throughput(spec: ModelSpec, hw: Hardware, plan: OffloadPlan, workload: Workload) -> OffloadPlan:
+    """The cost model's figures for `plan` run on `workload` (batch = workload.max_num_seqs),
+    e.g. to set a prediction beside a measured run."""
+    n_res, n_cpu = plan.count("resident"), plan.count("cpu")
+    result = _evaluate(spec, hw, workload, None, None, n_res, n_cpu, max(plan.prefetch_depth, 0),
+                       plan.micro_batch_tokens)
+    if result is None:
+        raise ValueError("the plan does not run this workload")
+    return result

@@ -171,7 +171,7 @@ class LLMEngine:
         args = self.args
         workload = Workload.from_max_model_len(args.max_model_len or cfg.max_position_embeddings,
                                                args.max_num_seqs)
-        self.offload_plan, self.offload_mover, self.offload_hardware = offload_model(
+        self.offload_plan, self.offload_mover, self.offload_hardware, self.offload_spec = offload_model(
             model, cfg, self.offload_config, self.device, workload, cache.gpu_memory_utilization)
         plan = self.offload_plan
         if self.device.type == "cuda":

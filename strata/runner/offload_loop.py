@@ -132,7 +132,8 @@ def model_spec(model: nn.Module, cfg: ModelConfig, embed_on_host: bool) -> Model
     layer_ids = {id(p) for p in model.layers.parameters()}
     others = [(n, p) for n, p in model.named_parameters() if id(p) not in layer_ids]
     host = sum(p.numel() * p.element_size() for n, p in others if embed_on_host and n.startswith("embed_tokens"))
-    device = sum(p.numel() * p.element_size() for _, p in others) - host
+    buffers = {id(b): b.numel() * b.element_size() for b in model.buffers()}   # shared tables once
+    device = sum(p.numel() * p.element_size() for _, p in others) - host + sum(buffers.values())
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     return ModelSpec(num_layers=len(model.layers), layer_bytes=layer_bytes, layer_params=layer_params,
                      device_bytes=device, host_bytes=host, hidden_size=cfg.hidden_size,
@@ -211,7 +212,7 @@ def offload_model(model: nn.Module, cfg: ModelConfig, offload, device: torch.dev
     """Pick the plan (core/offload_policy.search_policy, fed by measured rates) and carry it out:
     the model (built on the host) ends with its resident parts on the device, its streamed layers
     on their tiers, and the offload loop in place. `offload`: an OffloadConfig. Returns
-    (plan, mover, hardware)."""
+    (plan, mover, hardware, spec)."""
     from strata.core.offload_policy import search_policy
     if device.type != "cuda" and offload.gpu_memory_budget is not None:
         raise ValueError(f"gpu_memory_budget ({offload.gpu_memory_budget} bytes) needs a CUDA device; "
@@ -228,4 +229,4 @@ def offload_model(model: nn.Module, cfg: ModelConfig, offload, device: torch.dev
     mover = OffloadMover(model, plan, device, offload.offload_dir)
     place_outside_layers(model, device, embed_on_host)
     model.layer_loop = OffloadLayerLoop(mover, plan.micro_batch_tokens)
-    return plan, mover, hardware
+    return plan, mover, hardware, spec

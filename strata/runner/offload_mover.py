@@ -56,6 +56,7 @@ class MoverStats:
     bytes_to_device: int = 0
     wait_seconds: float = 0.0      # time the compute side waited for a fetch
     fetches: int = 0
+    passes: int = 0                # forward passes through the layers
 
 
 def layer_layout(layer: nn.Module) -> tuple[list[_Entry], int]:
@@ -117,19 +118,23 @@ class OffloadMover:
         self._staging_ready: list[object] = [None] * self.depth
         if self.on_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
+        moved: dict[int, torch.Tensor] = {}   # buffers shared by layers (rotary tables) move once
         for i, layer in enumerate(self.layers):
+            for module in layer.modules():   # buffers stay on the device whatever the tier
+                for name, buf in list(module.named_buffers(recurse=False)):
+                    if id(buf) not in moved:
+                        moved[id(buf)] = buf.to(self.device)
+                    setattr(module, name, moved[id(buf)])
             tier = self.plan.placement[i]
             if tier == "resident":
-                layer.to(self.device)
+                for p in layer.parameters():
+                    p.data = p.data.to(self.device)
                 continue
             packed = self._pack(layer, pin)
             if tier == "cpu":
                 self._host[i] = packed
             else:
                 self._files[i] = self._write(i, packed)
-            for module in layer.modules():   # buffers (rotary tables) stay on the device
-                for name, buf in list(module.named_buffers(recurse=False)):
-                    setattr(module, name, buf.to(self.device))
             self._bind(layer, self.slots[self.position[i] % self.depth])
 
     def _pack(self, layer: nn.Module, pin: bool) -> torch.Tensor:
@@ -160,6 +165,7 @@ class OffloadMover:
 
     # ---- the pass: called by the offload layer loop --------------------------------------------
     def begin_pass(self) -> None:
+        self.stats.passes += 1
         for pos in range(self.depth):
             if pos not in self._pending:
                 self._issue(pos)

@@ -90,7 +90,7 @@ def test_explicit_fractions():
     plan = search_policy(spec, H100, workload, 40 * GIB, None, fractions)
     assert (plan.count("resident"), plan.count("cpu"), plan.count("disk")) == (8, 16, 8)
     assert plan.micro_batch_tokens == 1024 and plan.prefetch_depth == 3 and plan.explicit
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="fits the budgets"):
         search_policy(spec, H100, workload, 4 * GIB, None, parse_offload_policy("w_gpu=1"))
 
 

@@ -1,0 +1,262 @@
+"""Offloading on one GPU: Llama-3.1-8B's shape (bf16, random weights, 15 GiB) under a 4 GiB GPU
+budget, FlexGen's setting (prompts of 512 tokens, 32 new tokens, the largest batch the policy
+picks), beside the host-to-device bandwidth measured in the same run and HF transformers with
+accelerate's device_map offloading under the same budget.
+
+    python bench/gpu_offload.py                # everything, well under 10 minutes on an H100
+    python bench/gpu_offload.py --smoke        # CPU, a tiny Llama: every part at toy size
+    python bench/gpu_offload.py --skip-hf --skip-disk
+
+Parts:
+1. rates: pinned host->device copy bandwidth (1 GiB, median of 5) and the disk's read rate (a
+   1 GiB file written to --offload-dir, flushed, dropped from the page cache, read once).
+2. strata, CPU tier: ``LLM(gpu_memory_budget="4GiB")``; the policy's batch B of 512-token
+   prompts, 32 new tokens (EOS ignored): generated tok/s over the whole generate call (prefill
+   included, as FlexGen counts). The bound: a generation of 32 tokens takes at least 32 forward
+   passes, each bringing the streamed layers' bytes over PCIe, so tok/s <= B * 32 / (32 * streamed
+   bytes / bandwidth); the passes actually run are printed beside it. Also: the cost
+   model's prediction for this run, and the GPU memory torch allocated at peak.
+3. strata and HF on the same short run (B prompts, --hf-new-tokens new tokens): HF transformers
+   ``generate`` with accelerate's ``infer_auto_device_map(max_memory={0: budget})`` +
+   ``dispatch_model`` (weights that do not fit stay in CPU RAM and are copied in per forward).
+   HF's KV cache and activations are not in its budget (accelerate budgets weights only).
+4. strata, disk tier: --disk-cpu-budget of host RAM (default 4 GiB: the embedding, the disk
+   staging buffers and a few layers), the rest of the layers read from files each pass; tok/s
+   against the bound the measured disk rate allows.
+accelerate missing on the machine: pip install it from a carried wheel folder (--wheels DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LLAMA_31_8B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+    bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16")
+SMOKE = dict(LLAMA_31_8B, vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, torch_dtype="float32")
+GIB = 2**30
+
+
+def h2d_bandwidth(nbytes: int) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times[1:])
+
+
+def disk_bandwidth(folder: str, nbytes: int) -> float:
+    from strata.runner.offload_loop import _disk_read_rate
+    return _disk_read_rate(folder, nbytes)
+
+
+def make_model_dir(config: dict) -> Path:
+    path = Path(tempfile.mkdtemp(prefix="strata-offload-model-"))
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, **offload):
+    """Load, warm up, generate once; returns a dict of figures (and the batch the plan chose)."""
+    from strata import LLM, SamplingParams
+    from strata.core.offload_policy import Workload, predict_throughput
+    t0 = time.perf_counter()
+    llm = LLM(str(model_dir), load_format="dummy", skip_tokenizer_init=True, device=args.device,
+              max_model_len=prompt_len + new_tokens, max_num_seqs=args.max_num_seqs, use_tqdm_on_load=False,
+              **offload)
+    load_s = time.perf_counter() - t0
+    engine = llm.llm_engine
+    plan, mover = engine.offload_plan, engine.offload_mover
+    batch = batch or plan.batch_size
+    vocab = engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [{"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()}
+               for _ in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    passes0, disk0 = mover.stats.passes, mover.stats.bytes_from_disk
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    workload = Workload(prompt_len + new_tokens, prompt_len, new_tokens, batch)
+    predicted = predict_throughput(engine.offload_spec, engine.offload_hardware, plan, workload)
+    spec = engine.offload_spec
+    result = dict(
+        batch=batch, load_s=load_s, seconds=seconds, generated=generated, tok_s=generated / seconds,
+        passes=mover.stats.passes - passes0, disk_bytes=mover.stats.bytes_from_disk - disk0,
+        streamed_bytes=len(plan.streamed) * spec.layer_bytes, cpu_bytes=plan.count("cpu") * spec.layer_bytes,
+        predicted_tok_s=predicted.predicted_tok_s, plan=plan.describe(),
+        gpu_peak_gib=torch.cuda.max_memory_allocated() / GIB if args.device == "cuda" else 0.0,
+        wait_s=mover.stats.wait_seconds)
+    mover.close()
+    del llm, engine, mover, outs
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def hf_run(config: dict, args, batch: int, prompt_len: int, new_tokens: int, budget: int) -> dict:
+    import transformers
+    from accelerate import dispatch_model, infer_auto_device_map
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    cfg = transformers.LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model = model.to_empty(device="cpu").eval()
+    src = "cuda" if args.device == "cuda" else "cpu"
+    gen = torch.Generator(device=src).manual_seed(0)
+    with torch.no_grad():   # random weights drawn on the GPU, as strata's dummy loader does
+        for p in model.parameters():
+            p.copy_(torch.empty(p.shape, dtype=p.dtype, device=src).uniform_(-0.02, 0.02, generator=gen))
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)   # to_empty left it unset
+    if args.device == "cuda":
+        device_map = infer_auto_device_map(model, max_memory={0: budget, "cpu": 400 * GIB},
+                                           no_split_module_classes=["LlamaDecoderLayer"], dtype=dtype)
+        model = dispatch_model(model, device_map=device_map)
+        on_gpu = sum(1 for v in device_map.values() if v == 0)
+        placement = f"{on_gpu} of {len(device_map)} modules on the GPU"
+    else:
+        placement = "all on the CPU (smoke)"
+    load_s = time.perf_counter() - t0
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to("cuda" if args.device == "cuda" else "cpu")
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids[:1, :16], **dict(kw, max_new_tokens=2, min_new_tokens=2))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    generated = (out.shape[1] - prompt_len) * batch
+    peak = torch.cuda.max_memory_allocated() / GIB if args.device == "cuda" else 0.0
+    del model, out
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return dict(tok_s=generated / seconds, seconds=seconds, load_s=load_s, placement=placement, gpu_peak_gib=peak)
+
+
+def ensure_accelerate(wheels: str | None) -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        if not wheels:
+            raise SystemExit("accelerate is not installed: pass --wheels DIR holding its wheel") from None
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels,
+                               "--no-deps", "accelerate"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny Llama, short lengths")
+    ap.add_argument("--gpu-budget", default="4GiB")
+    ap.add_argument("--disk-cpu-budget", default="4GiB", help="host RAM budget of the disk-tier run")
+    ap.add_argument("--offload-dir", default=None, help="disk tier folder (default: a temporary one)")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--hf-new-tokens", type=int, default=8, help="new tokens of the strata-vs-HF run")
+    ap.add_argument("--disk-new-tokens", type=int, default=4)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-disk", action="store_true")
+    ap.add_argument("--wheels", default=None, help="folder with an accelerate wheel, if not installed")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    args.device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        args.disk_cpu_budget = "3MiB"
+        args.prompt_len, args.new_tokens, args.hf_new_tokens, args.disk_new_tokens = 32, 4, 2, 2
+        args.max_num_seqs = 4
+        torch.set_num_threads(1)
+    config = SMOKE if args.smoke else LLAMA_31_8B
+    offload_dir = args.offload_dir or tempfile.mkdtemp(prefix="strata-offload-bench-")
+    model_dir = make_model_dir(config)
+    from strata.config import parse_bytes
+    budget = parse_bytes(args.gpu_budget)
+    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                     "torch": torch.__version__}
+    h2d = h2d_bandwidth(GIB) if args.device == "cuda" else float("inf")
+    disk = disk_bandwidth(offload_dir, (16 << 20) if args.smoke else GIB)
+    results["h2d_gib_s"], results["disk_gib_s"] = h2d / GIB, disk / GIB
+    print(f"rates: host->device {h2d / GIB:.1f} GiB/s (pinned), disk read {disk / GIB:.2f} GiB/s", flush=True)
+
+    # CPU-only smoke: a RAM budget forces every layer but two onto disk, standing in for the GPU budget.
+    main_budget = dict(gpu_memory_budget=args.gpu_budget) if not args.smoke else dict(
+        cpu_memory_budget="4MiB", offload_dir=offload_dir)
+    r = strata_run(model_dir, args, args.prompt_len, args.new_tokens, **main_budget)
+    # The fewest passes a generation of N tokens takes is N (one prefill for all prompts, N-1
+    # decode steps), each bringing every streamed layer over PCIe once.
+    bound = (r["generated"] / (args.new_tokens * r["streamed_bytes"] / h2d) if args.device == "cuda"
+             else float("nan"))
+    results["strata"] = dict(r, bound_tok_s=bound)
+    print(f"plan: {r['plan']}")
+    print(f"strata   batch {r['batch']}, {args.prompt_len}+{args.new_tokens} tokens: {r['tok_s']:.1f} tok/s "
+          f"({r['generated']} tokens in {r['seconds']:.2f} s, {r['passes']} passes, load {r['load_s']:.0f} s); "
+          f"PCIe bound {bound:.1f} tok/s -> {r['tok_s'] / bound:.0%} of it; predicted {r['predicted_tok_s']:.1f} "
+          f"tok/s (measured / predicted {r['tok_s'] / r['predicted_tok_s']:.2f}); GPU peak "
+          f"{r['gpu_peak_gib']:.2f} GiB of {budget / GIB:.2f}; waited {r['wait_s']:.2f} s for fetches", flush=True)
+
+    if not args.skip_hf:
+        ensure_accelerate(args.wheels)
+        short = strata_run(model_dir, args, args.prompt_len, args.hf_new_tokens, batch=r["batch"], **main_budget)
+        hf = hf_run(config, args, r["batch"], args.prompt_len, args.hf_new_tokens, budget)
+        results["short"], results["hf"] = short, hf
+        print(f"same run, batch {r['batch']}, {args.prompt_len}+{args.hf_new_tokens} tokens: strata "
+              f"{short['tok_s']:.2f} tok/s, HF+accelerate {hf['tok_s']:.2f} tok/s ({hf['placement']}, GPU peak "
+              f"{hf['gpu_peak_gib']:.2f} GiB) -> {short['tok_s'] / hf['tok_s']:.1f}x", flush=True)
+
+    if not args.skip_disk:
+        disk_budget = dict(cpu_memory_budget=args.disk_cpu_budget, offload_dir=offload_dir)
+        if not args.smoke:
+            disk_budget["gpu_memory_budget"] = args.gpu_budget
+        d = strata_run(model_dir, args, args.prompt_len, args.disk_new_tokens, batch=r["batch"], **disk_budget)
+        per_pass = d["disk_bytes"] / max(d["passes"], 1)
+        dbound = d["generated"] / (d["passes"] * per_pass / disk) if per_pass else float("nan")
+        results["disk"] = dict(d, bound_tok_s=dbound)
+        print(f"plan: {d['plan']}")
+        print(f"disk tier, batch {d['batch']}, {args.prompt_len}+{args.disk_new_tokens} tokens: {d['tok_s']:.2f} tok/s, "
+              f"{per_pass / GIB:.2f} GiB read from disk per pass ({d['disk_bytes'] / d['seconds'] / GIB:.2f} GiB/s "
+              f"achieved vs {disk / GIB:.2f} measured) -> disk bound {dbound:.2f} tok/s, {d['tok_s'] / dbound:.0%} "
+              f"of it; predicted {d['predicted_tok_s']:.2f} tok/s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
