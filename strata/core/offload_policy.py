@@ -182,7 +182,7 @@ def _candidates(spec, hw, workload, cpu_budget, explicit):
             for mbt in mbts:
                 yield n_res, n_cpu, depth, mbt
         return
-    for n_res in range(layers + 1):
+    for n_res in range(layers, -1, -1):   # most resident first: ties keep the least I/O
         streamed = layers - n_res
         for depth in (depths if streamed else (0,)):
             if depth > max(streamed, 2):
