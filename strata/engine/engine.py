@@ -178,7 +178,7 @@ class LLMEngine:
             if cache.kv_cache_memory_bytes is None and cache.num_gpu_blocks_override is None:
                 cache = dataclasses.replace(cache, kv_cache_memory_bytes=plan.kv_bytes)
             if args.max_num_batched_tokens is None:
-                max_num_batched_tokens = max(256, plan.batch_size * workload.prompt_len)
+                max_num_batched_tokens = max(256, plan.batch_size * workload.max_model_len)
         return cache, max_num_batched_tokens
 
     # ---- reporting ---------------------------------------------------------------------------
