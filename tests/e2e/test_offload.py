@@ -150,3 +150,18 @@ def test_budget_below_one_layer_is_an_error(model_dir):
 def test_bad_offload_options(model_dir, kw, message):
     with pytest.raises(ValueError, match=message):
         make(model_dir, **kw)
+
+
+@pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32)])
+def test_quantized_weights_stream(tmp_path, method, group):
+    """int8 / int4 codes and scales are parameters like float weights: they stream the same way."""
+    from hf_tiny import make_tiny_model
+    make_tiny_model("llama", tmp_path / "m")
+    kw = dict(skip_tokenizer_init=True, device="cpu", use_tqdm_on_load=False, kv_cache_memory="4MiB",
+              quantization=method, quantization_group_size=group)
+    prompts = [[1, 5, 9, 33, 7], list(range(3, 40))]
+    resident = run(LLM(str(tmp_path / "m"), **kw), prompts, 6)
+    llm = LLM(str(tmp_path / "m"), offload_policy="w_disk=1", offload_dir=str(tmp_path / "tier"), **kw)
+    assert llm.llm_engine.offload_plan.count("disk") == 2
+    assert run(llm, prompts, 6) == resident
+    llm.llm_engine.offload_mover.close()
