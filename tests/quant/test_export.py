@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hf_tiny import make_tiny_model
 
 from strata import LLM, SamplingParams
@@ -53,7 +54,8 @@ def test_quantized_checkpoint_loads_packed_and_matches_quantizing_at_load(tiny, 
         LLM(str(out), skip_tokenizer_init=True, quantization="int4" if method == "int8" else "int8")
     # The CPU keeps int8/int4 values dequantized (see strata/quant/int8.py); where the packed
     # kernels run (forced here, through the interpreter) the layers hold only the codes.
-    monkeypatch.setenv("STRATA_FORCE_TRITON", "1")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("STRATA_FORCE_TRITON", "1")
     packed = LLM(str(out), skip_tokenizer_init=True, kv_cache_memory=1 << 24)
     assert all(getattr(m, "weight", None) is None and m.qweight is not None for m in _linears(packed))
 

@@ -45,9 +45,21 @@ def test_zero_weights_do_not_divide_by_zero():
     assert (dequantize_int4_codes(codes, scales, mins, 32, torch.float32) == 0).all()
 
 
-def _layer(method: str, k: int, n: int, reference: bool, weight: torch.Tensor, bias: bool):
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _packed_kernels(monkeypatch) -> None:
+    """Run the GPU's packed kernels: on the GPU itself, else through Triton's interpreter."""
+    if not CUDA:
+        monkeypatch.setenv("STRATA_FORCE_TRITON", "1")
+
+
+def _layer(method: str, k: int, n: int, reference: bool, weight: torch.Tensor, bias: bool,
+           device: str = "cpu"):
     cfg = QuantConfig(method, 64 if method == "int4" else None, reference=reference)
-    layer = ColumnParallelLinear(k, n, bias=bias, quant_method=make_quant_method(cfg))
+    with torch.device(device):
+        layer = ColumnParallelLinear(k, n, bias=bias, quant_method=make_quant_method(cfg))
     layer.weight.data.copy_(weight)
     if bias:
         layer.bias.data.normal_()
@@ -58,19 +70,20 @@ def _layer(method: str, k: int, n: int, reference: bool, weight: torch.Tensor, b
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("k", [128, 96])
 def test_packed_matmul_equals_dequantized(method, k, monkeypatch):
-    monkeypatch.setenv("STRATA_FORCE_TRITON", "1")   # the GPU's packed kernels, interpreted on CPU
+    _packed_kernels(monkeypatch)
     torch.manual_seed(0)
     weight = torch.randn(48, k) / k ** 0.5
-    packed = _layer(method, k, 48, False, weight, bias=True)
-    ref = _layer(method, k, 48, True, weight, bias=True)
+    packed = _layer(method, k, 48, False, weight, bias=True, device=DEVICE)
+    ref = _layer(method, k, 48, True, weight, bias=True, device=DEVICE)
     ref.bias.data.copy_(packed.bias.data)
     assert not hasattr(packed, "weight") or packed.weight is None
     for rows in (1, 5, 33):
-        x = torch.randn(rows, k)
+        x = torch.randn(rows, k, device=DEVICE)
         torch.testing.assert_close(packed(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.skipif(CUDA, reason="what the CPU stores")
 def test_cpu_keeps_the_quantized_values_dequantized(method):
     torch.manual_seed(0)
     weight = torch.randn(48, 96)
@@ -97,7 +110,7 @@ def _greedy(path, **kw):
 
 @pytest.mark.parametrize("method,group", [("int8", None), ("int4", 32), ("int4", 128)])
 def test_packed_path_greedy_equals_reference_path(tiny, monkeypatch, method, group):
-    monkeypatch.setenv("STRATA_FORCE_TRITON", "1")   # the GPU's packed kernels, interpreted on CPU
+    _packed_kernels(monkeypatch)
     packed = _greedy(tiny, quantization=method, quantization_group_size=group)
     monkeypatch.setenv("STRATA_QUANT_REFERENCE", "1")
     assert _greedy(tiny, quantization=method, quantization_group_size=group) == packed
@@ -128,11 +141,11 @@ def test_untied_lm_head_is_quantized_tied_stays_float(tiny, tmp_path, method, gr
     head = model.lm_head
     assert head.packed is not None and not hasattr(head, "weight")
     weights = dict(model.named_parameters())
-    assert "lm_head.packed.weight" in weights          # the CPU keeps the quantized values dense
-    hidden = torch.randn(3, head.packed.in_features)
+    assert ("lm_head.packed.qweight" if CUDA else "lm_head.packed.weight") in weights
+    hidden = torch.randn(3, head.packed.in_features, device=DEVICE)
     ref = _layer(method, head.packed.in_features, head.packed.out_features, True,
-                 _tiny_head_weight(tiny), False)
-    torch.testing.assert_close(head(hidden), ref(hidden)[:, : head.vocab_size])
+                 _tiny_head_weight(tiny), False, device=DEVICE)
+    torch.testing.assert_close(head(hidden), ref(hidden)[:, : head.vocab_size], rtol=1e-4, atol=1e-4)
     tied = tmp_path / "tied"
     make_tiny_model("llama3_scaled_tied", tied)
     llm = LLM(str(tied), skip_tokenizer_init=True, quantization=method, quantization_group_size=group,
