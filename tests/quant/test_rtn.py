@@ -136,7 +136,8 @@ def test_untied_lm_head_is_quantized_tied_stays_float(tiny, tmp_path, method, gr
     """An untied head goes through the method (its logits are the quantized values' product); a
     head tied to the embedding keeps the float table the lookup needs."""
     llm = LLM(str(tiny), skip_tokenizer_init=True, quantization=method, quantization_group_size=group,
-              kv_cache_memory=1 << 26)
+              kv_cache_memory=1 << 26,
+              dtype="float32")
     model = llm.llm_engine.executor.runner.model
     head = model.lm_head
     assert head.packed is not None and not hasattr(head, "weight")
@@ -149,7 +150,8 @@ def test_untied_lm_head_is_quantized_tied_stays_float(tiny, tmp_path, method, gr
     tied = tmp_path / "tied"
     make_tiny_model("llama3_scaled_tied", tied)
     llm = LLM(str(tied), skip_tokenizer_init=True, quantization=method, quantization_group_size=group,
-              kv_cache_memory=1 << 26)
+              kv_cache_memory=1 << 26,
+              dtype="float32")
     model = llm.llm_engine.executor.runner.model
     assert model.lm_head.packed is None and model.lm_head.weight is model.embed_tokens.weight
     assert "LM head float" in llm.llm_engine.describe()
