@@ -130,15 +130,22 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     return io, compute, overlapped + overhead
 
 
-def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int, batch: int) -> int:
-    """Device memory of a step's activations: the carry between layers for every token of the
-    step (hidden state and residual, plus the embedding output), one micro-batch's intermediates
-    inside a layer (q/k/v, attention, the MLP's widest tensors, 1.5x for the allocator) and the
-    LM head's float32 logits for the sampled rows."""
+def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int, batch: int,
+                     max_query_len: int) -> int:
+    """Device memory of a step's activations (runner/offload_loop.py's block schedule):
+    - the carry between layers for every token of the step: hidden state and residual of every
+      micro-batch, plus the embedding output until layer 0 has replaced it (3 copies; the final
+      norm then frees the carries part by part, so it never holds more);
+    - one micro-batch's intermediates inside a layer (q/k/v, attention, the MLP's widest tensors,
+      1.5x for what the kernels allocate beside them). A sequence is never cut, so a micro-batch
+      holds up to max(micro_batch_tokens, the longest query) tokens;
+    - the LM head's logits for the sampled rows (model dtype, float32, the sampler's copies).
+    tests/runner/test_offload_activations.py checks these against the live tensors of a step."""
     h, i, e = spec.hidden_size, spec.intermediate_size, spec.dtype_bytes
     carry = 3 * step_tokens * h * e
-    inside = int(1.5 * micro_batch_tokens * (6 * h + 3 * i) * e)
-    logits = 3 * batch * spec.vocab_size * 4
+    inside_tokens = min(step_tokens, max(micro_batch_tokens, max_query_len))
+    inside = int(1.5 * inside_tokens * (6 * h + 3 * i) * e)
+    logits = batch * spec.vocab_size * (e + 4 * 4)
     return carry + inside + logits
 
 
@@ -215,7 +222,7 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
         if batch < 1:
             return None
         kv_bytes = batch * workload.max_model_len * spec.kv_bytes_per_token
-        device = weights_on_device + kv_bytes + activation_bytes(spec, batch * workload.prompt_len, mbt, batch)
+        device = weights_on_device + kv_bytes + _step_activations(spec, workload, mbt, batch)
     else:
         # On the CPU the budget covers the weights in RAM; the KV cache has its own (kv_cache_memory).
         host = spec.host_bytes + spec.device_bytes + n_res * spec.layer_bytes + staging
@@ -251,9 +258,15 @@ def _largest_batch(spec, workload, room, mbt) -> int:
     lo, hi = 0, workload.max_num_seqs
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        need = mid * per_seq + activation_bytes(spec, mid * workload.prompt_len, mbt, mid)
+        need = mid * per_seq + _step_activations(spec, workload, mbt, mid)
         lo, hi = (mid, hi) if need <= room else (lo, mid - 1)
     return lo
+
+
+def _step_activations(spec, workload, mbt, batch) -> int:
+    """The largest step of a batch: the engine's token budget holds every sequence at
+    max_model_len (engine._offload), so a step may carry that many tokens."""
+    return activation_bytes(spec, batch * workload.max_model_len, mbt, batch, workload.max_model_len)
 
 
 def _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget) -> None:
