@@ -152,12 +152,30 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # A rank whose heartbeat (every 0.5 s, also while it waits in a collective) stops for this
+    # long is hung: the engine stops every rank and says which one.
+    worker_timeout_s: float = 60.0
+    # Longest a step may take on any rank (a deadlock with every rank alive); startup may take
+    # longer (weights, Triton compiles, CUDA graphs).
+    step_timeout_s: float = 600.0
+    startup_timeout_s: float = 1800.0
 
     def __post_init__(self):
         _require(self.tensor_parallel_size >= 1,
                  f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         _require(self.pipeline_parallel_size >= 1,
                  f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        for name in ("worker_timeout_s", "step_timeout_s", "startup_timeout_s"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def driver_rank(self) -> int:
+        """The rank that samples: tensor rank 0 of the last pipeline stage."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
 
 QUANTIZATION_METHODS = ("int8", "int4")

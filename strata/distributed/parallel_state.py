@@ -1,9 +1,27 @@
-"""Which tensor-parallel rank this process is. Set once when a worker starts; layers read it
-when they are built, to size their shards. With no setup it is rank 0 of 1."""
+"""Which tensor- and pipeline-parallel rank this process is, and the collectives layers use.
+
+Set once when a worker starts (``init_distributed``); layers read it when they are built, to
+size their shards. With no setup it is rank 0 of 1 and every collective is a no-op.
+
+Ranks are laid out TP-major, as vLLM and Megatron do: global rank = pp_rank * tp_size +
+tp_rank, so the ranks of one tensor-parallel group are neighbours (one machine's GPUs) and
+pipeline stages talk to the same tp_rank of the next stage.
+"""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
+from typing import Any
+
+# Variables set in every process strata starts for CUDA: NVLink multicast (NVLS) off in NCCL,
+# PyTorch's symmetric memory and NVSHMEM. On shared hosts a program that uses multicast can put
+# every GPU of the host out of service; strata's all-reduces are small and gain little from it.
+CUDA_SAFE_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -12,6 +30,24 @@ class ParallelGroups:
     tp_size: int = 1
     pp_rank: int = 0
     pp_size: int = 1
+    tp_group: Any = None      # torch.distributed ProcessGroup of this rank's TP peers
+    world_group: Any = None   # gloo group of every rank: startup checks, control messages
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_peer(self, pp_rank: int) -> int:
+        """Global rank of this tp_rank in another pipeline stage."""
+        return pp_rank * self.tp_size + self.tp_rank
 
 
 _groups = ParallelGroups()
@@ -22,6 +58,10 @@ def init_parallel_groups(groups: ParallelGroups) -> None:
     _groups = groups
 
 
+def get_groups() -> ParallelGroups:
+    return _groups
+
+
 def get_tp_rank() -> int:
     return _groups.tp_rank
 
@@ -30,12 +70,41 @@ def get_tp_size() -> int:
     return _groups.tp_size
 
 
+def get_pp_rank() -> int:
+    return _groups.pp_rank
+
+
+def get_pp_size() -> int:
+    return _groups.pp_size
+
+
+def init_distributed(rank: int, tp_size: int, pp_size: int, backend: str, init_method: str,
+                     timeout_s: float) -> ParallelGroups:
+    """Join the process group (every rank calls this with its own rank) and make the TP groups.
+    ``timeout_s`` bounds every collective on gloo, so a peer that died cannot block forever."""
+    import torch.distributed as dist
+    world_size = tp_size * pp_size
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    tp_group = None
+    for pp_rank in range(pp_size):   # every rank creates every group, in the same order
+        ranks = [pp_rank * tp_size + t for t in range(tp_size)]
+        group = dist.new_group(ranks, timeout=timeout) if tp_size < world_size else dist.group.WORLD
+        if rank in ranks:
+            tp_group = group
+    world_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    groups = ParallelGroups(rank % tp_size, tp_size, rank // tp_size, pp_size, tp_group, world_group)
+    init_parallel_groups(groups)
+    return groups
+
+
 def tensor_model_parallel_all_reduce(x):
     """Sum partial results across tensor-parallel ranks (a no-op on one rank)."""
     if _groups.tp_size == 1:
         return x
     import torch.distributed as dist
-    dist.all_reduce(x)
+    dist.all_reduce(x, group=_groups.tp_group)
     return x
 
 
@@ -45,5 +114,5 @@ def tensor_model_parallel_all_gather(x, dim: int = -1):
     import torch
     import torch.distributed as dist
     parts = [torch.empty_like(x) for _ in range(_groups.tp_size)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=_groups.tp_group)
     return torch.cat(parts, dim=dim)

@@ -38,8 +38,21 @@ HELP = {
                     "any float checkpoint. Default: none (checkpoints that are already quantized, "
                     "like GGUF files, keep their own format)",
     "quantization_group_size": "int4 group size: 32, 64 or 128 (default 128)",
-    "tensor_parallel_size": "GPUs/processes to split each layer across",
-    "pipeline_parallel_size": "stages to split the layers across",
+    "tensor_parallel_size": "processes (one GPU each on CUDA) to split every layer across: attention "
+                            "heads, MLP columns and the vocabulary, with one all-reduce after "
+                            "attention and one after the MLP (torch.distributed: NCCL on GPUs, gloo "
+                            "on the CPU). Under torchrun the ranks come from its environment",
+    "pipeline_parallel_size": "stages to split the layers across (one process per stage and tensor "
+                              "rank); each step is cut into micro-batches so the stages overlap",
+    "parallel": "auto: choose tensor_parallel_size and pipeline_parallel_size from the model's size, the "
+                "GPUs present and --goal, and print the choice and why (the sizes must then be left at 1)",
+    "goal": "what parallel=auto optimises: latency (the widest tensor-parallel group: each GPU reads "
+            "less of the weights per token) or throughput (the fewest GPUs per copy of the model, "
+            "the rest as data-parallel replicas)",
+    "worker_timeout": "seconds a worker process may stop responding (no heartbeat) before the engine "
+                      "stops every rank with an error naming it (tensor/pipeline parallel only)",
+    "step_timeout": "seconds one step may take across the ranks before the engine gives up on it "
+                    "(tensor/pipeline parallel only)",
     "enforce_eager": "run every step eagerly: no CUDA graphs for decode steps (GPU only; slower "
                      "decode, faster start)",
     "max_waiting": "most requests allowed to wait (server admission control); default unbounded",
@@ -89,6 +102,10 @@ class EngineArgs:
     quantization_group_size: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    parallel: str | None = None          # None (the sizes as given) | "auto"
+    goal: str = "latency"
+    worker_timeout: float = 60.0
+    step_timeout: float = 600.0
     enforce_eager: bool = False
     max_waiting: int | None = None
     async_scheduling: bool | None = None   # None: on for CUDA devices

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from strata.engine.engine import LLMEngine
+from strata.executor.executor import WorkerFailure
 from strata.outputs import RequestOutput
 from strata.sampling_params import SamplingParams
 
@@ -117,6 +118,7 @@ class AsyncEngine:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()   # worker processes of a tensor/pipeline-parallel engine
 
     # ---- engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -129,6 +131,9 @@ class AsyncEngine:
                     continue
                 try:
                     outputs = self.engine.step()
+                except WorkerFailure as e:   # a rank died or hung: no step can run any more
+                    self._fail_all(e)
+                    raise
                 except Exception as e:   # a bug: fail the requests in flight, keep the server up
                     logger.exception("engine step failed")
                     self._fail_all(e)

@@ -7,27 +7,21 @@ import itertools
 import logging
 import time
 
-import torch
-
-from strata.config import (CacheConfig, DeviceConfig, LoadConfig, ModelConfig, OffloadConfig, QuantConfig,
-                           SchedulerConfig, parse_bytes)
+from strata.config import DeviceConfig, LoadConfig, OffloadConfig, ParallelConfig, QuantConfig, SchedulerConfig
 from strata.core.request import Request
 from strata.core.sched_output import RunnerOutput, SchedulerOutput
 from strata.core.scheduler import Scheduler
 from strata.engine.arg_utils import EngineArgs
 from strata.engine.output_processor import OutputProcessor
 from strata.executor.executor import UniprocExecutor
+from strata.executor.worker import Worker, batched_tokens_for, cache_config_for, check_parallel_fit
 from strata.loader import model_loader
 from strata.outputs import RequestOutput
 from strata.quant.kv import resolve_kv_format
-from strata.runner.model_runner import ModelRunner, StepHandle
+from strata.runner.model_runner import StepHandle
 from strata.sampling_params import SamplingParams
 
 logger = logging.getLogger("strata")
-
-DEFAULT_CPU_KV_BYTES = 4 * 2**30
-DEFAULT_CPU_BATCHED_TOKENS = 2048
-DEFAULT_GPU_BATCHED_TOKENS = 8192
 
 
 class LLMEngine:
@@ -36,63 +30,85 @@ class LLMEngine:
         self.args = args
         self.device = DeviceConfig.resolve(args.device).device
         # Before the load, so a bad cache option fails fast.
-        cache_config = CacheConfig(
-            block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
-            kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_dtype=args.kv_cache_dtype)
+        cache_config = cache_config_for(args)
         self.kv_format = resolve_kv_format(cache_config.kv_cache_dtype, self.device)
         load_config = LoadConfig(args.load_format, args.seed)
         source = model_loader.resolve_model(args.model, load_config)
         dtype = model_loader.resolve_dtype(args.dtype, source, self.device)
         model_config = model_loader.model_config_for(source, dtype)
+        self.layout = None
+        if args.parallel is not None:
+            self.layout = auto_layout(args, source, model_config, self.device)
+            args = self.args = dataclasses.replace(
+                args, parallel=None, tensor_parallel_size=self.layout.tensor_parallel_size,
+                pipeline_parallel_size=self.layout.pipeline_parallel_size)
+            logger.info(f"parallel=auto: tensor parallel {self.layout.tensor_parallel_size} x pipeline "
+                        f"parallel {self.layout.pipeline_parallel_size}, because {self.layout.reason}")
+        self.parallel_config = parallel_config_for(args)
         self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(args, source, hf_tokenizer)
         self.quant_config = QuantConfig(args.quantization, args.quantization_group_size)
         self.offload_config = OffloadConfig.from_args(args.gpu_memory_budget, args.cpu_memory_budget,
                                                       args.offload_dir, args.offload_policy)
-        offload = self.offload_config.enabled
-        if offload and args.tensor_parallel_size > 1:
+        if self.offload_config.enabled and self.parallel_config.world_size > 1:
             raise ValueError("offloading (gpu_memory_budget / cpu_memory_budget / offload_dir / "
-                             f"offload_policy) runs on one device; got tensor_parallel_size "
-                             f"{args.tensor_parallel_size}")
-        # An offloaded model is built in host memory; the mover then places each part.
-        model = model_loader.build_model(source, model_config, load_config,
-                                         torch.device("cpu") if offload else self.device, progress=use_tqdm,
-                                         quant_config=self.quant_config, keep_gguf_packed=not offload,
-                                         init_device=self.device if offload else None)
+                             "offload_policy) runs on one device; got tensor_parallel_size "
+                             f"{args.tensor_parallel_size}, pipeline_parallel_size {args.pipeline_parallel_size}")
         self.model_config = model_config
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | (
             frozenset(self.tokenizer.eos_token_ids) if self.tokenizer is not None else frozenset())
-        max_num_batched_tokens = args.max_num_batched_tokens or (
-            DEFAULT_GPU_BATCHED_TOKENS if self.device.type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
-        self.offload_plan = self.offload_mover = None
-        if offload:
-            cache_config, max_num_batched_tokens = self._offload(model, model_config, cache_config,
-                                                                 max_num_batched_tokens)
-        runner = ModelRunner(model, model_config, args.block_size, self.device, self.eos_token_ids,
-                             self.kv_format)
-        self.memory_plan: dict[str, float] = {}
-        num_blocks, max_model_len = self._plan_kv_cache(runner, cache_config, model_config,
-                                                        max_num_batched_tokens)
-        runner.allocate_kv_cache(num_blocks)
         self.graphs = None
-        if self.device.type == "cuda" and not args.enforce_eager and not offload:
-            self.graphs = runner.capture_cuda_graphs(args.max_num_seqs, max_model_len)
+        self.offload_plan = self.offload_mover = None
+        max_num_batched_tokens = batched_tokens_for(args, self.device)
+        if self.parallel_config.world_size == 1:
+            worker = Worker(args, self.device, self.eos_token_ids, progress=use_tqdm, source=source,
+                            offload_config=self.offload_config)
+            plan = worker.plan()
+            worker.allocate(plan.num_blocks, plan.max_model_len)
+            self.graphs = worker.graphs
+            self.executor = UniprocExecutor(worker.runner, worker.facts())
+            # Offloading sets its own KV allotment and token budget (a batch of whole prompts).
+            cache_config, max_num_batched_tokens = worker.cache_config, worker.max_num_batched_tokens
+            if worker.offload_plan is not None:
+                self.offload_plan, self.offload_mover = worker.offload_plan, worker.offload_mover
+                self.offload_hardware, self.offload_spec = worker.offload_hardware, worker.offload_spec
+        else:
+            from strata.executor.multiproc import MultiprocExecutor
+            if source.kind == "hf_object":
+                raise ValueError("tensor/pipeline parallelism needs a model path (each rank loads its "
+                                 "own shard); an in-memory transformers model runs on one process")
+            if args.async_scheduling:
+                raise ValueError("async_scheduling needs tensor_parallel_size = pipeline_parallel_size = 1 "
+                                 "(the other ranks learn each step's tokens from the next step's message)")
+            check_parallel_fit(model_config, self.parallel_config.tensor_parallel_size,
+                               self.parallel_config.pipeline_parallel_size)
+            from strata.executor.torchrun import TorchrunExecutor, run_follower, torchrun_rank
+            rank = torchrun_rank()
+            if rank is None:
+                self.executor = MultiprocExecutor(args, self.parallel_config, self.device, self.eos_token_ids)
+            elif rank == 0:
+                self.executor = TorchrunExecutor(args, self.parallel_config, self.device, self.eos_token_ids)
+            else:   # serves rank 0's steps; the process ends there
+                run_follower(args, self.parallel_config, self.device, self.eos_token_ids)
+            plan = self.executor.plan
+        self.memory_plan: dict[str, float] = dict(plan.memory_plan)
+        if self.graphs is not None:
             self.memory_plan["graphs"] = self.graphs.pool_bytes
+        num_blocks, max_model_len = plan.num_blocks, plan.max_model_len
         self.scheduler_config = SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
             max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill,
             max_waiting=args.max_waiting)
         self.scheduler = Scheduler(self.scheduler_config, cache_config, num_blocks)
-        self.executor = UniprocExecutor(runner)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self.source = source
         self.num_blocks = num_blocks
-        self.kv_block_bytes = runner.kv_cache_block_bytes()
+        self.kv_block_bytes = self.executor.facts.kv_block_bytes
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
-        self.async_scheduling = (self.device.type == "cuda" if args.async_scheduling is None
-                                 else args.async_scheduling)
+        # Async scheduling: one process only (other ranks learn each step's tokens from the next
+        # step's message, which async scheduling would send before the tokens exist).
+        self.async_scheduling = (self.device.type == "cuda" and self.parallel_config.world_size == 1
+                                 if args.async_scheduling is None else args.async_scheduling)
         # Async scheduling: the step launched last, whose results the next step() takes.
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         logger.info(self.describe())
@@ -162,75 +178,15 @@ class LLMEngine:
         updates = self.scheduler.update(sched, result)
         return self.output_processor.process(updates, result)
 
-    def _offload(self, model, cfg: ModelConfig, cache: CacheConfig, max_num_batched_tokens: int):
-        """Search the offload policy and carry it out (runner/offload_loop.py). On a GPU the plan's
-        KV allotment becomes the KV cache, and (unless given) a step's token budget holds the
-        plan's whole batch of prompts, so each layer's weights cross PCIe once for all of them."""
-        from strata.core.offload_policy import Workload
-        from strata.runner.offload_loop import offload_model
-        args = self.args
-        workload = Workload.from_max_model_len(args.max_model_len or cfg.max_position_embeddings,
-                                               args.max_num_seqs)
-        self.offload_plan, self.offload_mover, self.offload_hardware, self.offload_spec = offload_model(
-            model, cfg, self.offload_config, self.device, workload, cache.gpu_memory_utilization)
-        plan = self.offload_plan
-        if self.device.type == "cuda":
-            if cache.kv_cache_memory_bytes is None and cache.num_gpu_blocks_override is None:
-                cache = dataclasses.replace(cache, kv_cache_memory_bytes=plan.kv_bytes)
-            if args.max_num_batched_tokens is None:
-                max_num_batched_tokens = max(256, plan.batch_size * workload.max_model_len)
-        return cache, max_num_batched_tokens
+    def shutdown(self) -> None:
+        """Stop the worker processes (tensor/pipeline parallel); the engine runs no more steps."""
+        self.executor.shutdown()
 
     # ---- reporting ---------------------------------------------------------------------------
-    def _plan_kv_cache(self, runner: ModelRunner, cache: CacheConfig, cfg: ModelConfig,
-                       max_num_batched_tokens: int) -> tuple[int, int]:
-        block_bytes = runner.kv_cache_block_bytes()
-        want_len = self.args.max_model_len or cfg.max_position_embeddings
-        if cache.num_gpu_blocks_override:
-            num_blocks = cache.num_gpu_blocks_override
-        else:
-            budget = cache.kv_cache_memory_bytes
-            if budget is None and self.device.type == "cuda":
-                budget = self._gpu_kv_budget(runner, cache, max_num_batched_tokens)
-            elif budget is None:
-                need = self.args.max_num_seqs * want_len * block_bytes // cache.block_size
-                budget = min(DEFAULT_CPU_KV_BYTES, need)
-            num_blocks = max(budget // block_bytes, 0)
-        capacity = num_blocks * cache.block_size
-        if num_blocks < 1:
-            raise ValueError(f"no memory is left for the KV cache (one block needs {block_bytes} bytes); "
-                             "lower max_num_batched_tokens or raise kv_cache_memory / gpu_memory_utilization")
-        if capacity < want_len:
-            if self.args.max_model_len:
-                raise ValueError(f"max_model_len ({want_len}) is more than the KV cache holds "
-                                 f"({capacity} tokens in {num_blocks} blocks); raise kv_cache_memory "
-                                 "or lower max_model_len")
-            want_len = capacity
-        return num_blocks, want_len
-
-    def _gpu_kv_budget(self, runner: ModelRunner, cache: CacheConfig, max_num_batched_tokens: int) -> int:
-        """gpu_memory_utilization of the card, minus the weights, the measured peak of the largest
-        step, memory outside torch (CUDA context, library workspaces) and room for the decode
-        graphs: what is left holds KV blocks. Every step after this fits by construction."""
-        activations = runner.profile_activation_bytes(max_num_batched_tokens, self.args.max_num_seqs)
-        free, total = torch.cuda.mem_get_info(self.device)
-        weights = torch.cuda.memory_allocated(self.device)
-        outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(self.device))
-        graphs = 0
-        if not self.args.enforce_eager:
-            # The graphs' shared pool holds one step's activations at the largest captured batch.
-            graphs = activations * min(1.0, self.args.max_num_seqs / max_num_batched_tokens) + 256 * 2**20
-        budget = int(total * cache.gpu_memory_utilization - weights - activations - outside_torch - graphs)
-        self.memory_plan = {"total": total, "weights": weights, "activations": activations,
-                            "outside_torch": outside_torch, "graph_reserve": graphs,
-                            "profiled_tokens": max_num_batched_tokens}
-        return budget
-
     def describe(self) -> str:
         cfg = self.model_config
-        model = self.executor.runner.model
-        num_params = getattr(model, "num_parameters", None) or sum(p.numel() for p in model.parameters())
-        weight_gib = sum(p.numel() * p.element_size() for p in self.executor.runner.model.parameters()) / 2**30
+        facts = self.executor.facts
+        num_params, weight_gib = facts.num_parameters, facts.weight_bytes / 2**30
         kv_gib = self.num_blocks * self.kv_block_bytes / 2**30
         return (f"strata: {cfg.architecture} from {self.source.name} | {num_params / 1e6:.1f}M params, "
                 f"{str(cfg.dtype).removeprefix('torch.')} on {self.device} "
@@ -243,8 +199,19 @@ class LLMEngine:
                 f"max_model_len {self.scheduler_config.max_model_len} | "
                 f"{'async' if self.async_scheduling else 'sync'} scheduling | "
                 f"loaded in {self.load_seconds:.1f}s"
-                + self._describe_gpu()
+                + self._describe_parallel() + self._describe_gpu()
                 + (f" | {self.offload_plan.describe()}" if self.offload_plan is not None else ""))
+
+    def _describe_parallel(self) -> str:
+        p = self.parallel_config
+        auto = f" chosen by parallel=auto, goal {self.args.goal}" if self.layout is not None else ""
+        if self.layout is not None and self.layout.data_parallel_replicas > 1:
+            auto += f" ({self.layout.data_parallel_replicas} data-parallel replicas would fit; this engine is one)"
+        if p.world_size == 1:
+            return f" | one process{auto}" if auto else ""
+        return (f" | {p.world_size} processes: tensor parallel {p.tensor_parallel_size} x pipeline "
+                f"parallel {p.pipeline_parallel_size}{auto} ({self.executor.backend}; weights and KV "
+                "cache per rank; rank 0 of the last stage samples)")
 
     def describe_kv_dtype(self) -> str:
         """What the KV cache stores: the model dtype, or the quantized format (kv_cache_dtype)."""
@@ -255,10 +222,10 @@ class LLMEngine:
     def _describe_quant(self) -> str:
         q = self.quant_config
         if q.method is None:
-            summary = getattr(self.executor.runner.model, "quant_summary", None)   # GGUF kept packed
+            summary = self.executor.facts.quant_summary   # GGUF kept packed
             return f"; {summary}" if summary else ""
         group = f", groups of {q.group_size}" if q.group_size else ", per channel"
-        head = getattr(self.executor.runner.model, "lm_head_quantized", False)
+        head = self.executor.facts.lm_head_quantized
         return f"; quantized at load: {q.method}{group}, LM head {'quantized' if head else 'float'}"
 
     def _describe_gpu(self) -> str:
@@ -279,6 +246,33 @@ class LLMEngine:
         else:
             text += " | eager (no CUDA graphs)"
         return text
+
+
+def parallel_config_for(args: EngineArgs) -> ParallelConfig:
+    return ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,
+                          worker_timeout_s=args.worker_timeout, step_timeout_s=args.step_timeout)
+
+
+def auto_layout(args: EngineArgs, source, cfg, device):
+    """parallel="auto": the layout for this model on the GPUs present (distributed/auto.py)."""
+    import torch
+
+    from strata.distributed.auto import choose_layout, estimate_weight_bytes
+    if args.parallel != "auto":
+        raise ValueError(f"parallel must be 'auto' (or None), got {args.parallel!r}")
+    if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
+        raise ValueError("parallel='auto' chooses tensor_parallel_size and pipeline_parallel_size: "
+                         "leave them at 1, or drop parallel='auto'")
+    bytes_per_weight = torch.empty((), dtype=cfg.dtype).element_size()
+    if args.quantization is not None:
+        bytes_per_weight = {"int8": 1.0, "int4": 0.5625}[args.quantization]   # codes + scales
+    elif source.kind == "gguf":   # the file's own quantization: its size over the weights
+        bytes_per_weight = source.path.stat().st_size / estimate_weight_bytes(cfg, 1.0)
+    num_gpus, gpu_bytes = 0, 0
+    if device.type == "cuda":
+        num_gpus = torch.cuda.device_count()
+        gpu_bytes = int(torch.cuda.get_device_properties(0).total_memory * args.gpu_memory_utilization)
+    return choose_layout(cfg, bytes_per_weight, num_gpus, gpu_bytes, args.goal)
 
 
 def _load_tokenizer(args: EngineArgs, source, hf_tokenizer):

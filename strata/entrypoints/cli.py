@@ -252,9 +252,7 @@ def _perplexity(llm, args, text: str) -> int:
 def _info(llm) -> int:
     engine = llm.llm_engine
     cfg = engine.model_config
-    model = engine.executor.runner.model
-    num_params = getattr(model, "num_parameters", None) or sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    num_params, weight_bytes = engine.executor.facts.num_parameters, engine.executor.facts.weight_bytes
     kv_tokens = engine.num_blocks * engine.args.block_size
     rows = [
         ("model", engine.source.name),

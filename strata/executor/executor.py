@@ -1,15 +1,23 @@
-"""Runs SchedulerOutputs on the model. One process for now; the multi-process executor for
-tensor and pipeline parallelism keeps this interface."""
+"""Runs SchedulerOutputs on the model, in this process. The multi-process executor for tensor
+and pipeline parallelism (multiproc.py) has the same interface."""
 
 from __future__ import annotations
 
 from strata.core.sched_output import RunnerOutput, SchedulerOutput
+from strata.executor.worker import ModelFacts
 from strata.runner.model_runner import ModelRunner, StepHandle
 
 
+class WorkerFailure(RuntimeError):
+    """A rank of a tensor/pipeline-parallel engine died, hung or failed: no further step can run."""
+
+
 class UniprocExecutor:
-    def __init__(self, runner: ModelRunner):
+    backend = "one process"
+
+    def __init__(self, runner: ModelRunner, facts: ModelFacts):
         self.runner = runner
+        self.facts = facts
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(sched)

@@ -17,8 +17,14 @@ Carry = tuple[torch.Tensor | None, ...]
 
 
 class LayerLoop:
-    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        carry = model.embed(input_ids, positions)
-        for layer in model.layers:
+    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+            intermediate: Carry | None = None) -> torch.Tensor | Carry:
+        """With pipeline stages the model holds layers [start_layer, end_layer): a later stage
+        starts from the carry the stage before returned, a stage before the last returns its own."""
+        start, end = getattr(model, "start_layer", 0), getattr(model, "end_layer", len(model.layers))
+        carry = model.embed(input_ids, positions) if intermediate is None else intermediate
+        for layer in model.layers[start:end]:
             carry = model.layer_forward(layer, positions, carry)
+        if end < len(model.layers):
+            return carry
         return model.finish(carry)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from strata.config import ModelConfig
+from strata.distributed.pipeline import make_layers
 from strata.layers.activation import SiluAndMul
 from strata.layers.attention import Attention
 from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -91,22 +92,26 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
     ]
     qk_norm = False
+    supports_pipeline_parallel = True
 
     def __init__(self, cfg: ModelConfig, quant: QuantMethod | None = None):
         super().__init__()
         self.config = cfg
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, quant, self.qk_norm)
-                                    for i in range(cfg.num_layers))
+        # Only this pipeline stage's layers are built (all of them without pipeline parallelism).
+        self.layers, self.start_layer, self.end_layer = make_layers(
+            cfg.num_layers, lambda i: LlamaDecoderLayer(cfg, i, quant, self.qk_norm))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.tie(self.embed_tokens)
         self.layer_loop = LayerLoop()   # the runner's hook (offloading swaps in its own loop)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [num_tokens] -> hidden states [num_tokens, hidden]."""
-        return self.layer_loop.run(self, input_ids, positions)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: Carry | None = None):
+        """input_ids, positions [num_tokens] -> hidden states [num_tokens, hidden]. A later
+        pipeline stage starts from the stage before's carry (hidden, residual) instead of the
+        ids; a stage before the last returns its carry."""
+        return self.layer_loop.run(self, input_ids, positions, intermediate)
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Carry:
         return self.embed_tokens(input_ids), None      # hidden, residual

@@ -7,6 +7,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from strata.distributed.pipeline import on_other_stage
+
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                        stacked: list[tuple[str, str, object]],
@@ -26,6 +28,8 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
         if tied and name.startswith("lm_head."):
             continue   # the head shares the embedding's storage
         param = params.get(name)
+        if param is None and on_other_stage(model, name):
+            continue   # a layer another pipeline stage holds
         if param is None:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no place in {type(model).__name__}")
         loader = getattr(param, "weight_loader", None)

@@ -115,17 +115,25 @@ class ModelRunner:
             return handle
         inputs = build_step_inputs(sched, self.states, self.block_size, self.device, self._last_step)
         placeholders = self._fill_placeholders(inputs) if inputs.placeholder_index else None
-        if self.graphs is not None and self.graphs.can_run(inputs.attn):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
-        else:
-            with set_forward_context(inputs.attn):
-                hidden = self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden]
-        self._prompt_logprobs(hidden, inputs, handle)
-        if inputs.sample_rows:
-            self._sample(hidden, inputs, handle, placeholders)
+        hidden = self._forward(sched, inputs)
+        if hidden is not None:   # None on a pipeline stage before the last
+            self._outputs(hidden, inputs, handle, placeholders)
         for req_id in inputs.req_ids:
             self.states[req_id].num_computed_tokens += sched.num_scheduled_tokens[req_id]
         return handle
+
+    def _forward(self, sched: SchedulerOutput, inputs: StepInputs) -> torch.Tensor | None:
+        if self.graphs is not None and self.graphs.can_run(inputs.attn):
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
+        with set_forward_context(inputs.attn):
+            return self.model(inputs.input_ids, inputs.positions)   # [num_tokens, hidden]
+
+    def _outputs(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle,
+                 placeholders: torch.Tensor | None) -> None:
+        """Logits, prompt logprobs and sampled tokens of the step."""
+        self._prompt_logprobs(hidden, inputs, handle)
+        if inputs.sample_rows:
+            self._sample(hidden, inputs, handle, placeholders)
 
     def _fill_placeholders(self, inputs: StepInputs) -> torch.Tensor:  # [num_placeholders] int64
         """Put the ids behind this step's placeholder inputs (the last step's sampled tokens) into
@@ -179,6 +187,8 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         with set_forward_context(inputs.attn):
             hidden = self.model(inputs.input_ids, inputs.positions)
+        if isinstance(hidden, tuple):   # a pipeline stage before the last: (hidden, residual)
+            hidden = hidden[0]
         rows = hidden[-1:].expand(num_seqs, -1)
         logits = self.model.compute_logits(rows).float()
         self.sampler(logits, self._profile_sampling_metadata(num_seqs, logits.shape[-1]))

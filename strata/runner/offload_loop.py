@@ -32,7 +32,10 @@ class OffloadLayerLoop:
         self.mover = mover
         self.micro_batch_tokens = micro_batch_tokens
 
-    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+            intermediate: Carry | None = None) -> torch.Tensor:
+        if intermediate is not None:   # the engine refuses offloading with pipeline stages
+            raise RuntimeError("offloading runs the whole model in one process (no pipeline stages)")
         meta = get_attn_metadata()
         spans = micro_batch_spans(meta.query_lens_cpu, self.micro_batch_tokens)
         carry = model.embed(input_ids, positions)

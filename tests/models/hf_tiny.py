@@ -48,10 +48,11 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_model(name: str, out_dir: Path, seed: int = 0):
-    """Build the HF model with random weights, save it as safetensors, return it (fp32, eval)."""
+def make_tiny_model(name: str, out_dir: Path, seed: int = 0, **overrides):
+    """Build the HF model with random weights, save it as safetensors, return it (fp32, eval).
+    ``overrides`` change entries of the named config (e.g. num_key_value_heads=1)."""
     import transformers
-    cfg_dict = dict(TINY_CONFIGS[name])
+    cfg_dict = dict(TINY_CONFIGS[name], **overrides)
     arch = cfg_dict["architectures"][0]
     config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
     config.architectures = [arch]

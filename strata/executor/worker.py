@@ -1,0 +1,212 @@
+"""One rank's share of the engine: it builds the model (its shard of it), plans and allocates
+its KV cache and runs steps. The single-process engine holds one in-process; the multi-process
+executor starts one per rank (multiproc.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from strata.config import CacheConfig, LoadConfig, ModelConfig, OffloadConfig, QuantConfig, parse_bytes
+from strata.distributed import parallel_state as ps
+from strata.engine.arg_utils import EngineArgs
+from strata.loader import model_loader
+from strata.quant.kv import resolve_kv_format
+from strata.runner.model_runner import ModelRunner
+
+DEFAULT_CPU_KV_BYTES = 4 * 2**30
+DEFAULT_CPU_BATCHED_TOKENS = 2048
+DEFAULT_GPU_BATCHED_TOKENS = 8192
+
+
+def cache_config_for(args: EngineArgs) -> CacheConfig:
+    return CacheConfig(
+        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_memory_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_dtype=args.kv_cache_dtype)
+
+
+def batched_tokens_for(args: EngineArgs, device: torch.device) -> int:
+    return args.max_num_batched_tokens or (
+        DEFAULT_GPU_BATCHED_TOKENS if device.type == "cuda" else DEFAULT_CPU_BATCHED_TOKENS)
+
+
+@dataclass
+class KVPlan:
+    num_blocks: int
+    max_model_len: int
+    memory_plan: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelFacts:
+    """What the startup line and ``strata info`` say about the weights (of this rank)."""
+
+    num_parameters: int
+    weight_bytes: int
+    quant_summary: str | None
+    kv_block_bytes: int
+    lm_head_quantized: bool = False
+
+
+class Worker:
+    def __init__(self, args: EngineArgs, device: torch.device, eos_token_ids: frozenset[int],
+                 progress: bool = False, source: model_loader.ModelSource | None = None,
+                 offload_config: OffloadConfig | None = None):
+        self.args = args
+        self.device = device
+        self.cache_config = cache_config_for(args)
+        kv_format = resolve_kv_format(self.cache_config.kv_cache_dtype, device)
+        load_config = LoadConfig(args.load_format, args.seed)
+        self.source = source or model_loader.resolve_model(args.model, load_config)
+        dtype = model_loader.resolve_dtype(args.dtype, self.source, device)
+        self.model_config: ModelConfig = model_loader.model_config_for(self.source, dtype)
+        groups = ps.get_groups()
+        check_parallel_fit(self.model_config, groups.tp_size, groups.pp_size)
+        quant_config = QuantConfig(args.quantization, args.quantization_group_size)
+        offload = offload_config is not None and offload_config.enabled
+        # An offloaded model is built in host memory; the mover then places each part.
+        model = model_loader.build_model(self.source, self.model_config, load_config,
+                                         torch.device("cpu") if offload else device, progress=progress,
+                                         quant_config=quant_config, keep_gguf_packed=not offload,
+                                         init_device=device if offload else None)
+        self.max_num_batched_tokens = batched_tokens_for(args, device)
+        self.offload_plan = self.offload_mover = self.offload_hardware = self.offload_spec = None
+        if offload:
+            self._offload(model, offload_config)
+        runner_args = (model, self.model_config, args.block_size, device, eos_token_ids, kv_format)
+        if groups.tp_size * groups.pp_size == 1:
+            self.runner = ModelRunner(*runner_args)
+        else:
+            from strata.runner.parallel_runner import ParallelModelRunner
+            self.runner = ParallelModelRunner(*runner_args)
+        self.graphs = None
+
+    def _offload(self, model, offload_config: OffloadConfig) -> None:
+        """Search the offload policy and carry it out (runner/offload_loop.py). On a GPU the plan's
+        KV allotment becomes the KV cache, and (unless given) a step's token budget holds the
+        plan's whole batch of prompts, so each layer's weights cross PCIe once for all of them."""
+        from strata.core.offload_policy import Workload
+        from strata.runner.offload_loop import offload_model
+        args, cfg, cache = self.args, self.model_config, self.cache_config
+        workload = Workload.from_max_model_len(args.max_model_len or cfg.max_position_embeddings,
+                                               args.max_num_seqs)
+        self.offload_plan, self.offload_mover, self.offload_hardware, self.offload_spec = offload_model(
+            model, cfg, offload_config, self.device, workload, cache.gpu_memory_utilization)
+        plan = self.offload_plan
+        if self.device.type == "cuda":
+            if cache.kv_cache_memory_bytes is None and cache.num_gpu_blocks_override is None:
+                self.cache_config = dataclasses.replace(cache, kv_cache_memory_bytes=plan.kv_bytes)
+            if args.max_num_batched_tokens is None:
+                self.max_num_batched_tokens = max(256, plan.batch_size * workload.max_model_len)
+
+    def facts(self) -> ModelFacts:
+        model = self.runner.model
+        return ModelFacts(
+            num_parameters=getattr(model, "num_parameters", None) or sum(p.numel() for p in model.parameters()),
+            weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            quant_summary=getattr(model, "quant_summary", None),
+            kv_block_bytes=self.runner.kv_cache_block_bytes(),
+            lm_head_quantized=getattr(model, "lm_head_quantized", False))
+
+    def fingerprint(self) -> str:
+        """What every rank must agree on: the model, its configuration and the engine options
+        that shape the computation (a rank that read another checkpoint would give garbage)."""
+        skip = {"model", "tokenizer", "extra"}
+        options = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args) if f.name not in skip}
+        text = repr((self.source.name, self.model_config, sorted(options.items(), key=lambda kv: kv[0])))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def plan(self) -> KVPlan:
+        return plan_kv_cache(self.args, self.device, self.runner, self.cache_config, self.model_config,
+                             self.max_num_batched_tokens)
+
+    def allocate(self, num_blocks: int, max_model_len: int) -> dict:
+        """Allocate the KV cache; capture CUDA graphs where they apply. Returns graph facts."""
+        self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and not self.args.enforce_eager and ps.get_pp_size() == 1 \
+                and self.offload_plan is None:
+            self.graphs = self.runner.capture_cuda_graphs(self.args.max_num_seqs, max_model_len)
+            return {"sizes": len(self.graphs.sizes), "max_batch": self.graphs.max_batch,
+                    "seconds": self.graphs.capture_seconds, "pool_bytes": self.graphs.pool_bytes}
+        return {}
+
+    def time_all_reduce(self, token_counts: list[int]) -> dict:
+        """The all-reduces of one step at each size (2 a layer + the embedding's), for benchmarks."""
+        from strata.distributed.comm_timing import time_all_reduce_step
+        cfg = self.model_config
+        model = self.runner.model
+        layers = getattr(model, "end_layer", cfg.num_layers) - getattr(model, "start_layer", 0)
+        with torch.inference_mode():
+            return {n: time_all_reduce_step(n, cfg.hidden_size, cfg.dtype, self.device, 2 * layers + 1)
+                    for n in token_counts}
+
+
+def check_parallel_fit(cfg: ModelConfig, tp_size: int, pp_size: int) -> None:
+    """Clear errors before building: what does not divide, what cannot be staged."""
+    if cfg.num_heads % tp_size:
+        raise ValueError(f"tensor_parallel_size ({tp_size}) must divide the model's {cfg.num_heads} "
+                         "attention heads")
+    if cfg.num_kv_heads % tp_size and tp_size % cfg.num_kv_heads:
+        raise ValueError(f"tensor_parallel_size ({tp_size}) and the model's {cfg.num_kv_heads} KV heads: "
+                         "one must divide the other (KV heads are split, or replicated when fewer)")
+    if pp_size > 1:
+        from strata.models.registry import get_model_class
+        if not getattr(get_model_class(cfg.architecture), "supports_pipeline_parallel", False):
+            raise ValueError(f"pipeline_parallel_size > 1 is not supported for {cfg.architecture} "
+                             "(Llama, Mistral, Qwen2 and Qwen3 models support it)")
+        if cfg.num_layers < pp_size:
+            raise ValueError(f"pipeline_parallel_size ({pp_size}) is more than the model's "
+                             f"{cfg.num_layers} layers")
+
+
+def plan_kv_cache(args: EngineArgs, device: torch.device, runner: ModelRunner, cache: CacheConfig,
+                  cfg: ModelConfig, max_num_batched_tokens: int) -> KVPlan:
+    block_bytes = runner.kv_cache_block_bytes()
+    want_len = args.max_model_len or cfg.max_position_embeddings
+    memory_plan: dict = {}
+    if cache.num_gpu_blocks_override:
+        num_blocks = cache.num_gpu_blocks_override
+    else:
+        budget = cache.kv_cache_memory_bytes
+        if budget is None and device.type == "cuda":
+            budget, memory_plan = _gpu_kv_budget(args, device, runner, cache, max_num_batched_tokens)
+        elif budget is None:
+            need = args.max_num_seqs * want_len * block_bytes // cache.block_size
+            budget = min(DEFAULT_CPU_KV_BYTES, need)
+        num_blocks = max(budget // block_bytes, 0)
+    capacity = num_blocks * cache.block_size
+    if num_blocks < 1:
+        raise ValueError(f"no memory is left for the KV cache (one block needs {block_bytes} bytes); "
+                         "lower max_num_batched_tokens or raise kv_cache_memory / gpu_memory_utilization")
+    if capacity < want_len:
+        if args.max_model_len:
+            raise ValueError(f"max_model_len ({want_len}) is more than the KV cache holds "
+                             f"({capacity} tokens in {num_blocks} blocks); raise kv_cache_memory "
+                             "or lower max_model_len")
+        want_len = capacity
+    return KVPlan(num_blocks, want_len, memory_plan)
+
+
+def _gpu_kv_budget(args: EngineArgs, device: torch.device, runner: ModelRunner, cache: CacheConfig,
+                   max_num_batched_tokens: int) -> tuple[int, dict]:
+    """gpu_memory_utilization of the card, minus the weights, the measured peak of the largest
+    step, memory outside torch (CUDA context, library workspaces) and room for the decode
+    graphs: what is left holds KV blocks. Every step after this fits by construction."""
+    activations = runner.profile_activation_bytes(max_num_batched_tokens, args.max_num_seqs)
+    free, total = torch.cuda.mem_get_info(device)
+    weights = torch.cuda.memory_allocated(device)
+    outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
+    graphs = 0
+    if not args.enforce_eager:
+        # The graphs' shared pool holds one step's activations at the largest captured batch.
+        graphs = activations * min(1.0, args.max_num_seqs / max_num_batched_tokens) + 256 * 2**20
+    budget = int(total * cache.gpu_memory_utilization - weights - activations - outside_torch - graphs)
+    plan = {"total": total, "weights": weights, "activations": activations,
+            "outside_torch": outside_torch, "graph_reserve": graphs,
+            "profiled_tokens": max_num_batched_tokens}
+    return budget, plan

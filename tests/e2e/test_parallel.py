@@ -1,0 +1,169 @@
+"""Tensor and pipeline parallelism on the CPU (gloo, one process per rank): greedy tokens equal
+to one process, with batching, chunked prefill (a 32-token budget) and prefix caching on.
+
+Starting worker processes is slow on a small machine (each imports torch), so each model gets
+one engine per module. The 4-process TP=2 x PP=2 test runs outside CI only (CI has 2 cores)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hf_tiny import make_tiny_model
+
+from strata import LLM, SamplingParams
+
+PROMPTS = [
+    [5, 17, 33, 101, 7],
+    [9] * 13 + [44, 45],
+    list(range(3, 40)),            # longer than the 32-token budget: chunked
+    [300, 301, 302],
+    [8],
+]
+# Two prompts sharing a 36-token prefix (two full blocks of 16): the second run hits the cache.
+SHARED = list(range(200, 236))
+PREFIX_PROMPTS = [SHARED + [7, 8, 9], SHARED + [11]]
+MAX_NEW = 8
+ENGINE = dict(skip_tokenizer_init=True, use_tqdm_on_load=False, max_num_batched_tokens=32,
+              enable_prefix_caching=True, enable_chunked_prefill=True)
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, **kw)
+
+
+def run(llm, prompts, params=None):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params or greedy(), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def reference(path):
+    llm = LLM(str(path), **ENGINE)
+    tokens = run(llm, PROMPTS + PREFIX_PROMPTS)
+    logprobs = llm.generate([{"prompt_token_ids": PROMPTS[2]}], greedy(logprobs=2, prompt_logprobs=1),
+                            use_tqdm=False)[0]
+    return tokens, logprobs
+
+
+def check_matches(llm, ref):
+    tokens, ref_lp = ref
+    assert run(llm, PROMPTS + PREFIX_PROMPTS) == tokens
+    assert run(llm, PREFIX_PROMPTS) == tokens[-2:]          # prefix-cache hits
+    sched = llm.llm_engine.scheduler
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks  # every block back
+    out = llm.generate([{"prompt_token_ids": PROMPTS[2]}], greedy(logprobs=2, prompt_logprobs=1),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref_lp.outputs[0].token_ids
+    for got, want in zip(out.outputs[0].logprobs, ref_lp.outputs[0].logprobs):
+        assert got.keys() == want.keys()
+        for tok in got:
+            assert got[tok].logprob == pytest.approx(want[tok].logprob, abs=1e-4)
+    for got, want in zip(out.prompt_logprobs[1:], ref_lp.prompt_logprobs[1:]):
+        assert {t: round(lp.logprob, 3) for t, lp in got.items()} == pytest.approx(
+            {t: round(lp.logprob, 3) for t, lp in want.items()}, abs=2e-3)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny_model("llama", path)            # 4 heads, 2 KV heads: one KV head per rank
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3")
+    # One KV head for two ranks: replicated. Tied embeddings, q/k norms.
+    make_tiny_model("qwen3", path, num_key_value_heads=1)
+    return path
+
+
+def start(path, **kw):
+    llm = LLM(str(path), **ENGINE, **kw)
+    return llm
+
+
+def test_tp2_llama_matches_one_process(llama):
+    ref = reference(llama)
+    llm = start(llama, tensor_parallel_size=2)
+    try:
+        line = llm.llm_engine.describe()
+        assert "tensor parallel 2 x pipeline parallel 1 (gloo" in line
+        check_matches(llm, ref)
+        # n > 1 and seeded random sampling: the driver samples, the other rank follows its tokens.
+        params = SamplingParams(temperature=1.0, seed=3, max_tokens=MAX_NEW, n=2, ignore_eos=True)
+        one = LLM(str(llama), **ENGINE).generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
+        two = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
+        assert [c.token_ids for c in two[0].outputs] == [c.token_ids for c in one[0].outputs]
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_tp2_qwen3_replicated_kv_head_matches_one_process(qwen3):
+    ref = reference(qwen3)
+    llm = start(qwen3, tensor_parallel_size=2)
+    try:
+        check_matches(llm, ref)
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_pp2_matches_one_process(llama):
+    ref = reference(llama)
+    llm = start(llama, pipeline_parallel_size=2)
+    try:
+        assert "tensor parallel 1 x pipeline parallel 2" in llm.llm_engine.describe()
+        check_matches(llm, ref)
+    finally:
+        llm.llm_engine.shutdown()
+
+
+@pytest.mark.skipif(bool(os.environ.get("CI")), reason="4 processes: too slow for CI's 2 cores")
+def test_tp2_pp2_matches_one_process(qwen3):
+    ref = reference(qwen3)
+    llm = start(qwen3, tensor_parallel_size=2, pipeline_parallel_size=2)
+    try:
+        check_matches(llm, ref)
+    finally:
+        llm.llm_engine.shutdown()
+
+
+def test_bad_layouts_fail_before_any_process_starts(llama):
+    with pytest.raises(ValueError, match="tensor_parallel_size \\(3\\) must divide"):
+        LLM(str(llama), **ENGINE, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="pipeline_parallel_size \\(3\\) is more than"):
+        LLM(str(llama), **ENGINE, pipeline_parallel_size=3)
+    with pytest.raises(ValueError, match="async_scheduling"):
+        LLM(str(llama), **ENGINE, tensor_parallel_size=2, async_scheduling=True)
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from strata import LLM, SamplingParams
+llm = LLM(sys.argv[1], skip_tokenizer_init=True, use_tqdm_on_load=False, max_num_batched_tokens=32,
+          pipeline_parallel_size=2)
+prompts = json.loads(sys.argv[2])
+outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                    SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
+llm.llm_engine.shutdown()
+"""
+
+
+@pytest.mark.skipif(bool(os.environ.get("CI")), reason="torchrun starts 3 more interpreters: too slow for CI")
+def test_torchrun_ranks_match_one_process(llama, tmp_path):
+    """The multi-machine path on one machine: torchrun starts both ranks, rank 0 runs the engine
+    and rank 1 (the driver, last pipeline stage) serves its steps, then both exit."""
+    import json
+    import subprocess
+    import sys
+    ref, _ = reference(llama)
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    prompts = PROMPTS + PREFIX_PROMPTS
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", str(script), str(llama), json.dumps(prompts)],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("TOKENS"))
+    assert json.loads(line.removeprefix("TOKENS ")) == ref
