@@ -273,9 +273,6 @@ def parse_offload_policy(policy: str | dict | None) -> dict | None:
     kv_cpu = out.setdefault("kv_cpu", 1.0 - kv_gpu)
     _require(abs(kv_gpu + kv_cpu - 1.0) < 1e-6,
              f"offload_policy kv_gpu + kv_cpu must sum to 1, got {kv_gpu} + {kv_cpu}")
-    if kv_cpu > 0:
-        raise ValueError(f"offload_policy kv_cpu={kv_cpu}: the KV cache on the CPU tier (with CPU "
-                         "attention) is not supported yet; keep kv_gpu=1")
     if "micro_batch_tokens" in out:
         _require(out["micro_batch_tokens"] >= 1,
                  f"offload_policy micro_batch_tokens must be >= 1, got {out['micro_batch_tokens']}")
@@ -287,13 +284,13 @@ def parse_offload_policy(policy: str | dict | None) -> dict | None:
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """Weights (and later the KV cache) spread over GPU, CPU and disk (FlexGen). Offloading is on
-    when any budget, a disk folder or explicit fractions are given.
+    """Weights and the KV cache spread over GPU, CPU and disk (FlexGen). Offloading is on when
+    any budget, a disk folder or explicit fractions are given.
 
     gpu_memory_budget: bytes of GPU memory strata may use for weights, staging buffers, KV cache
     and activations (CUDA only). cpu_memory_budget: bytes of host RAM for weights: the CPU tier
-    plus the staging buffers the disk tier reads into (on a CPU-only machine: every resident
-    weight). offload_dir: the disk tier's folder (default: a temporary folder, removed at exit).
+    plus the staging buffers the disk tier reads into, and on a GPU the KV cache of the layers
+    kept in host RAM (on a CPU-only machine: every resident weight). offload_dir: the disk tier's folder (default: a temporary folder, removed at exit).
     policy: None (search) or the checked fractions of parse_offload_policy."""
 
     gpu_memory_budget: int | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,9 @@ class AttentionMetadata:
     decode_rows: list[int]
     prefill_rows: list[int]
     max_query_len: int = 1
+    # Host copies of the tensors above, made once per step by layers whose KV cache is in host
+    # RAM (attention/host_tier.py).
+    host_copies: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -16,7 +16,7 @@ Cost of one decode step at batch B (seconds), the copies overlapping the compute
               + KV bytes read by attention / memory bandwidth + the LM head
     step    = max(io, compute) + per-layer overhead
 A prefill pass is the same with B * prompt_len tokens. Throughput = B * gen_len / (prefill +
-gen_len decode steps).
+(gen_len - 1) decode steps): the prefill samples each sequence's first token.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class Hardware:
     disk_bytes_per_s: float       # file -> host staging buffer
     flops: float                  # matmul rate of the compute device at the model dtype
     mem_bytes_per_s: float        # compute device memory bandwidth (weights and KV read by a step)
+    # KV bytes/s the host reads while attending for decode rows (attention/host_tier.py); 0: not
+    # measured, and the auto policy keeps the KV cache on the device.
+    cpu_attn_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,14 @@ class OffloadPlan:
     reason: str
     explicit: bool = False
     extra: dict = field(default_factory=dict)
+    # The last kv_host_layers decoder layers keep their KV cache in host RAM (host_kv_bytes in
+    # all, inside host_bytes) and attend on the CPU for decode rows (FlexGen's CPU delegation).
+    kv_host_layers: int = 0
+    host_kv_bytes: int = 0
+    activation_bytes: int = 0
+
+    def kv_on_host(self, layer: int) -> bool:
+        return layer >= len(self.placement) - self.kv_host_layers
 
     def count(self, tier: str) -> int:
         return sum(1 for p in self.placement if p == tier)
@@ -103,7 +114,10 @@ class OffloadPlan:
     def describe(self) -> str:
         n = len(self.placement)
         return (f"offload: layers {self.count('resident')}/{n} resident, {self.count('cpu')} CPU, "
-                f"{self.count('disk')} disk, prefetch depth {self.prefetch_depth}, batch {self.batch_size} "
+                f"{self.count('disk')} disk, prefetch depth {self.prefetch_depth}, "
+                + (f"KV cache of {self.kv_host_layers}/{n} layers in host RAM ({self.host_kv_bytes / GIB:.2f} GiB, "
+                   "CPU attention), " if self.kv_host_layers else "")
+                + f"batch {self.batch_size} "
                 f"in micro-batches of {self.micro_batch_tokens} tokens; "
                 + (f"GPU {self.device_bytes / GIB:.2f} GiB, " if self.device_bytes else "")
                 + f"host {self.host_bytes / GIB:.3f} GiB; predicted {self.predicted_tok_s:.1f} tok/s "
@@ -112,20 +126,31 @@ class OffloadPlan:
 
 
 def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: int, tokens: int,
-               context_tokens: int, micro_batches: int, depth: int = 2) -> tuple[float, float, float]:
+               context_tokens: int, micro_batches: int, depth: int = 2,
+               kv_host_layers: int = 0, prefill: bool = False) -> tuple[float, float, float]:
     """(io, compute, step) seconds of one forward pass over `tokens` tokens that attend to
     `context_tokens` cached tokens in all. With one staging slot (depth 1) a fetch cannot start
-    before the layer that used the slot is done: copies and compute take turns."""
+    before the layer that used the slot is done: copies and compute take turns. Layers whose KV
+    cache is in host RAM attend on the CPU (reading their share of the context there) and send
+    q, k, v down and the output up; the device waits for that within the layer, so it adds to
+    the compute while the weight copies go on. A prefill's fresh prompts attend on the device
+    (their K and V are there already) and only go down to the host cache."""
     cpu_path = hw.device == "cpu"
     pcie = 0.0 if cpu_path else (n_cpu + n_disk) * spec.layer_bytes / hw.h2d_bytes_per_s
     disk = n_disk * spec.layer_bytes / hw.disk_bytes_per_s
     io = max(pcie, disk)
     per_layer = max(2.0 * spec.layer_params * tokens / hw.flops, spec.layer_bytes / hw.mem_bytes_per_s)
-    kv_read = context_tokens * spec.kv_bytes_per_token / hw.mem_bytes_per_s
+    kv_layer = spec.kv_bytes_per_token / spec.num_layers
+    host_attn_layers = 0 if prefill else kv_host_layers
+    kv_read = context_tokens * kv_layer * (spec.num_layers - host_attn_layers) / hw.mem_bytes_per_s
     head = max(2.0 * spec.vocab_size * spec.hidden_size * tokens / hw.flops,
                spec.vocab_size * spec.hidden_size * spec.dtype_bytes / hw.mem_bytes_per_s)
     compute = spec.num_layers * per_layer + kv_read + head
-    overhead = spec.num_layers * micro_batches * LAYER_OVERHEAD_S
+    if kv_host_layers:
+        host_read = context_tokens * kv_layer * host_attn_layers / max(hw.cpu_attn_bytes_per_s, 1.0)
+        moved = tokens * (2 * spec.hidden_size * spec.dtype_bytes + kv_layer) * kv_host_layers
+        compute += host_read + (0.0 if cpu_path else moved / hw.h2d_bytes_per_s)
+    overhead = (spec.num_layers + kv_host_layers) * micro_batches * LAYER_OVERHEAD_S
     overlapped = max(io, compute) if depth >= 2 or not (n_cpu + n_disk) else io + compute
     return io, compute, overlapped + overhead
 
@@ -158,15 +183,28 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
     _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget)
     best: OffloadPlan | None = None
     for n_res, n_cpu, depth, mbt in _candidates(spec, hw, workload, cpu_budget, explicit):
-        plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt)
-        if plan is not None and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
-            best = plan
+        for kv_host in _kv_host_candidates(spec, hw, explicit):
+            plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt, kv_host)
+            if plan is not None and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
+                best = plan
     if best is None:
         raise ValueError(_no_plan_message(spec, hw, workload, gpu_budget, cpu_budget, explicit))
     if explicit is not None:
         return _with(best, explicit=True, reason="explicit offload_policy " + _fractions(explicit)
                      + "; " + best.reason)
     return best
+
+
+def _kv_host_candidates(spec, hw, explicit) -> list[int]:
+    """Decoder layers whose KV cache may live in host RAM: the user's kv_cpu fraction, else (on a
+    GPU, once the CPU's attention rate is measured) none, a quarter ... all of them; none first,
+    so that ties keep the cache on the device."""
+    layers = spec.num_layers
+    if explicit is not None:
+        return [round(explicit.get("kv_cpu", 0.0) * layers)]
+    if hw.device != "cuda" or hw.cpu_attn_bytes_per_s <= 0:
+        return [0]
+    return sorted({0, layers // 4, layers // 2, 3 * layers // 4, layers})
 
 
 def _candidates(spec, hw, workload, cpu_budget, explicit):
@@ -206,7 +244,8 @@ def _candidates(spec, hw, workload, cpu_budget, explicit):
                 yield n_res, n_cpu, depth, mbt
 
 
-def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt) -> OffloadPlan | None:
+def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt,
+              kv_host: int = 0) -> OffloadPlan | None:
     layers = spec.num_layers
     n_disk = layers - n_res - n_cpu
     streamed = n_cpu + n_disk
@@ -214,15 +253,21 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     if streamed and depth < 1:
         return None
     staging = depth * spec.layer_bytes
+    seq_kv = workload.max_model_len * spec.kv_bytes_per_token   # one sequence, every layer
+    host_seq_kv = seq_kv * kv_host // layers
+    activations = 0
     if hw.device == "cuda":
         host = spec.host_bytes + n_cpu * spec.layer_bytes + (staging if n_disk else 0)
         weights_on_device = spec.device_bytes + n_res * spec.layer_bytes + staging
         room = (gpu_budget * (1 - GPU_RESERVE) if gpu_budget is not None else float("inf")) - weights_on_device
-        batch = _largest_batch(spec, workload, room, mbt)
+        host_room = (cpu_budget if cpu_budget is not None else float("inf")) - host
+        batch = _largest_batch(spec, workload, room, mbt, seq_kv - host_seq_kv, host_seq_kv, host_room)
         if batch < 1:
             return None
-        kv_bytes = batch * workload.max_model_len * spec.kv_bytes_per_token
-        device = weights_on_device + kv_bytes + _step_activations(spec, workload, mbt, batch)
+        kv_bytes = batch * (seq_kv - host_seq_kv)
+        activations = _step_activations(spec, workload, mbt, batch)
+        device = weights_on_device + kv_bytes + activations
+        host += batch * host_seq_kv
     else:
         # On the CPU the budget covers the weights in RAM; the KV cache has its own (kv_cache_memory).
         host = spec.host_bytes + spec.device_bytes + n_res * spec.layer_bytes + staging
@@ -230,35 +275,48 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     if cpu_budget is not None and host > cpu_budget:
         return None
     ctx = batch * workload.max_model_len
-    io, compute, step = step_costs(spec, hw, n_res, n_cpu, n_disk, batch, ctx, 1, depth)
+    io, compute, step = step_costs(spec, hw, n_res, n_cpu, n_disk, batch, ctx, 1, depth, kv_host)
     prefill_tokens = batch * workload.prompt_len
     micro = max(1, -(-prefill_tokens // mbt))
-    _, _, prefill = step_costs(spec, hw, n_res, n_cpu, n_disk, prefill_tokens, prefill_tokens, micro, depth)
-    total = prefill + workload.gen_len * step
+    _, _, prefill = step_costs(spec, hw, n_res, n_cpu, n_disk, prefill_tokens, prefill_tokens, micro, depth,
+                               kv_host, prefill=True)
+    total = prefill + (workload.gen_len - 1) * step   # the prefill samples the first token
     tok_s = batch * workload.gen_len / total
+    return OffloadPlan(tuple(["resident"] * n_res + ["cpu"] * n_cpu + ["disk"] * n_disk), depth, batch, mbt,
+                       kv_bytes, int(device), int(host), tok_s, step, io, compute,
+                       _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host),
+                       kv_host_layers=kv_host, host_kv_bytes=batch * host_seq_kv, activation_bytes=activations)
+
+
+def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host) -> str:
     bound = "I/O-bound" if io >= compute else "compute-bound"
     if hw.device == "cuda":
+        where = "whose KV fits the GPU budget" if not kv_host else (
+            f"whose KV (the device's share, and {kv_host} layers' in host RAM) and activations fit")
         reason = (f"{bound} decode; batch {batch} is the most sequences of {workload.max_model_len} tokens "
-                  f"whose KV fits the GPU budget beside {n_res} resident layers and {depth} staging slots")
+                  f"{where} beside {n_res} resident layers and {depth} staging slots")
+        if kv_host:
+            reason += f"; CPU attention reads {hw.cpu_attn_bytes_per_s / GIB:.1f} GiB/s of KV"
     else:
         reason = f"{bound} decode; {n_res} layers fit the RAM budget beside {depth} staging slots"
     if n_disk and hw.device == "cuda":
         reason += f"; host RAM holds {n_cpu} streamed layers"
     if n_disk:
         reason += f"; {n_disk} read from disk at {hw.disk_bytes_per_s / GIB:.2f} GiB/s"
-    if streamed and hw.device == "cuda":
+    if (n_cpu + n_disk) and hw.device == "cuda":
         reason += f"; PCIe {hw.h2d_bytes_per_s / GIB:.1f} GiB/s"
-    return OffloadPlan(tuple(["resident"] * n_res + ["cpu"] * n_cpu + ["disk"] * n_disk), depth, batch, mbt,
-                       kv_bytes, int(device), int(host), tok_s, step, io, compute, reason)
+    return reason
 
 
-def _largest_batch(spec, workload, room, mbt) -> int:
-    """Most sequences whose KV cache (max_model_len tokens each) and activations fit in room."""
-    per_seq = workload.max_model_len * spec.kv_bytes_per_token
+def _largest_batch(spec, workload, room, mbt, device_seq_kv, host_seq_kv=0, host_room=float("inf")) -> int:
+    """Most sequences whose KV cache (max_model_len tokens each: device_seq_kv bytes on the
+    device, host_seq_kv in host RAM) and activations fit in room and host_room."""
     lo, hi = 0, workload.max_num_seqs
+    if host_seq_kv and host_room != float("inf"):
+        hi = int(min(hi, max(0, host_room) // host_seq_kv))
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        need = mid * per_seq + _step_activations(spec, workload, mbt, mid)
+        need = mid * device_seq_kv + _step_activations(spec, workload, mbt, mid)
         lo, hi = (mid, hi) if need <= room else (lo, mid - 1)
     return lo
 
@@ -316,7 +374,7 @@ def predict_throughput(spec: ModelSpec, hw: Hardware, plan: OffloadPlan, workloa
     e.g. to set a prediction beside a measured run."""
     n_res, n_cpu = plan.count("resident"), plan.count("cpu")
     result = _evaluate(spec, hw, workload, None, None, n_res, n_cpu, max(plan.prefetch_depth, 0),
-                       plan.micro_batch_tokens)
+                       plan.micro_batch_tokens, plan.kv_host_layers)
     if result is None:
         raise ValueError("the plan does not run this workload")
     return result

@@ -64,13 +64,16 @@ HELP = {
                          "activations, e.g. 4GiB; layers that do not fit stream from the CPU or disk "
                          "tier, layer i+1 copied while layer i computes (CUDA only)",
     "cpu_memory_budget": "offloading: bytes of host RAM for weights, e.g. 24GiB: the CPU tier (pinned) "
-                         "plus the staging buffers the disk tier reads into; on a CPU-only machine, "
-                         "every weight held in RAM (the rest streams from --offload-dir)",
+                         "plus the staging buffers the disk tier reads into, and the KV cache of the "
+                         "layers the policy keeps in host RAM (GPU); on a CPU-only machine, every "
+                         "weight held in RAM (the rest streams from --offload-dir)",
     "offload_dir": "offloading: folder of the disk tier (a file per layer, read through mmap); "
                    "default: a temporary folder removed at exit",
-    "offload_policy": "offloading: 'auto' (a cost model fed by measured bandwidths picks the placement "
-                      "and batch) or fractions 'w_gpu=F,w_cpu=F,w_disk=F[,kv_gpu=1][,micro_batch_tokens=N]"
-                      "[,prefetch_depth=N]': shares of the decoder layers per tier, tokens per "
+    "offload_policy": "offloading: 'auto' (a cost model fed by measured bandwidths and CPU attention "
+                      "speed picks the placement, KV tier and batch) or fractions "
+                      "'w_gpu=F,w_cpu=F,w_disk=F[,kv_cpu=F][,micro_batch_tokens=N][,prefetch_depth=N]': "
+                      "shares of the decoder layers' weights per tier, share of the layers whose KV "
+                      "cache stays in host RAM (their decode attention runs on the CPU), tokens per "
                       "micro-batch of the block schedule, layers fetched ahead",
 }
 

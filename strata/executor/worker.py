@@ -80,7 +80,10 @@ class Worker:
             self._offload(model, offload_config)
         runner_args = (model, self.model_config, args.block_size, device, eos_token_ids, kv_format)
         if groups.tp_size * groups.pp_size == 1:
-            self.runner = ModelRunner(*runner_args)
+            plan = self.offload_plan
+            kv_host_layers = frozenset(i for i in range(self.model_config.num_layers)
+                                       if plan is not None and plan.kv_on_host(i))
+            self.runner = ModelRunner(*runner_args, kv_host_layers)
         else:
             from strata.runner.parallel_runner import ParallelModelRunner
             self.runner = ParallelModelRunner(*runner_args)
@@ -98,9 +101,16 @@ class Worker:
         self.offload_plan, self.offload_mover, self.offload_hardware, self.offload_spec = offload_model(
             model, cfg, offload_config, self.device, workload, cache.gpu_memory_utilization)
         plan = self.offload_plan
+        if plan.kv_host_layers and resolve_kv_format(cache.kv_cache_dtype, self.device) is not None:
+            raise ValueError(f"kv_cache_dtype={cache.kv_cache_dtype!r} with the KV cache of "
+                             f"{plan.kv_host_layers} layers in host RAM (offload_policy kv_cpu): the host "
+                             "tier stores the model dtype; use kv_cache_dtype='auto' or kv_cpu=0")
         if self.device.type == "cuda":
             if cache.kv_cache_memory_bytes is None and cache.num_gpu_blocks_override is None:
-                self.cache_config = dataclasses.replace(cache, kv_cache_memory_bytes=plan.kv_bytes)
+                # The plan's batch at max_model_len, in blocks: the same block ids address the
+                # device's caches and the host's.
+                blocks_per_seq = -(-workload.max_model_len // cache.block_size)
+                self.cache_config = dataclasses.replace(cache, num_gpu_blocks_override=plan.batch_size * blocks_per_seq)
             if args.max_num_batched_tokens is None:
                 self.max_num_batched_tokens = max(256, plan.batch_size * workload.max_model_len)
 

@@ -32,6 +32,8 @@ class Attention(nn.Module):
         self.rotary_emb = rotary_emb
         self.kv_cache: torch.Tensor | None = None   # [2, num_blocks, block_size, kv_heads, head_dim]
         self.kv_scales: torch.Tensor | None = None  # [2, num_blocks, block_size, kv_heads] float32
+        # Offloading's KV tier: the cache is in host RAM and decode rows attend on the CPU.
+        self.kv_on_host = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,6 +46,11 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.kv_cache is None:
             raise RuntimeError(f"attention layer {self.layer_idx} has no KV cache bound")
+        if self.kv_on_host:
+            from strata.attention.host_tier import host_attention
+            if self.rotary_emb is not None:
+                q, k = self.rotary_emb(positions, q, k)
+            return host_attention(q, k, v, self.kv_cache, meta, self.scale).view(n, -1)
         if use_triton(q):
             return self._forward_triton(q, k, v, positions, meta).view(n, -1)
         if self.rotary_emb is not None:

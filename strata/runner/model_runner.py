@@ -39,12 +39,14 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int
 class ModelRunner:
     def __init__(self, model: nn.Module, model_config: ModelConfig, block_size: int,
                  device: torch.device, eos_token_ids: frozenset[int] = frozenset(),
-                 kv_format: KVCacheFormat | None = None):
+                 kv_format: KVCacheFormat | None = None, kv_host_layers: frozenset[int] = frozenset()):
         self.model = model
         self.model_config = model_config
         self.block_size = block_size
         self.device = device
         self.kv_format = kv_format       # None: K/V in the model dtype
+        # Offloading's KV tier: these decoder layers keep their cache in host RAM (CPU attention).
+        self.kv_host_layers = kv_host_layers
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.states: dict[str, CachedRequestState] = {}
@@ -70,12 +72,14 @@ class ModelRunner:
         self.free_kv_cache()
         self.num_blocks = num_blocks
         fmt = self.kv_format
-        for layer in self.attn_layers:
+        for index, layer in enumerate(self.attn_layers):
             shape = (2, num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.kv_cache = self._zeros(shape, self.model_config.dtype if fmt is None else fmt.dtype)
+            layer.kv_on_host = index in self.kv_host_layers
+            layer.kv_cache = self._zeros(shape, self.model_config.dtype if fmt is None else fmt.dtype,
+                                         torch.device("cpu") if layer.kv_on_host else self.device)
             self.kv_caches.append(layer.kv_cache)
             if fmt is not None:
-                layer.kv_scales = self._zeros(shape[:-1], SCALE_DTYPE)
+                layer.kv_scales = self._zeros(shape[:-1], SCALE_DTYPE, self.device)
                 self.kv_caches.append(layer.kv_scales)   # block copies move the scales too
 
     def free_kv_cache(self) -> None:
@@ -89,12 +93,13 @@ class ModelRunner:
     def scratch_slot(self) -> int:
         return self.num_blocks * self.block_size
 
-    def _zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+    @staticmethod
+    def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         np_dtype = _NUMPY_DTYPES.get(dtype)
-        if self.device.type == "cpu" and np_dtype is not None:
+        if device.type == "cpu" and np_dtype is not None:
             # calloc'd pages: zero without touching them, so an unused cache costs no RAM.
             return torch.from_numpy(np.zeros(shape, dtype=np_dtype))
-        return torch.zeros(shape, dtype=dtype, device=self.device)
+        return torch.zeros(shape, dtype=dtype, device=device)
 
     # ---- one step ----------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:

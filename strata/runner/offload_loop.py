@@ -11,6 +11,7 @@ attention metadata.
 
 from __future__ import annotations
 
+import mmap
 import os
 import statistics
 import tempfile
@@ -153,10 +154,13 @@ def model_spec(model: nn.Module, cfg: ModelConfig, embed_on_host: bool) -> Model
                      kv_bytes_per_token=cfg.kv_bytes_per_token, dtype_bytes=elem)
 
 
-def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str | None) -> Hardware:
-    """Quick measurements at startup (well under a second): pinned host -> device copies, a file
-    read from the disk tier's folder with the page cache dropped, a matmul and a device copy."""
-    disk = _disk_read_rate(offload_dir, 64 * 2**20 if device.type == "cuda" else 16 * 2**20)
+def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str | None,
+                     disk_probe_bytes: int = 16 * 2**20, cfg: ModelConfig | None = None) -> Hardware:
+    """Quick measurements at startup: pinned host -> device copies, the disk tier's read rate
+    (disk_read_rate: one layer's bytes through the mover's own read path, when the disk tier may
+    be used), a matmul, a device copy and (GPU, given the model's heads) the CPU's decode
+    attention over a host KV cache."""
+    disk = disk_read_rate(offload_dir, disk_probe_bytes, pinned=device.type == "cuda")
     if device.type != "cuda":
         n = 512
         a = torch.randn(n, n, dtype=torch.float32)
@@ -173,7 +177,28 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
     flops = 2 * n**3 / _median_cuda_s(lambda: a @ a)
     del host, dev, a
     torch.cuda.empty_cache()
-    return Hardware("cuda", h2d, disk, flops, mem)
+    cpu_attn = 0.0 if cfg is None else cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
+    return Hardware("cuda", h2d, disk, flops, mem, cpu_attn)
+
+
+def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                       batch: int = 32, context: int = 512, block_size: int = 16) -> float:
+    """KV bytes/s the host reads when decode rows attend over a host cache (attention/host_tier.py
+    runs attention/torch_ref.py there): one layer, `batch` rows of `context` tokens."""
+    from strata.attention import torch_ref
+    blocks = context // block_size
+    cache = torch.randn(2, batch * blocks + 1, block_size, num_kv_heads, head_dim).to(dtype)
+    tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
+    q = torch.randn(batch, num_heads, head_dim).to(dtype)
+    meta = AttentionMetadata(
+        num_tokens=batch, slot_mapping=torch.zeros(0, dtype=torch.int64), block_tables=tables,
+        seq_lens=torch.full((batch,), context, dtype=torch.int32), query_start_loc=torch.arange(batch + 1),
+        seq_lens_cpu=[context] * batch, query_lens_cpu=[1] * batch, query_start_loc_cpu=list(range(batch + 1)),
+        block_size=block_size, decode_rows=list(range(batch)), prefill_rows=[])
+    workspace = torch_ref.Workspace()
+    seconds = _median_s(lambda: torch_ref.paged_attention(q, cache, meta, head_dim ** -0.5, workspace=workspace),
+                        reps=3)
+    return batch * context * 2 * num_kv_heads * head_dim * cache.element_size() / seconds
 
 
 def _median_s(fn, reps: int = 5) -> float:
@@ -199,21 +224,32 @@ def _median_cuda_s(fn, reps: int = 5) -> float:
     return max(statistics.median(times), 1e-9)
 
 
-def _disk_read_rate(folder: str | None, nbytes: int) -> float:
-    """Write nbytes, flush them to the disk, drop them from the page cache, time one read."""
+def disk_read_rate(folder: str | None, nbytes: int, reads: int = 3, pinned: bool = False) -> float:
+    """Bytes/s of the disk tier's read (offload_mover.read_mapped: mmap, copy into a staging
+    buffer, pages dropped) of an nbytes file written and flushed the way the mover writes a layer;
+    the best of `reads` reads, each from the disk (a single short read caught the disk slow: the
+    policy once predicted 1.28 GiB/s where the mover's reads ran at 1.48)."""
+    from strata.runner.offload_mover import read_mapped
     folder = folder or tempfile.gettempdir()
     os.makedirs(folder, exist_ok=True)
+    nbytes = max(1 << 20, nbytes >> 20 << 20)
     fd, path = tempfile.mkstemp(prefix="strata-disk-probe-", dir=folder)
     try:
-        os.write(fd, os.urandom(1 << 20) * (nbytes >> 20))
-        os.fsync(fd)
+        chunk = os.urandom(1 << 20)
+        with os.fdopen(os.dup(fd), "wb") as f:
+            for _ in range(nbytes >> 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        buf = bytearray(nbytes)
-        t0 = time.perf_counter()
-        os.lseek(fd, 0, os.SEEK_SET)
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-            f.readinto(buf)
-        return nbytes / max(time.perf_counter() - t0, 1e-9)
+        staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        best = 0.0
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) as mm:
+            for _ in range(reads):
+                t0 = time.perf_counter()
+                read_mapped(fd, mm, staging)
+                best = max(best, nbytes / max(time.perf_counter() - t0, 1e-9))
+        return best
     finally:
         os.close(fd)
         os.unlink(path)
@@ -231,7 +267,11 @@ def offload_model(model: nn.Module, cfg: ModelConfig, offload, device: torch.dev
                          f"this engine runs on {device} (use cpu_memory_budget)")
     embed_on_host = host_embedding_ok(model, device)
     spec = model_spec(model, cfg, embed_on_host)
-    hardware = measure_hardware(device, cfg.dtype, offload.offload_dir)
+    policy = offload.policy or {}
+    # One layer's read, as the mover reads it, when the disk tier may hold layers; else a probe.
+    disk_possible = offload.cpu_memory_budget is not None or policy.get("w_disk", 0) > 0
+    probe = min(max(spec.layer_bytes, 16 * 2**20), 2**30) if disk_possible else 16 * 2**20
+    hardware = measure_hardware(device, cfg.dtype, offload.offload_dir, probe, cfg)
     gpu_budget = offload.gpu_memory_budget
     if device.type == "cuda" and gpu_budget is None:
         gpu_budget = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)

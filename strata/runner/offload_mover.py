@@ -78,6 +78,19 @@ def check_offloadable(model: nn.Module) -> None:
                                  f"or quantize with quantization='int8'/'int4')")
 
 
+def read_mapped(fd: int, mm: mmap.mmap, dst: torch.Tensor) -> None:
+    """The disk tier's read: dst.numel() bytes of a mapped file into dst, then the pages dropped
+    from this process and from the page cache, so the next read comes from the disk again (the
+    policy's disk rate is measured through this same function: offload_loop.disk_read_rate)."""
+    n = dst.numel()
+    mm.madvise(mmap.MADV_WILLNEED, 0, n)
+    src = torch.frombuffer(mm, dtype=torch.uint8, count=n)
+    dst.copy_(src)
+    del src
+    mm.madvise(mmap.MADV_DONTNEED, 0, n)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 class OffloadMover:
     def __init__(self, model: nn.Module, plan: OffloadPlan, device: torch.device,
                  offload_dir: str | None = None, fetch_delay_s: float = 0.0):
@@ -228,14 +241,9 @@ class OffloadMover:
             self._staging_ready[slot].synchronize()   # the staging buffer's last copy has left it
         fd, mm = self._files[index]
         n = self.slot_bytes
-        mm.madvise(mmap.MADV_WILLNEED, 0, n)
-        src = torch.frombuffer(mm, dtype=torch.uint8, count=n)
         if self.fetch_delay_s:
             time.sleep(self.fetch_delay_s)
-        self.staging[slot].copy_(src)
-        del src
-        mm.madvise(mmap.MADV_DONTNEED, 0, n)           # drop the mapped pages from this process
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # and from the page cache
+        read_mapped(fd, mm, self.staging[slot][:n])
         with self._lock:
             self.stats.bytes_from_disk += n
         if not self.on_cuda:

@@ -11,6 +11,9 @@ from strata.core.offload_policy import GPU_RESERVE, Hardware, ModelSpec, Workloa
 
 GIB = 2**30
 H100 = Hardware("cuda", h2d_bytes_per_s=25e9, disk_bytes_per_s=2e9, flops=600e12, mem_bytes_per_s=2.5e12)
+# The same GPU with a host that attends over its KV cache at 20 GB/s (FlexGen's CPU delegation).
+H100_HOST_ATTN = Hardware("cuda", h2d_bytes_per_s=25e9, disk_bytes_per_s=2e9, flops=600e12,
+                          mem_bytes_per_s=2.5e12, cpu_attn_bytes_per_s=20e9)
 CPU = Hardware("cpu", h2d_bytes_per_s=float("inf"), disk_bytes_per_s=1e9, flops=100e9, mem_bytes_per_s=20e9)
 
 
@@ -32,13 +35,14 @@ MODELS = {
 BUDGETS = [(4 * GIB, 32 * GIB), (4 * GIB, 8 * GIB), (12 * GIB, None), (24 * GIB, 200 * GIB), (6 * GIB, 2 * GIB)]
 
 
+@pytest.mark.parametrize("hw", [H100, H100_HOST_ATTN], ids=["kv-gpu", "kv-any"])
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("gpu, cpu", BUDGETS)
-def test_plans_respect_budgets(name, gpu, cpu):
+def test_plans_respect_budgets(name, gpu, cpu, hw):
     spec = MODELS[name]
     workload = Workload(max_model_len=544, prompt_len=512, gen_len=32, max_num_seqs=256)
     try:
-        plan = search_policy(spec, H100, workload, gpu, cpu)
+        plan = search_policy(spec, hw, workload, gpu, cpu)
     except ValueError as e:   # only when nothing fits: then the message says which budget
         assert "budget" in str(e)
         return
@@ -47,8 +51,16 @@ def test_plans_respect_budgets(name, gpu, cpu):
     if cpu is not None:
         assert plan.host_bytes <= cpu
     staged = plan.prefetch_depth * spec.layer_bytes
-    assert plan.device_bytes >= spec.device_bytes + plan.count("resident") * spec.layer_bytes + staged
-    assert plan.kv_bytes >= plan.batch_size * 544 * spec.kv_bytes_per_token >= 544 * spec.kv_bytes_per_token
+    assert plan.device_bytes >= (spec.device_bytes + plan.count("resident") * spec.layer_bytes + staged
+                                 + plan.kv_bytes + plan.activation_bytes)
+    seq_kv = 544 * spec.kv_bytes_per_token
+    host_share = plan.kv_host_layers / spec.num_layers
+    assert plan.batch_size >= 1
+    assert plan.kv_bytes + plan.host_kv_bytes >= plan.batch_size * seq_kv - spec.num_layers
+    assert plan.host_kv_bytes == pytest.approx(plan.batch_size * seq_kv * host_share, abs=plan.batch_size)
+    assert plan.host_bytes >= plan.host_kv_bytes + plan.count("cpu") * spec.layer_bytes
+    if hw is H100:
+        assert plan.kv_host_layers == 0
     if plan.streamed:
         assert plan.prefetch_depth >= 2      # copies overlap compute
     assert plan.predicted_tok_s > 0 and plan.reason
@@ -101,3 +113,32 @@ def test_cpu_only_budget_counts_resident_layers_and_slots():
     assert plan.count("cpu") == 0
     assert plan.host_bytes <= budget
     assert plan.count("resident") == 8 and plan.prefetch_depth == 2    # 8 resident + 2 slots
+
+
+def test_kv_on_host_lets_the_batch_grow():
+    """Llama-8B under 4 GiB: the KV cache of one sequence crowds the GPU, so with a host that
+    attends fast enough the policy keeps the cache there and the batch grows, and with it the
+    predicted throughput; too slow a host, or none measured, keeps it on the GPU."""
+    import dataclasses
+    spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
+    on_gpu = search_policy(spec, H100, workload, 4 * GIB, None)
+    on_host = search_policy(spec, H100_HOST_ATTN, workload, 4 * GIB, None)
+    assert on_gpu.kv_host_layers == 0 and on_host.kv_host_layers > 0
+    assert on_host.batch_size >= 2 * on_gpu.batch_size
+    assert on_host.predicted_tok_s > 1.5 * on_gpu.predicted_tok_s
+    assert "host RAM" in on_host.describe() and "CPU attention" in on_host.describe()
+    slow = dataclasses.replace(H100_HOST_ATTN, cpu_attn_bytes_per_s=0.05e9)
+    assert search_policy(spec, slow, workload, 4 * GIB, None).kv_host_layers == 0
+    # A host budget caps what the host KV holds: batch x its share of a sequence's KV fits.
+    small = search_policy(spec, H100_HOST_ATTN, workload, 4 * GIB, 18 * GIB)
+    assert small.host_bytes <= 18 * GIB
+    assert small.batch_size < on_host.batch_size or small.kv_host_layers < on_host.kv_host_layers
+
+
+def test_explicit_kv_fraction():
+    spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
+    plan = search_policy(spec, H100, workload, 4 * GIB, None, parse_offload_policy("w_cpu=1,kv_cpu=0.5"))
+    assert plan.kv_host_layers == 16 and plan.explicit
+    assert [plan.kv_on_host(i) for i in (0, 15, 16, 31)] == [False, False, True, True]
+    gpu_only = search_policy(spec, H100, workload, 4 * GIB, None, parse_offload_policy("w_cpu=1"))
+    assert plan.batch_size > gpu_only.batch_size

@@ -134,6 +134,36 @@ def test_block_schedule_and_mixed_tiers(model_dir, resident_tokens, tmp_path):
     llm.llm_engine.offload_mover.close()
 
 
+@pytest.mark.parametrize("policy, host_layers, chunk", [
+    ("w_gpu=1,kv_cpu=1", 24, None),
+    ("w_gpu=0.5,w_disk=0.5,kv_cpu=0.5,micro_batch_tokens=16", 12, None),
+    ("w_gpu=1,kv_cpu=0.25", 6, 16),
+])
+def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch, policy, host_layers, chunk):
+    """The last layers' KV cache in the host tier: their decode rows (and prompt chunks after a
+    cached part) attend on the host over the host cache, fresh prompts on the device; the same
+    tokens as the resident run. With chunk: prompts arrive in chunks of 16 tokens."""
+    from strata.attention import host_tier
+    calls = {"host": 0, "rows": 0}
+    real = host_tier._attend_on_host
+
+    def counting(q, kv_cache, meta, host, rows, scale, out):
+        calls["host"] += 1
+        calls["rows"] += len(rows)
+        return real(q, kv_cache, meta, host, rows, scale, out)
+
+    monkeypatch.setattr(host_tier, "_attend_on_host", counting)
+    kw = dict(max_num_batched_tokens=chunk, enable_chunked_prefill=True) if chunk else {}
+    llm = make(model_dir, offload_dir=str(tmp_path), offload_policy=policy, **kw)
+    engine = llm.llm_engine
+    assert engine.offload_plan.kv_host_layers == host_layers
+    attn = engine.executor.runner.attn_layers
+    assert [a.kv_on_host for a in attn] == [False] * (24 - host_layers) + [True] * host_layers
+    assert run(llm) == resident_tokens
+    assert calls["rows"] >= host_layers * len(PROMPTS) * 7     # every decode step of every host layer
+    engine.offload_mover.close()
+
+
 def test_budget_below_one_layer_is_an_error(model_dir):
     with pytest.raises(ValueError, match="cpu_memory_budget .* cannot hold even one layer"):
         make(model_dir, cpu_memory_budget="4MiB")
@@ -144,7 +174,8 @@ def test_budget_below_one_layer_is_an_error(model_dir):
     (dict(cpu_memory_budget="lots"), "cpu_memory_budget: cannot parse"),
     (dict(cpu_memory_budget=-5), "cpu_memory_budget must be > 0"),
     (dict(offload_policy="w_gpu=0.5,w_cpu=0.7"), "must sum to 1"),
-    (dict(offload_policy="kv_cpu=1"), "kv_cpu"),
+    (dict(offload_policy="kv_cpu=1.5"), "kv_cpu must be in"),
+    (dict(offload_policy="kv_cpu=1", kv_cache_dtype="int8"), "host tier stores the model dtype"),
     (dict(offload_policy="speed=9"), "unknown key"),
 ])
 def test_bad_offload_options(model_dir, kw, message):

@@ -138,3 +138,20 @@ def test_micro_batch_spans_and_metadata_split():
     assert part.query_start_loc.tolist() == [0, 5, 10] and part.seq_lens_cpu == [5, 5]
     assert torch.equal(part.slot_mapping, meta.slot_mapping[5:15])
     assert torch.equal(part.block_tables, meta.block_tables[1:3]) and part.prefill_rows == [0, 1]
+
+
+def test_disk_probe_reads_through_the_movers_path(tmp_path, monkeypatch):
+    """The policy's disk rate is measured with the mover's own read (mmap, copy, pages dropped),
+    best of several reads of the probe's full size, and the probe file is removed."""
+    from strata.runner import offload_loop, offload_mover
+    sizes = []
+    real = offload_mover.read_mapped
+
+    def spy(fd, mm, dst):
+        sizes.append(dst.numel())
+        return real(fd, mm, dst)
+
+    monkeypatch.setattr(offload_mover, "read_mapped", spy)
+    rate = offload_loop.disk_read_rate(str(tmp_path), 3 * 2**20, reads=3)
+    assert sizes == [3 * 2**20] * 3 and rate > 0
+    assert not list(tmp_path.iterdir())
