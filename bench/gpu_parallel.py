@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=1000, help="requests of the offline set")
     parser.add_argument("--decode-new", type=int, default=256, help="new tokens of the batch-1 decode")
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs at any TP size")
     parser.add_argument("--async-tp1", action="store_true",

@@ -167,3 +167,18 @@ def test_torchrun_ranks_match_one_process(llama, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("TOKENS"))
     assert json.loads(line.removeprefix("TOKENS ")) == ref
+
+
+@pytest.mark.skipif(bool(os.environ.get("CI")), reason="3 processes loading SmolLM2: too slow for CI")
+def test_gguf_tp3_matches_one_process():
+    """The default SmolLM2-135M Q4_1 GGUF: 9 heads and 3 KV heads over 3 ranks, each rank taking
+    its rows (column parallel) or 32-wide block columns (row parallel) of the packed blocks."""
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    one = [o.outputs[0].text for o in LLM(use_tqdm_on_load=False).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(use_tqdm_on_load=False, tensor_parallel_size=3)
+    try:
+        assert "kept packed" in llm.llm_engine.describe()
+        assert [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)] == one
+    finally:
+        llm.llm_engine.shutdown()
