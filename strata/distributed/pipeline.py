@@ -17,6 +17,9 @@ from torch import nn
 from strata.distributed import parallel_state as ps
 
 
+_ABSENT = object()
+
+
 class PPMissingLayer(nn.Module):
     """Stands where a layer of another pipeline stage would be; holds nothing."""
 
@@ -42,13 +45,26 @@ def make_layers(num_layers: int, build: Callable[[int], nn.Module]) -> tuple[nn.
     return layers, start, end
 
 
+def stage_holds_vocab(tied_embeddings: bool) -> tuple[bool, bool]:
+    """(token embedding, final norm and LM head) on this stage: the embedding on the first stage
+    (and on the last when the LM head shares its weight), the head on the last. A model sets the
+    parts it does not hold to None."""
+    groups = ps.get_groups()
+    return groups.is_first_stage or (groups.is_last_stage and tied_embeddings), groups.is_last_stage
+
+
 def on_other_stage(model: nn.Module, param_name: str) -> bool:
-    """True for a checkpoint parameter that belongs to a layer another stage holds."""
+    """True for a checkpoint parameter that belongs to a part another stage holds: a layer
+    (PPMissingLayer) or a vocabulary part the model set to None."""
     module, parts = model, param_name.split(".")
     for part in parts[:-1]:
-        module = getattr(module, part, None) if not part.isdigit() else (
-            module[int(part)] if isinstance(module, nn.ModuleList) and int(part) < len(module) else None)
-        if module is None:
+        if part.isdigit():
+            module = module[int(part)] if isinstance(module, nn.ModuleList) and int(part) < len(module) else None
+        else:
+            module = getattr(module, part, _ABSENT)
+            if module is None:
+                return True   # a part the model set to None: not on this stage
+        if module is None or module is _ABSENT:
             return False
         if isinstance(module, PPMissingLayer):
             return True

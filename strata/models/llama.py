@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from strata.config import ModelConfig
-from strata.distributed.pipeline import make_layers
+from strata.distributed.pipeline import make_layers, stage_holds_vocab
 from strata.layers.activation import SiluAndMul
 from strata.layers.attention import Attention
 from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -97,13 +97,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, quant: QuantMethod | None = None):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.dtype)
+        # With pipeline stages, the vocabulary parts live only where they run (None elsewhere).
+        embedding, head = stage_holds_vocab(cfg.tie_word_embeddings)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.dtype) if embedding else None
         # Only this pipeline stage's layers are built (all of them without pipeline parallelism).
         self.layers, self.start_layer, self.end_layer = make_layers(
             cfg.num_layers, lambda i: LlamaDecoderLayer(cfg, i, quant, self.qk_norm))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype)
-        if cfg.tie_word_embeddings:
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype) if head else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype) if head else None
+        if cfg.tie_word_embeddings and head:
             self.lm_head.tie(self.embed_tokens)
         self.layer_loop = LayerLoop()   # the runner's hook (offloading swaps in its own loop)
 

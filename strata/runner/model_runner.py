@@ -191,18 +191,21 @@ class ModelRunner:
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         with set_forward_context(inputs.attn):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        if isinstance(hidden, tuple):   # a pipeline stage before the last: (hidden, residual)
-            hidden = hidden[0]
-        rows = hidden[-1:].expand(num_seqs, -1)
-        logits = self.model.compute_logits(rows).float()
-        self.sampler(logits, self._profile_sampling_metadata(num_seqs, logits.shape[-1]))
+            hidden = self._profile_forward(inputs)
+        if not isinstance(hidden, tuple):   # a pipeline stage before the last returns its carry
+            rows = hidden[-1:].expand(num_seqs, -1)
+            logits = self.model.compute_logits(rows).float()
+            self.sampler(logits, self._profile_sampling_metadata(num_seqs, logits.shape[-1]))
+            del rows, logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
-        del hidden, rows, logits
+        del hidden
         self.free_kv_cache()
         torch.cuda.empty_cache()
         return peak
+
+    def _profile_forward(self, inputs: StepInputs):
+        return self.model(inputs.input_ids, inputs.positions)
 
     def _profile_sampling_metadata(self, rows: int, vocab: int) -> SamplingMetadata:
         """Random sampling with every truncation and penalty on: the sampler's largest footprint."""

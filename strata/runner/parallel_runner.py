@@ -65,6 +65,14 @@ class ParallelModelRunner(ModelRunner):
             request.wait()
         return torch.cat(pieces) if pieces else None
 
+    def _profile_forward(self, inputs: StepInputs):
+        if self.groups.is_first_stage:
+            return super()._profile_forward(inputs)
+        # A later stage starts from a carry: the stage before's (hidden, residual).
+        carry = torch.zeros(2, inputs.attn.num_tokens, self.model_config.hidden_size,
+                            dtype=self.model_config.dtype, device=self.device)
+        return self.model(inputs.input_ids, inputs.positions, (carry[0], carry[1]))
+
     def _outputs(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle,
                  placeholders: torch.Tensor | None) -> None:
         if self.is_driver:

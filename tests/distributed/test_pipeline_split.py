@@ -38,3 +38,12 @@ def test_other_stages_tensors_are_recognised():
     assert not on_other_stage(model, "layers.0.weight")
     assert not on_other_stage(model, "norm.weight")
     assert not on_other_stage(model, "layers.7.weight")   # not in the model at all: the loader says so
+
+
+def test_vocabulary_parts_set_to_none_belong_to_another_stage():
+    model = torch.nn.Module()
+    model.embed_tokens = None
+    model.lm_head = torch.nn.Linear(2, 2)
+    assert on_other_stage(model, "embed_tokens.weight")
+    assert not on_other_stage(model, "lm_head.weight")
+    assert not on_other_stage(model, "typo.weight")
