@@ -47,15 +47,31 @@ def model_dir(smoke: bool) -> Path:
     return path
 
 
-def measure(args, path: Path, tp: int) -> dict:
+def measure_or_retry(args, path: Path, tp: int) -> dict | None:
+    """A TP size that fails (CUDA graphs holding NCCL all-reduces are the new part) is retried
+    eagerly once, so one failure does not cost the run its other figures."""
+    try:
+        return measure(args, path, tp, args.enforce_eager)
+    except Exception as e:   # reported, then the next attempt or TP size
+        print(f"TP={tp} failed: {type(e).__name__}: {e}", flush=True)
+    gc.collect()
+    if tp > 1 and not args.enforce_eager:
+        try:
+            return measure(args, path, tp, True)
+        except Exception as e:
+            print(f"TP={tp} eager failed too: {type(e).__name__}: {e}", flush=True)
+    return None
+
+
+def measure(args, path: Path, tp: int, enforce_eager: bool) -> dict:
     from strata import LLM, SamplingParams
-    out: dict = {"tp": tp}
+    out: dict = {"tp": tp, "eager": enforce_eager}
     t0 = time.perf_counter()
     llm = LLM(str(path), load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
               skip_tokenizer_init=True, tensor_parallel_size=tp, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=args.enforce_eager, async_scheduling=args.async_tp1 and tp == 1,
-              step_timeout=args.step_timeout, use_tqdm_on_load=False,
+              enforce_eager=enforce_eager, async_scheduling=args.async_tp1 and tp == 1,
+              step_timeout=args.step_timeout, startup_timeout=args.startup_timeout, use_tqdm_on_load=False,
               **({} if not args.smoke else {"kv_cache_memory": "256MiB"}))
     vocab = llm.llm_engine.model_config.vocab_size
     llm.generate([{"prompt_token_ids": [10, 11, 12]}], SamplingParams(max_tokens=1, temperature=0.0),
@@ -86,15 +102,29 @@ def measure(args, path: Path, tp: int) -> dict:
     print(f"TP={tp} offline: {len(reqs)} requests in {elapsed:.1f}s -> {tokens / elapsed:.0f} tok/s", flush=True)
 
     if tp > 1:
-        per_rank = llm.llm_engine.executor.call("time_all_reduce", list(AR_TOKENS))
-        out["all_reduce"] = {str(n): {k: max(r[n][k] for r in per_rank.values()) for k in per_rank[0][n]}
-                             for n in AR_TOKENS}
-        print(f"TP={tp} all-reduce per step (ms, slowest rank): {out['all_reduce']}", flush=True)
+        try:
+            per_rank = llm.llm_engine.executor.call("time_all_reduce", list(AR_TOKENS))
+            out["all_reduce"] = {str(n): slowest([r[n] for r in per_rank.values()]) for n in AR_TOKENS}
+            print(f"TP={tp} all-reduce per step (ms, slowest rank): {out['all_reduce']}", flush=True)
+        except Exception as e:   # the engine's figures above still stand
+            print(f"TP={tp} all-reduce timing failed: {type(e).__name__}: {e}", flush=True)
     llm.llm_engine.shutdown()
     del llm, outs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return out
+
+
+def slowest(rows: list[dict]) -> dict:
+    """Per step, the slowest rank's time (NaN where a rank has none)."""
+    out = {"ops_per_step": rows[0]["ops_per_step"]}
+    for key in ("eager_ms", "graph_ms"):
+        values = [row.get(key, float("nan")) for row in rows]
+        out[key] = float("nan") if any(v != v for v in values) else max(values)
+    errors = [row["graph_error"] for row in rows if "graph_error" in row]
+    if errors:
+        out["graph_error"] = errors[0]
     return out
 
 
@@ -109,9 +139,10 @@ def report(results: list[dict], meta: dict) -> None:
         thr = f"{r['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%}" if base else ""
         ar = r.get("all_reduce")
         cols = ["", "", ""] if ar is None else [
-            f"{ar['1']['eager_ms']:.3f} / {ar['1']['graph_ms']:.3f}",
-            f"{ar['256']['eager_ms']:.3f} / {ar['256']['graph_ms']:.3f}", f"{ar['2048']['eager_ms']:.2f}"]
-        print(f"| {r['tp']} | {r['start_s']:.0f} | {r['decode_tok_s']:.1f} | {dec} | {r['offline_tok_s']:.0f} "
+            f"{ar['1']['eager_ms']:.3f} / {ar['1'].get('graph_ms', float('nan')):.3f}",
+            f"{ar['256']['eager_ms']:.3f} / {ar['256'].get('graph_ms', float('nan')):.3f}",
+            f"{ar['2048']['eager_ms']:.2f}"]
+        print(f"| {r['tp']}{' (eager)' if r['eager'] else ''} | {r['start_s']:.0f} | {r['decode_tok_s']:.1f} | {dec} | {r['offline_tok_s']:.0f} "
               f"| {r['offline_tok_s_per_gpu']:.0f} | {thr} | " + " | ".join(cols) + " |")
     two = next((r for r in results if r["tp"] == 2), None)
     if base and two:
@@ -135,6 +166,8 @@ def main() -> None:
                              "the same host path as TP>1")
     parser.add_argument("--step-timeout", type=float, default=180.0,
                         help="an engine step longer than this ends the run (a hang is reported, not waited out)")
+    parser.add_argument("--startup-timeout", type=float, default=240.0,
+                        help="an engine start longer than this ends that TP size (a hang is reported)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.smoke:
@@ -149,7 +182,9 @@ def main() -> None:
     path = model_dir(args.smoke)
     results = []
     for tp in sorted(args.tp):
-        results.append(measure(args, path, tp))
+        result = measure_or_retry(args, path, tp)
+        if result is not None:
+            results.append(result)
     report(results, meta)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -51,6 +51,8 @@ HELP = {
             "the rest as data-parallel replicas)",
     "worker_timeout": "seconds a worker process may stop responding (no heartbeat) before the engine "
                       "stops every rank with an error naming it (tensor/pipeline parallel only)",
+    "startup_timeout": "seconds the worker processes may take to load the model, plan the KV cache and "
+                       "capture CUDA graphs (tensor/pipeline parallel only)",
     "step_timeout": "seconds one step may take across the ranks before the engine gives up on it "
                     "(tensor/pipeline parallel only)",
     "enforce_eager": "run every step eagerly: no CUDA graphs for decode steps (GPU only; slower "
@@ -109,6 +111,7 @@ class EngineArgs:
     goal: str = "latency"
     worker_timeout: float = 60.0
     step_timeout: float = 600.0
+    startup_timeout: float = 1800.0
     enforce_eager: bool = False
     max_waiting: int | None = None
     async_scheduling: bool | None = None   # None: on for CUDA devices

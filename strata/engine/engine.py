@@ -250,7 +250,8 @@ class LLMEngine:
 
 def parallel_config_for(args: EngineArgs) -> ParallelConfig:
     return ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,
-                          worker_timeout_s=args.worker_timeout, step_timeout_s=args.step_timeout)
+                          worker_timeout_s=args.worker_timeout, step_timeout_s=args.step_timeout,
+                          startup_timeout_s=args.startup_timeout)
 
 
 def auto_layout(args: EngineArgs, source, cfg, device):
