@@ -3,7 +3,9 @@ budget, FlexGen's setting (prompts of 512 tokens, 32 new tokens, the largest bat
 picks), beside the host-to-device bandwidth measured in the same run and HF transformers with
 accelerate's device_map offloading under the same budget.
 
-    python bench/gpu_offload.py                # everything, well under 10 minutes on an H100
+    python bench/gpu_offload.py --offload-dir /tmp/strata-tier                 # parts 1-4
+    python bench/gpu_offload.py --offload-dir /tmp/strata-tier --flexgen \
+        --wheels .bench-assets/flexgen-wheels                                    # and part 5
     python bench/gpu_offload.py --smoke        # CPU, a tiny Llama: every part at toy size
     python bench/gpu_offload.py --skip-hf --skip-disk
 
@@ -22,8 +24,13 @@ Parts:
    HF's KV cache and activations are not in its budget (accelerate budgets weights only).
 4. strata, disk tier: --disk-cpu-budget of host RAM (default 4 GiB: the embedding, the disk
    staging buffers and a few layers), the rest of the layers read from files each pass; tok/s
-   against the bound the measured disk rate allows.
-accelerate missing on the machine: pip install it from a carried wheel folder (--wheels DIR).
+   against the bound the measured disk rate allows, and the cost model's prediction from the
+   disk rate the engine measured at startup beside the bench's own measurement.
+5. (--flexgen) bench/flexgen_peer.py in a child process: strata vs FlexGen 0.1.8 on OPT-30B's
+   shape under --flexgen-gpu-budget (its wheels, and pulp's and attrs', in --wheels).
+accelerate or flexgen missing on the machine: pip install from a carried wheel folder (--wheels).
+Each part prints the seconds elapsed since the start, so a device call can be planned (parts 1-4
+took about 3 minutes on an H100, load times included).
 """
 
 from __future__ import annotations
@@ -111,14 +118,24 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, **offload):
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     workload = Workload(prompt_len + new_tokens, prompt_len, new_tokens, batch)
     predicted = predict_throughput(engine.offload_spec, engine.offload_hardware, plan, workload)
+    if args.device == "cuda":   # the prediction again from the bench's own disk measurement
+        import dataclasses
+        bench_hw = dataclasses.replace(engine.offload_hardware, disk_bytes_per_s=args.disk_bytes_per_s)
+        predicted_bench_disk = predict_throughput(engine.offload_spec, bench_hw, plan, workload).predicted_tok_s
+    else:
+        predicted_bench_disk = float("nan")
     spec = engine.offload_spec
     result = dict(
         batch=batch, load_s=load_s, seconds=seconds, generated=generated, tok_s=generated / seconds,
         passes=mover.stats.passes - passes0, disk_bytes=mover.stats.bytes_from_disk - disk0,
         streamed_bytes=len(plan.streamed) * spec.layer_bytes, cpu_bytes=plan.count("cpu") * spec.layer_bytes,
-        predicted_tok_s=predicted.predicted_tok_s, plan=plan.describe(),
+        predicted_tok_s=predicted.predicted_tok_s, predicted_bench_disk_tok_s=predicted_bench_disk,
+        plan=plan.describe(),
         gpu_peak_gib=torch.cuda.max_memory_allocated() / GIB if args.device == "cuda" else 0.0,
-        wait_s=mover.stats.wait_seconds)
+        gpu_reserved_gib=torch.cuda.max_memory_reserved() / GIB if args.device == "cuda" else 0.0,
+        wait_s=mover.stats.wait_seconds, kv_host_layers=plan.kv_host_layers,
+        plan_disk_gib_s=engine.offload_hardware.disk_bytes_per_s / GIB,
+        plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB)
     mover.close()
     del llm, engine, mover, outs
     gc.collect()
@@ -186,17 +203,25 @@ def ensure_accelerate(wheels: str | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny Llama, short lengths")
-    ap.add_argument("--gpu-budget", default="4GiB")
+    ap.add_argument("--gpu-budget", default="4GiB", help="gpu_memory_budget of every strata run and HF's budget")
+    ap.add_argument("--offload-policy", default="auto",
+                    help="offload_policy of the main run, e.g. 'w_cpu=1,kv_cpu=0' for the KV cache on the GPU")
     ap.add_argument("--disk-cpu-budget", default="4GiB", help="host RAM budget of the disk-tier run")
     ap.add_argument("--offload-dir", default=None, help="disk tier folder (default: a temporary one)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--hf-new-tokens", type=int, default=8, help="new tokens of the strata-vs-HF run")
+    ap.add_argument("--hf-batch", type=int, default=None,
+                    help="batch of the strata-vs-HF run (default: the main run's, the policy's)")
     ap.add_argument("--disk-new-tokens", type=int, default=4)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--skip-disk", action="store_true")
-    ap.add_argument("--wheels", default=None, help="folder with an accelerate wheel, if not installed")
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="most sequences the policy may batch")
+    ap.add_argument("--skip-main", action="store_true", help="skip part 2 (parts 3 and 4 then need --hf-batch)")
+    ap.add_argument("--skip-hf", action="store_true", help="skip part 3")
+    ap.add_argument("--skip-disk", action="store_true", help="skip part 4")
+    ap.add_argument("--flexgen", action="store_true", help="run part 5: bench/flexgen_peer.py (OPT-30B shape)")
+    ap.add_argument("--flexgen-gpu-budget", default="8GiB", help="GPU budget of part 5")
+    ap.add_argument("--flexgen-gen-len", type=int, default=32, help="new tokens of part 5")
+    ap.add_argument("--wheels", default=None, help="folder with accelerate / flexgen, pulp, attrs wheels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.device = "cpu" if args.smoke else "cuda"
@@ -205,6 +230,11 @@ def main() -> None:
         args.prompt_len, args.new_tokens, args.hf_new_tokens, args.disk_new_tokens = 32, 4, 2, 2
         args.max_num_seqs = 4
         torch.set_num_threads(1)
+    t_start = time.perf_counter()
+
+    def elapsed() -> str:
+        return f"[{time.perf_counter() - t_start:.0f} s]"
+
     config = SMOKE if args.smoke else LLAMA_31_8B
     offload_dir = args.offload_dir or tempfile.mkdtemp(prefix="strata-offload-bench-")
     model_dir = make_model_dir(config)
@@ -213,50 +243,89 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                      "torch": torch.__version__}
     h2d = h2d_bandwidth(GIB) if args.device == "cuda" else float("inf")
-    disk = disk_bandwidth(offload_dir, (16 << 20) if args.smoke else 512 << 20, args.device == "cuda")
+    h, i = config["hidden_size"], config["intermediate_size"]
+    layer_bytes = 2 * (2 * h * h + 2 * h * h // 4 + 3 * h * i)   # the mover reads one layer at a time
+    disk = disk_bandwidth(offload_dir, (16 << 20) if args.smoke else layer_bytes, args.device == "cuda")
+    args.disk_bytes_per_s = disk
     results["h2d_gib_s"], results["disk_gib_s"] = h2d / GIB, disk / GIB
-    print(f"rates: host->device {h2d / GIB:.1f} GiB/s (pinned), disk read {disk / GIB:.2f} GiB/s", flush=True)
+    print(f"{elapsed()} rates: host->device {h2d / GIB:.1f} GiB/s (pinned), disk read {disk / GIB:.2f} GiB/s "
+          f"(one layer's {layer_bytes / GIB:.2f} GiB through the mover's read path, best of 3)", flush=True)
 
     # CPU-only smoke: a RAM budget forces every layer but two onto disk, standing in for the GPU budget.
     main_budget = dict(gpu_memory_budget=args.gpu_budget) if not args.smoke else dict(
         cpu_memory_budget="4MiB", offload_dir=offload_dir)
-    r = strata_run(model_dir, args, args.prompt_len, args.new_tokens, **main_budget)
+    batch = args.hf_batch
+    if not args.skip_main:
+        r = strata_run(model_dir, args, args.prompt_len, args.new_tokens, offload_policy=args.offload_policy,
+                       **main_budget)
+        batch = batch or r["batch"]
+        report_main(r, args, h2d, budget, results, elapsed)
+    if not args.skip_hf:
+        ensure_accelerate(args.wheels)
+        short = strata_run(model_dir, args, args.prompt_len, args.hf_new_tokens, batch=batch,
+                           offload_policy=args.offload_policy, **main_budget)
+        hf = hf_run(config, args, batch, args.prompt_len, args.hf_new_tokens, budget)
+        results["short"], results["hf"] = short, hf
+        print(f"{elapsed()} same run, batch {batch}, {args.prompt_len}+{args.hf_new_tokens} tokens: strata "
+              f"{short['tok_s']:.2f} tok/s (GPU peak {short['gpu_peak_gib']:.2f} GiB), HF+accelerate "
+              f"{hf['tok_s']:.2f} tok/s ({hf['placement']}, GPU peak {hf['gpu_peak_gib']:.2f} GiB) -> "
+              f"{short['tok_s'] / hf['tok_s']:.1f}x (target 10x)", flush=True)
+    if not args.skip_disk:
+        disk_budget = dict(cpu_memory_budget=args.disk_cpu_budget, offload_dir=offload_dir)
+        if not args.smoke:
+            disk_budget["gpu_memory_budget"] = args.gpu_budget
+        d = strata_run(model_dir, args, args.prompt_len, args.disk_new_tokens, batch=batch, **disk_budget)
+        report_disk(d, args, disk, results, elapsed)
+    if args.flexgen:
+        run_flexgen_part(args, results, elapsed)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+def report_main(r: dict, args, h2d: float, budget: int, results: dict, elapsed) -> None:
     # The fewest passes a generation of N tokens takes is N (one prefill for all prompts, N-1
     # decode steps), each bringing every streamed layer over PCIe once.
     bound = (r["generated"] / (args.new_tokens * r["streamed_bytes"] / h2d) if args.device == "cuda"
              else float("nan"))
     results["strata"] = dict(r, bound_tok_s=bound)
+    within = "within" if r["gpu_peak_gib"] * GIB <= budget else "OVER"
     print(f"plan: {r['plan']}")
-    print(f"strata   batch {r['batch']}, {args.prompt_len}+{args.new_tokens} tokens: {r['tok_s']:.1f} tok/s "
+    print(f"{elapsed()} strata   batch {r['batch']}, {args.prompt_len}+{args.new_tokens} tokens: {r['tok_s']:.1f} tok/s "
           f"({r['generated']} tokens in {r['seconds']:.2f} s, {r['passes']} passes, load {r['load_s']:.0f} s); "
-          f"PCIe bound {bound:.1f} tok/s -> {r['tok_s'] / bound:.0%} of it; predicted {r['predicted_tok_s']:.1f} "
-          f"tok/s (measured / predicted {r['tok_s'] / r['predicted_tok_s']:.2f}); GPU peak "
-          f"{r['gpu_peak_gib']:.2f} GiB of {budget / GIB:.2f}; waited {r['wait_s']:.2f} s for fetches", flush=True)
+          f"PCIe bound {bound:.1f} tok/s -> {r['tok_s'] / bound:.0%} of it (target 85%); predicted "
+          f"{r['predicted_tok_s']:.1f} tok/s (measured / predicted {r['tok_s'] / r['predicted_tok_s']:.2f}); GPU peak "
+          f"{r['gpu_peak_gib']:.2f} GiB allocated ({r['gpu_reserved_gib']:.2f} reserved), {within} the "
+          f"{budget / GIB:.2f} GiB budget; KV of {r['kv_host_layers']} layers in host RAM (CPU attention "
+          f"measured at {r['plan_cpu_attn_gib_s']:.1f} GiB/s); waited {r['wait_s']:.2f} s for fetches", flush=True)
 
-    if not args.skip_hf:
-        ensure_accelerate(args.wheels)
-        short = strata_run(model_dir, args, args.prompt_len, args.hf_new_tokens, batch=r["batch"], **main_budget)
-        hf = hf_run(config, args, r["batch"], args.prompt_len, args.hf_new_tokens, budget)
-        results["short"], results["hf"] = short, hf
-        print(f"same run, batch {r['batch']}, {args.prompt_len}+{args.hf_new_tokens} tokens: strata "
-              f"{short['tok_s']:.2f} tok/s, HF+accelerate {hf['tok_s']:.2f} tok/s ({hf['placement']}, GPU peak "
-              f"{hf['gpu_peak_gib']:.2f} GiB) -> {short['tok_s'] / hf['tok_s']:.1f}x", flush=True)
 
-    if not args.skip_disk:
-        disk_budget = dict(cpu_memory_budget=args.disk_cpu_budget, offload_dir=offload_dir)
-        if not args.smoke:
-            disk_budget["gpu_memory_budget"] = args.gpu_budget
-        d = strata_run(model_dir, args, args.prompt_len, args.disk_new_tokens, batch=r["batch"], **disk_budget)
-        per_pass = d["disk_bytes"] / max(d["passes"], 1)
-        dbound = d["generated"] / (d["passes"] * per_pass / disk) if per_pass else float("nan")
-        results["disk"] = dict(d, bound_tok_s=dbound)
-        print(f"plan: {d['plan']}")
-        print(f"disk tier, batch {d['batch']}, {args.prompt_len}+{args.disk_new_tokens} tokens: {d['tok_s']:.2f} tok/s, "
-              f"{per_pass / GIB:.2f} GiB read from disk per pass ({d['disk_bytes'] / d['seconds'] / GIB:.2f} GiB/s "
-              f"achieved vs {disk / GIB:.2f} measured) -> disk bound {dbound:.2f} tok/s, {d['tok_s'] / dbound:.0%} "
-              f"of it; predicted {d['predicted_tok_s']:.2f} tok/s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+def report_disk(d: dict, args, disk: float, results: dict, elapsed) -> None:
+    per_pass = d["disk_bytes"] / max(d["passes"], 1)
+    dbound = d["generated"] / (d["passes"] * per_pass / disk) if per_pass else float("nan")
+    results["disk"] = dict(d, bound_tok_s=dbound)
+    ratio = d["tok_s"] / d["predicted_tok_s"]
+    print(f"plan: {d['plan']}")
+    print(f"{elapsed()} disk tier, batch {d['batch']}, {args.prompt_len}+{args.disk_new_tokens} tokens: "
+          f"{d['tok_s']:.2f} tok/s, {per_pass / GIB:.2f} GiB read from disk per pass "
+          f"({d['disk_bytes'] / d['seconds'] / GIB:.2f} GiB/s achieved) -> disk bound {dbound:.2f} tok/s, "
+          f"{d['tok_s'] / dbound:.0%} of it; predicted {d['predicted_tok_s']:.2f} tok/s from the engine's disk rate "
+          f"{d['plan_disk_gib_s']:.2f} GiB/s (measured / predicted {ratio:.2f}: {'within' if abs(ratio - 1) <= 0.2 else 'OUTSIDE'} "
+          f"20%), {d['predicted_bench_disk_tok_s']:.2f} from the bench's {disk / GIB:.2f} GiB/s", flush=True)
+
+
+def run_flexgen_part(args, results: dict, elapsed) -> None:
+    if args.smoke:
+        print("flexgen: needs a GPU; skipped in --smoke")
+        return
+    out = tempfile.mktemp(suffix=".json")
+    cmd = [sys.executable, str(Path(__file__).with_name("flexgen_peer.py")), "--gpu-budget", args.flexgen_gpu_budget,
+           "--prompt-len", str(args.prompt_len), "--gen-len", str(args.flexgen_gen_len), "--json", out]
+    if args.wheels:
+        cmd += ["--wheels", args.wheels]
+    code = subprocess.call(cmd)
+    if code == 0 and os.path.exists(out):
+        results["flexgen_peer"] = json.loads(Path(out).read_text())
+    print(f"{elapsed()} flexgen part done (exit {code})", flush=True)
 
 
 if __name__ == "__main__":
