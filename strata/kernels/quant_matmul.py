@@ -74,6 +74,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from strata.kernels import int4_gemv
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
 # Rows of x up to which default_config streams the weights (decode); beyond, it tiles a GEMM.
@@ -339,9 +341,12 @@ def _w4_magic_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, M, N, K, x_
 
 @functools.lru_cache(maxsize=None)
 def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | None = None,
-                   group_size: int | None = None) -> dict:
+                   group_size: int | None = None, int4_decode: str = "gemv") -> dict:
     """Tile shape and launch settings for an [m, k] x [n, k]^T product with ``bits``-bit weights
     (int4: in groups of ``group_size``) and activations of ``dtype``.
+
+    int4, one row: ``int4_decode`` "gemv" (the default, ``INT4_DECODE``) takes the word-wise
+    kernel of strata.kernels.int4_gemv (``gemv_int4_config``); "fma" the element-wise tile below.
 
     One row streams 4 KiB weight tiles through CUDA-core FMAs; the tile shape is what
     bench/gpu_quant_sweep.py measured fastest on an H100 (2026-11-21, Llama-3.1-8B shapes):
@@ -357,6 +362,8 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
     """
     def depth(cap):                     # a power of two, >= 16 for tl.dot, no deeper than K
         return min(cap, triton.next_power_of_2(max(k, 16)))
+    if m == 1 and bits == 4 and int4_decode == "gemv":
+        return gemv_int4_config(n, k)
     if m == 1:
         if bits == 8:
             block_n = 4 if n <= 4096 else 16 if n >= 16384 else 8
@@ -370,6 +377,24 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
     block_m = 64 if m <= 64 else 128
     return dict(BLOCK_M=block_m, BLOCK_N=128 if n >= 2048 else 64, BLOCK_K=depth(64),
                 USE_DOT=True, num_warps=4 if block_m == 64 else 8, num_stages=3, GROUP_M=8)
+
+
+# The int4 one-row kernel default_config picks: "gemv" (strata.kernels.int4_gemv) or "fma" (the
+# element-wise tile of _w4_kernel), for A/B runs (bench/gpu_quant.py --int4-decode).
+INT4_DECODE = "gemv"
+# Measured best gemv tiles per (N, K) (bench/gpu_quant_sweep.py --gemv); shapes not listed take
+# the rule in gemv_int4_config.
+GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {}
+
+
+def gemv_int4_config(n: int, k: int) -> dict:
+    """The word-wise one-row int4 kernel (strata.kernels.int4_gemv): 256 rows x 8 words (64
+    weights) a step on 2 warps, 8 rows and 32 weights a thread (3.1 SASS instructions a weight
+    in the sm_90 build); SPLIT_K None: chosen at launch for about two programs an SM."""
+    tuned = GEMV_INT4_TUNED.get((n, k))
+    if tuned is not None:
+        return dict(tuned)
+    return dict(GEMV4=True, BLOCK_N=256, KW=8, SPLIT_K=None, num_warps=2, num_stages=1)
 
 
 def magic_int4_config(n: int, group_size: int) -> dict:
@@ -398,6 +423,20 @@ def _check_config(op: str, meta: dict) -> None:
                  f"got {blocks}")
     else:
         _require(meta["BLOCK_M"] == 1, op, "config", "without USE_DOT needs BLOCK_M=1")
+
+
+def _check_gemv4(op: str, meta: dict, m: int) -> None:
+    """GEMV4 (strata.kernels.int4_gemv) takes one row; BLOCK_N a power of two, KW a power of two
+    of at least 4 (whole 32-weight chunks a thread), SPLIT_K None or >= 1."""
+    _require({"BLOCK_N", "KW", "num_warps"} <= meta.keys(), op, "config",
+             f"GEMV4 needs the keys BLOCK_N, KW, num_warps, got {sorted(meta)}")
+    _require(m == 1, op, "config", f"GEMV4 takes one row of x, got {m}")
+    bn, kw = meta["BLOCK_N"], meta["KW"]
+    _require(bn >= 1 and bn & (bn - 1) == 0 and kw >= 4 and kw & (kw - 1) == 0, op, "config",
+             f"GEMV4 needs a power-of-two BLOCK_N and KW >= 4, got BLOCK_N={bn} KW={kw}")
+    split = meta.get("SPLIT_K")
+    _require(split is None or (isinstance(split, int) and split >= 1), op, "config",
+             f"GEMV4 SPLIT_K must be None or a positive int, got {split!r}")
 
 
 def _check_fast_int4(op: str, meta: dict, x: torch.Tensor, group_size: int | None) -> None:
@@ -510,7 +549,17 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """``x @ dequantize_int4(...)^T + bias``: x [M, K], packed qweight [N, K/2] -> [M, N]."""
     op = "w4a16_matmul"
     n, k = _check_int4(op, qweight, scales, mins, group_size, x.device)
-    _check_common(op, x, qweight, torch.uint8, k, bias, out)
+    m, _ = _check_common(op, x, qweight, torch.uint8, k, bias, out)
+    if config is None and m > 0 and n > 0:
+        config = default_config(m, n, k, 4, x.dtype, group_size, INT4_DECODE)
+    if config is not None and config.get("GEMV4"):
+        _check_gemv4(op, config, m)
+        if out is None:
+            out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if qweight.data_ptr() % 4 == 0:     # the kernel reads 32-bit words
+            int4_gemv.w4_gemv(x, qweight, scales, mins, group_size, bias, out, config)
+            return out
+        config = default_config(m, n, k, 4, x.dtype, group_size, "fma")
     return _launch(op, _w4_kernel, x, out, n, k, config, 4,
                    (x, qweight, scales, mins, bias if bias is not None else scales),
                    (qweight.stride(0), *scales.stride(), *mins.stride()),
