@@ -1,6 +1,7 @@
 """Quantized weights and KV cache on one NVIDIA GPU: Llama-3.1-8B's shape, random weights.
 
     python bench/gpu_quant.py [--formats bf16 int8 int4] [--kv auto int8] [--quick]
+                              [--int4-decode gemv|fma]
 
 Same process, one engine at a time (each freed before the next):
 1. ceilings: the device-to-device copy bandwidth (bytes read + written), as bench/gpu_llama8b.py.
@@ -105,11 +106,17 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--decode-new", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="2 layers: a smoke run")
+    ap.add_argument("--int4-decode", choices=["gemv", "fma"], default="gemv",
+                    help="int4 one-row kernel: the word-wise gemv (default) or the old "
+                         "element-wise tile (strata.kernels.quant_matmul.INT4_DECODE), for A/B")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    from strata.kernels import quant_matmul
+    quant_matmul.INT4_DECODE = args.int4_decode
     path = model_dir(args.quick)
     bw = copy_bandwidth()
     results: dict = {"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9,
+                     "int4_decode": args.int4_decode,
                      "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     print(f"{results['device']}, copy {bw / 1e9:.0f} GB/s", flush=True)
     decode_part(path, args, bw, results)

@@ -13,6 +13,15 @@ what ``default_config`` should encode.
 
 Every candidate compiles once per format (a second or two each): split a long sweep into runs
 with --bits, --rows and --shapes.
+
+    python bench/gpu_quant_sweep.py --gemv [--json FILE]
+
+One row, int4 groups of 128 with float32 scales and mins (as the engine stores them), bf16 x:
+the word-wise kernel (strata.kernels.int4_gemv) over tiles (BLOCK_N, KW, num_warps) at the
+automatic SPLIT_K, then the best three tiles of each shape at other slice counts and 2 stages,
+against the element-wise tile it replaces (``int4_decode="fma"``) and cuBLAS on bf16 weights,
+for the 8B shapes and the LM head; prints each shape's best with its fraction of the bandwidth
+floor, and the ``GEMV_INT4_TUNED`` table that would make them the defaults.
 """
 
 from __future__ import annotations
@@ -68,7 +77,7 @@ def fast_int4_candidates(group_size: int):
                        USE_ASM=asm, num_warps=w, num_stages=st)
 
 
-def make_weights(bits: int, n: int, k: int, group_size: int):
+def make_weights(bits: int, n: int, k: int, group_size: int, scale_dtype=torch.bfloat16):
     """(call(x, weight, config), reference(x), packed bytes, weights): COPIES quantized copies of
     one random [n, k] matrix's shape, scaled so that outputs are O(1)."""
     copies = []
@@ -79,7 +88,7 @@ def make_weights(bits: int, n: int, k: int, group_size: int):
         else:
             q = qm.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"))
             scales = torch.rand(n, k // group_size, device="cuda") / (4 * k ** 0.5)
-            copies.append((q, scales.bfloat16(), (-7.5 * scales).bfloat16()))
+            copies.append((q, scales.to(scale_dtype), (-7.5 * scales).to(scale_dtype)))
     extra = () if bits == 8 else (group_size,)
     op, op_ref = ((qm.w8a16_matmul, qm.w8a16_matmul_ref) if bits == 8
                   else (qm.w4a16_matmul, qm.w4a16_matmul_ref))
@@ -112,6 +121,92 @@ def sweep_one(call, ref, copies, bf16_copies, m: int, k: int, bits: int, group_s
     return sorted(rows, key=lambda r: r[1])
 
 
+GEMV_SHAPES = {**SHAPES, "lm_head": (128256, 4096)}
+# (BLOCK_N, KW, num_warps): 4 to 16 rows a thread (BLOCK_N * KW / (128 * num_warps)).
+GEMV_TILES = [(128, 8, 1), (128, 8, 2), (128, 16, 2), (128, 16, 4), (256, 8, 1), (256, 8, 2),
+              (256, 8, 4), (256, 16, 4), (256, 16, 8), (512, 8, 2), (512, 8, 4), (512, 8, 8),
+              (512, 16, 8)]
+
+
+def gemv_config(bn: int, kw: int, warps: int, split_k=None, stages: int = 1) -> dict:
+    return dict(GEMV4=True, BLOCK_N=bn, KW=kw, SPLIT_K=split_k, num_warps=warps,
+                num_stages=stages)
+
+
+def gemv_time(call, x, copies, want, cfg):
+    """us per call of cfg, or None when it fails or disagrees with the reference."""
+    try:
+        if not torch.allclose(call(x, copies[0], cfg).float(), want, rtol=2e-2, atol=2e-2):
+            print(f"  WRONG {cfg}", flush=True)
+            return None
+        return graph_us([lambda w=w: call(x, w, cfg) for w in copies])
+    except Exception as e:           # out of resources for a tile: skip it
+        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return None
+
+
+def gemv_sweep_shape(name: str, bw: float) -> dict:
+    from strata.kernels import int4_gemv
+    n, k = GEMV_SHAPES[name]
+    call, ref, nbytes, copies = make_weights(4, n, k, 128, scale_dtype=torch.float32)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    want = ref(x).float()
+    floor_us = nbytes / bw * 1e6
+    bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(2)]
+    rows = {"cublas-bf16": graph_us([lambda w=w: F.linear(x, w) for w in bf16])}
+    del bf16
+    fma = qm.default_config(1, n, k, 4, torch.bfloat16, 128, "fma")
+    rows["old fma " + json.dumps(fma)] = gemv_time(call, x, copies, want, fma)
+    tried = {}
+    for bn, kw, w in GEMV_TILES:
+        auto = int4_gemv._split_k(n, k, bn, kw, x.device)
+        tried[(bn, kw, w, auto, 1)] = gemv_time(call, x, copies, want, gemv_config(bn, kw, w, auto))
+    best = sorted((t, key) for key, t in tried.items() if t is not None)[:3]
+    for _, (bn, kw, w, auto, _) in best:
+        for split in sorted({1, max(1, auto // 2), 2 * auto} - {auto}):
+            if split * 4 * 8 * kw <= k:
+                tried[(bn, kw, w, split, 1)] = gemv_time(call, x, copies, want,
+                                                         gemv_config(bn, kw, w, split))
+        tried[(bn, kw, w, auto, 2)] = gemv_time(call, x, copies, want,
+                                                gemv_config(bn, kw, w, auto, 2))
+    for key, t in tried.items():
+        rows[json.dumps(gemv_config(*key))] = t
+    rows["default"] = graph_us([lambda w=w: call(x, w) for w in copies])
+    ranked = sorted((t, label) for label, t in rows.items() if t is not None)
+    print(f"{name} int4 g128 [1 x {k}] x [{n} x {k}]^T: bandwidth floor {floor_us:.1f} us "
+          f"({nbytes / 1e6:.1f} MB)", flush=True)
+    for t, label in ranked[:6] + [r for r in ranked[6:] if not r[1].startswith("{")]:
+        print(f"  {t:9.2f} us  {floor_us / t:6.1%}  {label}", flush=True)
+    gemv_best = min((t, key) for key, t in tried.items() if t is not None)
+    del copies
+    torch.cuda.empty_cache()
+    return dict(shape=name, n=n, k=k, floor_us=floor_us, best_us=gemv_best[0],
+                best=gemv_config(*gemv_best[1]), default_us=rows["default"],
+                old_us=rows["old fma " + json.dumps(fma)], cublas_bf16_us=rows["cublas-bf16"],
+                top=ranked[:10])
+
+
+def gemv_main(args, bw: float) -> None:
+    results = [gemv_sweep_shape(name, bw) for name in args.gemv_shapes]
+    print("\n| matrix | N x K | floor us | new best us | of floor | old us | of floor | "
+          "bf16 cuBLAS us | best config |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        c = r["best"]
+        print(f"| {r['shape']} | {r['n']} x {r['k']} | {r['floor_us']:.1f} | {r['best_us']:.2f} | "
+              f"{r['floor_us'] / r['best_us']:.0%} | {r['old_us']:.2f} | "
+              f"{r['floor_us'] / r['old_us']:.0%} | {r['cublas_bf16_us']:.2f} | "
+              f"BLOCK_N={c['BLOCK_N']} KW={c['KW']} warps={c['num_warps']} "
+              f"SPLIT_K={c['SPLIT_K']} stages={c['num_stages']} |")
+    print("\n# strata/kernels/int4_gemv.py, the measured bests:")
+    print("GEMV_INT4_TUNED = {")
+    for r in results:
+        print(f"    ({r['n']}, {r['k']}): {r['best']!r},")
+    print("}")
+    if args.json:
+        args.json.write_text(json.dumps(dict(copy_GBps=bw / 1e9, results=results), indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 512, 4096])
@@ -119,10 +214,17 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[4, 8])
     ap.add_argument("--group-size", type=int, choices=qm.GROUP_SIZES, default=128)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--gemv", action="store_true",
+                    help="one row, int4: sweep the word-wise kernel's tiles (see above)")
+    ap.add_argument("--gemv-shapes", nargs="+", choices=list(GEMV_SHAPES),
+                    default=list(GEMV_SHAPES))
     args = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    if args.gemv:
+        gemv_main(args, bw)
+        return
     results = []
     for name, bits in itertools.product(args.shapes, args.bits):
         n, k = SHAPES[name]

@@ -107,14 +107,16 @@ def _x_scale():
     return tl.exp2(tl.where(j < 6, 64 - 4 * j, 72 - 4 * j).to(tl.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_k"])
 def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,
-                    k_per_split, q_stride, s_stride_n, s_stride_g, mn_stride_n, mn_stride_g,
+                    split_k, words_per_split, q_stride, s_stride_n, s_stride_g, mn_stride_n,
+                    mn_stride_g,
                     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-                    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, EVICT: tl.constexpr,
+                    EVEN_K: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr,
                     BLOCK_N: tl.constexpr, KW: tl.constexpr):
-    """y[n] for BLOCK_N rows over K slice program_id(1); steps of KW words (8 * KW weights),
-    C = KW / 4 chunks of 32 weights."""
+    """y[n] for BLOCK_N rows over K slice program_id(1) of split_k (SPLIT: split_k > 1; a runtime
+    value so that one build serves every slice count); steps of KW words (8 * KW weights), C =
+    KW / 4 chunks of 32 weights."""
     C: tl.constexpr = KW // 4
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -127,11 +129,11 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     mn_rows = mn_ptr + offs_n.to(tl.int64)[:, None] * mn_stride_n
     acc_s = tl.zeros((BLOCK_N, C), dtype=tl.float32)      # sum of s * p (scaled by 2**-E)
     acc_m = tl.zeros((BLOCK_N, C), dtype=tl.float32)      # sum of min * sum(x)
-    k_start = pid_k * k_per_split
-    x_scale = _x_scale()
-    for k_step in range(0, k_per_split, 8 * KW):        # the masks stop the last slice at K
-        k0 = k_start + k_step
-        k_words = k0 // 8 + offs_w                            # [KW]
+    w_start = pid_k * words_per_split          # in words: the launcher's divisibility hints
+    x_scale = _x_scale()                       # make the 16-byte alignment of the loads visible
+    for w_step in range(0, words_per_split, KW):         # the masks stop the last slice at K
+        w0 = w_start + w_step
+        k0 = w0 * 8
         k_chunk = k0 + offs_c * 32                            # first k of each chunk [C]
         x_offs = k0 + offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
         g = k_chunk // GROUP_SIZE
@@ -141,12 +143,12 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
             g_mask = n_mask[:, None]
         else:
             x = tl.load(x_ptr + x_offs, mask=x_offs < K, other=0.0).to(tl.float32)
-            w_mask = n_mask[:, None] & (k_words < K // 8)[None, :]
+            w_mask = n_mask[:, None] & (w0 + offs_w < K // 8)[None, :]
             g_mask = n_mask[:, None] & (k_chunk < K)[None, :]
         if EVEN_N and EVEN_K:
-            w = tl.load(q_rows + k0 // 8, eviction_policy=EVICT)
+            w = tl.load(q_rows + w0, eviction_policy=EVICT)
         else:
-            w = tl.load(q_rows + k0 // 8, mask=w_mask, other=0, eviction_policy=EVICT)
+            w = tl.load(q_rows + w0, mask=w_mask, other=0, eviction_policy=EVICT)
         s = tl.load(s_rows + g[None, :] * s_stride_g, mask=g_mask, other=0.0).to(tl.float32)
         mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=g_mask, other=0.0).to(tl.float32)
         xs = tl.sum(tl.reshape(tl.sum(x, axis=1), (C, 4)), axis=1)             # [C]
@@ -155,15 +157,15 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
         acc_s += s * p
         acc_m += mn * xs[None, :]
     y = tl.sum(acc_s * OUT_SCALE + acc_m, axis=1)             # [BLOCK_N]
-    if SPLIT_K == 1:
+    if not SPLIT:
         _finish(y, bias_ptr, out_ptr, offs_n, n_mask, HAS_BIAS)
     else:
         tl.store(ws_ptr + pid_k * N + offs_n, y, mask=n_mask)
         tl.debug_barrier()                  # every thread's partial is written before the count
         count = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if count == SPLIT_K - 1:            # the last program of this row block: reduce
+        if count == split_k - 1:            # the last program of this row block: reduce
             total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i in tl.static_range(SPLIT_K):
+            for i in range(0, split_k):
                 total += tl.load(ws_ptr + i * N + offs_n, mask=n_mask, other=0.0,
                                  cache_modifier=".cg")
             _finish(total, bias_ptr, out_ptr, offs_n, n_mask, HAS_BIAS)
@@ -175,6 +177,38 @@ def _finish(y, bias_ptr, out_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# Measured best tiles per (N, K) (bench/gpu_quant_sweep.py --gemv prints this table); shapes not
+# listed take the rule in gemv_config.
+GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {}
+
+
+def gemv_config(n: int, k: int) -> dict:
+    """The tile for an [N, K] weight: 256 rows x 8 words (64 weights) a step on 2 warps, 8 rows
+    and 32 weights a thread (3.1 SASS instructions a weight in the sm_90 build); SPLIT_K None:
+    chosen at launch for about two programs an SM."""
+    tuned = GEMV_INT4_TUNED.get((n, k))
+    if tuned is not None:
+        return dict(tuned)
+    return dict(GEMV4=True, BLOCK_N=256, KW=8, SPLIT_K=None, num_warps=2, num_stages=1)
+
+
+def check_config(op: str, meta: dict, m: int) -> None:
+    """A GEMV4 config takes one row of x; BLOCK_N a power of two, KW a power of two >= 4 (whole
+    32-weight chunks a thread), SPLIT_K None or >= 1."""
+    def require(ok, msg):
+        if not ok:
+            raise ValueError(f"{op}: config {msg}")
+    require({"BLOCK_N", "KW", "num_warps"} <= meta.keys(),
+            f"GEMV4 needs the keys BLOCK_N, KW, num_warps, got {sorted(meta)}")
+    require(m == 1, f"GEMV4 takes one row of x, got {m}")
+    bn, kw = meta["BLOCK_N"], meta["KW"]
+    require(bn >= 1 and bn & (bn - 1) == 0 and kw >= 4 and kw & (kw - 1) == 0,
+            f"GEMV4 needs a power-of-two BLOCK_N and KW >= 4, got BLOCK_N={bn} KW={kw}")
+    split = meta.get("SPLIT_K")
+    require(split is None or (isinstance(split, int) and split >= 1),
+            f"GEMV4 SPLIT_K must be None or a positive int, got {split!r}")
 
 
 def _split_k(n: int, k: int, block_n: int, kw: int, device: torch.device) -> int:
@@ -205,7 +239,8 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: 
     grid = (triton.cdiv(n, block_n), split_k)
     _w4_gemv_kernel[grid](
         x, words, scales, mins, bias if bias is not None else scales, out, partials, counters,
-        n, k, k_per_split, words.stride(0), *scales.stride(), *mins.stride(),
+        n, k, split_k, k_per_split // 8, words.stride(0), *scales.stride(), *mins.stride(),
         GROUP_SIZE=group_size, HAS_BIAS=bias is not None, EVEN_N=n % block_n == 0,
-        EVEN_K=k == split_k * k_per_split, SPLIT_K=split_k, EVICT="evict_first", BLOCK_N=block_n, KW=kw,
+        EVEN_K=k == split_k * k_per_split, SPLIT=split_k > 1, EVICT="evict_first",
+        BLOCK_N=block_n, KW=kw,
         num_warps=config["num_warps"], num_stages=config.get("num_stages", 1))

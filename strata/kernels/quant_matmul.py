@@ -17,6 +17,12 @@ One kernel per format, three ways to run it, chosen by the config (``default_con
   3.6 moves the (here fp32, dequantized) weights through shared memory to match x's layout (seen
   in the PTX), 8 bytes written and 8 read per int4 byte streamed: more than an SM's shared memory
   can take at full DRAM bandwidth.
+* int4 decode, one row, by default: the word-wise kernel of strata.kernels.int4_gemv (config
+  ``GEMV4``, ``int4_gemv.gemv_config``; ``int4_decode="fma"`` / ``INT4_DECODE`` keep the tile
+  above): each nibble masked in place is already an fp32 (a denormal, q * 2**(4J - 149)), x
+  carries the powers of two, the group scale and min apply per 32-weight chunk; ~3.1 SASS
+  instructions a weight in the K loop (sm_90 build, 256 rows x 8 words, 2 warps) against 7.4
+  here, and split-K in one launch (a last-program reduction) for the narrow matrices.
 * decode, up to 16 rows (``USE_DOT=True``, ``BLOCK_M=16``): ``tl.dot`` on the dequantized tile,
   the packed weight loads pipelined over ``num_stages`` buffers.
 * prefill (``USE_DOT=True``, ``BLOCK_M`` 64/128): the same loop as a tiled GEMM; the programs
@@ -346,7 +352,8 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
     (int4: in groups of ``group_size``) and activations of ``dtype``.
 
     int4, one row: ``int4_decode`` "gemv" (the default, ``INT4_DECODE``) takes the word-wise
-    kernel of strata.kernels.int4_gemv (``gemv_int4_config``); "fma" the element-wise tile below.
+    kernel of strata.kernels.int4_gemv (``int4_gemv.gemv_config``); "fma" the element-wise tile
+    below.
 
     One row streams 4 KiB weight tiles through CUDA-core FMAs; the tile shape is what
     bench/gpu_quant_sweep.py measured fastest on an H100 (2026-11-21, Llama-3.1-8B shapes):
@@ -363,7 +370,7 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
     def depth(cap):                     # a power of two, >= 16 for tl.dot, no deeper than K
         return min(cap, triton.next_power_of_2(max(k, 16)))
     if m == 1 and bits == 4 and int4_decode == "gemv":
-        return gemv_int4_config(n, k)
+        return int4_gemv.gemv_config(n, k)
     if m == 1:
         if bits == 8:
             block_n = 4 if n <= 4096 else 16 if n >= 16384 else 8
@@ -382,21 +389,6 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
 # The int4 one-row kernel default_config picks: "gemv" (strata.kernels.int4_gemv) or "fma" (the
 # element-wise tile of _w4_kernel), for A/B runs (bench/gpu_quant.py --int4-decode).
 INT4_DECODE = "gemv"
-# Measured best gemv tiles per (N, K) (bench/gpu_quant_sweep.py --gemv); shapes not listed take
-# the rule in gemv_int4_config.
-GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {}
-
-
-def gemv_int4_config(n: int, k: int) -> dict:
-    """The word-wise one-row int4 kernel (strata.kernels.int4_gemv): 256 rows x 8 words (64
-    weights) a step on 2 warps, 8 rows and 32 weights a thread (3.1 SASS instructions a weight
-    in the sm_90 build); SPLIT_K None: chosen at launch for about two programs an SM."""
-    tuned = GEMV_INT4_TUNED.get((n, k))
-    if tuned is not None:
-        return dict(tuned)
-    return dict(GEMV4=True, BLOCK_N=256, KW=8, SPLIT_K=None, num_warps=2, num_stages=1)
-
-
 def magic_int4_config(n: int, group_size: int) -> dict:
     """The magic-number int4 decode tile (fp16/bf16 rows, groups of 64 or more): one group (at
     most 128 deep) a step, 64 columns for wide matrices, else 32."""
@@ -423,20 +415,6 @@ def _check_config(op: str, meta: dict) -> None:
                  f"got {blocks}")
     else:
         _require(meta["BLOCK_M"] == 1, op, "config", "without USE_DOT needs BLOCK_M=1")
-
-
-def _check_gemv4(op: str, meta: dict, m: int) -> None:
-    """GEMV4 (strata.kernels.int4_gemv) takes one row; BLOCK_N a power of two, KW a power of two
-    of at least 4 (whole 32-weight chunks a thread), SPLIT_K None or >= 1."""
-    _require({"BLOCK_N", "KW", "num_warps"} <= meta.keys(), op, "config",
-             f"GEMV4 needs the keys BLOCK_N, KW, num_warps, got {sorted(meta)}")
-    _require(m == 1, op, "config", f"GEMV4 takes one row of x, got {m}")
-    bn, kw = meta["BLOCK_N"], meta["KW"]
-    _require(bn >= 1 and bn & (bn - 1) == 0 and kw >= 4 and kw & (kw - 1) == 0, op, "config",
-             f"GEMV4 needs a power-of-two BLOCK_N and KW >= 4, got BLOCK_N={bn} KW={kw}")
-    split = meta.get("SPLIT_K")
-    _require(split is None or (isinstance(split, int) and split >= 1), op, "config",
-             f"GEMV4 SPLIT_K must be None or a positive int, got {split!r}")
 
 
 def _check_fast_int4(op: str, meta: dict, x: torch.Tensor, group_size: int | None) -> None:
@@ -553,7 +531,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if config is None and m > 0 and n > 0:
         config = default_config(m, n, k, 4, x.dtype, group_size, INT4_DECODE)
     if config is not None and config.get("GEMV4"):
-        _check_gemv4(op, config, m)
+        int4_gemv.check_config(op, config, m)
         if out is None:
             out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         if qweight.data_ptr() % 4 == 0:     # the kernel reads 32-bit words

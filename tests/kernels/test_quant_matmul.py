@@ -226,7 +226,7 @@ for bits, kernel in ((8, qm._w8_kernel), (4, qm._w4_kernel)):
     types = dict(x_ptr="*bf16", q_ptr="*i8" if bits == 8 else "*u8", s_ptr="*bf16", mn_ptr="*fp32",
                  bias_ptr="*bf16", out_ptr="*bf16")
     for m, even in ((1, True), (4, True), (256, True), (1, False), (256, False)):
-        meta = dict(qm.default_config(m, 6144, 4096, bits))
+        meta = dict(qm.default_config(m, 6144, 4096, bits, None, 128, "fma"))   # _w4_kernel's
         meta.update(HAS_BIAS=not even, EVEN_N=even, EVEN_K=even, DOT_PRECISION="tf32",
                     EVICT="evict_first" if m == 1 else "")
         if bits == 4:
