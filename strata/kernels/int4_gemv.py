@@ -64,96 +64,130 @@ def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _workspaces[key]
 
 
-@triton.jit
-def _split8(x):
-    """[KW, 8] -> its 8 columns, each [KW] (pure register renaming when a thread holds a row)."""
-    a, b = tl.split(tl.reshape(x, (x.shape[0], 2, 2, 2)))      # j = 4 j2 + 2 j1 + j0: j0
-    a0, a1 = tl.split(a)                                        # j1
-    b0, b1 = tl.split(b)
-    x0, x4 = tl.split(a0)                                       # j2
-    x2, x6 = tl.split(a1)
-    x1, x5 = tl.split(b0)
-    x3, x7 = tl.split(b1)
-    return x0, x1, x2, x3, x4, x5, x6, x7
+# x's prescale 2**(149 - E - SHIFT_J) = 2**(64 - SHIFT_J) for nibble J (E = E_LOG2 = 85).
+XS0, XS1, XS2, XS3, XS4, XS5, XS6, XS7 = [tl.constexpr(2.0 ** (64 - shift))
+                                          for shift in (0, 4, 8, 12, 16, 20, 16, 20)]
 
 
 @triton.jit
-def _nibble_f32(w, MASK: tl.constexpr):
+def _split4(t, A: tl.constexpr, B: tl.constexpr):
+    """[A, B, 4] -> its 4 slices along the last dim, each [A, B] (in-thread: no data moves)."""
+    a, b = tl.split(tl.reshape(t, (A, B, 2, 2)))        # even, odd index
+    t0, t2 = tl.split(a)
+    t1, t3 = tl.split(b)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _f16_to_f32(h):
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _x_word(ptrs, mask, C: tl.constexpr, X_KIND: tl.constexpr, EVEN_K: tl.constexpr):
+    """The 8 x values of one word a chunk, each [1, C] fp32, and their sum [1, C, 4]. ptrs
+    [1, C, 4] point to the first 16 bytes of them in x as int32 (two bf16/fp16, X_KIND 0/1, or one
+    fp32, X_KIND 2)."""
+    if X_KIND == 2:
+        if EVEN_K:
+            a = tl.load(ptrs).to(tl.float32, bitcast=True)
+            b = tl.load(ptrs + 4).to(tl.float32, bitcast=True)
+        else:
+            a = tl.load(ptrs, mask=mask, other=0).to(tl.float32, bitcast=True)
+            b = tl.load(ptrs + 4, mask=mask, other=0).to(tl.float32, bitcast=True)
+        x0, x1, x2, x3 = _split4(a, 1, C)
+        x4, x5, x6, x7 = _split4(b, 1, C)
+        return x0, x1, x2, x3, x4, x5, x6, x7, a + b
+    if EVEN_K:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0)
+    if X_KIND == 0:                     # bf16: the high half of an fp32
+        lo = (v << 16).to(tl.float32, bitcast=True)
+        hi = (v & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = _f16_to_f32(v & 0xFFFF)
+        hi = _f16_to_f32(v >> 16)
+    x0, x2, x4, x6 = _split4(lo, 1, C)
+    x1, x3, x5, x7 = _split4(hi, 1, C)
+    return x0, x1, x2, x3, x4, x5, x6, x7, lo + hi
+
+
+@triton.jit
+def _nib(w, MASK: tl.constexpr):
+    """Nibble(s) of int32 w under MASK, read as the fp32 q * 2**(shift - 149)."""
     return (w & MASK).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _word_dot(w, x):
-    """sum_J x'[:, J] * nibble_J(w) [BLOCK_N, KW] for words w [BLOCK_N, KW] and prescaled x'
-    [KW, 8]: one FMUL and 7 FFMA, 8 LOP3 and one shift a word."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+def _word_dot(p, w, x_ptrs, mask, C: tl.constexpr, X_KIND: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    """p + sum_J x'_J * nibble_J(w) for one word of each chunk, w [BLOCK_N, C]: 8 LOP3, one
+    shift and 8 FFMA a word a row. Also returns the x sum of the word [1, C, 4]."""
+    x0, x1, x2, x3, x4, x5, x6, x7, xsum = _x_word(x_ptrs, mask, C, X_KIND, EVEN_K)
     hi = w >> 8                          # nibbles 6 and 7 at bits 16-23
-    p = _nibble_f32(w, 0xF) * x0[None, :]
-    p += _nibble_f32(w, 0xF0) * x1[None, :]
-    p += _nibble_f32(w, 0xF00) * x2[None, :]
-    p += _nibble_f32(w, 0xF000) * x3[None, :]
-    p += _nibble_f32(w, 0xF0000) * x4[None, :]
-    p += _nibble_f32(w, 0xF00000) * x5[None, :]
-    p += _nibble_f32(hi, 0xF0000) * x6[None, :]
-    p += _nibble_f32(hi, 0xF00000) * x7[None, :]
-    return p
-
-
-@triton.jit
-def _x_scale():
-    """[8] fp32 2**(149 - E - SHIFT_J) = 2**(64 - SHIFT_J): SHIFT_J = 4J for J < 6, 4J - 8 for 6
-    and 7 (E = E_LOG2 = 85)."""
-    j = tl.arange(0, 8)
-    return tl.exp2(tl.where(j < 6, 64 - 4 * j, 72 - 4 * j).to(tl.float32))
+    p += _nib(w, 0xF) * (x0 * XS0)
+    p += _nib(w, 0xF0) * (x1 * XS1)
+    p += _nib(w, 0xF00) * (x2 * XS2)
+    p += _nib(w, 0xF000) * (x3 * XS3)
+    p += _nib(w, 0xF0000) * (x4 * XS4)
+    p += _nib(w, 0xF00000) * (x5 * XS5)
+    p += _nib(hi, 0xF0000) * (x6 * XS6)
+    p += _nib(hi, 0xF00000) * (x7 * XS7)
+    return p, xsum
 
 
 @triton.jit(do_not_specialize=["split_k"])
 def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,
                     split_k, words_per_split, q_stride, s_stride_n, s_stride_g, mn_stride_n,
-                    mn_stride_g,
-                    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-                    EVEN_K: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr,
-                    BLOCK_N: tl.constexpr, KW: tl.constexpr):
+                    mn_stride_g, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+                    X_KIND: tl.constexpr, EVICT: tl.constexpr, BLOCK_N: tl.constexpr,
+                    KW: tl.constexpr):
     """y[n] for BLOCK_N rows over K slice program_id(1) of split_k (SPLIT: split_k > 1; a runtime
-    value so that one build serves every slice count); steps of KW words (8 * KW weights), C =
-    KW / 4 chunks of 32 weights."""
+    value so that one build serves every slice count); steps of KW words (8 * KW weights) as a
+    [BLOCK_N, C, 4] tile, C = KW / 4 chunks of 32 weights. x_ptr: x's row as int32."""
     C: tl.constexpr = KW // 4
+    X_PER_WORD: tl.constexpr = 8 if X_KIND == 2 else 4        # int32 of x a word of weights
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_w = tl.arange(0, KW)
     offs_c = tl.arange(0, C)
-    q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride + offs_w[None, :]
+    word_ct = offs_c[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]      # [1, C, 4]
+    q_tile = q_ptr + offs_n.to(tl.int64)[:, None, None] * q_stride + word_ct
+    x_ct = offs_c[None, :, None] * (4 * X_PER_WORD) + tl.arange(0, 4)[None, None, :]
     s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * s_stride_n
     mn_rows = mn_ptr + offs_n.to(tl.int64)[:, None] * mn_stride_n
     acc_s = tl.zeros((BLOCK_N, C), dtype=tl.float32)      # sum of s * p (scaled by 2**-E)
     acc_m = tl.zeros((BLOCK_N, C), dtype=tl.float32)      # sum of min * sum(x)
     w_start = pid_k * words_per_split          # in words: the launcher's divisibility hints
-    x_scale = _x_scale()                       # make the 16-byte alignment of the loads visible
-    for w_step in range(0, words_per_split, KW):         # the masks stop the last slice at K
-        w0 = w_start + w_step
-        k0 = w0 * 8
-        k_chunk = k0 + offs_c * 32                            # first k of each chunk [C]
-        x_offs = k0 + offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
-        g = k_chunk // GROUP_SIZE
-        if EVEN_K:
-            x = tl.load(x_ptr + x_offs).to(tl.float32)
-            w_mask = n_mask[:, None]
-            g_mask = n_mask[:, None]
-        else:
-            x = tl.load(x_ptr + x_offs, mask=x_offs < K, other=0.0).to(tl.float32)
-            w_mask = n_mask[:, None] & (w0 + offs_w < K // 8)[None, :]
-            g_mask = n_mask[:, None] & (k_chunk < K)[None, :]
+    for w_step in range(0, words_per_split, KW):         # make the 16-byte alignment visible;
+        w0 = w_start + w_step                            # the masks stop the last slice at K
+        g = (w0 * 8 + offs_c * 32) // GROUP_SIZE
+        word_ok = w0 + word_ct < K // 8                                      # [1, C, 4]
         if EVEN_N and EVEN_K:
-            w = tl.load(q_rows + w0, eviction_policy=EVICT)
+            w = tl.load(q_tile + w0, eviction_policy=EVICT)
         else:
-            w = tl.load(q_rows + w0, mask=w_mask, other=0, eviction_policy=EVICT)
-        s = tl.load(s_rows + g[None, :] * s_stride_g, mask=g_mask, other=0.0).to(tl.float32)
-        mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=g_mask, other=0.0).to(tl.float32)
-        xs = tl.sum(tl.reshape(tl.sum(x, axis=1), (C, 4)), axis=1)             # [C]
-        p = _word_dot(w, x * x_scale[None, :])                                # [BLOCK_N, KW]
-        p = tl.sum(tl.reshape(p, (BLOCK_N, C, 4)), axis=2)                     # [BLOCK_N, C]
+            w = tl.load(q_tile + w0, mask=n_mask[:, None, None] & word_ok, other=0,
+                        eviction_policy=EVICT)
+        if EVEN_N and EVEN_K:
+            s = tl.load(s_rows + g[None, :] * s_stride_g).to(tl.float32)
+            mn = tl.load(mn_rows + g[None, :] * mn_stride_g).to(tl.float32)
+        else:
+            g_mask = n_mask[:, None] & (w0 * 8 + offs_c * 32 < K)[None, :]
+            s = tl.load(s_rows + g[None, :] * s_stride_g, mask=g_mask, other=0.0).to(tl.float32)
+            mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=g_mask,
+                         other=0.0).to(tl.float32)
+        w_0, w_1, w_2, w_3 = _split4(w, BLOCK_N, C)
+        x_word = x_ptr + w0 * X_PER_WORD + x_ct
+        p = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+        chunk_w = w0 + offs_c[None, :, None] * 4 - K // 8          # < -i: word i in K
+        p, xs0 = _word_dot(p, w_0, x_word, chunk_w < 0, C, X_KIND, EVEN_K)
+        p, xs1 = _word_dot(p, w_1, x_word + X_PER_WORD, chunk_w < -1, C, X_KIND, EVEN_K)
+        p, xs2 = _word_dot(p, w_2, x_word + 2 * X_PER_WORD, chunk_w < -2, C, X_KIND, EVEN_K)
+        p, xs3 = _word_dot(p, w_3, x_word + 3 * X_PER_WORD, chunk_w < -3, C, X_KIND, EVEN_K)
+        xs = tl.reshape(tl.sum((xs0 + xs1) + (xs2 + xs3), axis=2), (C,))     # [C]
         acc_s += s * p
         acc_m += mn * xs[None, :]
     y = tl.sum(acc_s * OUT_SCALE + acc_m, axis=1)             # [BLOCK_N]
@@ -185,13 +219,13 @@ GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {}
 
 
 def gemv_config(n: int, k: int) -> dict:
-    """The tile for an [N, K] weight: 256 rows x 8 words (64 weights) a step on 2 warps, 8 rows
-    and 32 weights a thread (3.1 SASS instructions a weight in the sm_90 build); SPLIT_K None:
-    chosen at launch for about two programs an SM."""
+    """The tile for an [N, K] weight: 512 rows x 8 words (64 weights) a step on 2 warps, 8 rows
+    x 2 chunks of 32 weights a thread (2.74 SASS instructions a weight in the K loop of the
+    sm_90 build); SPLIT_K None: chosen at launch for about two programs an SM."""
     tuned = GEMV_INT4_TUNED.get((n, k))
     if tuned is not None:
         return dict(tuned)
-    return dict(GEMV4=True, BLOCK_N=256, KW=8, SPLIT_K=None, num_warps=2, num_stages=1)
+    return dict(GEMV4=True, BLOCK_N=512, KW=8, SPLIT_K=None, num_warps=2, num_stages=1)
 
 
 def check_config(op: str, meta: dict, m: int) -> None:
@@ -238,9 +272,9 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: 
     partials, counters = workspace(x.device) if split_k > 1 else (scales, scales)
     grid = (triton.cdiv(n, block_n), split_k)
     _w4_gemv_kernel[grid](
-        x, words, scales, mins, bias if bias is not None else scales, out, partials, counters,
+        x.view(torch.int32), words, scales, mins, bias if bias is not None else scales, out, partials, counters,
         n, k, split_k, k_per_split // 8, words.stride(0), *scales.stride(), *mins.stride(),
         GROUP_SIZE=group_size, HAS_BIAS=bias is not None, EVEN_N=n % block_n == 0,
         EVEN_K=k == split_k * k_per_split, SPLIT=split_k > 1, EVICT="evict_first",
-        BLOCK_N=block_n, KW=kw,
-        num_warps=config["num_warps"], num_stages=config.get("num_stages", 1))
+        X_KIND={torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype],
+        BLOCK_N=block_n, KW=kw, num_warps=config["num_warps"], num_stages=config.get("num_stages", 1))

@@ -534,7 +534,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         int4_gemv.check_config(op, config, m)
         if out is None:
             out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        if qweight.data_ptr() % 4 == 0:     # the kernel reads 32-bit words
+        if qweight.data_ptr() % 4 == 0 and x.data_ptr() % 4 == 0:   # it reads 32-bit words
             int4_gemv.w4_gemv(x, qweight, scales, mins, group_size, bias, out, config)
             return out
         config = default_config(m, n, k, 4, x.dtype, group_size, "fma")

@@ -41,7 +41,7 @@ CASES = [
     (torch.float16, 32, 33, 96, gemv(split_k=1)),
     (torch.float32, 64, 40, 768, gemv(split_k=3)),
     (torch.bfloat16, 32, 70, 320, gemv(split_k=2)),
-    (torch.float16, 256, 48, 512, gemv(kw=4, split_k=None, num_warps=1)),
+    (torch.float16, 256, 48, 256, gemv(kw=4, split_k=None, num_warps=1)),
     (torch.bfloat16, 64, 24, 256, gemv(block_n=16, kw=16, split_k=2)),
 ]
 
@@ -71,13 +71,13 @@ def test_split_k_workspace_is_reset_and_reused():
     """The last program of a row block resets its counter: a second call (and a call of another
     shape) finds the workspace as the first did, and out= receives the result."""
     x = torch.randn(1, 512, device=DEVICE).to(torch.bfloat16)
-    weight = _int4_weight(100, 512, 128, torch.bfloat16)
+    weight = _int4_weight(40, 512, 128, torch.bfloat16)
     first = _check(x, weight, 128, config=gemv(split_k=4))
     _, counters = int4_gemv.workspace(x.device)
     assert int(counters.abs().sum()) == 0
     _check(x[:, :256].contiguous(), _int4_weight(64, 256, 64, torch.bfloat16), 64,
            config=gemv(split_k=2))
-    out = torch.empty(1, 100, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.empty(1, 40, device=DEVICE, dtype=torch.bfloat16)
     again = _check(x, weight, 128, config=gemv(split_k=4), out=out)
     assert again is out and torch.equal(first, again)
     assert int(counters.abs().sum()) == 0
@@ -125,31 +125,32 @@ def test_gemv_config_errors_name_the_config():
 _SASS_SCRIPT = r"""
 from strata.kernels import int4_gemv as g, quant_matmul as qm
 cfg = g.gemv_config(4096, 4096)
-meta = dict(GROUP_SIZE=128, HAS_BIAS=False, EVEN_N=True, EVEN_K=True, SPLIT=True,
+meta = dict(GROUP_SIZE=128, HAS_BIAS=False, EVEN_N=True, EVEN_K=True, SPLIT=True, X_KIND=0,
             EVICT="evict_first", BLOCK_N=cfg["BLOCK_N"], KW=cfg["KW"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 def types(xt):
-    return dict(x_ptr="*" + xt, q_ptr="*i32", s_ptr="*fp32", mn_ptr="*fp32", bias_ptr="*" + xt,
+    return dict(x_ptr="*i32", q_ptr="*i32", s_ptr="*fp32", mn_ptr="*fp32", bias_ptr="*" + xt,
                 out_ptr="*" + xt, ws_ptr="*fp32", cnt_ptr="*i32")
 loop = loop_sass(g._w4_gemv_kernel, meta, types("bf16"))
 res = dict(instrs=len(loop), weights=cfg["BLOCK_N"] * cfg["KW"] * 8 // (32 * cfg["num_warps"]),
            rows=cfg["BLOCK_N"] * cfg["KW"] // (4 * 32 * cfg["num_warps"]),
            ldg128=sum(bool(re.search(r"\bLDG\.E[.\w]*\.128\b", i)) for i in loop),
            ops=sorted({re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in loop}))
-for xt in ("fp16", "fp32"):
-    loop_sass(g._w4_gemv_kernel, dict(meta, HAS_BIAS=True, EVEN_N=False, EVEN_K=False), types(xt))
+for x_kind, xt in ((1, "fp16"), (2, "fp32")):
+    loop_sass(g._w4_gemv_kernel, dict(meta, HAS_BIAS=True, EVEN_N=False, EVEN_K=False,
+                                      X_KIND=x_kind), types(xt))
 print(json.dumps(res))
 """
 
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests compile the kernels for real")
 def test_sm90_loop_instructions_per_weight():
-    """At most 3.5 SASS instructions a weight in the K loop: an H100 SM issues 4 warp instructions
+    """At most 3.2 SASS instructions a weight in the K loop (2.74 now): an H100 SM issues 4 warp instructions
     a clock (128 lanes) and its share of 3.35 TB/s is ~26-29 int4 weights a clock (1.75-1.98
     GHz), so 4.4 would just keep up with perfect issue; the element-wise tile's 7.4 ran at
-    39-48% of the bandwidth. 3.5 leaves ~25% for stalls."""
+    39-48% of the bandwidth. 3.2 leaves ~30% of the issue slots for stalls."""
     found = run_without_interpreter(V4_LOADS_BUILD + SASS_LOOP + _SASS_SCRIPT)
     per_weight = found["instrs"] / found["weights"]
-    assert per_weight < 3.5, found
+    assert per_weight < 3.2, found
     assert found["ldg128"] >= found["rows"], found      # a 16-byte weight load a row a step
