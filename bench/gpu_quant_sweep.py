@@ -182,7 +182,7 @@ def gemv_sweep_shape(name: str, bw: float) -> dict:
     torch.cuda.empty_cache()
     return dict(shape=name, n=n, k=k, floor_us=floor_us, best_us=gemv_best[0],
                 best=gemv_config(*gemv_best[1]), default_us=rows["default"],
-                old_us=rows["old fma " + json.dumps(fma)], cublas_bf16_us=rows["cublas-bf16"],
+                old_us=rows["old fma " + json.dumps(fma)] or float("nan"), cublas_bf16_us=rows["cublas-bf16"],
                 top=ranked[:10])
 
 

@@ -17,11 +17,21 @@ whatever J). E = 85 keeps ``x'`` finite for |x| < 2**64 and the products normal 
 |x q| >= 2**-41 (smaller ones lose bits below 2**-64 absolute). Per word of 8 weights: 8 LOP3 +
 1 shift on the integer pipe (half the FP32 rate on sm_80/sm_90) and 8 FFMA.
 
-Scales per chunk: each thread holds, per row, one 16-byte vector of 4 words (a 32-weight
-chunk, always inside one group since G is a multiple of 32), sums its 32 products in one FFMA
-chain, and adds ``s * p`` and ``min * sum(x)`` for the chunk: 2 FFMA per row and 32 weights. The
-x work of a chunk (conversion to fp32, the prescale, the sum) is shared by the R rows a thread
-holds: R = BLOCK_N * KW / (4 * 32 * num_warps), 4 or more in the useful configs.
+Scales per chunk: a step is a [BLOCK_N, C, 4] tile of words (C = KW / 4 chunks of 4 words = 32
+weights, always inside one group since G is a multiple of 32), each thread holding 16-byte
+vectors of whole chunks; it sums a chunk's 32 products in one FFMA chain and adds ``s * p`` and
+``min * sum(x)``: 2 FFMA per row and 32 weights. x is loaded per word as [1, C, 4] int32 (8
+bf16/fp16, or half of 8 fp32) with the words' own layout, so the broadcast over rows moves no
+data (a [KW, 8] x tile split into columns went through shared memory with 2 barriers a step,
+3.1 instructions a weight); its conversion, prescale and sum are shared by the rows a thread
+holds (8 in the default tile).
+
+SASS of the K loop, sm_90 build (tests/kernels/test_int4_gemv.py counts it), bf16 x, 512 rows x 8
+words on 2 warps (512 weights a thread a step): 1403 instructions, 2.74 a weight: 550 LOP3 +
+~64 SHF (unpacking, integer pipe), 544 FFMA, 64 FMUL (x prescale), 60 LDG (16 weight vectors, 32
+scale/min loads, x), the rest addressing. The element-wise tile of quant_matmul: ~7.4; the
+1 + q/16 scheme (shift + LOP3 a nibble) 4.4 at 256 rows. The floor of this scheme is 2.125
+(LOP3 + FFMA a weight, a shift a word).
 
 Split-K, one launch: a grid of (row blocks, SPLIT_K) programs, each a slice of K. Each stores its
 fp32 partial row to a workspace [SPLIT_K, N]; after a barrier one thread increments the row
