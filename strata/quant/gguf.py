@@ -5,8 +5,8 @@ Packed forms (values as in ggml_codes.py; nothing is rounded again):
 
 * 4-bit codes in groups of 32 with a scale and a min (Q4_0, Q4_1, Q4_K): on the CPU strata's
   C matmul (kernels/cpu_quant.py), on CUDA the Triton W4A16 kernel (kernels/quant_matmul.py).
-* int8 codes with a scale per group of 16 or 32 (Q8_0, Q6_K): the C matmul on the CPU. CUDA has
-  no grouped-int8 kernel yet, so there they are dequantized at load.
+* int8 codes with a scale per group of 16 or 32 (Q8_0, Q6_K): the C matmul on the CPU, the
+  grouped W8A16 Triton kernel on CUDA.
 
 Any other type (Q5_K, and float weights) is dequantized at load, with one log line per type, and
 so is everything on a CPU where the C kernels could not be built. A fused layer (q/k/v, gate/up)
@@ -96,7 +96,7 @@ class GGUFLinearMethod(QuantMethod):
         pieces = sorted(layer.gguf_pieces, key=lambda p: p[0])
         _check_rows_covered(layer, pieces)
         device = layer.gguf_device
-        on_triton = device.type == "cuda" and use_triton(torch.empty(0, device=device))
+        on_triton = use_triton(torch.empty(0, device=device))   # CUDA, or forced for the tests
         runs: list[tuple[str, list]] = []            # consecutive pieces of one packed form
         for _, rows in pieces:
             form = self._form(rows, device, on_triton)
@@ -185,22 +185,35 @@ class Int4Segment(nn.Module):
 
 
 class Int8Segment(nn.Module):
-    """int8 codes, a scale per group of 16 or 32: w = q * scale (CPU only)."""
+    """int8 codes, a scale per group of 16 or 32: w = q * scale. On CUDA the grouped W8A16 Triton
+    kernel (strata.kernels.w8_grouped_matmul), on the CPU strata's C matmul."""
 
-    def __init__(self, gc: GroupedCodes):
+    def __init__(self, gc: GroupedCodes, device: torch.device | None = None, on_triton: bool = False):
         super().__init__()
+        self.on_triton = on_triton
+        self.group = gc.group
+        if on_triton:
+            self.qweight = nn.Parameter(gc.codes.to(device).contiguous(), requires_grad=False)        # [n, K] int8
+            self.scales = nn.Parameter(gc.scales.to(device, torch.float32).contiguous(), requires_grad=False)
+            return
         self.lib = cpu_quant.library()
         self.qweight = nn.Parameter(gc.codes.contiguous(), requires_grad=False)    # [n, K] int8
         self.scales = nn.Parameter(gc.scales.contiguous(), requires_grad=False)    # [n, K/group]
         cpu_quant.check_w8(self.qweight, self.scales)
 
     def forward(self, x):
+        if self.on_triton:
+            from strata.kernels.w8_grouped_matmul import w8g_matmul
+            return w8g_matmul(x, self.qweight, self.scales, None, self.group)
         return cpu_quant.w8_matmul(x, self.qweight, self.scales, self.lib, check=False)
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(slice(None))
 
     def rows(self, ids) -> torch.Tensor:
+        if self.on_triton:
+            from strata.kernels.w8_grouped_matmul import dequantize_w8g
+            return dequantize_w8g(self.qweight[ids], self.scales[ids], None, self.group)
         return cpu_quant.w8_dequantize(self.qweight[ids], self.scales[ids])
 
 
@@ -222,7 +235,7 @@ def packed_form(type_name: str, device: torch.device, on_triton: bool) -> str | 
     cpu = device.type == "cpu" and cpu_quant.library() is not None
     if type_name in _INT4_TYPES and (cpu or on_triton):
         return "int4"
-    if type_name in _INT8_TYPES and cpu:
+    if type_name in _INT8_TYPES and (cpu or on_triton):
         return "int8"
     return None
 
@@ -232,8 +245,7 @@ def _why_dense(type_name: str, device: torch.device) -> str:
         return f"no packed kernel for this type on {device.type}"
     if device.type == "cpu":
         return "strata's CPU kernels could not be built: is there a C compiler?"
-    return (f"no grouped-int8 kernel on {device.type} yet" if type_name in _INT8_TYPES
-            else "Triton, which runs the W4A16 kernel, is not installed")
+    return f"Triton, which runs the packed kernels, is not available on {device.type}"
 
 
 def keep_vocab_packed(model: nn.Module, gguf_file) -> str:
@@ -258,7 +270,7 @@ def keep_vocab_packed(model: nn.Module, gguf_file) -> str:
 def _keep_table_packed(module: nn.Module, gguf_file, name: str, what: str) -> str:
     rows = gguf_file.raw_rows(name)
     device, dtype = module.weight.device, module.weight.dtype
-    on_triton = device.type == "cuda" and use_triton(torch.empty(0, device=device))
+    on_triton = use_triton(torch.empty(0, device=device))   # CUDA, or forced for the tests
     form = packed_form(rows.ggml_type.name, device, on_triton)
     if form is None or tuple(rows.shape) != tuple(module.weight.shape):
         return f"{what} {rows.ggml_type.name} dequantized"
@@ -274,7 +286,7 @@ def _segment(form: str, pieces: list, dtype: torch.dtype, device: torch.device, 
     codes = _concat([unpack_codes(p.blocks, p.ggml_type) for p in pieces])
     if form == "int4":
         return Int4Segment(codes, device, on_triton)
-    return Int8Segment(codes)
+    return Int8Segment(codes, device, on_triton)
 
 
 def _dequantize_rows(rows: GGMLRows) -> torch.Tensor:

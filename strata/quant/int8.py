@@ -72,9 +72,9 @@ class Int8GroupedLinearMethod(QuantMethod):
     """int8 codes with a scale and an offset per group of G input features: ``c * scale + offset``.
 
     Not a format strata quantizes to; it holds 8-bit GPTQ checkpoints exactly (groups, zero
-    points). The CPU matmul runs torch's packed int8 kernel once per group and adds the offsets'
-    share as one small matmul of the per-group sums of x; elsewhere the weight is dequantized per
-    call (no grouped W8A16 kernel yet: correct and 8-bit in memory, but not a fast path)."""
+    points). Where Triton runs (CUDA) the grouped W8A16 kernel reads the codes
+    (strata.kernels.w8_grouped_matmul); the CPU matmul runs torch's packed int8 kernel once per
+    group and adds the offsets' share as one small matmul of the per-group sums of x."""
 
     name = "int8-grouped"
 
@@ -96,6 +96,15 @@ class Int8GroupedLinearMethod(QuantMethod):
             dense = dense.view(n, k)[:, : layer.in_features].to(dtype).contiguous()
             layer.weight = nn.Parameter(dense, requires_grad=False)
             return
+        if use_triton(codes):
+            from strata.kernels.w8_grouped_matmul import GROUP_SIZES
+            if self.group_size in GROUP_SIZES:
+                layer.qweight = nn.Parameter(codes.contiguous(), requires_grad=False)        # [N, Kp] int8
+                layer.scales = nn.Parameter(scales.float().contiguous(), requires_grad=False)   # [N, groups]
+                layer.offsets = None if offsets is None else nn.Parameter(offsets.float().contiguous(),
+                                                                          requires_grad=False)
+                layer.on_triton = True
+                return
         # [G groups, N, group]: each group's codes contiguous, as the per-group kernel wants them.
         grouped = codes.view(n, groups, self.group_size).transpose(0, 1).contiguous()
         layer.qweight = nn.Parameter(grouped, requires_grad=False)
@@ -109,6 +118,10 @@ class Int8GroupedLinearMethod(QuantMethod):
         x = x.reshape(-1, shape[-1])
         if layer.input_pad:
             x = F.pad(x, (0, layer.input_pad))
+        if getattr(layer, "on_triton", False):
+            from strata.kernels.w8_grouped_matmul import w8g_matmul
+            y = w8g_matmul(x, layer.qweight, layer.scales, layer.offsets, self.group_size, bias)
+            return y.reshape(*shape[:-1], y.shape[-1])
         xg = x.view(x.shape[0], -1, self.group_size)          # [M, groups, group]
         if x.device.type == "cpu":
             y = torch.zeros(x.shape[0], layer.qweight.shape[1], dtype=x.dtype)

