@@ -106,9 +106,10 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--decode-new", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="2 layers: a smoke run")
-    ap.add_argument("--int4-decode", choices=["gemv", "fma"], default="gemv",
-                    help="int4 one-row kernel: the word-wise gemv (default) or the old "
-                         "element-wise tile (strata.kernels.quant_matmul.INT4_DECODE), for A/B")
+    ap.add_argument("--int4-decode", choices=["gemv", "fma"], default="fma",
+                    help="int4 one-row kernel: the element-wise tile (default) or the word-wise "
+                         "gemv (opt-in, slower on the H100) (strata.kernels.quant_matmul.INT4_DECODE), "
+                         "for A/B")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from strata.kernels import quant_matmul

@@ -347,13 +347,15 @@ def _w4_magic_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, M, N, K, x_
 
 @functools.lru_cache(maxsize=None)
 def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | None = None,
-                   group_size: int | None = None, int4_decode: str = "gemv") -> dict:
+                   group_size: int | None = None, int4_decode: str = "fma") -> dict:
     """Tile shape and launch settings for an [m, k] x [n, k]^T product with ``bits``-bit weights
     (int4: in groups of ``group_size``) and activations of ``dtype``.
 
-    int4, one row: ``int4_decode`` "gemv" (the default, ``INT4_DECODE``) takes the word-wise
-    kernel of strata.kernels.int4_gemv (``int4_gemv.gemv_config``); "fma" the element-wise tile
-    below.
+    int4, one row: ``int4_decode`` "fma" (the default, ``INT4_DECODE``) takes the element-wise
+    tile below; "gemv" the word-wise kernel of strata.kernels.int4_gemv (``int4_gemv.gemv_config``),
+    which has fewer instructions per weight but measured slower on an H100 (each 8B matrix 25-39%
+    of the bandwidth floor against 36-54% for "fma"; batch-1 decode 139.5 vs 275 tok/s,
+    bench/gpu_quant_sweep.py --gemv and bench/gpu_quant.py, 2026-11-21 ~18:55 UTC), so it is opt-in.
 
     One row streams 4 KiB weight tiles through CUDA-core FMAs; the tile shape is what
     bench/gpu_quant_sweep.py measured fastest on an H100 (2026-11-21, Llama-3.1-8B shapes):
@@ -386,9 +388,12 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
                 USE_DOT=True, num_warps=4 if block_m == 64 else 8, num_stages=3, GROUP_M=8)
 
 
-# The int4 one-row kernel default_config picks: "gemv" (strata.kernels.int4_gemv) or "fma" (the
-# element-wise tile of _w4_kernel), for A/B runs (bench/gpu_quant.py --int4-decode).
-INT4_DECODE = "gemv"
+# The int4 one-row kernel default_config picks: "fma" (the element-wise tile of _w4_kernel) or
+# "gemv" (strata.kernels.int4_gemv, opt-in: slower on the H100), for A/B runs
+# (bench/gpu_quant.py --int4-decode).
+INT4_DECODE = "fma"
+
+
 def magic_int4_config(n: int, group_size: int) -> dict:
     """The magic-number int4 decode tile (fp16/bf16 rows, groups of 64 or more): one group (at
     most 128 deep) a step, 64 columns for wide matrices, else 32."""
