@@ -218,6 +218,10 @@ def main() -> None:
     ap.add_argument("--skip-main", action="store_true", help="skip part 2 (parts 3 and 4 then need --hf-batch)")
     ap.add_argument("--skip-hf", action="store_true", help="skip part 3")
     ap.add_argument("--skip-disk", action="store_true", help="skip part 4")
+    ap.add_argument("--int4", action="store_true",
+                    help="also run the main run with int4 weights (groups of --int4-group): offloaded layers "
+                         "cross PCIe as 4-bit codes, the GPU computes from them (reported apart, not vs HF)")
+    ap.add_argument("--int4-group", type=int, default=64)
     ap.add_argument("--flexgen", action="store_true", help="run part 5: bench/flexgen_peer.py (OPT-30B shape)")
     ap.add_argument("--flexgen-gpu-budget", default="8GiB", help="GPU budget of part 5")
     ap.add_argument("--flexgen-gen-len", type=int, default=32, help="new tokens of part 5")
@@ -260,6 +264,16 @@ def main() -> None:
                        **main_budget)
         batch = batch or r["batch"]
         report_main(r, args, h2d, budget, results, elapsed)
+    if args.int4:
+        q = strata_run(model_dir, args, args.prompt_len, args.new_tokens, offload_policy=args.offload_policy,
+                       quantization="int4", quantization_group_size=args.int4_group, **main_budget)
+        qbound = q["generated"] / (args.new_tokens * q["streamed_bytes"] / h2d) if args.device == "cuda" else float("nan")
+        results["int4"] = dict(q, bound_tok_s=qbound)
+        print(f"plan: {q['plan']}")
+        print(f"{elapsed()} strata int4 (groups of {args.int4_group}), batch {q['batch']}, "
+              f"{args.prompt_len}+{args.new_tokens}: {q['tok_s']:.1f} tok/s, {q['streamed_bytes'] / GIB:.2f} GiB "
+              f"streamed per pass -> PCIe bound {qbound:.1f} tok/s, {q['tok_s'] / qbound:.0%} of it; GPU peak "
+              f"{q['gpu_peak_gib']:.2f} GiB", flush=True)
     if not args.skip_hf:
         ensure_accelerate(args.wheels)
         short = strata_run(model_dir, args, args.prompt_len, args.hf_new_tokens, batch=batch,

@@ -277,7 +277,9 @@ def _info(llm) -> int:
         rows.append(("offload policy", engine.offload_plan.describe()))
         rows.append(("offload measured rates", f"host->device {hw.h2d_bytes_per_s / 2**30:.1f} GiB/s, disk read "
                      f"{hw.disk_bytes_per_s / 2**30:.2f} GiB/s, matmul {hw.flops / 1e12:.2f} TFLOP/s, memory "
-                     f"{hw.mem_bytes_per_s / 2**30:.0f} GiB/s"))
+                     f"{hw.mem_bytes_per_s / 2**30:.0f} GiB/s"
+                     + (f", CPU attention over host KV {hw.cpu_attn_bytes_per_s / 2**30:.1f} GiB/s"
+                        if hw.cpu_attn_bytes_per_s else "")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

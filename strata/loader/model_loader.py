@@ -156,7 +156,8 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
             vocab = keep_vocab_packed(model, source.gguf)
         model.quant_summary = f"{quant.summary()}; {vocab}"
     else:
-        finish_loading(model)
+        # An offloaded model built on the host quantizes on the device it will compute on.
+        finish_loading(model, init_device if device.type == "cpu" else None)
         model.lm_head_quantized = quantize_lm_head(model, quant)
     return model
 

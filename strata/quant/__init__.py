@@ -82,12 +82,25 @@ def describe_checkpoint(checkpoint: dict | None) -> str | None:
     return str(checkpoint.get("quant_method"))
 
 
-def finish_loading(model: nn.Module) -> None:
-    """Run every linear layer's process_after_loading (quantize, repack, free the originals)."""
+def finish_loading(model: nn.Module, process_device: torch.device | None = None) -> None:
+    """Run every linear layer's process_after_loading (quantize, repack, free the originals).
+
+    process_device: for a model built in host memory that will compute on a GPU (offloading),
+    each int8/int4 layer is quantized there and keeps the form the GPU computes with (packed
+    codes and scales, where the CPU keeps dequantized weights), then moves back to the host: its
+    offloaded layers then cross PCIe compressed, and the GPU computes straight from the codes."""
+    on_device = process_device is not None and process_device.type != "cpu"
     for module in model.modules():
         method = getattr(module, "quant_method", None)
-        if method is not None:
+        if method is None:
+            continue
+        if not on_device or getattr(method, "name", None) not in ("int8", "int4"):
             method.process_after_loading(module)
+            continue
+        home = module.weight.device
+        module.to(process_device)
+        method.process_after_loading(module)
+        module.to(home)
 
 
 class _HeadAsLinear(nn.Module):

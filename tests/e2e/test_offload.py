@@ -196,3 +196,23 @@ def test_quantized_weights_stream(tmp_path, method, group):
     assert llm.llm_engine.offload_plan.count("disk") == 2
     assert run(llm, prompts, 6) == resident
     llm.llm_engine.offload_mover.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_int4_layers_stream_packed_on_gpu(tmp_path):
+    """On a GPU an offloaded int4 model is quantized on the device (quant.finish_loading's
+    process_device): its streamed layers hold the packed codes the W4A16 kernel reads, so they
+    cross PCIe at about a quarter of their float size, and the output is still text-like."""
+    from hf_tiny import make_tiny_model
+    make_tiny_model("llama", tmp_path / "m")
+    kw = dict(skip_tokenizer_init=True, use_tqdm_on_load=False, quantization="int4", quantization_group_size=32)
+    llm = LLM(str(tmp_path / "m"), offload_policy="w_cpu=1", **kw)
+    engine = llm.llm_engine
+    layer = engine.executor.runner.model.layers[0]
+    linears = [m for m in layer.modules() if getattr(m, "quant_method", None) is not None]
+    assert linears and all(getattr(m, "weight", None) is None and m.qweight.dtype == torch.uint8 for m in linears)
+    spec = engine.offload_spec
+    float_bytes = sum(m.in_features * m.out_features * 2 for m in linears)
+    assert spec.layer_bytes < 0.45 * float_bytes
+    assert len(run(llm, [[1, 5, 9, 33, 7]], 4)[0]) == 4
+    engine.offload_mover.close()
