@@ -108,6 +108,15 @@ def tensor_model_parallel_all_reduce(x):
     return x
 
 
+def tensor_model_parallel_all_reduce_max(x):
+    """Elementwise max across tensor-parallel ranks (a no-op on one rank)."""
+    if _groups.tp_size == 1:
+        return x
+    import torch.distributed as dist
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_groups.tp_group)
+    return x
+
+
 def tensor_model_parallel_all_gather(x, dim: int = -1):
     if _groups.tp_size == 1:
         return x

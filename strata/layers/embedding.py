@@ -62,6 +62,12 @@ class ParallelLMHead(VocabParallelEmbedding):
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.rows_per_rank, dtype=dtype), requires_grad=False)
 
+    def use_packed(self, packed: nn.Module) -> None:
+        """As the embedding's, at any tensor_parallel_size: a head only multiplies by its
+        vocabulary slice (no row lookup), and per-row scales are the same in every slice."""
+        del self.weight
+        self.packed = packed
+
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 

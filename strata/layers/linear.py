@@ -181,6 +181,7 @@ class RowParallelLinear(LinearBase):
                  reduce_results: bool = True):
         self.tp_rank, self.tp_size = ps.get_tp_rank(), ps.get_tp_size()
         self.reduce_results = reduce_results
+        self.shards_input = self.tp_size > 1   # quantizers read whole rows through a collective
         super().__init__(_check_divisible(in_features, self.tp_size, "input size"), out_features,
                          bias, dtype, quant_method)
 

@@ -125,7 +125,7 @@ def quantize_lm_head(model: nn.Module, quant: QuantMethod | None) -> bool:
     it. Returns whether the head was quantized."""
     method = quant.lm_head_method() if quant is not None else None
     head, embedding = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
-    if (method is None or head is None or head.packed is not None or head.tp_size != 1
+    if (method is None or head is None or head.packed is not None
             or (embedding is not None and head.weight is embedding.weight)):
         return False
     head.use_packed(_HeadAsLinear(head.weight.data, method))

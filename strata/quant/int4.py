@@ -72,6 +72,11 @@ class Int4LinearMethod(QuantMethod):
         self.reference = reference
 
     def create_weights(self, layer, in_features, out_features, dtype):
+        if getattr(layer, "shards_input", False) and in_features % self.group_size:
+            # A group straddling two ranks' columns would get other scales than with one rank.
+            raise ValueError(f"int4 groups of {self.group_size} do not tile this rank's {in_features} "
+                             "inputs of a row-parallel layer (tensor parallelism): use a "
+                             "quantization_group_size that divides it")
         UnquantizedLinearMethod().create_weights(layer, in_features, out_features, dtype)
 
     def process_after_loading(self, layer: nn.Module) -> None:

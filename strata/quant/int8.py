@@ -14,14 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strata.distributed import parallel_state as ps
 from strata.kernels import use_triton
 from strata.quant.base import QuantMethod, UnquantizedLinearMethod
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (codes [N, K] int8 in -127..127, scales [N] float32), w ~ codes * scale."""
+def quantize_int8(w: torch.Tensor, row_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes [N, K] int8 in -127..127, scales [N] float32), w ~ codes * scale.
+    ``row_amax`` [N]: max |w| of each whole row when w holds only some of its columns."""
     w32 = w.float()
-    scales = (w32.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    amax = w32.abs().amax(dim=1) if row_amax is None else row_amax
+    scales = (amax / 127).clamp(min=torch.finfo(torch.float32).tiny)
     codes = torch.round(w32 / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return codes, scales
 
@@ -45,7 +48,12 @@ class Int8LinearMethod(QuantMethod):
 
     def process_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight
-        codes, scales = quantize_int8(weight.data)
+        row_amax = None
+        if getattr(layer, "shards_input", False):
+            # Row parallel: each rank holds some columns of every output channel. The channel's
+            # scale comes from its whole row, so every tensor-parallel size stores the same codes.
+            row_amax = ps.tensor_model_parallel_all_reduce_max(weight.data.float().abs().amax(dim=1))
+        codes, scales = quantize_int8(weight.data, row_amax)
         del layer.weight
         self.store(layer, codes, scales, weight.dtype)
 

@@ -182,3 +182,20 @@ def test_gguf_tp3_matches_one_process():
         assert [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)] == one
     finally:
         llm.llm_engine.shutdown()
+
+
+@pytest.mark.skipif(bool(os.environ.get("CI")), reason="another 2-process engine: too slow for CI")
+def test_tp2_int8_at_load_matches_one_process(llama):
+    """Row-parallel shards take each channel's scale from its whole row (an all-reduce of the
+    row maxima) and the LM head is quantized per vocabulary slice: the same codes as one process."""
+    kw = dict(ENGINE, quantization="int8")
+    one = run(LLM(str(llama), **kw), PROMPTS + PREFIX_PROMPTS)
+    llm = LLM(str(llama), **kw, tensor_parallel_size=2)
+    try:
+        assert "LM head quantized" in llm.llm_engine.describe()
+        assert run(llm, PROMPTS + PREFIX_PROMPTS) == one
+    finally:
+        llm.llm_engine.shutdown()
+    # int4 groups straddling two ranks' columns would change the codes: refused, naming the rank.
+    with pytest.raises(ValueError, match="rank 0: int4 groups of 128 do not tile this rank's 32 inputs"):
+        LLM(str(llama), **dict(ENGINE, quantization="int4"), tensor_parallel_size=2)
