@@ -118,7 +118,8 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, **offload):
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     workload = Workload(prompt_len + new_tokens, prompt_len, new_tokens, batch)
     predicted = predict_throughput(engine.offload_spec, engine.offload_hardware, plan, workload)
-    if args.device == "cuda":   # the prediction again from the bench's own disk measurement
+    if args.device == "cuda" and getattr(args, "disk_bytes_per_s", None):
+        # the prediction again from the bench's own disk measurement (when it took one)
         import dataclasses
         bench_hw = dataclasses.replace(engine.offload_hardware, disk_bytes_per_s=args.disk_bytes_per_s)
         predicted_bench_disk = predict_throughput(engine.offload_spec, bench_hw, plan, workload).predicted_tok_s

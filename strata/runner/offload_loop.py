@@ -126,7 +126,7 @@ def host_embedding_ok(model: nn.Module, device: torch.device) -> bool:
     emb = getattr(model, "embed_tokens", None)
     head = getattr(model, "lm_head", None)
     return (device.type == "cuda" and emb is not None and getattr(emb, "packed", None) is None
-            and (head is None or head.weight is not emb.weight))
+            and (head is None or getattr(head, "weight", None) is not emb.weight))   # a quantized head has none
 
 
 def place_outside_layers(model: nn.Module, device: torch.device, embed_on_host: bool) -> None:
