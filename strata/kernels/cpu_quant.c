@@ -18,14 +18,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "cpu_kernels.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define STRATA_AVX2 1
 #endif
 
 #define ROWS_PER_PASS 4   /* rows of x sharing one unpacked weight row: accumulators fit in registers */
+#ifndef W4_BLOCK_MIN_ROWS
+#define W4_BLOCK_MIN_ROWS 4   /* from this many rows of x, w4 uses w4_block (AVX2 builds) */
+#endif
 
-static void group_sums(const float *x, int64_t m, int64_t k, float *xsum) {
+void strata_group_sums(const float *x, int64_t m, int64_t k, float *xsum) {
     for (int64_t i = 0; i < m; i++)
         for (int64_t g = 0; g < k / 32; g++) {
             float s = 0.f;
@@ -83,6 +88,46 @@ static void w4_row(const float *x, const float *xsum, int64_t rows, int64_t k, c
     }
 }
 
+/* Batches (4 rows of x and more): each group of W is dequantized once in registers, exactly as
+ * the reference dequantizes it (q * scale, then + min), and multiplies up to BLOCK_ROWS rows of x:
+ * four FMAs per row per group, against five operations and a scalar min term per row per group
+ * in w4_rows. A different summation order from w4_rows, so the two agree to rounding. */
+#define BLOCK_ROWS 8
+static inline __attribute__((always_inline)) void
+w4_block(const int ROWS, const float *x, int64_t k, const uint8_t *q, const float *sm, float *y,
+         int64_t n_total) {
+    __m256 acc[BLOCK_ROWS];
+    for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t g = 0; g < k / 32; g++) {
+        __m128i b = _mm_loadu_si128((const __m128i *)(q + g * 16));
+        __m128i halves[2] = {_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)};
+        __m256 scale = _mm256_set1_ps(sm[2 * g]), min = _mm256_set1_ps(sm[2 * g + 1]);
+        for (int c = 0; c < 4; c++) {
+            __m128i codes = (c & 1) ? _mm_srli_si128(halves[c >> 1], 8) : halves[c >> 1];
+            __m256 w = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), scale), min);
+            for (int i = 0; i < ROWS; i++)
+                acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + g * 32 + 8 * c), w, acc[i]);
+        }
+    }
+    for (int i = 0; i < ROWS; i++) y[i * n_total] = hsum(acc[i]);
+}
+
+static void w4_block_rows(const float *x, int64_t rows, int64_t k, const uint8_t *q, const float *sm,
+                          float *y, int64_t n_total) {
+    switch (rows) {
+    case 1: w4_block(1, x, k, q, sm, y, n_total); break;
+    case 2: w4_block(2, x, k, q, sm, y, n_total); break;
+    case 3: w4_block(3, x, k, q, sm, y, n_total); break;
+    case 4: w4_block(4, x, k, q, sm, y, n_total); break;
+    case 5: w4_block(5, x, k, q, sm, y, n_total); break;
+    case 6: w4_block(6, x, k, q, sm, y, n_total); break;
+    case 7: w4_block(7, x, k, q, sm, y, n_total); break;
+    default: w4_block(8, x, k, q, sm, y, n_total); break;
+    }
+}
+#define HAVE_W4_BLOCK 1
+
 static inline __attribute__((always_inline)) void
 w8_rows(const int ROWS, const float *x, int64_t k, const int8_t *q, const float *scales,
         int64_t group, float *y, int64_t n_total) {
@@ -99,6 +144,31 @@ w8_rows(const int ROWS, const float *x, int64_t k, const int8_t *q, const float 
         for (int i = 0; i < ROWS; i++) acc[i] = _mm256_fmadd_ps(t[i], scale, acc[i]);
     }
     for (int i = 0; i < ROWS; i++) y[i * n_total] = hsum(acc[i]);
+}
+
+static inline __attribute__((always_inline)) void
+f32_rows(const int ROWS, const float *x, int64_t k, const float *w, float *y, int64_t n_total) {
+    __m256 acc[ROWS_PER_PASS];
+    for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+        __m256 wv = _mm256_loadu_ps(w + j);
+        for (int i = 0; i < ROWS; i++) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + j), wv, acc[i]);
+    }
+    for (int i = 0; i < ROWS; i++) {
+        float sum = hsum(acc[i]);
+        for (int64_t jj = j; jj < k; jj++) sum += x[i * k + jj] * w[jj];
+        y[i * n_total] = sum;
+    }
+}
+
+static void f32_row(const float *x, int64_t rows, int64_t k, const float *w, float *y, int64_t n_total) {
+    switch (rows) {
+    case 1: f32_rows(1, x, k, w, y, n_total); break;
+    case 2: f32_rows(2, x, k, w, y, n_total); break;
+    case 3: f32_rows(3, x, k, w, y, n_total); break;
+    default: f32_rows(4, x, k, w, y, n_total); break;
+    }
 }
 
 static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, const float *scales,
@@ -128,6 +198,14 @@ static void w4_row(const float *x, const float *xsum, int64_t rows, int64_t k, c
     }
 }
 
+static void f32_row(const float *x, int64_t rows, int64_t k, const float *w, float *y, int64_t n_total) {
+    for (int64_t i = 0; i < rows; i++) {
+        float sum = 0.f;
+        for (int64_t j = 0; j < k; j++) sum += x[i * k + j] * w[j];
+        y[i * n_total] = sum;
+    }
+}
+
 static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, const float *scales,
                    int64_t group, float *y, int64_t n_total) {
     for (int64_t i = 0; i < rows; i++) {
@@ -142,30 +220,70 @@ static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, con
 }
 #endif
 
+void strata_w4_range(const float *x, const float *xsum, int64_t m, int64_t k, const uint8_t *q,
+                     const float *scale_min, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+#ifdef HAVE_W4_BLOCK
+    if (m >= W4_BLOCK_MIN_ROWS) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t i0 = 0; i0 < m; i0 += BLOCK_ROWS) {
+                int64_t rows = m - i0 < BLOCK_ROWS ? m - i0 : BLOCK_ROWS;
+                w4_block_rows(x + i0 * k, rows, k, q + r * (k / 2), scale_min + r * (k / 16), y + i0 * ldy + r, ldy);
+            }
+        return;
+    }
+#endif
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i0 = 0; i0 < m; i0 += ROWS_PER_PASS) {
+            int64_t rows = m - i0 < ROWS_PER_PASS ? m - i0 : ROWS_PER_PASS;
+            w4_row(x + i0 * k, xsum + i0 * (k / 32), rows, k, q + r * (k / 2), scale_min + r * (k / 16),
+                   y + i0 * ldy + r, ldy);
+        }
+}
+
+void strata_w8_range(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,
+                     int64_t group, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i0 = 0; i0 < m; i0 += ROWS_PER_PASS) {
+            int64_t rows = m - i0 < ROWS_PER_PASS ? m - i0 : ROWS_PER_PASS;
+            w8_row(x + i0 * k, rows, k, q + r * k, scales + r * (k / group), group, y + i0 * ldy + r, ldy);
+        }
+}
+
+void strata_f32_range(const float *x, int64_t m, int64_t k, const float *w, float *y, int64_t ldy,
+                      int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i0 = 0; i0 < m; i0 += ROWS_PER_PASS) {
+            int64_t rows = m - i0 < ROWS_PER_PASS ? m - i0 : ROWS_PER_PASS;
+            f32_row(x + i0 * k, rows, k, w + r * k, y + i0 * ldy + r, ldy);
+        }
+}
+
+/* Each thread takes a contiguous share of W's rows. */
+#define SHARE(n, r0, r1) \
+    int nt_ = omp_get_num_threads(), t_ = omp_get_thread_num(); \
+    int64_t r0 = (n) * t_ / nt_, r1 = (n) * (t_ + 1) / nt_
+
 int strata_w4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *q, const float *scale_min,
                      float *y, int64_t n, int nthreads) {
     float *xsum = malloc(sizeof(float) * (size_t)(m * (k / 32) + 1));
     if (xsum == NULL) return 1;
-    group_sums(x, m, k, xsum);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t i0 = 0; i0 < m; i0 += ROWS_PER_PASS) {
-            int64_t rows = m - i0 < ROWS_PER_PASS ? m - i0 : ROWS_PER_PASS;
-            w4_row(x + i0 * k, xsum + i0 * (k / 32), rows, k, q + r * (k / 2), scale_min + r * (k / 16),
-                   y + i0 * n + r, n);
-        }
+    strata_group_sums(x, m, k, xsum);
+    #pragma omp parallel num_threads(nthreads)
+    {
+        SHARE(n, r0, r1);
+        strata_w4_range(x, xsum, m, k, q, scale_min, y, n, r0, r1);
+    }
     free(xsum);
     return 0;
 }
 
 int strata_w8_matmul(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,
                      int64_t group, float *y, int64_t n, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t i0 = 0; i0 < m; i0 += ROWS_PER_PASS) {
-            int64_t rows = m - i0 < ROWS_PER_PASS ? m - i0 : ROWS_PER_PASS;
-            w8_row(x + i0 * k, rows, k, q + r * k, scales + r * (k / group), group, y + i0 * n + r, n);
-        }
+    #pragma omp parallel num_threads(nthreads)
+    {
+        SHARE(n, r0, r1);
+        strata_w8_range(x, m, k, q, scales, group, y, n, r0, r1);
+    }
     return 0;
 }
 

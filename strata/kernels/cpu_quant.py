@@ -29,9 +29,13 @@ logger = logging.getLogger("strata")
 
 MAX_GEMV_ROWS = 16   # measured on SmolLM2's shapes: at 12-16 rows even with torch's fp32 GEMM
 _TILE_BYTES = 1 << 20          # float32 weight tile of the prefill path: about an L2
-_SOURCE = Path(__file__).with_name("cpu_quant.c")
+# One library: the matmuls here, the step's other kernels (cpu_ops.c, wrapped by cpu_ops.py) and
+# the fused decoder layer built from the same pieces (cpu_decoder.c, wrapped by cpu_decoder.py).
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_quant.c", "cpu_ops.c", "cpu_decoder.c"))
+_HEADER = Path(__file__).with_name("cpu_kernels.h")
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 _COMMON_FLAGS = ["-std=c11", "-shared", "-fPIC", "-ffp-contract=off"]
+_LIBS = ["-lm"]
 
 
 def library() -> ctypes.CDLL | None:
@@ -58,7 +62,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _build() -> Path:
-    """Compile cpu_quant.c once per source, compiler, flags and CPU; reuse the cached library after.
+    """Compile the C sources once per source, compiler, flags and CPU; reuse the cached library after.
 
     Flag sets go from best to most portable (-march=native or OpenMP may be missing: clang on
     macOS, old gcc), each cached under its own name, so a build that failed once for a passing
@@ -68,14 +72,15 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     errors = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(b" ".join([_SOURCE.read_bytes(), cc.encode(), *map(str.encode, flags),
+        sources = [src.read_bytes() for src in (*_SOURCES, _HEADER)]
+        key = hashlib.sha256(b" ".join([*sources, cc.encode(), *map(str.encode, flags),
                                         _cpu_signature()])).hexdigest()[:16]
         target = cache / f"cpu_quant-{key}.so"
         if target.exists():
             return target
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        cmd = [cc, *flags, *_COMMON_FLAGS, str(_SOURCE), "-o", tmp]
+        cmd = [cc, *flags, *_COMMON_FLAGS, *map(str, _SOURCES), "-o", tmp, *_LIBS]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             os.replace(tmp, target)   # atomic: processes building at once each write their own

@@ -1,5 +1,6 @@
 """Activations. Gated MLPs get ``SiluAndMul`` over the fused gate/up output. On CUDA each is one
-Triton kernel; elsewhere torch's ops."""
+Triton kernel, on the CPU (float32) SiluAndMul is one C kernel (strata.kernels.cpu_ops); elsewhere
+torch's ops."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.kernels import use_triton
+from strata.kernels import cpu_ops, use_triton
 
 
 class SiluAndMul(nn.Module):
@@ -15,6 +16,8 @@ class SiluAndMul(nn.Module):
         if use_triton(x):
             from strata.kernels.activation import silu_and_mul
             return silu_and_mul(x)
+        if cpu_ops.available(x):
+            return cpu_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -3,7 +3,9 @@ step's keys and values into the paged cache, then attends over each sequence's w
 
 On CUDA the rotation and the cache write are one Triton kernel and attention is the Triton
 paged kernels (decode-only steps take the split-sequence decode kernel, any step with a prompt
-chunk the varlen prefill kernel); elsewhere the torch references run. The runner binds
+chunk the varlen prefill kernel). On the CPU with a float32 cache both are C kernels
+(strata.kernels.cpu_ops: one call rotates and writes, one attends for every row of the step);
+elsewhere the torch references run. The runner binds
 ``kv_cache`` (this layer's slice of the cache) after allocating memory, and ``kv_scales`` when the
 cache is quantized (kv_cache_dtype int8/fp8: codes in kv_cache, see strata.quant.kv); the attention
 metadata comes from the forward context.
@@ -16,7 +18,7 @@ from torch import nn
 
 from strata.attention import torch_ref
 from strata.forward_context import get_attn_metadata
-from strata.kernels import use_triton
+from strata.kernels import cpu_ops, use_triton
 from strata.layers.rotary import RotaryEmbedding
 
 
@@ -53,11 +55,20 @@ class Attention(nn.Module):
             return host_attention(q, k, v, self.kv_cache, meta, self.scale).view(n, -1)
         if use_triton(q):
             return self._forward_triton(q, k, v, positions, meta).view(n, -1)
+        if self.kv_scales is None and self.kv_cache.dtype == torch.float32 and cpu_ops.available(q):
+            return self._forward_cpu(q, k, v, positions, meta).view(n, -1)
         if self.rotary_emb is not None:
             q, k = self.rotary_emb(positions, q, k)
         torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.kv_scales)
         out = torch_ref.paged_attention(q, self.kv_cache, meta, self.scale, self.kv_scales)
         return out.reshape(n, self.num_heads * self.head_dim)
+
+    def _forward_cpu(self, q, k, v, positions, meta) -> torch.Tensor:
+        rope = self.rotary_emb
+        q = cpu_ops.rope_write_kv(q, k, v, positions, rope.cos_cached if rope else None,
+                                  rope.sin_cached if rope else None, self.kv_cache, meta.slot_mapping)
+        return cpu_ops.paged_attention(q, self.kv_cache, meta.block_tables, meta.seq_lens,
+                                       meta.query_start_loc, self.scale)
 
     def _forward_triton(self, q, k, v, positions, meta) -> torch.Tensor:
         from strata.kernels.paged_attention import paged_decode, paged_prefill

@@ -1,5 +1,6 @@
 """Normalisation layers. ``RMSNorm(x, residual)`` adds the residual first and returns the new
-residual too; on CUDA the add and the norm run as one fused Triton kernel."""
+residual too; on CUDA the add and the norm run as one fused Triton kernel, on the CPU (float32)
+as one C kernel (strata.kernels.cpu_ops)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.kernels import use_triton
+from strata.kernels import cpu_ops, use_triton
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +27,8 @@ class RMSNorm(nn.Module):
         if use_triton(x):
             from strata.kernels.norm import rms_norm
             return rms_norm(x, self.weight, self.eps, residual)
+        if cpu_ops.available(x) and self.weight.dtype == torch.float32:
+            return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

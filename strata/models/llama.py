@@ -13,6 +13,7 @@ from strata.config import ModelConfig
 from strata.distributed.pipeline import make_layers, stage_holds_vocab
 from strata.layers.activation import SiluAndMul
 from strata.layers.attention import Attention
+from strata.layers.cpu_decoder import fused_cpu_layer
 from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from strata.layers.norm import RMSNorm
@@ -75,6 +76,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, quant)
 
     def forward(self, positions, hidden, residual):
+        fused = fused_cpu_layer(self, hidden)   # the same layer as one C call, where it applies
+        if fused is not None:
+            return fused(positions, hidden, residual)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)

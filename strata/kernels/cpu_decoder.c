@@ -1,0 +1,159 @@
+/* A whole Llama-style decoder layer in one call, for decode-sized steps on the CPU:
+ *
+ *   r = x + residual; h = rmsnorm(r) w1; qkv = h Wqkv^T (+ bias); rotate q, k; write k, v to the
+ *   paged cache; a = attention(q); r = a Wo^T + r; h = rmsnorm(r) w2; out = (silu(h Wg^T) *
+ *   (h Wu^T)) Wd^T; returns out and r (the next layer's x and residual).
+ *
+ * At one token a layer's arithmetic takes tens of microseconds, and the eager path around it (a
+ * dozen module calls, allocations, one parallel region per op) about as much again; here it is
+ * one parallel region whose threads split each stage and meet at a barrier between stages. Every
+ * value is computed by the same single-threaded pieces (cpu_kernels.h) as the one-op kernels the
+ * modules call, in the same order, so the result is bit-identical to the module path.
+ *
+ * Weights of a linear are up to STRATA_MAX_SEGMENTS segments stacked along the output rows, each
+ * 4-bit (w4), grouped int8 (w8) or float32, in the layouts of cpu_quant.c.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#define STRATA_MAX_SEGMENTS 4
+
+enum { SEG_W4 = 1, SEG_W8 = 2, SEG_F32 = 3 };
+
+typedef struct {
+    int64_t kind, n, group;          /* rows of W in this segment; int8 group size */
+    const void *q;                   /* w4: uint8 [n, k/2]; w8: int8 [n, k]; f32: float [n, k] */
+    const float *s;                  /* w4: scale_min [n, k/32, 2]; w8: scales [n, k/group] */
+} strata_segment;
+
+typedef struct {
+    int64_t n, k, num_segments;
+    strata_segment seg[STRATA_MAX_SEGMENTS];
+    const float *bias;               /* [n] or NULL */
+} strata_linear;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, rot_dim, max_position;
+    float eps1, eps2, scale;
+    const float *norm1, *norm2, *cos_table, *sin_table;
+    strata_linear qkv, o, gate_up, down;
+} strata_layer;
+
+typedef struct {
+    int64_t m, num_seqs, plane_stride, block_size, bt_stride;
+    const int64_t *positions, *slot_mapping;
+    float *kv_cache;
+    const int32_t *block_tables, *seq_lens, *query_start_loc;
+} strata_step;
+
+/* This thread's share of y = x @ W^T (+ bias), x [m, k], y [m, n]; xsum is this thread's own
+ * buffer for the w4 group sums ([m, k/32]). */
+static void linear_share(const strata_linear *L, const float *x, int64_t m, float *y, float *xsum) {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t r0 = L->n * t / nt, r1 = L->n * (t + 1) / nt, first = 0;
+    int sums_done = 0;
+    for (int64_t i = 0; i < L->num_segments; first += L->seg[i].n, i++) {
+        const strata_segment *sg = &L->seg[i];
+        int64_t a = r0 > first ? r0 - first : 0, b = r1 - first < sg->n ? r1 - first : sg->n;
+        if (a >= b) continue;
+        float *ys = y + first;
+        if (sg->kind == SEG_W4) {
+            if (!sums_done) strata_group_sums(x, m, L->k, xsum);
+            sums_done = 1;
+            strata_w4_range(x, xsum, m, L->k, sg->q, sg->s, ys, L->n, a, b);
+        } else if (sg->kind == SEG_W8) {
+            strata_w8_range(x, m, L->k, sg->q, sg->s, sg->group, ys, L->n, a, b);
+        } else {
+            strata_f32_range(x, m, L->k, sg->q, ys, L->n, a, b);
+        }
+    }
+    if (L->bias != NULL)
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t r = r0; r < r1; r++) y[i * L->n + r] += L->bias[r];
+}
+
+/* Floats of workspace the layer needs for m tokens and nthreads threads (see the layout below). */
+int64_t strata_decoder_workspace(const strata_layer *L, int64_t m, int nthreads) {
+    int64_t kmax = L->hidden > L->intermediate ? L->hidden : L->intermediate;
+    return m * (L->hidden + L->qkv.n + 2 * L->heads * L->head_dim + L->gate_up.n + L->intermediate)
+           + (int64_t)nthreads * m * (kmax / 32 + 1);
+}
+
+int strata_decoder_layer(const strata_layer *L, const strata_step *S, const float *x, const float *res_in,
+                         float *res_out, float *out, float *work, int nthreads) {
+    const int64_t m = S->m, H = L->hidden, d = L->head_dim, qkv_n = L->qkv.n, I = L->intermediate;
+    const int64_t q_size = L->heads * d, kv_size = L->kv_heads * d, groups = L->heads / L->kv_heads;
+    int64_t kmax = H > I ? H : I, max_ctx = 1;
+    for (int64_t t = 0; t < m; t++)
+        if (L->rot_dim > 0 && (S->positions[t] < 0 || S->positions[t] >= L->max_position)) return 1;
+    for (int64_t s = 0; s < S->num_seqs; s++) max_ctx = S->seq_lens[s] > max_ctx ? S->seq_lens[s] : max_ctx;
+    int64_t *seq_of = malloc(sizeof(int64_t) * (size_t)m);
+    float *scores = malloc(sizeof(float) * (size_t)(nthreads * max_ctx * groups));
+    if (seq_of == NULL || scores == NULL) {
+        free(seq_of);
+        free(scores);
+        return 2;
+    }
+    for (int64_t s = 0; s < S->num_seqs; s++)
+        for (int64_t t = S->query_start_loc[s]; t < S->query_start_loc[s + 1]; t++) seq_of[t] = s;
+    /* workspace: h [m, H] | qkv [m, qkv_n] (later the second norm's output) | q rotated [m, q_size] |
+     * attention output [m, q_size] | gate_up [m, 2I] | act [m, I] | per thread: w4 group sums */
+    float *h = work, *qkv = h + m * H, *qr = qkv + m * qkv_n, *attn = qr + m * q_size;
+    float *gu = attn + m * q_size, *act = gu + m * L->gate_up.n, *sums_base = act + m * I;
+    strata_cache_view cv = {S->kv_cache, S->plane_stride, S->block_size, L->kv_heads, d, groups, S->bt_stride,
+                            S->block_tables, L->scale};
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        float *xsum = sums_base + (int64_t)tid * m * (kmax / 32 + 1);
+        for (int64_t t = tid; t < m; t += nt)
+            strata_rms_norm_row(x + t * H, res_in ? res_in + t * H : NULL, res_in ? res_out + t * H : NULL,
+                                L->norm1, h + t * H, H, L->eps1);
+        if (res_in == NULL)
+            for (int64_t t = tid; t < m; t += nt) memcpy(res_out + t * H, x + t * H, sizeof(float) * (size_t)H);
+        #pragma omp barrier
+        linear_share(&L->qkv, h, m, qkv, xsum);
+        #pragma omp barrier
+        for (int64_t t = tid; t < m; t += nt) {
+            const float *row = qkv + t * qkv_n;
+            int64_t pos = S->positions[t];
+            strata_rope_token(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
+                              L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
+                              L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, L->heads, L->kv_heads, d,
+                              L->rot_dim, S->kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
+        }
+        #pragma omp barrier
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < m * L->kv_heads; item++) {
+            int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = seq_of[t];
+            int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
+            int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
+            strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,
+                          kvh, scores + (int64_t)tid * max_ctx * groups);
+        }   /* implicit barrier */
+        linear_share(&L->o, attn, m, h, xsum);
+        #pragma omp barrier
+        for (int64_t t = tid; t < m; t += nt)
+            strata_rms_norm_row(h + t * H, res_out + t * H, res_out + t * H, L->norm2, qkv + t * H, H, L->eps2);
+        #pragma omp barrier
+        linear_share(&L->gate_up, qkv, m, gu, xsum);
+        #pragma omp barrier
+        {   /* in units of 8 columns, so spans split a row where the one-op kernel's vectors do */
+            int64_t units = (I + 7) / 8, a = m * units * tid / nt, b = m * units * (tid + 1) / nt;
+            while (a < b) {
+                int64_t row = a / units, u0 = a % units, u1 = units < u0 + (b - a) ? units : u0 + (b - a);
+                int64_t col = 8 * u0, len = (8 * u1 < I ? 8 * u1 : I) - col;
+                strata_silu_mul_span(gu + row * 2 * I + col, gu + row * 2 * I + I + col, act + row * I + col, len);
+                a += u1 - u0;
+            }
+        }
+        #pragma omp barrier
+        linear_share(&L->down, act, m, out, xsum);
+    }
+    free(seq_of);
+    free(scores);
+    return 0;
+}

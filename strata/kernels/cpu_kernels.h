@@ -1,0 +1,46 @@
+/* What the C files of strata's CPU kernels share: the single-threaded pieces that the one-op
+ * entry points (cpu_quant.c, cpu_ops.c) and the fused decoder layer (cpu_decoder.c) are built
+ * from, so both compute every value with the same operations in the same order. */
+#ifndef STRATA_CPU_KERNELS_H
+#define STRATA_CPU_KERNELS_H
+#include <stdint.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else   /* built without OpenMP (a compiler without it): one thread */
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
+
+/* Matmul pieces: output rows [r0, r1) of y = x @ W^T for all m rows of x [m, k]; y has ldy
+ * floats per row (a segment of a wider output starts at its column). */
+void strata_group_sums(const float *x, int64_t m, int64_t k, float *xsum);   /* [m, k / 32] */
+void strata_w4_range(const float *x, const float *xsum, int64_t m, int64_t k, const uint8_t *q,
+                     const float *scale_min, float *y, int64_t ldy, int64_t r0, int64_t r1);
+void strata_w8_range(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,
+                     int64_t group, float *y, int64_t ldy, int64_t r0, int64_t r1);
+void strata_f32_range(const float *x, int64_t m, int64_t k, const float *w, float *y, int64_t ldy,
+                      int64_t r0, int64_t r1);
+
+/* One row of RMSNorm (r = x + residual_in into residual_out first, when residual_in is given). */
+void strata_rms_norm_row(const float *x, const float *residual_in, float *residual_out, const float *w,
+                         float *out, int64_t d, float eps);
+/* silu(g[j]) * u[j] for j < n. */
+void strata_silu_mul_span(const float *g, const float *u, float *out, int64_t n);
+/* Token t's rotation and cache write (see strata_rope_write_kv). */
+void strata_rope_token(const float *q, float *q_out, const float *k, const float *v, const float *c,
+                       const float *s, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t rot_dim,
+                       float *kv_slot, int64_t plane_stride);
+
+typedef struct {
+    const float *kv_cache;
+    int64_t plane_stride, block_size, kv_heads, head_dim, groups, bt_stride;
+    const int32_t *block_tables;
+    float scale;
+} strata_cache_view;
+
+/* The query heads of KV head kvh, for one token of sequence seq seeing ctx keys; scores holds
+ * ctx * groups floats. */
+void strata_attend(const strata_cache_view *cv, const float *q, float *out, int64_t seq, int64_t ctx,
+                   int64_t kvh, float *scores);
+#endif

@@ -1,0 +1,264 @@
+/* strata's CPU kernels for the non-matmul work of a step, float32 throughout: fused residual add
+ * and RMSNorm, rotary embedding with the KV-cache write, attention over the paged cache, SiLU-and-
+ * multiply. Each replaces several eager torch ops (and their allocations and dispatch, which at
+ * decode cost more than the arithmetic); the torch code in strata/layers and strata/attention is
+ * the reference they are tested against (cpu_ops.py wraps and checks them).
+ *
+ * Compiled with the matmuls in cpu_quant.c (one library, -ffp-contract=off): the rotation is a
+ * multiply, a multiply and an add, rounded exactly as the torch reference. The norm's sum of
+ * squares, softmax and exp sum in another order than torch's, so those agree to float rounding.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define STRATA_AVX2 1
+#endif
+
+/* ---- exp, vectorised -------------------------------------------------------------------------
+ * exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), exp(r)
+ * by its degree-6 Taylor polynomial: relative error under 2e-7 over the float range, like
+ * libm's expf to a unit or two in the last place. Inputs below -87.3 give 0 (softmax tails). */
+#ifdef STRATA_AVX2
+static inline __m256 exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504019f);
+    __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+/* out[i] = exp(x[i] - shift) for i < n; returns their sum. */
+static float exp_shifted(const float *x, float shift, int64_t n, float *out) {
+    int64_t i = 0;
+    float sum = 0.f;
+#ifdef STRATA_AVX2
+    __m256 s8 = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+        _mm256_storeu_ps(out + i, e);
+        s8 = _mm256_add_ps(s8, e);
+    }
+    sum = hsum8(s8);
+#endif
+    for (; i < n; i++) {
+        out[i] = expf(x[i] - shift);
+        sum += out[i];
+    }
+    return sum;
+}
+
+/* ---- fused residual add + RMSNorm ------------------------------------------------------------
+ * residual_in NULL: out = norm(x) * w. Else r = x + residual_in is written to residual_out and
+ * out = norm(r) * w. norm(r) = r * (1 / sqrt(mean(r^2) + eps)), then times w (torch's order). */
+void strata_rms_norm_row(const float *x, const float *residual_in, float *residual_out, const float *w,
+                         float *out, int64_t d, float eps) {
+    const float *r = x;
+    if (residual_in != NULL) {
+        for (int64_t j = 0; j < d; j++) residual_out[j] = x[j] + residual_in[j];
+        r = residual_out;
+    }
+    int64_t j = 0;
+    float ss = 0.f;
+#ifdef STRATA_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= d; j += 8) {
+        __m256 v = _mm256_loadu_ps(r + j);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    ss = hsum8(acc);
+#endif
+    for (; j < d; j++) ss += r[j] * r[j];
+    float inv = 1.f / sqrtf(ss / (float)d + eps);
+    for (j = 0; j < d; j++) out[j] = w[j] * (r[j] * inv);
+}
+
+void strata_rms_norm(const float *x, const float *residual_in, float *residual_out, const float *w,
+                     float *out, int64_t n, int64_t d, float eps, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * d >= 65536)
+    for (int64_t row = 0; row < n; row++)
+        strata_rms_norm_row(x + row * d, residual_in ? residual_in + row * d : NULL,
+                            residual_in ? residual_out + row * d : NULL, w, out + row * d, d, eps);
+}
+
+/* ---- SiLU(gate) * up over x = [gate | up] rows of 2d ------------------------------------------ */
+void strata_silu_mul_span(const float *g, const float *u, float *o, int64_t n) {
+    int64_t j = 0;
+#ifdef STRATA_AVX2
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        __m256 gv = _mm256_loadu_ps(g + j);
+        __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, gv))));
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
+    }
+#endif
+    for (; j < n; j++) o[j] = g[j] / (1.f + expf(-g[j])) * u[j];
+}
+
+void strata_silu_and_mul(const float *x, float *out, int64_t n, int64_t d, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * d >= 65536)
+    for (int64_t row = 0; row < n; row++) strata_silu_mul_span(x + row * 2 * d, x + row * 2 * d + d, out + row * d, d);
+}
+
+/* ---- rotary embedding (rotate-half) and the KV-cache write ------------------------------------
+ * q [n, heads, head_dim] rows q_stride apart: rotated into q_out [n, heads, head_dim]. k, v [n, kv_heads, head_dim] rows
+ * k_stride / v_stride apart: k rotated and v copied into cache slot slot_mapping[t]; the cache is
+ * [2, slots, kv_heads, head_dim] with the V plane plane_stride floats after the K plane. cos/sin
+ * [max_position, rot_dim]; dims past rot_dim are left as they are. Element j < rot_dim / 2 and
+ * its partner j + rot_dim / 2: a' = a cos_j - b sin_j, b' = b cos_j' + a sin_j' (the reference's
+ * x * cos + rotate_half(x) * sin, term by term). */
+static void rotate(const float *restrict src, float *restrict dst, const float *c, const float *s, int64_t head_dim,
+                   int64_t rot_dim) {
+    const int64_t half = rot_dim / 2;
+    for (int64_t j = 0; j < half; j++) {
+        float a = src[j], b = src[j + half];
+        dst[j] = a * c[j] + (-b) * s[j];
+        dst[j + half] = b * c[j + half] + a * s[j + half];
+    }
+    memcpy(dst + rot_dim, src + rot_dim, sizeof(float) * (size_t)(head_dim - rot_dim));
+}
+
+void strata_rope_token(const float *q, float *q_out, const float *k, const float *v, const float *c,
+                       const float *s, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t rot_dim,
+                       float *kc, int64_t plane_stride) {
+    for (int64_t h = 0; h < heads; h++) {
+        const float *qh = q + h * head_dim;
+        float *qo = q_out + h * head_dim;
+        if (rot_dim > 0) rotate(qh, qo, c, s, head_dim, rot_dim);
+        else memcpy(qo, qh, sizeof(float) * (size_t)head_dim);
+    }
+    for (int64_t h = 0; h < kv_heads; h++) {
+        const float *kh = k + h * head_dim;
+        if (rot_dim > 0) rotate(kh, kc + h * head_dim, c, s, head_dim, rot_dim);
+        else memcpy(kc + h * head_dim, kh, sizeof(float) * (size_t)head_dim);
+    }
+    memcpy(kc + plane_stride, v, sizeof(float) * (size_t)(kv_heads * head_dim));
+}
+
+int strata_rope_write_kv(const float *q, int64_t q_stride, float *q_out, const float *k, int64_t k_stride,
+                         const float *v, int64_t v_stride, const int64_t *positions, const float *cos_table,
+                         const float *sin_table, int64_t max_position, int64_t n, int64_t heads,
+                         int64_t kv_heads, int64_t head_dim, int64_t rot_dim, float *kv_cache,
+                         int64_t plane_stride, const int64_t *slot_mapping, int nthreads) {
+    if (rot_dim > 0)   /* a position past the tables would read outside them: refuse the step */
+        for (int64_t t = 0; t < n; t++)
+            if (positions[t] < 0 || positions[t] >= max_position) return 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n >= 64)
+    for (int64_t t = 0; t < n; t++)
+        strata_rope_token(q + t * q_stride, q_out + t * heads * head_dim, k + t * k_stride, v + t * v_stride,
+                          rot_dim ? cos_table + positions[t] * rot_dim : NULL,
+                          rot_dim ? sin_table + positions[t] * rot_dim : NULL, heads, kv_heads, head_dim,
+                          rot_dim, kv_cache + slot_mapping[t] * kv_heads * head_dim, plane_stride);
+    return 0;
+}
+
+/* ---- attention over the paged cache ----------------------------------------------------------
+ * One work item is a query token and a KV head: the `groups` query heads sharing that KV head
+ * read each key and value once. Token t of sequence s (query_start_loc[s] <= t < [s + 1]) sits at
+ * position seq_lens[s] - q_len + (t - query_start_loc[s]) and sees the keys up to it (causal; a
+ * decode token sees the whole context). Scores go to a per-thread buffer, then a softmax with
+ * the max subtracted, then the weighted sum of values. q [n, heads, head_dim] rows q_stride
+ * apart; out [n, heads, head_dim] contiguous. */
+static float dot(const float *a, const float *b, int64_t d) {
+    int64_t j = 0;
+    float sum = 0.f;
+#ifdef STRATA_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    sum = hsum8(acc);
+#endif
+    for (; j < d; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+static void axpy(float a, const float *x, float *y, int64_t d) {
+    int64_t j = 0;
+#ifdef STRATA_AVX2
+    __m256 av = _mm256_set1_ps(a);
+    for (; j + 8 <= d; j += 8) _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+#endif
+    for (; j < d; j++) y[j] += a * x[j];
+}
+
+void strata_attend(const strata_cache_view *cv, const float *q, float *out, int64_t seq, int64_t ctx,
+                   int64_t kvh, float *scores) {
+    const int64_t d = cv->head_dim, G = cv->groups, token_stride = cv->kv_heads * d;
+    const int32_t *table = cv->block_tables + seq * cv->bt_stride;
+    for (int64_t j = 0; j < ctx; j++) {
+        const float *key = cv->kv_cache + ((int64_t)table[j / cv->block_size] * cv->block_size
+                                           + j % cv->block_size) * token_stride + kvh * d;
+        for (int64_t g = 0; g < G; g++) scores[g * ctx + j] = dot(q + g * d, key, d) * cv->scale;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = scores + g * ctx, mx = -INFINITY;
+        for (int64_t j = 0; j < ctx; j++) mx = sg[j] > mx ? sg[j] : mx;
+        float inv = 1.f / exp_shifted(sg, mx, ctx, sg);
+        for (int64_t j = 0; j < ctx; j++) sg[j] *= inv;
+        memset(out + g * d, 0, sizeof(float) * (size_t)d);
+    }
+    for (int64_t j = 0; j < ctx; j++) {
+        const float *value = cv->kv_cache + cv->plane_stride + ((int64_t)table[j / cv->block_size] * cv->block_size
+                                                                + j % cv->block_size) * token_stride + kvh * d;
+        for (int64_t g = 0; g < G; g++) axpy(scores[g * ctx + j], value, out + g * d, d);
+    }
+}
+
+int strata_paged_attention(const float *q, int64_t q_stride, float *out, const float *kv_cache,
+                           int64_t plane_stride, int64_t block_size, int64_t heads, int64_t kv_heads,
+                           int64_t head_dim, const int32_t *block_tables, int64_t bt_stride,
+                           const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
+                           float scale, int nthreads) {
+    const int64_t n = query_start_loc[num_seqs], groups = heads / kv_heads;
+    int64_t max_ctx = 1;
+    for (int64_t s = 0; s < num_seqs; s++) max_ctx = seq_lens[s] > max_ctx ? seq_lens[s] : max_ctx;
+    int64_t *seq_of = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    if (seq_of == NULL) return 1;
+    for (int64_t s = 0; s < num_seqs; s++)
+        for (int64_t t = query_start_loc[s]; t < query_start_loc[s + 1]; t++) seq_of[t] = s;
+    strata_cache_view cv = {kv_cache, plane_stride, block_size, kv_heads, head_dim, groups, bt_stride, block_tables, scale};
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads) if (n * kv_heads > 1)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(max_ctx * groups));
+        if (scores == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        /* dynamic: under a causal mask later tokens see more keys */
+        #pragma omp for schedule(dynamic, 4)
+        for (int64_t item = 0; item < n * kv_heads; item++) {
+            if (scores == NULL) continue;
+            int64_t t = item / kv_heads, kvh = item % kv_heads, s = seq_of[t];
+            int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
+            int64_t ctx = seq_lens[s] - q_len + (t - query_start_loc[s]) + 1;
+            strata_attend(&cv, q + t * q_stride + kvh * groups * head_dim, out + (t * heads + kvh * groups) * head_dim,
+                   s, ctx, kvh, scores);
+        }
+        free(scores);
+    }
+    free(seq_of);
+    return failed;
+}

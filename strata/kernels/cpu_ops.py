@@ -1,0 +1,146 @@
+"""The CPU kernels of cpu_ops.c: fused residual add + RMSNorm, SiLU-and-multiply, rotary embedding
+with the KV-cache write, and attention over the paged cache, all float32.
+
+At decode a step is mostly small tensors, where eager torch spends more on dispatch, allocation
+and the ops in between (a norm is six of them, the rotation five, the paged attention a gather,
+masks and SDPA per step) than on arithmetic; one C call each, with OpenMP over rows or (token, KV
+head) pairs, removes that. They are built with the packed matmuls (cpu_quant.library: a C
+compiler on first use) and used where ``available(x)``: a float32 CPU tensor and the library
+built. ``STRATA_DISABLE_CPU_KERNELS=1`` turns them off, with the matmuls: the layers' torch code
+is then the whole path, and it is the reference the tests compare these kernels with.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from strata.kernels import cpu_quant
+
+
+@functools.cache
+def _configured(lib: ctypes.CDLL) -> ctypes.CDLL:
+    ptr, i64, cint, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.strata_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, cint]
+    lib.strata_silu_and_mul.argtypes = [ptr, ptr, i64, i64, cint]
+    lib.strata_rope_write_kv.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64,
+                                         i64, ptr, i64, ptr, cint]
+    lib.strata_paged_attention.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
+                                           i64, f32, cint]
+    # The fused decoder layer (cpu_decoder.c; descriptors built by strata/layers/cpu_decoder.py).
+    lib.strata_decoder_layer.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint]
+    lib.strata_decoder_workspace.argtypes = [ptr, i64, cint]
+    lib.strata_decoder_workspace.restype = i64
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    lib = cpu_quant.library()
+    return None if lib is None else _configured(lib)
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels here take ``x``: float32 on the CPU, with the library built."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and library() is not None
+
+
+def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"{what}: expected a float32 CPU tensor, got {x.dtype} on {x.device}")
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm over the last dim; with ``residual``, (norm(x + residual), x + residual) as the
+    layer's torch code returns them."""
+    lib = library()
+    x = _rows(x, "rms_norm x")
+    d = x.shape[-1]
+    if weight.shape != (d,) or weight.dtype != torch.float32:
+        raise ValueError(f"rms_norm: weight must be float32 [{d}], got {weight.dtype} {tuple(weight.shape)}")
+    out = torch.empty_like(x)
+    n = x.numel() // d
+    if residual is None:
+        lib.strata_rms_norm(x.data_ptr(), None, None, weight.data_ptr(), out.data_ptr(), n, d, eps,
+                            torch.get_num_threads())
+        return out
+    residual = _rows(residual, "rms_norm residual")
+    if residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+    new_residual = torch.empty_like(x)
+    lib.strata_rms_norm(x.data_ptr(), residual.data_ptr(), new_residual.data_ptr(), weight.data_ptr(),
+                        out.data_ptr(), n, d, eps, torch.get_num_threads())
+    return out, new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2d] = [gate | up] -> silu(gate) * up [..., d]."""
+    x = _rows(x, "silu_and_mul x")
+    d = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], d)
+    library().strata_silu_and_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * d), d, torch.get_num_threads())
+    return out
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor | None, kv_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotated q [n, heads, d] (contiguous, a new tensor); k rotated and v copied into the cache at
+    ``slot_mapping``. ``cos``/``sin``: [max_position, rot_dim] tables (None: no rotation).
+    q [n, heads, d], k/v [n, kv_heads, d]: rows may be strided (views of one fused qkv output),
+    heads must be packed."""
+    n, heads, d = q.shape
+    kv_heads = k.shape[1]
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != d or t.shape[0] != n:
+            raise ValueError(f"rope_write_kv: {name} must be float32 [{n}, heads, {d}] with packed heads, "
+                             f"got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    if kv_cache.dtype != torch.float32 or not kv_cache.is_contiguous() or kv_cache.shape[3:] != (kv_heads, d):
+        raise ValueError(f"rope_write_kv: the cache must be contiguous float32 [2, blocks, block_size, "
+                         f"{kv_heads}, {d}], got {kv_cache.dtype} {tuple(kv_cache.shape)}")
+    slot_mapping = _int64(slot_mapping, n, "slot_mapping")
+    positions = None if cos is None else _int64(positions, n, "positions")   # unused without rotation
+    rot_dim, max_position = (0, 0) if cos is None else (cos.shape[1], cos.shape[0])
+    tables = (cos.data_ptr(), sin.data_ptr()) if cos is not None else (None, None)
+    q_out = torch.empty(n, heads, d)
+    status = library().strata_rope_write_kv(
+        q.data_ptr(), q.stride(0), q_out.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+        None if positions is None else positions.data_ptr(),
+        *tables, max_position, n, heads, kv_heads, d, rot_dim, kv_cache.data_ptr(), kv_cache.stride(0),
+        slot_mapping.data_ptr(), torch.get_num_threads())
+    if status:
+        raise IndexError(f"rope_write_kv: a position is outside the rotary tables' {max_position} positions")
+    return q_out
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [n, heads, d] (rows may be strided) -> out [n, heads, d]: each token attends causally to
+    its sequence's context in the paged float32 cache (layout in strata/attention/torch_ref.py)."""
+    n, heads, d = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != d or heads % kv_heads:
+        raise ValueError(f"paged_attention: q must be float32 [n, heads, {d}] with packed heads and heads a "
+                         f"multiple of {kv_heads} KV heads, got {q.dtype} {tuple(q.shape)} strides {q.stride()}")
+    if kv_cache.dtype != torch.float32 or not kv_cache.is_contiguous():
+        raise ValueError(f"paged_attention: the cache must be contiguous float32, got {kv_cache.dtype}")
+    num_seqs = seq_lens.shape[0]
+    tables = block_tables if block_tables.is_contiguous() else block_tables.contiguous()
+    if tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or query_start_loc.dtype != torch.int32:
+        raise ValueError("paged_attention: block_tables, seq_lens and query_start_loc must be int32")
+    out = torch.empty(n, heads, d)
+    status = library().strata_paged_attention(
+        q.data_ptr(), q.stride(0), out.data_ptr(), kv_cache.data_ptr(), kv_cache.stride(0), block_size, heads,
+        kv_heads, d, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
+        num_seqs, scale, torch.get_num_threads())
+    if status:
+        raise MemoryError("paged_attention: no memory for the score buffers")
+    return out
+
+
+def _int64(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if t.dtype != torch.int64 or t.shape != (n,):
+        raise ValueError(f"rope_write_kv: {what} must be int64 [{n}], got {t.dtype} {tuple(t.shape)}")
+    return t if t.is_contiguous() else t.contiguous()

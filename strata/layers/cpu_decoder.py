@@ -1,0 +1,214 @@
+"""A Llama-style decoder layer as one C call on the CPU (strata/kernels/cpu_decoder.c), for steps
+of up to MAX_FUSED_TOKENS tokens (decodes, small prompt chunks).
+
+At decode the eager layer is a dozen module calls, each a few ops with their allocations and
+parallel regions, around a few tens of microseconds of arithmetic per op; the fused layer runs
+the same C pieces in one parallel region (threads meet at a barrier between stages), so its
+output is bit-identical to the module path with strata's CPU kernels. It takes a layer when every
+part has a form it knows: RMSNorms, q/k/v/o and gate/up/down linears held as GGUF segments (4-bit,
+grouped int8, float32) or float32 weights, tensor parallel size 1, rotate-half RoPE (or none),
+SiLU-and-multiply, no q/k norms; and a step when the hidden states are float32 on the CPU and the
+KV cache is float32. Anything else runs the module path unchanged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from strata.forward_context import get_attn_metadata
+from strata.kernels import cpu_ops, use_triton
+
+MAX_FUSED_TOKENS = 64     # decode batches; longer prompt chunks do better on the GEMM path
+_MAX_SEGMENTS = 4         # as STRATA_MAX_SEGMENTS in cpu_decoder.c
+_W4, _W8, _F32 = 1, 2, 3
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _Segment(ctypes.Structure):
+    _fields_ = [("kind", _i64), ("n", _i64), ("group", _i64), ("q", _ptr), ("s", _ptr)]
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("n", _i64), ("k", _i64), ("num_segments", _i64), ("seg", _Segment * _MAX_SEGMENTS),
+                ("bias", _ptr)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
+                ("intermediate", _i64), ("rot_dim", _i64), ("max_position", _i64), ("eps1", _f32),
+                ("eps2", _f32), ("scale", _f32), ("norm1", _ptr), ("norm2", _ptr), ("cos_table", _ptr),
+                ("sin_table", _ptr), ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("m", _i64), ("num_seqs", _i64), ("plane_stride", _i64), ("block_size", _i64),
+                ("bt_stride", _i64), ("positions", _ptr), ("slot_mapping", _ptr), ("kv_cache", _ptr),
+                ("block_tables", _ptr), ("seq_lens", _ptr), ("query_start_loc", _ptr)]
+
+
+def fused_cpu_layer(layer, hidden: torch.Tensor) -> FusedDecoderLayer | None:
+    """The fused form of ``layer`` (a LlamaDecoderLayer) if it takes this step, else None. Built
+    on first use, once the weights are final; a layer it cannot take is remembered as such."""
+    if (hidden.device.type != "cpu" or hidden.dtype != torch.float32 or hidden.shape[0] > MAX_FUSED_TOKENS
+            or use_triton(hidden)):   # STRATA_FORCE_TRITON: the Triton kernels under the interpreter
+        return None
+    fused = layer.__dict__.get("_cpu_fused")
+    if fused is None:
+        fused = layer.__dict__["_cpu_fused"] = FusedDecoderLayer.build(layer) or False
+    if fused is False or not fused.takes_cache():
+        return None
+    return fused
+
+
+class FusedDecoderLayer:
+    def __init__(self, lib: ctypes.CDLL, desc: _Layer, keep: list[torch.Tensor], attn):
+        self.lib, self.desc, self.attn = lib, desc, attn
+        self._keep = keep        # the tensors desc points into
+        self.hidden = desc.hidden
+
+    @classmethod
+    def build(cls, layer) -> FusedDecoderLayer | None:
+        lib = cpu_ops.library()
+        if lib is None:
+            return None
+        try:
+            return cls._describe(lib, layer)
+        except _Unsupported:
+            return None
+
+    @classmethod
+    def _describe(cls, lib, layer) -> FusedDecoderLayer:
+        from strata.layers.activation import SiluAndMul
+        from strata.layers.norm import RMSNorm
+        from strata.layers.rotary import RotaryEmbedding
+        sa, mlp = layer.self_attn, layer.mlp
+        attn, rope = sa.attn, sa.attn.rotary_emb
+        _require(getattr(sa, "q_norm", None) is None and isinstance(mlp.act, SiluAndMul))
+        _require(all(type(n) is RMSNorm and n.weight.dtype == torch.float32 and n.weight.is_contiguous()
+                     for n in (layer.input_layernorm, layer.post_attention_layernorm)))
+        _require(rope is None or (type(rope) is RotaryEmbedding and rope.cos_cached.dtype == torch.float32))
+        _require(attn.num_heads % attn.num_kv_heads == 0)
+        keep: list[torch.Tensor] = []
+        desc = _Layer(hidden=layer.input_layernorm.weight.shape[0], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
+                      head_dim=attn.head_dim, intermediate=mlp.down_proj.in_features,
+                      rot_dim=rope.rot_dim if rope else 0, max_position=rope.cos_cached.shape[0] if rope else 0,
+                      eps1=layer.input_layernorm.eps, eps2=layer.post_attention_layernorm.eps, scale=attn.scale,
+                      norm1=_ptr_of(layer.input_layernorm.weight, keep),
+                      norm2=_ptr_of(layer.post_attention_layernorm.weight, keep),
+                      cos_table=_ptr_of(rope.cos_cached, keep) if rope else None,
+                      sin_table=_ptr_of(rope.sin_cached, keep) if rope else None)
+        H, I = desc.hidden, desc.intermediate
+        q_size, kv_size = desc.heads * desc.head_dim, desc.kv_heads * desc.head_dim
+        for name, module, n, k in (("qkv", sa.qkv_proj, q_size + 2 * kv_size, H), ("o", sa.o_proj, H, q_size),
+                                   ("gate_up", mlp.gate_up_proj, 2 * I, H), ("down", mlp.down_proj, H, I)):
+            setattr(desc, name, _linear(module, n, k, keep))
+        return cls(lib, desc, keep, attn)
+
+    def takes_cache(self) -> bool:
+        cache = self.attn.kv_cache
+        return (cache is not None and self.attn.kv_scales is None and cache.dtype == torch.float32
+                and cache.is_contiguous())
+
+    def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """(mlp output, new residual), as LlamaDecoderLayer.forward returns them."""
+        meta = get_attn_metadata()
+        step = _step_state(meta, positions, hidden.shape[0], self, self.lib)
+        cache = self.attn.kv_cache
+        step.desc.kv_cache, step.desc.plane_stride, step.desc.block_size = cache.data_ptr(), cache.stride(0), cache.shape[2]
+        hidden = hidden if hidden.is_contiguous() else hidden.contiguous()
+        out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
+        if residual is not None and not residual.is_contiguous():
+            residual = residual.contiguous()
+        status = self.lib.strata_decoder_layer(
+            ctypes.byref(self.desc), ctypes.byref(step.desc), hidden.data_ptr(),
+            None if residual is None else residual.data_ptr(), new_residual.data_ptr(), out.data_ptr(),
+            step.workspace(self), step.threads)
+        if status == 1:
+            raise IndexError(f"a position is outside the rotary tables' {self.desc.max_position} positions")
+        if status:
+            raise MemoryError("fused decoder layer: no memory for the attention buffers")
+        return out, new_residual
+
+
+class _StepState:
+    """What every fused layer of one step shares: the step descriptor and a workspace."""
+
+    def __init__(self, meta, positions: torch.Tensor, m: int, lib):
+        self.lib = lib
+        tables = meta.block_tables if meta.block_tables.is_contiguous() else meta.block_tables.contiguous()
+        self.keep = [positions.contiguous(), meta.slot_mapping.contiguous(), tables, meta.seq_lens,
+                     meta.query_start_loc]
+        for t, dtype in zip(self.keep, (torch.int64, torch.int64, torch.int32, torch.int32, torch.int32)):
+            if t.dtype != dtype:
+                raise ValueError(f"fused decoder layer: step metadata must be {dtype}, got {t.dtype}")
+        self.desc = _Step(m=m, num_seqs=meta.seq_lens.shape[0], bt_stride=tables.stride(0),
+                          positions=self.keep[0].data_ptr(), slot_mapping=self.keep[1].data_ptr(),
+                          block_tables=tables.data_ptr(), seq_lens=meta.seq_lens.data_ptr(),
+                          query_start_loc=meta.query_start_loc.data_ptr())
+        self.threads = torch.get_num_threads()
+        self._work: torch.Tensor | None = None
+        self._need: dict[int, int] = {}      # floats of workspace, by id of the layer's descriptor
+
+    def workspace(self, layer: FusedDecoderLayer) -> int:
+        need = self._need.get(id(layer.desc))
+        if need is None:
+            need = self._need[id(layer.desc)] = self.lib.strata_decoder_workspace(
+                ctypes.byref(layer.desc), self.desc.m, self.threads)
+        if self._work is None or self._work.numel() < need:
+            self._work = torch.empty(need)
+        return self._work.data_ptr()
+
+
+def _step_state(meta, positions, m: int, layer: FusedDecoderLayer, lib) -> _StepState:
+    state = meta.__dict__.get("_cpu_fused_step")
+    if state is None or state.desc.m != m:
+        state = meta.__dict__["_cpu_fused_step"] = _StepState(meta, positions, m, lib)
+    return state
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _require(ok: bool) -> None:
+    if not ok:
+        raise _Unsupported
+
+
+def _ptr_of(t: torch.Tensor, keep: list) -> int:
+    _require(t.device.type == "cpu" and t.is_contiguous())
+    keep.append(t)
+    return t.data_ptr()
+
+
+def _linear(module, n: int, k: int, keep: list) -> _Linear:
+    """The segments of a linear layer's weight, rows stacked, as cpu_decoder.c reads them."""
+    from strata.quant.base import UnquantizedLinearMethod
+    from strata.quant.gguf import DenseSegment, Int4Segment, Int8Segment
+    _require(getattr(module, "tp_size", 1) == 1 and module.out_features == n and module.in_features == k)
+    bias = getattr(module, "bias", None)
+    _require(bias is None or bias.dtype == torch.float32)
+    if isinstance(module.quant_method, UnquantizedLinearMethod):
+        segments = [module]
+    else:
+        segments = list(getattr(module, "gguf_segments", None) or [])
+        _require(bool(segments))
+    _require(len(segments) <= _MAX_SEGMENTS)
+    desc = _Linear(n=n, k=k, num_segments=len(segments), bias=_ptr_of(bias, keep) if bias is not None else None)
+    for i, seg in enumerate(segments):
+        if isinstance(seg, Int4Segment) and not seg.on_triton:
+            rows, q, s, group, kind = seg.qweight.shape[0], seg.qweight, seg.scale_min, 32, _W4
+        elif isinstance(seg, Int8Segment):
+            rows, q, s, kind = seg.qweight.shape[0], seg.qweight, seg.scales, _W8
+            group = k // seg.scales.shape[1]
+        elif isinstance(seg, DenseSegment) or seg is module:
+            _require(seg.weight.dtype == torch.float32)
+            rows, q, s, group, kind = seg.weight.shape[0], seg.weight, None, 0, _F32
+        else:
+            raise _Unsupported
+        desc.seg[i] = _Segment(kind=kind, n=rows, group=group, q=_ptr_of(q, keep),
+                               s=_ptr_of(s, keep) if s is not None else None)
+    _require(sum(desc.seg[i].n for i in range(len(segments))) == n)
+    return desc

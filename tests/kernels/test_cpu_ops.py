@@ -1,0 +1,121 @@
+"""strata's CPU kernels (cpu_ops.c) against the torch code they replace, on fresh random inputs.
+
+The rotation and the cache write are exact (same operations in the same order); the norm,
+softmax and SiLU sum or exponentiate in another order or with another exp, so they agree to a few
+float32 ulps (tolerances below)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from strata.attention import torch_ref
+from strata.attention.backend import AttentionMetadata
+from strata.kernels import cpu_ops
+from strata.layers.norm import RMSNorm
+from strata.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(cpu_ops.library() is None, reason="strata's CPU kernels could not be built")
+
+
+@pytest.mark.parametrize("n, d", [(1, 576), (5, 64), (300, 576), (3, 13)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(n, d, with_residual):
+    norm = RMSNorm(d, eps=1e-5)
+    norm.weight.data = torch.randn(d)
+    x, residual = torch.randn(n, d) * 3, torch.randn(n, d)
+    want = norm._norm(x + residual if with_residual else x)
+    got = cpu_ops.rms_norm(x, norm.weight, norm.eps, residual if with_residual else None)
+    if with_residual:
+        got, new_residual = got
+        assert torch.equal(new_residual, x + residual)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 2 * 1536), (37, 2 * 24), (2, 2 * 5)])
+def test_silu_and_mul_matches_torch(shape):
+    x = torch.randn(shape) * 6
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -88.5])   # exp's clamped ends
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
+
+
+def _cache(num_blocks, block_size, kv_heads, d):
+    return torch.zeros(2, num_blocks, block_size, kv_heads, d)
+
+
+@pytest.mark.parametrize("rot_dim", [64, 32, None])
+def test_rope_write_kv_is_exact(rot_dim):
+    n, heads, kv_heads, d, block_size = 7, 9, 3, 64, 4
+    rope = RotaryEmbedding(d, 256, 10000.0, rot_dim=rot_dim) if rot_dim else None
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k, v = q.view(n, heads, d), k.view(n, kv_heads, d), v.view(n, kv_heads, d)
+    positions = torch.tensor([0, 1, 2, 200, 31, 5, 6])
+    slots = torch.randperm(8 * block_size)[:n]
+    want_q, want_k = rope(positions, q, k) if rope else (q.clone(), k)
+    want_cache = _cache(8, block_size, kv_heads, d)
+    torch_ref.write_kv(want_cache, want_k, v, slots)
+    cache = _cache(8, block_size, kv_heads, d)
+    got_q = cpu_ops.rope_write_kv(q, k, v, positions if rope else None, rope.cos_cached if rope else None,
+                                  rope.sin_cached if rope else None, cache, slots)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(cache, want_cache)
+
+
+def _metadata(seqs, block_size, num_blocks):
+    """seqs: (context length after the step, query length) per sequence, random block tables."""
+    perm = torch.randperm(num_blocks).tolist()
+    tables, slots, starts = [], [], [0]
+    for ctx, q_len in seqs:
+        blocks = [perm.pop() for _ in range(-(-ctx // block_size))]
+        tables.append(blocks)
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(ctx - q_len, ctx)]
+        starts.append(starts[-1] + q_len)
+    width = max(len(t) for t in tables)
+    q_lens = [q for _, q in seqs]
+    return AttentionMetadata(
+        num_tokens=starts[-1], slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        seq_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32), seq_lens_cpu=[c for c, _ in seqs],
+        query_lens_cpu=q_lens, query_start_loc_cpu=starts, block_size=block_size,
+        decode_rows=[r for r, q in enumerate(q_lens) if q == 1],
+        prefill_rows=[r for r, q in enumerate(q_lens) if q != 1], max_query_len=max(q_lens))
+
+
+@pytest.mark.parametrize("seqs", [
+    [(1, 1)], [(37, 1), (5, 1), (16, 1)],            # decodes
+    [(40, 40)], [(30, 7), (9, 9)],                     # prompts, one with a cached prefix
+    [(33, 1), (20, 20), (17, 1), (50, 3)],             # mixed
+])
+@pytest.mark.parametrize("heads, kv_heads, d", [(9, 3, 64), (4, 4, 24)])
+def test_paged_attention_matches_torch(seqs, heads, kv_heads, d):
+    block_size = 8
+    meta = _metadata(seqs, block_size, 64)
+    cache = torch.randn(2, 64, block_size, kv_heads, d)
+    q = torch.randn(meta.num_tokens, heads + 2 * kv_heads, d)[:, :heads]   # strided rows, as from qkv
+    want = torch_ref.paged_attention(q, cache, meta, d ** -0.5)
+    got = cpu_ops.paged_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, d ** -0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_wrappers_reject_wrong_inputs():
+    with pytest.raises(ValueError, match="float32"):
+        cpu_ops.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="weight must be float32 \\[8\\]"):
+        cpu_ops.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
+    cache = _cache(2, 4, 1, 8)
+    with pytest.raises(ValueError, match="heads a multiple of 2 KV heads"):
+        cpu_ops.paged_attention(torch.randn(1, 3, 8), _cache(2, 4, 2, 8), torch.zeros(1, 1, dtype=torch.int32),
+                                torch.ones(1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), 1.0)
+    rope = RotaryEmbedding(8, 16, 10000.0)
+    x = torch.randn(1, 1, 8)
+    with pytest.raises(IndexError, match="outside the rotary tables' 16 positions"):
+        cpu_ops.rope_write_kv(x, x, x, torch.tensor([16]), rope.cos_cached, rope.sin_cached, cache,
+                              torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="slot_mapping must be int64"):
+        x = torch.randn(1, 1, 8)
+        cpu_ops.rope_write_kv(x, x, x, torch.zeros(1, dtype=torch.int64), None, None, cache,
+                              torch.zeros(1, dtype=torch.int32))
