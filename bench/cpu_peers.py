@@ -171,7 +171,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024, help="most tokens of one sequence, prompt included")
     args = ap.parse_args()
     if args.engine == "strata-reference":
-        os.environ["STRATA_QUANT_REFERENCE"] = "1"   # dequantized fp32 weights: strata's reference path
+        # strata's fp32 reference path: every weight dequantized at load, only torch ops.
+        os.environ["STRATA_QUANT_REFERENCE"] = os.environ["STRATA_DISABLE_CPU_KERNELS"] = "1"
     # Engines' own prints (strata's startup line) go to stderr: stdout carries the answers.
     real_stdout, sys.stdout = sys.stdout, sys.stderr
     t0 = time.perf_counter()

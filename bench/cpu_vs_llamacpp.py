@@ -13,8 +13,9 @@ one computes at a time, the order rotates every round, and every figure is the m
 The CPU that other processes took during each measurement is recorded beside it (the machine is
 shared): compare figures only where that is near zero.
 
-Also checked in the same run: strata's greedy tokens with the GGUF weights kept packed equal those
-of its fp32 reference path (STRATA_QUANT_REFERENCE=1: every weight dequantized at load).
+Also checked in the same run: strata's greedy tokens (GGUF weights kept packed, C kernels) equal
+those of its fp32 reference path (STRATA_QUANT_REFERENCE=1 and STRATA_DISABLE_CPU_KERNELS=1: every
+weight dequantized at load, only torch ops).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def measure(workers: dict[str, Worker], tasks: dict, runs: int) -> dict:
 
 
 def greedy_check(args, tasks: dict, results: dict, log_dir: Path) -> list[str]:
-    """strata packed vs strata's reference path (fp32, dequantized weights) on the decode tasks."""
+    """strata's fast path vs its reference path (fp32 dequantized weights, torch ops) on the decode tasks."""
     reference = Worker("strata fp32 reference", "strata-reference", sys.executable, args, log_dir)
     lines = []
     try:
@@ -195,7 +196,7 @@ def report(args, workers: dict, tasks: dict, results: dict, greedy: list[str], l
         target = targets.get(metric)
         met = "" if target is None else f"{target}x: {'met' if med['strata'] / med['llamacpp'] >= target else 'not met'}"
         print(f"| {metric} | {' | '.join(f'{med[n]:.1f}' for n in names)} | {ratios} | {met} | {other:.2f} |")
-    print("\nGreedy check, strata with GGUF weights packed vs STRATA_QUANT_REFERENCE=1:")
+    print("\nGreedy check, strata vs its fp32 reference path (STRATA_QUANT_REFERENCE=1 STRATA_DISABLE_CPU_KERNELS=1):")
     for line in greedy:
         print(f"- {line}")
 
