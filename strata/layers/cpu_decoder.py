@@ -109,7 +109,7 @@ class FusedDecoderLayer:
     def takes_cache(self) -> bool:
         cache = self.attn.kv_cache
         return (cache is not None and self.attn.kv_scales is None and cache.dtype == torch.float32
-                and cache.is_contiguous())
+                and cache.is_contiguous() and not getattr(self.attn, "kv_on_host", False))
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """(mlp output, new residual), as LlamaDecoderLayer.forward returns them."""
