@@ -29,6 +29,9 @@
 #ifndef W4_BLOCK_MIN_ROWS
 #define W4_BLOCK_MIN_ROWS 4   /* from this many rows of x, w4 uses w4_block (AVX2 builds) */
 #endif
+#ifndef W8_BLOCK_MIN_ROWS
+#define W8_BLOCK_MIN_ROWS 8   /* and w8 w8_block: at 4 rows w8_rows was faster (one thread, CPU time) */
+#endif
 
 void strata_group_sums(const float *x, int64_t m, int64_t k, float *xsum) {
     for (int64_t i = 0; i < m; i++)
@@ -128,6 +131,38 @@ static void w4_block_rows(const float *x, int64_t rows, int64_t k, const uint8_t
 }
 #define HAVE_W4_BLOCK 1
 
+/* The same for grouped int8 (the LM head of a batch): w = q * scale dequantized once per 8 values,
+ * one FMA per row of x. */
+static inline __attribute__((always_inline)) void
+w8_block(const int ROWS, const float *x, int64_t k, const int8_t *q, const float *scales, int64_t group,
+         float *y, int64_t n_total) {
+    __m256 acc[BLOCK_ROWS];
+    for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < k / group; g++) {
+        __m256 scale = _mm256_set1_ps(scales[g]);
+        for (int64_t j = g * group; j < (g + 1) * group; j += 8) {
+            __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j)))),
+                                     scale);
+            for (int i = 0; i < ROWS; i++) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + j), w, acc[i]);
+        }
+    }
+    for (int i = 0; i < ROWS; i++) y[i * n_total] = hsum(acc[i]);
+}
+
+static void w8_block_rows(const float *x, int64_t rows, int64_t k, const int8_t *q, const float *scales,
+                          int64_t group, float *y, int64_t n_total) {
+    switch (rows) {
+    case 1: w8_block(1, x, k, q, scales, group, y, n_total); break;
+    case 2: w8_block(2, x, k, q, scales, group, y, n_total); break;
+    case 3: w8_block(3, x, k, q, scales, group, y, n_total); break;
+    case 4: w8_block(4, x, k, q, scales, group, y, n_total); break;
+    case 5: w8_block(5, x, k, q, scales, group, y, n_total); break;
+    case 6: w8_block(6, x, k, q, scales, group, y, n_total); break;
+    case 7: w8_block(7, x, k, q, scales, group, y, n_total); break;
+    default: w8_block(8, x, k, q, scales, group, y, n_total); break;
+    }
+}
+
 static inline __attribute__((always_inline)) void
 w8_rows(const int ROWS, const float *x, int64_t k, const int8_t *q, const float *scales,
         int64_t group, float *y, int64_t n_total) {
@@ -220,42 +255,51 @@ static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, con
 }
 #endif
 
+/* The row kernels write y[i * ldy + r] for the rows i of x they take: with ldy a multiple of 1024
+ * floats (gate_up's 3072, a 49152-row LM head) every row's store lands in the same L1 set and more
+ * than 8 rows thrash it. So W's rows go in tiles: within a tile, each block of x's rows runs
+ * over the tile's consecutive r (stores along a row of y), and the tile stays in cache for the
+ * next block. The order of the arithmetic for each output is unchanged. */
+#define W_TILE_ROWS 64
+
+#define FOR_TILES(BLOCK, BODY)                                                               \
+    for (int64_t t0 = r0; t0 < r1; t0 += W_TILE_ROWS) {                                      \
+        int64_t t1 = t0 + W_TILE_ROWS < r1 ? t0 + W_TILE_ROWS : r1;                          \
+        for (int64_t i0 = 0; i0 < m; i0 += (BLOCK)) {                                        \
+            int64_t rows = m - i0 < (BLOCK) ? m - i0 : (BLOCK);                              \
+            for (int64_t r = t0; r < t1; r++) { BODY; }                                      \
+        }                                                                                    \
+    }
+
 void strata_w4_range(const float *x, const float *xsum, int64_t m, int64_t k, const uint8_t *q,
                      const float *scale_min, float *y, int64_t ldy, int64_t r0, int64_t r1) {
 #ifdef HAVE_W4_BLOCK
     if (m >= W4_BLOCK_MIN_ROWS) {
-        for (int64_t r = r0; r < r1; r++)
-            for (int64_t i0 = 0; i0 < m; i0 += BLOCK_ROWS) {
-                int64_t rows = m - i0 < BLOCK_ROWS ? m - i0 : BLOCK_ROWS;
-                w4_block_rows(x + i0 * k, rows, k, q + r * (k / 2), scale_min + r * (k / 16), y + i0 * ldy + r, ldy);
-            }
+        FOR_TILES(BLOCK_ROWS, w4_block_rows(x + i0 * k, rows, k, q + r * (k / 2), scale_min + r * (k / 16),
+                                            y + i0 * ldy + r, ldy))
         return;
     }
 #endif
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t i0 = 0; i0 < m; i0 += ROWS_PER_PASS) {
-            int64_t rows = m - i0 < ROWS_PER_PASS ? m - i0 : ROWS_PER_PASS;
-            w4_row(x + i0 * k, xsum + i0 * (k / 32), rows, k, q + r * (k / 2), scale_min + r * (k / 16),
-                   y + i0 * ldy + r, ldy);
-        }
+    FOR_TILES(ROWS_PER_PASS, w4_row(x + i0 * k, xsum + i0 * (k / 32), rows, k, q + r * (k / 2),
+                                    scale_min + r * (k / 16), y + i0 * ldy + r, ldy))
 }
 
 void strata_w8_range(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,
                      int64_t group, float *y, int64_t ldy, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t i0 = 0; i0 < m; i0 += ROWS_PER_PASS) {
-            int64_t rows = m - i0 < ROWS_PER_PASS ? m - i0 : ROWS_PER_PASS;
-            w8_row(x + i0 * k, rows, k, q + r * k, scales + r * (k / group), group, y + i0 * ldy + r, ldy);
-        }
+#ifdef HAVE_W4_BLOCK
+    if (m >= W8_BLOCK_MIN_ROWS) {
+        FOR_TILES(BLOCK_ROWS, w8_block_rows(x + i0 * k, rows, k, q + r * k, scales + r * (k / group), group,
+                                            y + i0 * ldy + r, ldy))
+        return;
+    }
+#endif
+    FOR_TILES(ROWS_PER_PASS, w8_row(x + i0 * k, rows, k, q + r * k, scales + r * (k / group), group,
+                                    y + i0 * ldy + r, ldy))
 }
 
 void strata_f32_range(const float *x, int64_t m, int64_t k, const float *w, float *y, int64_t ldy,
                       int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
-        for (int64_t i0 = 0; i0 < m; i0 += ROWS_PER_PASS) {
-            int64_t rows = m - i0 < ROWS_PER_PASS ? m - i0 : ROWS_PER_PASS;
-            f32_row(x + i0 * k, rows, k, w + r * k, y + i0 * ldy + r, ldy);
-        }
+    FOR_TILES(ROWS_PER_PASS, f32_row(x + i0 * k, rows, k, w + r * k, y + i0 * ldy + r, ldy))
 }
 
 /* Each thread takes a contiguous share of W's rows. */
