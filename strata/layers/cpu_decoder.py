@@ -67,6 +67,7 @@ class FusedDecoderLayer:
         self.lib, self.desc, self.attn = lib, desc, attn
         self._keep = keep        # the tensors desc points into
         self.hidden = desc.hidden
+        self._workspace_floats: dict[tuple[int, int], int] = {}   # (tokens, threads) -> floats
 
     @classmethod
     def build(cls, layer) -> FusedDecoderLayer | None:
@@ -121,19 +122,29 @@ class FusedDecoderLayer:
         out, new_residual = torch.empty_like(hidden), torch.empty_like(hidden)
         if residual is not None and not residual.is_contiguous():
             residual = residual.contiguous()
+        # A workspace per call, freed with it: held for the step (or per micro-batch of an
+        # offloaded step) it would add to the activations the offload policy counts.
+        work = torch.empty(self._workspace_size(hidden.shape[0], step.threads))
         status = self.lib.strata_decoder_layer(
             ctypes.byref(self.desc), ctypes.byref(step.desc), hidden.data_ptr(),
             None if residual is None else residual.data_ptr(), new_residual.data_ptr(), out.data_ptr(),
-            step.workspace(self), step.threads)
+            work.data_ptr(), step.threads)
         if status == 1:
             raise IndexError(f"a position is outside the rotary tables' {self.desc.max_position} positions")
         if status:
             raise MemoryError("fused decoder layer: no memory for the attention buffers")
         return out, new_residual
 
+    def _workspace_size(self, m: int, threads: int) -> int:
+        size = self._workspace_floats.get((m, threads))
+        if size is None:
+            size = self._workspace_floats[m, threads] = self.lib.strata_decoder_workspace(
+                ctypes.byref(self.desc), m, threads)
+        return size
+
 
 class _StepState:
-    """What every fused layer of one step shares: the step descriptor and a workspace."""
+    """What every fused layer of one step shares: the step descriptor."""
 
     def __init__(self, meta, positions: torch.Tensor, m: int, lib):
         self.lib = lib
@@ -148,17 +159,6 @@ class _StepState:
                           block_tables=tables.data_ptr(), seq_lens=meta.seq_lens.data_ptr(),
                           query_start_loc=meta.query_start_loc.data_ptr())
         self.threads = torch.get_num_threads()
-        self._work: torch.Tensor | None = None
-        self._need: dict[int, int] = {}      # floats of workspace, by id of the layer's descriptor
-
-    def workspace(self, layer: FusedDecoderLayer) -> int:
-        need = self._need.get(id(layer.desc))
-        if need is None:
-            need = self._need[id(layer.desc)] = self.lib.strata_decoder_workspace(
-                ctypes.byref(layer.desc), self.desc.m, self.threads)
-        if self._work is None or self._work.numel() < need:
-            self._work = torch.empty(need)
-        return self._work.data_ptr()
 
 
 def _step_state(meta, positions, m: int, layer: FusedDecoderLayer, lib) -> _StepState:
