@@ -137,12 +137,13 @@ def make_tasks(args, tokens: list[int]) -> dict[str, dict]:
 
 def measure(workers: dict[str, Worker], tasks: dict, runs: int) -> dict:
     """results[metric][engine] = list of (tok/s, other CPU, tokens); engines alternate, the first
-    rotating each round; one warm-up task per engine and metric is not counted."""
+    rotating each round. Before the rounds each engine runs every task once at 4 new tokens,
+    uncounted: first-use work (llama.cpp's contexts, strata's fused layers, page faults)."""
     results = {metric: {name: [] for name in workers} for metric in tasks}
     names = list(workers)
     for metric, (task, _) in tasks.items():
         for name in names:
-            workers[name].run(task)
+            workers[name].run(dict(task, max_tokens=min(4, task.get("max_tokens", 1))))
     for r in range(runs):
         order = names[r % len(names):] + names[: r % len(names)]
         for metric, (task, counted) in tasks.items():
