@@ -70,7 +70,7 @@ class _Adopter:
             original(param, loaded, shard_id)
         rows = None
         if shard_id is not None and original is not None:
-            rows = _rows_of_shard(original, param, loaded, shard_id)
+            rows = rows_of_shard(original, param, loaded, shard_id)
         if hf_param is not None and rows is not None and _same_layout(param[rows], hf_param):
             hf_param.data = param.data[rows]
             self.report.repointed.append(hf_name)
@@ -87,7 +87,7 @@ def _same_layout(param: torch.Tensor, tensor: torch.Tensor) -> bool:
             and param.device == tensor.device)
 
 
-def _rows_of_shard(loader: Callable, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> slice | None:
+def rows_of_shard(loader: Callable, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> slice | None:
     """Where the fused loader put the whole of ``loaded`` along dim 0, or None if it took only a
     slice (tensor parallelism) or scattered it.
 

@@ -72,7 +72,9 @@ def describe_checkpoint(checkpoint: dict | None) -> str | None:
         return None
     if checkpoint.get("quant_method") == "strata":
         group = checkpoint.get("group_size")
-        return f"strata {checkpoint.get('format')}" + (f", groups of {group}" if group else ", per channel")
+        calibrated = ", GPTQ-calibrated" if (checkpoint.get("calibration") or {}).get("method") == "gptq" else ""
+        return (f"strata {checkpoint.get('format')}" + (f", groups of {group}" if group else ", per channel")
+                + calibrated)
     if checkpoint.get("quant_method") == "gptq":
         from strata.quant.gptq import GPTQConfig
         try:

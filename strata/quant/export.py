@@ -5,6 +5,11 @@ The linears quantized are the ones ``LLM(model, quantization=...)`` would quanti
 built on the meta device with that method to find them), with the same round-to-nearest
 functions, so loading the result gives the same codes without the float weights. Tensors stream
 through one at a time: memory stays near one output shard.
+
+With a ``CalibrationConfig`` the codes come from GPTQ instead (strata.quant.calibrate): the
+float model is loaded whole and run on the calibration text first, then the same stream writes
+each linear's GPTQ codes (rows sliced out of fused q/k/v and gate/up) in the same layout, so
+the result loads with the same method as a round-to-nearest checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from safetensors.torch import save_file
 
 from strata.config import LoadConfig, QuantConfig
 from strata.quant import make_quant_method
+from strata.quant.calibrate import CalibrationConfig
+from strata.quant.calibrate import describe as describe_calibration
 from strata.quant.int4 import pack_nibbles, quantize_int4
 from strata.quant.int8 import quantize_int8
 from strata.quant.packed import checkpoint_spec
@@ -44,7 +51,9 @@ class ExportSummary:
 
 def quantize_checkpoint(model: str | Path, out_dir: str | Path, method: str,
                         group_size: int | None = None, max_shard_bytes: int = 4 * 2**30,
-                        progress: bool = False) -> ExportSummary:
+                        progress: bool = False,
+                        calibration: CalibrationConfig | None = None) -> ExportSummary:
+    """calibration: quantize with GPTQ on the built-in calibration text (None: round to nearest)."""
     from strata.loader import model_loader
     t0 = time.perf_counter()
     quant = QuantConfig(method, group_size)   # validates the pair
@@ -53,7 +62,11 @@ def quantize_checkpoint(model: str | Path, out_dir: str | Path, method: str,
         raise ValueError(f"{source.name} is already quantized ({source.quantization}); "
                          "strata quantize reads float checkpoints or GGUF files")
     out_dir = _prepare_out_dir(Path(out_dir), source.path)
-    quantized, target = _quantized_linears(source, quant)
+    quantized, target, params = _quantized_linears(source, quant)
+    pack = lambda hit, tensor: _pack(tensor, quant)
+    if calibration is not None:
+        gptq = _calibrate(source, quant, quantized, calibration, progress)
+        pack = lambda hit, tensor: _pack_calibrated(gptq[hit[0]], params[hit[0]], tensor, hit[1])
     writer = _ShardWriter(out_dir, max_shard_bytes)
     counts = [0, 0, 0]   # quantized, kept, bytes in
     for name, tensor in _float_tensors(source, progress):
@@ -61,7 +74,7 @@ def quantize_checkpoint(model: str | Path, out_dir: str | Path, method: str,
         hit = target(name)
         if hit is not None and hit[0] in quantized and name.endswith(".weight"):
             prefix = name.removesuffix(".weight")
-            for suffix, packed in _pack(tensor, quant).items():
+            for suffix, packed in pack(hit, tensor).items():
                 writer.add(f"{prefix}.{suffix}", packed)
             counts[0] += 1
         else:
@@ -70,6 +83,8 @@ def quantize_checkpoint(model: str | Path, out_dir: str | Path, method: str,
     shards = writer.close()
     config = dict(source.hf_config)
     config["quantization_config"] = checkpoint_spec(quant.method, quant.group_size)
+    if calibration is not None:
+        config["quantization_config"]["calibration"] = describe_calibration(calibration)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     tokenizer = _write_tokenizer(source, out_dir)
     return ExportSummary(out_dir, counts[0], counts[1], counts[2], writer.bytes_written, shards,
@@ -89,7 +104,8 @@ def _prepare_out_dir(out_dir: Path, source_path: Path | None) -> Path:
 
 def _quantized_linears(source, quant: QuantConfig):
     """(strata parameter names of the linears LLM(..., quantization=quant) quantizes, the
-    model's checkpoint name -> (parameter name, shard id) map), from a model on the meta device."""
+    model's checkpoint name -> (parameter name, shard id) map, its parameters by name), from a
+    model on the meta device."""
     from strata.loader.model_loader import model_config_for
     from strata.models.registry import get_model_class
     cfg = model_config_for(source, torch.float32)
@@ -98,7 +114,7 @@ def _quantized_linears(source, quant: QuantConfig):
         model = get_model_class(cfg.architecture)(cfg, quant=method)
     names = {f"{name}.weight" for name, module in model.named_modules()
              if getattr(module, "quant_method", None) is method}
-    return names, model.checkpoint_target
+    return names, model.checkpoint_target, dict(model.named_parameters())
 
 
 def _float_tensors(source, progress: bool):
@@ -117,6 +133,44 @@ def _pack(weight: torch.Tensor, quant: QuantConfig) -> dict[str, torch.Tensor]:
         return {"qweight": codes, "scales": scales}
     codes, scales, mins = quantize_int4(weight.float(), quant.group_size)
     return {"qweight": pack_nibbles(codes), "scales": scales, "mins": mins}
+
+
+def _calibrate(source, quant: QuantConfig, linear_names: set[str], calibration: CalibrationConfig,
+               progress: bool) -> dict:
+    """GPTQ codes of every linear to quantize, from the float model on the CPU (float32)."""
+    from strata.loader.model_loader import build_model, model_config_for
+    from strata.quant.calibrate import calibration_windows, gptq_model
+    windows = calibration_windows(_source_tokenizer(source), calibration)
+    model = build_model(source, model_config_for(source, torch.float32), LoadConfig(),
+                        torch.device("cpu"), keep_gguf_packed=False)
+    return gptq_model(model, windows, linear_names, quant.method, quant.group_size, calibration,
+                      progress)
+
+
+def _source_tokenizer(source):
+    from strata.tokenizer import Tokenizer
+    if source.kind == "gguf":
+        if "tokenizer.ggml.tokens" not in source.gguf.metadata:
+            raise ValueError(f"{source.name} embeds no vocabulary: calibration needs the tokenizer")
+        return Tokenizer.from_gguf_metadata(source.gguf.metadata)
+    if not (source.path / "tokenizer.json").is_file():
+        raise ValueError(f"{source.path} has no tokenizer.json: calibration needs the tokenizer")
+    return Tokenizer.from_dir(source.path)
+
+
+def _pack_calibrated(result, param, tensor: torch.Tensor, shard_id) -> dict[str, torch.Tensor]:
+    """The rows of a fused linear's GPTQ codes that are this checkpoint tensor, stored as _pack
+    stores them."""
+    from strata.loader.hf_model import rows_of_shard
+    rows = slice(None)
+    if shard_id is not None:
+        rows = rows_of_shard(param.weight_loader, param, tensor, shard_id)
+        if rows is None:
+            raise ValueError(f"cannot locate part {shard_id!r} of a fused linear in its parameter")
+    if result.mins is None:
+        return {"qweight": result.codes[rows].contiguous(), "scales": result.scales[rows].contiguous()}
+    return {"qweight": pack_nibbles(result.codes[rows]), "scales": result.scales[rows].contiguous(),
+            "mins": result.mins[rows].contiguous()}
 
 
 class _ShardWriter:
