@@ -30,23 +30,23 @@ _SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "
                  "lib2to3", "turtledemo", "__pycache__"}
 
 
-def calibration_text(max_chars: int) -> str:
+def calibration_text(max_chars: int, paragraphs_per_file: int = 12) -> str:
     """At least the first ``max_chars`` characters' worth of whole prose paragraphs of the stdlib's
-    docstrings (fewer only if the stdlib runs out), joined by blank lines."""
+    docstrings (fewer only if the stdlib runs out), joined by blank lines. At most
+    ``paragraphs_per_file`` from each file, so that a few big modules (``_pydecimal`` alone has
+    hundreds of near-identical "Returns the ..." paragraphs) do not make up the whole text."""
     if not isinstance(max_chars, int) or isinstance(max_chars, bool) or max_chars < 1:
         raise ValueError(f"max_chars must be a positive int, got {max_chars!r}")
     held_out = set(english_eval_text(max_chars=10**9).split("\n\n"))
     kept: list[str] = []
     size = 0
     for path in _stdlib_sources():
-        for docstring in _docstrings(path):
-            for paragraph in _prose_paragraphs(docstring):
-                if paragraph in held_out:
-                    continue
-                kept.append(paragraph)
-                size += len(paragraph) + 2
-                if size >= max_chars:
-                    return "\n\n".join(kept)
+        paragraphs = (p for doc in _docstrings(path) for p in _prose_paragraphs(doc) if p not in held_out)
+        for _, paragraph in zip(range(paragraphs_per_file), paragraphs):
+            kept.append(paragraph)
+            size += len(paragraph) + 2
+            if size >= max_chars:
+                return "\n\n".join(kept)
     return "\n\n".join(kept)
 
 

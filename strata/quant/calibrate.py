@@ -6,11 +6,12 @@ docstrings, disjoint from the perplexity text) through the same embed / layer_fo
 split the layer loop uses. For each decoder layer in turn:
 
 1. its inputs (the outputs of the layers before it, *already quantized*: the paper's sequential
-   rule, so each layer compensates the error of the ones before) run through it once while a
-   hook on every quantized linear sums that linear's input Hessian X^T X;
-2. each of its linears is quantized by GPTQ (strata.quant.gptq_solver) and its float weight
-   replaced by the quantized values, exactly what the written checkpoint will compute;
-3. the inputs run through the quantized layer again and become the next layer's inputs.
+   rule, so each layer compensates the error of the ones before) run through it up to its first
+   linear while a hook sums that linear's input Hessian X^T X;
+2. that linear is quantized by GPTQ (strata.quant.gptq_solver) and its float weight replaced by
+   the quantized values, exactly what the written checkpoint will compute; then the next
+   linear's Hessian is summed the same way, with the ones before it quantized, and so on;
+3. the inputs run through the quantized layer once more and become the next layer's inputs.
 
 Fused linears (q/k/v, gate/up) share their input, hence their Hessian, and GPTQ treats output
 rows independently, so quantizing the fused matrix equals quantizing each part on its own; the
@@ -37,6 +38,7 @@ class CalibrationConfig:
     seq_len: int = 512          # tokens per window, each an independent sequence
     act_order: bool = False     # quantize columns by decreasing Hessian diagonal
     damp: float = 0.01          # added to the Hessian diagonal, as a fraction of its mean
+    range_search: bool = False  # int4: each group's range by least squared rounding error
     chunk_tokens: int = 4096    # tokens run through a layer at once (bounds activation memory)
 
     def __post_init__(self):
@@ -85,10 +87,12 @@ def gptq_model(model: nn.Module, windows: list[list[int]], linear_names: set[str
         for layer in layers:
             targets = {names[m]: m for m in layer.modules()
                        if f"{names[m]}.weight" in linear_names}
-            hessians = _input_hessians(model, layer, targets, chunks, carries)
-            for name, module in targets.items():
-                result = gptq_quantize(module.weight.data, hessians[name], fmt, group_size,
-                                       damp=config.damp, act_order=config.act_order)
+            while targets:   # in the order the layer computes them
+                name, hessian = _next_input_hessian(model, layer, targets, chunks, carries)
+                module = targets.pop(name)
+                result = gptq_quantize(module.weight.data, hessian, fmt, group_size,
+                                       damp=config.damp, act_order=config.act_order,
+                                       range_search=config.range_search)
                 module.weight.data.copy_(result.dequantized.to(module.weight.dtype))
                 result.dequantized = None   # the model holds it; the export needs the codes
                 results[f"{name}.weight"] = result
@@ -100,27 +104,45 @@ def gptq_model(model: nn.Module, windows: list[list[int]], linear_names: set[str
     return results
 
 
-def _input_hessians(model, layer, targets: dict[str, nn.Module], chunks, carries) -> dict[str, torch.Tensor]:
-    """X^T X / n of each target linear's inputs over all chunks (float64 sums)."""
-    sums = {name: None for name in targets}
-    counts = dict.fromkeys(targets, 0)
+class _Captured(Exception):
+    """Ends a layer's forward pass once the linear wanted has seen its input."""
+
+
+def _next_input_hessian(model, layer, targets: dict[str, nn.Module], chunks,
+                        carries) -> tuple[str, torch.Tensor]:
+    """(name, X^T X / n over all chunks) of the first of ``targets`` the layer computes: its
+    inputs already see every linear before it quantized (the paper's "true sequential" order
+    within a layer). The pass stops at that linear, so the whole layer costs a little over
+    two forward passes of it rather than one per linear."""
+    first: list[str] = []
+    total = {"xtx": None, "rows": 0}
 
     def hook_for(name):
         def hook(module, args):
+            if not first:
+                first.append(name)
+            if name != first[0]:
+                return
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            xtx = (x.T @ x).double()
-            sums[name] = xtx if sums[name] is None else sums[name] + xtx
-            counts[name] += x.shape[0]
+            xtx = (x.T @ x).double()   # summed in float64 over chunks
+            total["xtx"] = xtx if total["xtx"] is None else total["xtx"] + xtx
+            total["rows"] += x.shape[0]
+            raise _Captured
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in targets.items()]
     try:
         for chunk, carry in zip(chunks, carries):
-            _run_layer(model, layer, chunk, carry)
+            try:
+                _run_layer(model, layer, chunk, carry)
+            except _Captured:
+                pass
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[name] / counts[name] for name in targets}
+    if not first:
+        raise ValueError(f"the layer never computed {sorted(targets)}: cannot calibrate them")
+    return first[0], total["xtx"] / total["rows"]
 
 
 def _run_layer(model, layer, chunk: _Chunk, carry):
@@ -131,17 +153,20 @@ def _run_layer(model, layer, chunk: _Chunk, carry):
 
 @contextlib.contextmanager
 def _scratch_kv_cache(layer: nn.Module, chunk: _Chunk, dtype: torch.dtype):
+    """A float cache of one block per window, in place of whatever the layer has bound."""
     from strata.layers.attention import Attention
     attentions = [m for m in layer.modules() if isinstance(m, Attention)]
+    saved = [(attn.kv_cache, attn.kv_scales) for attn in attentions]
     seq_len = chunk.input_ids.shape[0] // chunk.num_seqs
     for attn in attentions:
         attn.kv_cache = torch.zeros(2, chunk.num_seqs, seq_len, attn.num_kv_heads, attn.head_dim,
                                     dtype=dtype)
+        attn.kv_scales = None
     try:
         yield
     finally:
-        for attn in attentions:
-            attn.kv_cache = None
+        for attn, (kv_cache, kv_scales) in zip(attentions, saved):
+            attn.kv_cache, attn.kv_scales = kv_cache, kv_scales
 
 
 def _chunks(windows: list[list[int]], chunk_tokens: int) -> list[_Chunk]:
@@ -176,11 +201,11 @@ def calibration_windows(tokenizer, config: CalibrationConfig) -> list[list[int]]
     bos = _bos_if_added(tokenizer)
     # ~4 characters a token in English; ask for more until the windows are there.
     max_chars = config.num_tokens * 6
-    for _ in range(4):
+    while True:
         text = calibration_text(max_chars)
         token_ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(token_ids) >= config.num_windows * config.seq_len:
-            break
+        if len(token_ids) >= config.num_windows * config.seq_len or len(text) < max_chars:
+            break   # enough, or all there is
         max_chars *= 2
     windows = make_windows(token_ids, config.seq_len, bos_token_id=bos)[:config.num_windows]
     if len(windows) < config.num_windows:

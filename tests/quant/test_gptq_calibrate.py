@@ -5,10 +5,10 @@ random model (loads with the packed method, decodes greedily as the in-memory GP
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from hf_tiny import make_tiny_model
 
 from strata import LLM, SamplingParams
 from strata.entrypoints.cli import main
@@ -17,6 +17,8 @@ from strata.quant.export import quantize_checkpoint
 from strata.quant.gptq_solver import gptq_quantize
 from strata.quant.int4 import dequantize_int4_codes, quantize_int4
 from strata.quant.int8 import quantize_int8
+from strata.quant import quantize_lm_head
+from strata.quant.packed import PackedLinearMethod
 
 N, K = 48, 320   # 320 inputs: 2.5 groups of 128, so the padded last group is covered
 
@@ -113,16 +115,22 @@ def test_calibration_text_is_disjoint_from_the_evaluation_text():
     assert not evaluated & set(text.split("\n\n"))
 
 
-# --- the whole model, on a tiny random Llama (its own tokenizer-free windows) ---
+# --- a whole checkpoint, on a tiny random Llama that carries the default model's tokenizer ---
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny_model("llama", path)
+    from hf_tiny import make_tiny_model_with_default_tokenizer
+    path = tmp_path_factory.mktemp("tiny_tok")
+    make_tiny_model_with_default_tokenizer(path)
     return path
 
 
+CALIBRATION = CalibrationConfig(num_tokens=256, seq_len=64)
 PROMPTS = [[5, 17, 33, 101, 7], list(range(3, 40)), [300, 301, 302]]
+
+
+def _llm(path):
+    return LLM(str(path), kv_cache_memory=1 << 24, max_model_len=128)
 
 
 def _greedy(llm):
@@ -131,7 +139,68 @@ def _greedy(llm):
     return [o.outputs[0].token_ids for o in outs]
 
 
-def _tiny_windows(llm, num=6, seq_len=32):
-    vocab = llm.llm_engine.model_config.vocab_size
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(0, vocab, (seq_len,), generator=g).tolist() for _ in range(num)]
+def _model(llm):
+    return llm.llm_engine.executor.runner.model
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_checkpoint_holds_gptq_codes_and_decodes_as_the_gptq_model(tiny, tmp_path, act_order):
+    """The written checkpoint loads with the packed method, its weights are the GPTQ values
+    (fused q/k/v and gate/up rows sliced back correctly), and greedy decoding gives what the
+    float model with those values in place gives."""
+    from strata.quant.calibrate import calibration_windows
+    calibration = CalibrationConfig(num_tokens=256, seq_len=64, act_order=act_order)
+    summary = quantize_checkpoint(tiny, tmp_path / "q", "int4", 32, calibration=calibration)
+    assert summary.num_quantized == 2 * 7
+    spec = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert spec["calibration"]["method"] == "gptq" and spec["calibration"]["act_order"] is act_order
+    assert spec["calibration"]["calibration_tokens"] == 256
+    loaded = _llm(tmp_path / "q")
+    assert "GPTQ-calibrated" in loaded.llm_engine.describe()
+
+    reference = _llm(tiny)      # float, then GPTQ in memory on the same windows
+    model = _model(reference)
+    names = {f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "quant_method")
+             and n.startswith("layers.")}
+    windows = calibration_windows(reference.get_tokenizer(), calibration)
+    float_weights = {n: p.clone() for n, p in model.named_parameters() if n in names}
+    gptq_model(model, windows, names, "int4", 32, calibration)
+    params = dict(_model(loaded).named_parameters())
+    for name in names:
+        assert torch.equal(params[name], dict(model.named_parameters())[name]), name
+        assert not torch.equal(params[name], float_weights[name])
+    # The checkpoint keeps the (untied) LM head in float and it is rounded to nearest at load.
+    assert quantize_lm_head(model, PackedLinearMethod("int4", 32))
+    assert _greedy(loaded) == _greedy(reference)
+
+
+def test_gptq_differs_from_round_to_nearest_and_int8_works(tiny, tmp_path):
+    quantize_checkpoint(tiny, tmp_path / "rtn", "int4", 32)
+    quantize_checkpoint(tiny, tmp_path / "gptq", "int4", 32, calibration=CALIBRATION)
+    rtn, gptq = (dict(_model(_llm(tmp_path / p)).named_parameters()) for p in ("rtn", "gptq"))
+    name = "layers.1.mlp.down_proj.weight"
+    assert rtn[name].shape == gptq[name].shape and not torch.equal(rtn[name], gptq[name])
+    quantize_checkpoint(tiny, tmp_path / "i8", "int8", calibration=CALIBRATION)
+    assert len(_greedy(_llm(tmp_path / "i8"))[0]) == 10
+
+
+def test_command_line_and_bad_options(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny), str(out), "--method", "int4", "--group-size", "32",
+                 "--calibrate", "--calibration-tokens", "128", "--calibration-seq-len", "64",
+                 "--act-order"]) == 0
+    assert "GPTQ on 128 calibration tokens, act-order" in capsys.readouterr().out
+    bad = [(["--act-order"], "--act-order only apply with --calibrate"),
+           (["--calibration-tokens", "512"], "--calibration-tokens only apply with --calibrate"),
+           (["--calibrate", "--calibration-tokens", "32", "--calibration-seq-len", "64"],
+            "calibration_tokens \\(32\\) must be at least one window"),
+           (["--calibrate", "--calibration-tokens", "1024", "--calibration-seq-len", "64"],
+            "in windows of 64; ask for at most \\d+")]
+    # A calibration text that runs out after one window's worth of tokens.
+    import strata.evaluation.calibration_text as source
+    short = source.calibration_text(300)
+    monkeypatch.setattr(source, "calibration_text", lambda max_chars: short)
+    for i, (flags, message) in enumerate(bad):
+        assert main(["quantize", str(tiny), str(tmp_path / f"bad{i}"), "--method", "int4",
+                     *flags]) == 2
+        assert re.search(message, capsys.readouterr().err), flags
