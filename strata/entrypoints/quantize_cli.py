@@ -18,9 +18,10 @@ quantization at load. A .gguf MODEL is dequantized first and its vocabulary expo
 layer on a built-in calibration text (docstrings of the Python standard library, disjoint from
 the `strata perplexity` text), and quantizes each linear so that its outputs on that text, not
 its weights, stay closest to the float ones; each layer sees the already quantized layers before
-it. Same format and size; slower to write (minutes on a CPU for a 135M model), more accurate,
-above all for int4 with groups of 128. Example:
-  strata quantize model.gguf out/ --method int4 --group-size 128 --calibrate"""
+it. int4 groups also get the range (scale and min) that rounds their weights with the least
+squared error instead of min..max. Same format and size; slower to write (minutes on a CPU for
+a 135M model), more accurate, above all for int4 with groups of 128. Example:
+  strata quantize model.gguf out/ --method int4 --group-size 128 --calibrate --act-order"""
 
 
 def add_parser(sub) -> None:
@@ -41,7 +42,7 @@ def add_parser(sub) -> None:
                         "instead of rounding to nearest; runs the whole float model on the CPU")
     p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
                    help="with --calibrate: tokens of calibration text, in windows of "
-                        "--calibration-seq-len (default: 16384; more is slower and a little better)")
+                        "--calibration-seq-len (default: 4096; more is slower)")
     p.add_argument("--calibration-seq-len", type=int, default=None, metavar="L",
                    help="with --calibrate: tokens per calibration window (default: 512)")
     p.add_argument("--act-order", action="store_true",

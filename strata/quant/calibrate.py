@@ -34,11 +34,11 @@ from strata.quant.gptq_solver import QuantizedWeight, gptq_quantize
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    num_tokens: int = 16384     # calibration tokens (whole windows of seq_len)
+    num_tokens: int = 4096      # calibration tokens (whole windows of seq_len)
     seq_len: int = 512          # tokens per window, each an independent sequence
     act_order: bool = False     # quantize columns by decreasing Hessian diagonal
     damp: float = 0.01          # added to the Hessian diagonal, as a fraction of its mean
-    range_search: bool = False  # int4: each group's range by least squared rounding error
+    range_search: bool = True   # int4: each group's range by least squared rounding error
     chunk_tokens: int = 4096    # tokens run through a layer at once (bounds activation memory)
 
     def __post_init__(self):
@@ -221,5 +221,5 @@ def describe(config: CalibrationConfig) -> dict:
     from strata.evaluation.calibration_text import SOURCE_NAME
     return {"method": "gptq", "calibration_text": SOURCE_NAME,
             "calibration_tokens": config.num_windows * config.seq_len, "seq_len": config.seq_len,
-            "act_order": config.act_order, "damp": config.damp}
+            "act_order": config.act_order, "damp": config.damp, "range_search": config.range_search}
 

@@ -2,7 +2,7 @@
 (the embedded default GGUF, dequantized to fp32) against its own weights re-quantized at load,
 perplexity over the first windows of strata's built-in English text (CPython's pydoc topics).
 Gates from the quantization issue: int8 within 1% of fp32, int4 with groups of 128 within 8%
-(not met: see below).
+(not met by round to nearest, see below; met by GPTQ, ``strata quantize --calibrate``).
 The whole-text figures are in docs/benchmarks.md; this runs a shorter slice so CI stays fast."""
 
 from __future__ import annotations
@@ -37,3 +37,17 @@ def _ppl(**kw) -> float:
 def test_quantized_perplexity_within_gate(fp32_ppl, method, group, gate):
     ppl = _ppl(quantization=method, quantization_group_size=group)
     assert ppl / fp32_ppl - 1 < gate, (method, ppl, fp32_ppl)
+
+
+# GPTQ int4 groups of 128 (act-order, searched group ranges) through the checkpoint it writes,
+# calibrated on 2048 tokens of stdlib docstrings (not the text scored here): +4.0% measured on
+# this slice (+5.7% with 4096 tokens, +9.6% with 1024: docs/benchmarks.md). The calibration
+# takes 1-2.5 minutes on 2 cores.
+def test_gptq_int4_group_128_within_gate(fp32_ppl, tmp_path):
+    from strata.loader.model_loader import default_model_path
+    from strata.quant.calibrate import CalibrationConfig
+    from strata.quant.export import quantize_checkpoint
+    calibration = CalibrationConfig(num_tokens=2048, seq_len=512, act_order=True)
+    quantize_checkpoint(default_model_path(), tmp_path / "gptq", "int4", 128, calibration=calibration)
+    ppl = _ppl(model=str(tmp_path / "gptq"))
+    assert ppl / fp32_ppl - 1 < 0.08, (ppl, fp32_ppl)

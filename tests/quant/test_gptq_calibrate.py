@@ -73,6 +73,19 @@ def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(act_order):
     assert torch.equal(result.scales, scales) and torch.equal(result.mins, mins)
 
 
+def test_range_search_rounds_each_group_closer():
+    """With nothing to compensate (diagonal Hessian), the searched ranges must round every group
+    of every row with no more squared error than min..max does, and less overall."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(8))
+    w[:, ::37] *= 4   # a few outliers per group, which clipping should give up on
+    hessian = torch.eye(K)
+    plain = gptq_quantize(w, hessian, "int4", 64)
+    searched = gptq_quantize(w, hessian, "int4", 64, range_search=True)
+    err = lambda r: (r.dequantized - w).square()[:, :K - K % 64].reshape(N, -1, 64).sum(-1)
+    assert (err(searched) <= err(plain) + 1e-6).all()
+    assert err(searched).sum() < 0.95 * err(plain).sum()
+
+
 def test_act_order_maps_columns_back():
     """With act-order the first quantized columns (largest Hessian diagonal) get the exact
     treatment; permuting the inputs must permute the result the same way."""
