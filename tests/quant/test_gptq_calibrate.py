@@ -217,3 +217,28 @@ def test_command_line_and_bad_options(tiny, tmp_path, capsys, monkeypatch):
         assert main(["quantize", str(tiny), str(tmp_path / f"bad{i}"), "--method", "int4",
                      *flags]) == 2
         assert re.search(message, capsys.readouterr().err), flags
+
+
+@pytest.mark.parametrize("arch", ["opt", "qwen3"])
+def test_gptq_model_runs_any_layer_loop_model(tmp_path, arch):
+    """gptq_model only uses the embed / layer_forward split and the attention layers: an OPT
+    (separate q/k/v, biases, post-LN-capable) and a Qwen3 (q/k norms) model are calibrated on
+    random windows, their weights land on the int4 grid, and the engine still decodes after the
+    scratch KV caches are handed back."""
+    from hf_tiny import make_tiny_model
+    make_tiny_model(arch, tmp_path)
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_memory=1 << 24, max_model_len=128)
+    model = _model(llm)
+    names = {f"{n}.weight" for n, m in model.named_modules()
+             if hasattr(m, "quant_method") and n.startswith("layers.")}
+    g = torch.Generator().manual_seed(9)
+    windows = [torch.randint(3, 500, (48,), generator=g).tolist() for _ in range(4)]
+    config = CalibrationConfig(num_tokens=192, seq_len=48, chunk_tokens=96)   # two chunks
+    assert len(names) == 2 * 4   # 2 layers of fused qkv, o, the MLP's two
+    results = gptq_model(model, windows, names, "int4", 32, config)
+    assert set(results) == names
+    params = dict(model.named_parameters())
+    for name, result in results.items():
+        dense = dequantize_int4_codes(result.codes, result.scales, result.mins, 32, torch.float32)
+        assert torch.equal(params[name], dense[:, :params[name].shape[1]]), name
+    assert len(_greedy(llm)[0]) == 10
