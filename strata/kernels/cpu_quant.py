@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger("strata")
 
-MAX_GEMV_ROWS = 16   # measured on SmolLM2's shapes: at 12-16 rows even with torch's fp32 GEMM
+MAX_GEMV_ROWS = 64   # measured on SmolLM2's shapes (docs/cpu_speed.md): the blocked C kernels beat dequantized tiles + SGEMM up to ~64 rows
 _TILE_BYTES = 1 << 20          # float32 weight tile of the prefill path: about an L2
 # One library: the matmuls here, the step's other kernels (cpu_ops.c, wrapped by cpu_ops.py) and
 # the fused decoder layer built from the same pieces (cpu_decoder.c, wrapped by cpu_decoder.py).

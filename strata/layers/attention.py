@@ -21,6 +21,8 @@ from strata.forward_context import get_attn_metadata
 from strata.kernels import cpu_ops, use_triton
 from strata.layers.rotary import RotaryEmbedding
 
+C_ATTENTION_MAX_QUERY = 64   # query tokens per sequence up to which the CPU attends with cpu_ops
+
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, layer_idx: int,
@@ -67,6 +69,10 @@ class Attention(nn.Module):
         rope = self.rotary_emb
         q = cpu_ops.rope_write_kv(q, k, v, positions, rope.cos_cached if rope else None,
                                   rope.sin_cached if rope else None, self.kv_cache, meta.slot_mapping)
+        if meta.max_query_len > C_ATTENTION_MAX_QUERY:
+            # Long prompt chunks: torch's flash SDPA (blocked, GEMM-like) beats the C kernel's
+            # loop over keys, which took a quarter of a 512-token prefill.
+            return torch_ref.paged_attention(q, self.kv_cache, meta, self.scale)
         return cpu_ops.paged_attention(q, self.kv_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, self.scale)
 
