@@ -144,7 +144,7 @@ class EngineArgs:
             else:
                 kind = type(default) if default is not None else (
                     int if f.name in ("max_model_len", "num_gpu_blocks_override", "max_waiting",
-                            "max_num_batched_tokens") else str)
+                                      "max_num_batched_tokens", "quantization_group_size") else str)
                 group.add_argument(flag, type=kind, default=default,
                                    help=f"{HELP[f.name]} (default: {default})")
         group.add_argument("--model", "-m", default=None, help=HELP["model"])

@@ -242,3 +242,12 @@ def test_gptq_model_runs_any_layer_loop_model(tmp_path, arch):
         dense = dequantize_int4_codes(result.codes, result.scales, result.mins, 32, torch.float32)
         assert torch.equal(params[name], dense[:, :params[name].shape[1]]), name
     assert len(_greedy(llm)[0]) == 10
+
+
+def test_engine_flag_quantization_group_size_is_an_int():
+    """`strata perplexity --quantization int4 --quantization-group-size 128` (the RTN figure in
+    docs/benchmarks.md) was refused: the flag arrived as the string '128'."""
+    from strata.entrypoints.cli import build_parser
+    args = build_parser().parse_args(["perplexity", "--quantization", "int4",
+                                      "--quantization-group-size", "128"])
+    assert args.quantization_group_size == 128
