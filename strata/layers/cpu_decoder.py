@@ -57,14 +57,15 @@ def fused_cpu_layer(layer, hidden: torch.Tensor) -> FusedDecoderLayer | None:
     fused = layer.__dict__.get("_cpu_fused")
     if fused is None:
         fused = layer.__dict__["_cpu_fused"] = FusedDecoderLayer.build(layer) or False
-    if fused is False or not fused.takes_cache():
+    if fused is False or not fused.takes_cache() or fused.hooked():
         return None
     return fused
 
 
 class FusedDecoderLayer:
-    def __init__(self, lib: ctypes.CDLL, desc: _Layer, keep: list[torch.Tensor], attn):
+    def __init__(self, lib: ctypes.CDLL, desc: _Layer, keep: list[torch.Tensor], attn, modules: list):
         self.lib, self.desc, self.attn = lib, desc, attn
+        self.modules = modules   # the layer and its submodules, whose hooks must still run
         self._keep = keep        # the tensors desc points into
         self.hidden = desc.hidden
         self._workspace_floats: dict[tuple[int, int], int] = {}   # (tokens, threads) -> floats
@@ -105,7 +106,14 @@ class FusedDecoderLayer:
         for name, module, n, k in (("qkv", sa.qkv_proj, q_size + 2 * kv_size, H), ("o", sa.o_proj, H, q_size),
                                    ("gate_up", mlp.gate_up_proj, 2 * I, H), ("down", mlp.down_proj, H, I)):
             setattr(desc, name, _linear(module, n, k, keep))
-        return cls(lib, desc, keep, attn)
+        return cls(lib, desc, keep, attn, list(layer.modules()))
+
+    def hooked(self) -> bool:
+        """Whether a forward hook waits on one of the layer's modules (GPTQ calibration's input
+        capture, say): the fused call would skip it, so the module path runs instead."""
+        from torch.nn.modules import module as nn_module
+        return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
+                    or any(m._forward_pre_hooks or m._forward_hooks for m in self.modules))
 
     def takes_cache(self) -> bool:
         cache = self.attn.kv_cache
