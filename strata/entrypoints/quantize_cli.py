@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
                         "instead of rounding to nearest; runs the whole float model on the CPU")
     p.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
                    help="with --calibrate: tokens of calibration text, in windows of "
-                        "--calibration-seq-len (default: 4096; more is slower)")
+                        "--calibration-seq-len (default: 2048, as measured in docs/benchmarks.md; "
+                        "more is slower, and on SmolLM2 no better)")
     p.add_argument("--calibration-seq-len", type=int, default=None, metavar="L",
                    help="with --calibrate: tokens per calibration window (default: 512)")
     p.add_argument("--act-order", action="store_true",

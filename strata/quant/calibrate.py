@@ -34,11 +34,11 @@ from strata.quant.gptq_solver import QuantizedWeight, gptq_quantize
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    num_tokens: int = 4096      # calibration tokens (whole windows of seq_len)
+    num_tokens: int = 2048      # calibration tokens (whole windows of seq_len): measured best
     seq_len: int = 512          # tokens per window, each an independent sequence
     act_order: bool = False     # quantize columns by decreasing Hessian diagonal
     damp: float = 0.01          # added to the Hessian diagonal, as a fraction of its mean
-    range_search: bool = True   # int4: each group's range by least squared rounding error
+    range_search: bool = True   # int4: each group's range by least (Hessian-weighted) rounding error
     chunk_tokens: int = 4096    # tokens run through a layer at once (bounds activation memory)
 
     def __post_init__(self):

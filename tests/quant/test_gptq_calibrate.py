@@ -74,8 +74,9 @@ def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(act_order):
 
 
 def test_range_search_rounds_each_group_closer():
-    """With nothing to compensate (diagonal Hessian), the searched ranges must round every group
-    of every row with no more squared error than min..max does, and less overall."""
+    """With nothing to compensate (identity Hessian: every input weighs the same), the searched
+    ranges must round every group of every row with no more squared error than min..max does
+    (min..max is the first candidate), and less overall."""
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(8))
     w[:, ::37] *= 4   # a few outliers per group, which clipping should give up on
     hessian = torch.eye(K)
