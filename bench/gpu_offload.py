@@ -50,13 +50,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LLAMA_31_8B = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
-    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=8192),
-    bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16")
+from gpu_llama8b import LLAMA_31_8B  # noqa: E402  (the shape every GPU bench uses)
+
 SMOKE = dict(LLAMA_31_8B, vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=6,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, torch_dtype="float32")
 GIB = 2**30

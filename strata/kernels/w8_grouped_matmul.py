@@ -24,6 +24,7 @@ from strata.kernels.quant_matmul import (
     _check_config,
     _check_float,
     _int_to_f32,
+    _load_scales,
     _load_weight,
     _multiply_add,
     _reduced,
@@ -34,13 +35,6 @@ from strata.kernels.quant_matmul import (
 )
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
-
-
-@triton.jit
-def _group_params(ptrs, n_mask, g_mask, ONE_GROUP: tl.constexpr):
-    if ONE_GROUP:
-        return tl.load(ptrs, mask=n_mask, other=0.0).to(tl.float32)
-    return tl.load(ptrs, mask=n_mask[:, None] & g_mask[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -67,17 +61,17 @@ def _w8g_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, x_stride
         w = _int_to_f32(q.to(tl.int32), 128)                       # exact codes, [BLOCK_N, BLOCK_K]
         if ONE_GROUP:
             g = k0 // GROUP_SIZE
-            w = w * _group_params(s_rows + g * s_stride_g, n_mask, n_mask, True)[:, None]
+            w = w * tl.load(s_rows + g * s_stride_g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             if HAS_OFFSETS:
-                w += _group_params(o_rows + g * o_stride_g, n_mask, n_mask, True)[:, None]
+                w += tl.load(o_rows + g * o_stride_g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         else:
             offs_g = k0 // GROUP_SIZE + tl.arange(0, NUM_G)
             g_mask = offs_g < tl.cdiv(K, GROUP_SIZE)
-            s = _group_params(s_rows[:, None] + offs_g[None, :] * s_stride_g, n_mask, g_mask, False)
+            s = _load_scales(s_rows[:, None] + offs_g[None, :] * s_stride_g, n_mask, g_mask, EVEN_N, EVEN_K)
             w3 = w.reshape(BLOCK_N, NUM_G, GROUP_SIZE) * s[:, :, None]
             if HAS_OFFSETS:
-                o = _group_params(o_rows[:, None] + offs_g[None, :] * o_stride_g, n_mask, g_mask,
-                                  False)
+                o = _load_scales(o_rows[:, None] + offs_g[None, :] * o_stride_g, n_mask, g_mask,
+                                 EVEN_N, EVEN_K)
                 w3 += o[:, :, None]
             w = w3.reshape(BLOCK_N, BLOCK_K)
         x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & k_mask[None, :]
