@@ -21,7 +21,7 @@ its weights, stay closest to the float ones; each layer sees the already quantiz
 it. int4 groups also get the range (scale and min) that rounds their weights with the least
 squared error instead of min..max. Same format and size; slower to write (minutes on a CPU for
 a 135M model), more accurate, above all for int4 with groups of 128. Example:
-  strata quantize model.gguf out/ --method int4 --group-size 128 --calibrate --act-order"""
+  strata quantize model.gguf out/ --method int4 --group-size 128 --calibrate"""
 
 
 def add_parser(sub) -> None:
@@ -46,9 +46,11 @@ def add_parser(sub) -> None:
                         "more is slower, and on SmolLM2 no better)")
     p.add_argument("--calibration-seq-len", type=int, default=None, metavar="L",
                    help="with --calibrate: tokens per calibration window (default: 512)")
-    p.add_argument("--act-order", action="store_true",
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="with --calibrate: quantize each matrix's input columns in order of "
-                        "decreasing activation energy (GPTQ's act-order; same file format)")
+                        "decreasing activation energy (GPTQ's act-order; same file format, no "
+                        "cost at inference). On by default: the int4 g128 perplexity gate needs "
+                        "it on SmolLM2 (+5.6%% with it, +13.8%% without)")
     p.add_argument("--max-shard-size", default="4GiB",
                    help="largest output file; bigger checkpoints are split into shards with an "
                         "index, as HF does (default: 4GiB)")
@@ -83,10 +85,10 @@ def _calibration(args: argparse.Namespace):
     if not args.calibrate:
         given = [flag for flag, value in (("--calibration-tokens", args.calibration_tokens),
                                           ("--calibration-seq-len", args.calibration_seq_len),
-                                          ("--act-order", args.act_order)) if value]
+                                          ("--act-order", args.act_order)) if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --calibrate")
         return None
     given = {"num_tokens": args.calibration_tokens, "seq_len": args.calibration_seq_len}
-    return CalibrationConfig(act_order=args.act_order,
+    return CalibrationConfig(act_order=args.act_order is not False,
                              **{key: value for key, value in given.items() if value is not None})

@@ -36,7 +36,7 @@ from strata.quant.gptq_solver import QuantizedWeight, gptq_quantize
 class CalibrationConfig:
     num_tokens: int = 2048      # calibration tokens (whole windows of seq_len): measured best
     seq_len: int = 512          # tokens per window, each an independent sequence
-    act_order: bool = False     # quantize columns by decreasing Hessian diagonal
+    act_order: bool = True      # quantize columns by decreasing Hessian diagonal
     damp: float = 0.01          # added to the Hessian diagonal, as a fraction of its mean
     range_search: bool = True   # int4: each group's range by least (Hessian-weighted) rounding error
     chunk_tokens: int = 4096    # tokens run through a layer at once (bounds activation memory)

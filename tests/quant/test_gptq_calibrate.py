@@ -202,9 +202,15 @@ def test_command_line_and_bad_options(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny), str(out), "--method", "int4", "--group-size", "32",
                  "--calibrate", "--calibration-tokens", "128", "--calibration-seq-len", "64",
-                 "--act-order"]) == 0
-    assert "GPTQ on 128 calibration tokens, act-order" in capsys.readouterr().out
+                 ]) == 0
+    assert "GPTQ on 128 calibration tokens, act-order" in capsys.readouterr().out   # the default
+    assert main(["quantize", str(tiny), str(tmp_path / "q2"), "--method", "int4", "--group-size", "32",
+                 "--calibrate", "--calibration-tokens", "128", "--calibration-seq-len", "64",
+                 "--no-act-order"]) == 0
+    printed = capsys.readouterr().out
+    assert "GPTQ on 128 calibration tokens" in printed and "act-order" not in printed
     bad = [(["--act-order"], "--act-order only apply with --calibrate"),
+           (["--no-act-order"], "--act-order only apply with --calibrate"),
            (["--calibration-tokens", "512"], "--calibration-tokens only apply with --calibrate"),
            (["--calibrate", "--calibration-tokens", "32", "--calibration-seq-len", "64"],
             "calibration_tokens \\(32\\) must be at least one window"),
