@@ -61,7 +61,8 @@ HELP = {
     "async_scheduling": "schedule and prepare step N+1 while the device computes step N, and process "
                         "step N's tokens while it computes N+1 (host work overlaps device work; "
                         "outputs arrive one step later). Same tokens either way. Default: on for "
-                        "GPUs, off on the CPU, where there is nothing to overlap",
+                        "GPUs (tensor parallel too; pipeline parallel runs synchronously), off on the "
+                        "CPU, where there is nothing to overlap",
     "gpu_memory_budget": "offloading: bytes of GPU memory for weights, staging buffers, KV cache and "
                          "activations, e.g. 4GiB; layers that do not fit stream from the CPU or disk "
                          "tier, layer i+1 copied while layer i computes (CUDA only)",

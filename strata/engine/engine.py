@@ -76,13 +76,14 @@ class LLMEngine:
             if source.kind == "hf_object":
                 raise ValueError("tensor/pipeline parallelism needs a model path (each rank loads its "
                                  "own shard); an in-memory transformers model runs on one process")
-            if args.async_scheduling:
-                raise ValueError("async_scheduling needs tensor_parallel_size = pipeline_parallel_size = 1 "
-                                 "(the other ranks learn each step's tokens from the next step's message)")
             check_parallel_fit(model_config, self.parallel_config.tensor_parallel_size,
                                self.parallel_config.pipeline_parallel_size)
             from strata.executor.torchrun import TorchrunExecutor, run_follower, torchrun_rank
             rank = torchrun_rank()
+            if args.async_scheduling and (self.parallel_config.pipeline_parallel_size > 1 or rank is not None):
+                raise ValueError("async_scheduling needs pipeline_parallel_size = 1 and ranks started by "
+                                 "strata, not torchrun (the other stages learn each step's tokens from "
+                                 "the next step's message)")
             if rank is None:
                 self.executor = MultiprocExecutor(args, self.parallel_config, self.device, self.eos_token_ids)
             elif rank == 0:
@@ -105,9 +106,10 @@ class LLMEngine:
         self.kv_block_bytes = self.executor.facts.kv_block_bytes
         self.load_seconds = time.perf_counter() - t0
         self._ids = itertools.count()
-        # Async scheduling: one process only (other ranks learn each step's tokens from the next
-        # step's message, which async scheduling would send before the tokens exist).
-        self.async_scheduling = (self.device.type == "cuda" and self.parallel_config.world_size == 1
+        # Async scheduling: one process, or tensor-parallel ranks that each sample their own
+        # tokens (pipeline stages learn them from the next step's message, sent before they exist).
+        supported = getattr(self.executor, "supports_async", True)
+        self.async_scheduling = (self.device.type == "cuda" and supported
                                  if args.async_scheduling is None else args.async_scheduling)
         # Async scheduling: the step launched last, whose results the next step() takes.
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
@@ -209,9 +211,11 @@ class LLMEngine:
             auto += f" ({self.layout.data_parallel_replicas} data-parallel replicas would fit; this engine is one)"
         if p.world_size == 1:
             return f" | one process{auto}" if auto else ""
+        samplers = ("every rank samples, rank 0 answers" if p.pipeline_parallel_size == 1
+                    else "rank 0 of the last stage samples")
         return (f" | {p.world_size} processes: tensor parallel {p.tensor_parallel_size} x pipeline "
                 f"parallel {p.pipeline_parallel_size}{auto} ({self.executor.backend}; weights and KV "
-                "cache per rank; rank 0 of the last stage samples)")
+                f"cache per rank; {samplers})")
 
     def describe_kv_dtype(self) -> str:
         """What the KV cache stores: the model dtype, or the quantized format (kv_cache_dtype)."""

@@ -14,6 +14,7 @@ class WorkerFailure(RuntimeError):
 
 class UniprocExecutor:
     backend = "one process"
+    supports_async = True
 
     def __init__(self, runner: ModelRunner, facts: ModelFacts):
         self.runner = runner

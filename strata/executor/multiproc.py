@@ -2,9 +2,19 @@
 torch.multiprocessing (spawn), joined by torch.distributed (NCCL on CUDA, gloo on the CPU).
 
 The engine process schedules; it takes part in no collective, so it can always watch the
-ranks. Each step it pickles the SchedulerOutput once and writes it to every rank's pipe, with
-the tokens the driver sampled in the step before (the other ranks append them to their request
-states). Every rank answers when its step is done; the driver's answer is the RunnerOutput.
+ranks. Each step it pickles the SchedulerOutput once and writes it to every rank's pipe. Every
+rank answers when its step is done; the driver's answer is the RunnerOutput.
+
+Who samples: with one pipeline stage every rank holds the whole (all-gathered) logits, so every
+rank runs the sampler, with the same seeds and the same random state, and keeps the tokens on
+its device for its next step; the other ranks' answers carry their tokens only so that the
+engine can check they agree. With pipeline stages only the driver has logits: its tokens ride
+along in the next step's message, and the other ranks append them to their request states.
+
+Async scheduling (one pipeline stage): `launch` writes step N+1 and returns; each rank queues
+N+1 on its device and only then waits for N's tokens and answers for N, so the engine's host
+work for N+1 overlaps the device work of N. A rank answers for its last step when the next
+message arrives: a later step, or "flush" when the engine wants that step's result now.
 
 Failure handling: while it waits the engine watches each process (a rank that exits is seen at
 once), a heartbeat each rank writes to shared memory every 0.5 s from a thread (still beating
@@ -69,8 +79,13 @@ class MultiprocExecutor:
         if device.type == "cuda":
             os.environ.update(CUDA_SAFE_ENV)   # inherited by every rank spawned below
         self.failure: WorkerFailure | None = None
+        # One pipeline stage: every rank samples its own tokens (no tokens in the messages) and a
+        # step may be launched before the one before it finishes.
+        self.supports_async = parallel.pipeline_parallel_size == 1
         self._last_sampled: dict[str, list[int]] = {}
-        self._step_in_flight: str | None = None
+        self._in_flight: list[str] = []          # launched steps, oldest first: replies come in order
+        self._unrequested: str | None = None     # the newest step, if its ranks still hold its reply
+        self._finished: dict[str, RunnerOutput] = {}   # replies drained before their finish()
         ctx = mp.get_context("spawn")
         self.heartbeats = ctx.Array("d", self.world_size, lock=False)   # 0.0: not beating yet
         threads = max(1, torch.get_num_threads() // self.world_size)
@@ -111,28 +126,66 @@ class MultiprocExecutor:
 
     # ---- steps -------------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self.finish(self.launch(sched))
+        return self.finish(self._launch(sched, defer=False))
 
     def launch(self, sched: SchedulerOutput) -> str:
+        """Send the step and return at once; the ranks answer when the next message arrives."""
+        return self._launch(sched, defer=True)
+
+    def _launch(self, sched: SchedulerOutput, defer: bool) -> str:
         if self.failure is not None:
             raise self.failure
-        if self._step_in_flight is not None:
-            raise RuntimeError("the multi-process executor runs one step at a time (no async scheduling)")
-        self._broadcast(("step", sched, self._last_sampled))
-        self._step_in_flight = f"step {sched.step_id}"
-        return self._step_in_flight
+        if self._in_flight and not self.supports_async:
+            raise RuntimeError("with pipeline stages the multi-process executor runs one step at a time "
+                               "(the other stages learn the tokens from the next step's message)")
+        if len(self._in_flight) > 1:
+            raise RuntimeError(f"steps {self._in_flight} are in flight: finish the oldest first "
+                               "(async scheduling runs one step ahead)")
+        sampled = {} if self.supports_async else self._last_sampled
+        self._broadcast(("step", sched, sampled, defer))
+        handle = f"step {sched.step_id}"
+        self._in_flight.append(handle)
+        self._unrequested = handle if defer else None   # this message asked for the one before
+        return handle
 
     def finish(self, handle: str) -> RunnerOutput:
+        if handle in self._finished:
+            return self._finished.pop(handle)
+        if not self._in_flight or self._in_flight[0] != handle:
+            raise RuntimeError(f"finish({handle!r}): the oldest step in flight is "
+                               f"{self._in_flight[0] if self._in_flight else None!r}")
+        if self._unrequested == handle:   # nothing launched after it: ask for its reply now
+            self._broadcast(("flush",))
+            self._unrequested = None
         try:
             replies = self._gather(handle, self.parallel.step_timeout_s)
         finally:
-            self._step_in_flight = None
+            self._in_flight.pop(0)
         out: RunnerOutput = replies[self.driver]
+        self._check_same_tokens(handle, replies)
         self._last_sampled = {r: t for r, t in out.sampled_token_ids.items() if t}
         return out
 
+    def _check_same_tokens(self, handle: str, replies: dict) -> None:
+        """Ranks that sample must have drawn the driver's tokens: else their KV caches now hold
+        other tokens than the ones the engine returns (a random state that diverged)."""
+        want = replies[self.driver].sampled_token_ids
+        for rank, got in sorted(replies.items()):
+            if rank != self.driver and got is not None and got != want:
+                bad = next((r for r in want if got.get(r) != want[r]), None)
+                self._fail(f"during {handle}: rank {rank} sampled {got.get(bad)} for request {bad!r} "
+                           f"where the driver (rank {self.driver}) sampled {want[bad]} (the ranks' "
+                           "random states differ)")
+
+    def _drain(self) -> None:
+        """Take the replies of every launched step, kept for their finish(): before a message
+        whose own reply would otherwise come after theirs."""
+        for handle in list(self._in_flight):
+            self._finished[handle] = self.finish(handle)
+
     def call(self, method: str, *args, timeout_s: float | None = None) -> dict:
         """Run a Worker method on every rank (benchmarks: all-reduce timing); replies by rank."""
+        self._drain()
         self._broadcast(("call", method, args))
         return self._gather(f"call {method}", timeout_s or self.parallel.step_timeout_s)
 
@@ -287,23 +340,45 @@ def _start_worker(spec: WorkerSpec):
 
 
 def serve(worker, recv_bytes, send) -> None:
-    """Answer the engine's messages until it says shutdown."""
+    """Answer the engine's messages until it says shutdown. A deferred step (async scheduling) is
+    answered once the next message has arrived, after the next step (if that is one) is queued
+    on the device: so the device never waits for this host between steps."""
     runner = worker.runner
+    pending = None   # a launched step whose answer waits for the next message
     while True:
         message = pickle.loads(recv_bytes())
         kind = message[0]
         if kind == "step":
-            _, sched, sampled = message
+            _, sched, sampled, defer = message
             runner.apply_sampled(sampled)
-            out = runner.execute(sched)
-            send("ok", out if runner.is_driver else None)
-        elif kind == "allocate":
+            handle = runner.launch(sched)
+            if pending is not None:
+                _answer_step(runner, pending, send)
+            pending = handle
+            if not defer:
+                _answer_step(runner, pending, send)
+                pending = None
+            continue
+        if pending is not None:   # every other message answers the step before first
+            _answer_step(runner, pending, send)
+            pending = None
+        if kind == "allocate":
             send("ok", worker.allocate(message[1], message[2]))
         elif kind == "call":
             send("ok", getattr(worker, message[1])(*message[2]))
         elif kind == "shutdown":
             _destroy_process_group()
             return
+
+
+def _answer_step(runner, handle, send) -> None:
+    """The driver answers with the RunnerOutput; another rank that samples with its tokens (for
+    the engine's check that they agree), a rank that does not with None."""
+    out = runner.finish(handle)
+    if runner.is_driver:
+        send("ok", out)
+    else:
+        send("ok", out.sampled_token_ids if runner.samples else None)
 
 
 def _destroy_process_group() -> None:

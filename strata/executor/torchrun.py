@@ -101,6 +101,7 @@ class TorchrunExecutor:
         self.facts = ModelFacts(sum(f.num_parameters for f in facts), facts[0].weight_bytes,
                                 facts[0].quant_summary, facts[0].kv_block_bytes, facts[0].lm_head_quantized)
         self.failure: WorkerFailure | None = None
+        self.supports_async = False   # every step is one broadcast and one answer, in order
         self._last_sampled: dict[str, list[int]] = {}
         self._closed = False
 

@@ -138,6 +138,10 @@ class Worker:
     def allocate(self, num_blocks: int, max_model_len: int) -> dict:
         """Allocate the KV cache; capture CUDA graphs where they apply. Returns graph facts."""
         self.runner.allocate_kv_cache(num_blocks)
+        if ps.get_tp_size() * ps.get_pp_size() > 1:
+            # Every rank that samples starts its steps from the same random state, so rows
+            # without a seed draw the same tokens on each (parallel_runner.py).
+            torch.manual_seed(self.args.seed)
         if self.device.type == "cuda" and not self.args.enforce_eager and ps.get_pp_size() == 1 \
                 and self.offload_plan is None:
             self.graphs = self.runner.capture_cuda_graphs(self.args.max_num_seqs, max_model_len)

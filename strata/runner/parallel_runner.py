@@ -1,10 +1,13 @@
 """The model runner of one rank among several (tensor and/or pipeline parallel).
 
-Every rank receives the same SchedulerOutput and keeps the same request states. Only the
-driver (tensor rank 0 of the last pipeline stage) samples; the other ranks learn the sampled
-tokens from the next step's message (``apply_sampled``), so no extra collective runs per step.
-The other ranks of the last stage still take part in every all-gather of the LM head the driver
-makes, in the same order.
+Every rank receives the same SchedulerOutput and keeps the same request states. With one
+pipeline stage every rank samples: the LM head's all-gather gives each the same logits, the
+sampler gets the same seeds (and the same global random state, seeded alike on every rank when
+the KV cache is allocated), so each draws the driver's tokens and feeds them to its next step
+from its own device, as one process does (async scheduling included). With pipeline stages
+only the driver (tensor rank 0 of the last stage) has logits and samples; the other ranks learn
+the tokens from the next step's message (``apply_sampled``), and the other ranks of the last
+stage take part in every all-gather of the LM head the driver makes, in the same order.
 
 With pipeline stages a step's rows are cut into micro-batches: a stage receives a micro-batch's
 (hidden, residual) from the stage before, runs its layers and sends the result on without
@@ -29,12 +32,13 @@ class ParallelModelRunner(ModelRunner):
         groups = ps.get_groups()
         self.groups = groups
         self.is_driver = groups.is_last_stage and groups.tp_rank == 0
+        self.samples = self.is_driver or groups.pp_size == 1
         # As many micro-batches as stages keeps every stage busy once the pipeline is full.
         self.num_micro_batches = num_micro_batches or groups.pp_size
 
     def apply_sampled(self, sampled: dict[str, list[int]]) -> None:
-        """The driver's tokens of the step before (a no-op on the driver, which has them)."""
-        if self.is_driver:
+        """The driver's tokens of the step before (a no-op on a rank that sampled them itself)."""
+        if self.samples:
             return
         for req_id, tokens in sampled.items():
             state = self.states.get(req_id)
@@ -83,5 +87,7 @@ class ParallelModelRunner(ModelRunner):
                 n = min(PROMPT_LOGPROB_ROWS, count - offset)
                 self.model.compute_logits(hidden[flat_start + offset: flat_start + offset + n])
             self.states[inputs.req_ids[row]].num_prompt_logprobs_done = first_pos + count
-        if inputs.sample_rows:
+        if inputs.sample_rows and self.samples:
+            self._sample(hidden, inputs, handle, placeholders)
+        elif inputs.sample_rows:
             self.model.compute_logits(_rows(hidden, inputs.logits_indices))

@@ -1,5 +1,7 @@
 """Tensor and pipeline parallelism on the CPU (gloo, one process per rank): greedy tokens equal
-to one process, with batching, chunked prefill (a 32-token budget) and prefix caching on.
+to one process, with batching, chunked prefill (a 32-token budget) and prefix caching on. The
+Llama TP=2 engine runs with async scheduling (every rank samples its own tokens, the engine
+launches step N+1 before step N's tokens are back), the Qwen3 one synchronously.
 
 Starting worker processes is slow on a small machine (each imports torch), so each model gets
 one engine per module. The 4-process TP=2 x PP=2 test runs outside CI only (CI has 2 cores)."""
@@ -83,20 +85,134 @@ def start(path, **kw):
     return llm
 
 
-def test_tp2_llama_matches_one_process(llama):
+# 6 KV blocks of 16 tokens: the batches below do not fit, so requests are preempted and
+# recomputed while their last token is still only on the ranks' devices.
+SMALL_CACHE = dict(num_gpu_blocks_override=6, max_model_len=96)
+
+
+@pytest.fixture(scope="module")
+def llama_tp2_async(llama):
+    llm = start(llama, tensor_parallel_size=2, async_scheduling=True, **SMALL_CACHE)
+    yield llm
+    llm.llm_engine.shutdown()
+
+
+def seeded_random_matches(llm, path):
+    """n > 1 and seeded random sampling: each rank draws the same tokens as one process."""
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=MAX_NEW, n=2, ignore_eos=True)
+    one = LLM(str(path), **ENGINE).generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
+    two = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
+    assert [c.token_ids for c in two[0].outputs] == [c.token_ids for c in one[0].outputs]
+
+
+def test_tp2_llama_async_matches_one_process(llama, llama_tp2_async):
     ref = reference(llama)
-    llm = start(llama, tensor_parallel_size=2)
+    line = llama_tp2_async.llm_engine.describe()
+    assert "tensor parallel 2 x pipeline parallel 1 (gloo" in line and "every rank samples" in line
+    assert "async scheduling" in line
+    executor = llama_tp2_async.llm_engine.executor
+    seen = {"most_in_flight": 0, "checked": 0}
+    finish, check = executor.finish, executor._check_same_tokens
+
+    def finish_spy(handle):
+        seen["most_in_flight"] = max(seen["most_in_flight"], len(executor._in_flight))
+        return finish(handle)
+
+    def check_spy(handle, replies):
+        seen["checked"] += isinstance(replies[1], dict)   # rank 1's own tokens, compared
+        return check(handle, replies)
+
+    executor.finish, executor._check_same_tokens = finish_spy, check_spy
     try:
-        line = llm.llm_engine.describe()
-        assert "tensor parallel 2 x pipeline parallel 1 (gloo" in line
-        check_matches(llm, ref)
-        # n > 1 and seeded random sampling: the driver samples, the other rank follows its tokens.
-        params = SamplingParams(temperature=1.0, seed=3, max_tokens=MAX_NEW, n=2, ignore_eos=True)
-        one = LLM(str(llama), **ENGINE).generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
-        two = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
-        assert [c.token_ids for c in two[0].outputs] == [c.token_ids for c in one[0].outputs]
+        check_matches(llama_tp2_async, ref)
     finally:
-        llm.llm_engine.shutdown()
+        del executor.finish, executor._check_same_tokens
+    assert seen["most_in_flight"] == 2 and seen["checked"] > 10   # step N+1 launched before N finished
+    seeded_random_matches(llama_tp2_async, llama)
+
+
+def mixed_params(greedy_tokens):
+    """Per prompt another way (and step) to finish, and the sampling features that read the tokens
+    sampled before, which each rank must know without being told: penalties, min_tokens, seeds."""
+    g = greedy_tokens
+    return [
+        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[g[1][4]], logprobs=3),
+        SamplingParams(temperature=0, max_tokens=MAX_NEW, stop_token_ids=[g[2][1]], min_tokens=4,
+                       presence_penalty=0.7, frequency_penalty=0.4),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=2),
+        SamplingParams(temperature=0.9, top_p=0.9, max_tokens=MAX_NEW, seed=11, ignore_eos=True,
+                       repetition_penalty=1.3),
+        SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, repetition_penalty=1.5),
+        SamplingParams(temperature=1.0, max_tokens=5, seed=5, n=3, ignore_eos=True),
+    ]
+
+
+def finishes(outputs):
+    return [(c.index, c.token_ids, c.finish_reason, c.stop_reason)
+            for o in outputs for c in o.outputs]
+
+
+def test_tp2_async_sampling_features_and_preemption_match_one_process(llama, llama_tp2_async):
+    prompts = PROMPTS + PREFIX_PROMPTS
+    one_llm = LLM(str(llama), **ENGINE, **SMALL_CACHE)
+    params = mixed_params(run(one_llm, prompts))
+    one = one_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    scheduler = llama_tp2_async.llm_engine.scheduler
+    preemptions = scheduler.num_preemptions
+    two = llama_tp2_async.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert finishes(two) == finishes(one)
+    assert {row[2] for row in finishes(two)} == {"stop", "length"}
+    assert scheduler.num_preemptions > preemptions
+    assert scheduler.kv.num_free_blocks == scheduler.kv.num_blocks
+    # Unseeded random rows: every rank draws from the same random state (the engine checks the
+    # ranks' tokens agree at every step and would raise WorkerFailure otherwise).
+    out = llama_tp2_async.generate([{"prompt_token_ids": PROMPTS[1]}],
+                                   SamplingParams(temperature=1.0, n=3, max_tokens=MAX_NEW, ignore_eos=True),
+                                   use_tqdm=False)
+    assert [len(c.token_ids) for c in out[0].outputs] == [MAX_NEW] * 3
+
+
+def test_tp2_async_abort_mid_stream(llama, llama_tp2_async):
+    """Aborts while a step is in flight on the ranks: the others' tokens are unchanged."""
+    ref = run(LLM(str(llama), **ENGINE, **SMALL_CACHE), PROMPTS)
+    engine = llama_tp2_async.llm_engine
+    for i, ids in enumerate(PROMPTS):
+        engine.add_request(f"abort-{i}", {"prompt_token_ids": ids}, greedy())
+    outs, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id] = out
+        steps += 1
+        if steps == 4:
+            outs["abort-1"] = engine.abort_request("abort-1")
+    for i, want in enumerate(ref):
+        got = outs[f"abort-{i}"].outputs[0]
+        if i == 1:
+            assert got.finish_reason == "abort" and got.token_ids == want[: len(got.token_ids)]
+        else:
+            assert got.token_ids == want
+    assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_blocks
+
+
+def test_ranks_that_sample_other_tokens_are_named():
+    """The engine's check of the ranks' tokens, without processes: rank 1 drew another token."""
+    from strata.core.sched_output import RunnerOutput
+    from strata.executor.multiproc import MultiprocExecutor, WorkerFailure
+
+    executor = MultiprocExecutor.__new__(MultiprocExecutor)
+    executor.driver = 0
+
+    def fail(what, first_error=None):
+        raise WorkerFailure(what)
+
+    executor._fail = fail
+    replies = {0: RunnerOutput({"a": [5], "b": []}), 1: {"a": [5], "b": []}}
+    executor._check_same_tokens("step 3", replies)
+    replies[1] = {"a": [6], "b": []}
+    with pytest.raises(WorkerFailure, match=r"step 3: rank 1 sampled \[6\] for request 'a' where the "
+                                            r"driver \(rank 0\) sampled \[5\]"):
+        executor._check_same_tokens("step 3", replies)
 
 
 def test_tp2_qwen3_replicated_kv_head_matches_one_process(qwen3):
@@ -104,6 +220,7 @@ def test_tp2_qwen3_replicated_kv_head_matches_one_process(qwen3):
     llm = start(qwen3, tensor_parallel_size=2)
     try:
         check_matches(llm, ref)
+        seeded_random_matches(llm, qwen3)
     finally:
         llm.llm_engine.shutdown()
 
@@ -133,8 +250,8 @@ def test_bad_layouts_fail_before_any_process_starts(llama):
         LLM(str(llama), **ENGINE, tensor_parallel_size=3)
     with pytest.raises(ValueError, match="pipeline_parallel_size \\(3\\) is more than"):
         LLM(str(llama), **ENGINE, pipeline_parallel_size=3)
-    with pytest.raises(ValueError, match="async_scheduling"):
-        LLM(str(llama), **ENGINE, tensor_parallel_size=2, async_scheduling=True)
+    with pytest.raises(ValueError, match="async_scheduling needs pipeline_parallel_size = 1"):
+        LLM(str(llama), **ENGINE, pipeline_parallel_size=2, async_scheduling=True)
 
 
 TORCHRUN_SCRIPT = """

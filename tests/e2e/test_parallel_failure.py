@@ -28,17 +28,17 @@ def llama(tmp_path_factory):
 def sabotage_at_step(llm, step: int, rank: int, sig: signal.Signals):
     """Send sig to a rank's process just before the engine's step number `step`."""
     executor = llm.llm_engine.executor
-    launch = executor.launch
+    launch = executor._launch   # under launch() (async scheduling) and execute() (sync)
     count = {"n": 0, "at": None}
 
-    def launch_and_maybe_sabotage(sched):
+    def launch_and_maybe_sabotage(sched, defer):
         count["n"] += 1
         if count["n"] == step:
             os.kill(executor.procs[rank].pid, sig)
             count["at"] = time.monotonic()
-        return launch(sched)
+        return launch(sched, defer)
 
-    executor.launch = launch_and_maybe_sabotage
+    executor._launch = launch_and_maybe_sabotage
     return count
 
 
@@ -58,9 +58,10 @@ def check_stopped_cleanly(llm):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=2), use_tqdm=False)
 
 
-def test_killed_worker_is_named_and_the_engine_stops(llama):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_killed_worker_is_named_and_the_engine_stops(llama, async_scheduling):
     llm = LLM(str(llama), skip_tokenizer_init=True, use_tqdm_on_load=False, tensor_parallel_size=2,
-              worker_timeout=WORKER_TIMEOUT_S)
+              worker_timeout=WORKER_TIMEOUT_S, async_scheduling=async_scheduling)
     count = sabotage_at_step(llm, step=4, rank=1, sig=signal.SIGKILL)
     error, seconds = generate_until_failure(llm, count)
     assert "rank 1 (pid" in str(error) and "died: killed by signal SIGKILL" in str(error)
@@ -70,8 +71,9 @@ def test_killed_worker_is_named_and_the_engine_stops(llama):
 
 
 def test_hung_worker_is_named_within_the_timeout(llama):
+    # Async scheduling (the GPU default): the engine waits on step N while N+1 is already sent.
     llm = LLM(str(llama), skip_tokenizer_init=True, use_tqdm_on_load=False, tensor_parallel_size=2,
-              worker_timeout=WORKER_TIMEOUT_S)
+              worker_timeout=WORKER_TIMEOUT_S, async_scheduling=True)
     count = sabotage_at_step(llm, step=4, rank=1, sig=signal.SIGSTOP)   # alive, but frozen
     error, seconds = generate_until_failure(llm, count)
     assert f"rank 1 (pid {llm.llm_engine.executor.procs[1].pid}) has not responded" in str(error)
