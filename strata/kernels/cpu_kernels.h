@@ -43,4 +43,6 @@ typedef struct {
  * ctx * groups floats. */
 void strata_attend(const strata_cache_view *cv, const float *q, float *out, int64_t seq, int64_t ctx,
                    int64_t kvh, float *scores);
+/* x = softmax(x) over n values (max subtracted; cpu_ops.c's vectorised exp). */
+void strata_softmax_row(float *x, int64_t n);
 #endif

@@ -71,6 +71,14 @@ static float exp_shifted(const float *x, float shift, int64_t n, float *out) {
     return sum;
 }
 
+/* x[i] = softmax(x)[i] for i < n, the max subtracted first (as strata_attend does per group). */
+void strata_softmax_row(float *x, int64_t n) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+    float inv = 1.f / exp_shifted(x, mx, n, x);
+    for (int64_t j = 0; j < n; j++) x[j] *= inv;
+}
+
 /* ---- fused residual add + RMSNorm ------------------------------------------------------------
  * residual_in NULL: out = norm(x) * w. Else r = x + residual_in is written to residual_out and
  * out = norm(r) * w. norm(r) = r * (1 / sqrt(mean(r^2) + eps)), then times w (torch's order). */

@@ -33,6 +33,8 @@ def _configured(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.strata_decoder_layer.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint]
     lib.strata_decoder_workspace.argtypes = [ptr, i64, cint]
     lib.strata_decoder_workspace.restype = i64
+    lib.strata_paged_attention_half.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
+                                                i64, f32, cint, cint]
     return lib
 
 
@@ -116,9 +118,10 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                    query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+                    query_start_loc: torch.Tensor, scale: float, num_threads: int | None = None) -> torch.Tensor:
     """q [n, heads, d] (rows may be strided) -> out [n, heads, d]: each token attends causally to
-    its sequence's context in the paged float32 cache (layout in strata/attention/torch_ref.py)."""
+    its sequence's context in the paged float32 cache (layout in strata/attention/torch_ref.py).
+    num_threads: OpenMP threads (default torch's count)."""
     n, heads, d = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != d or heads % kv_heads:
@@ -134,9 +137,44 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     status = library().strata_paged_attention(
         q.data_ptr(), q.stride(0), out.data_ptr(), kv_cache.data_ptr(), kv_cache.stride(0), block_size, heads,
         kv_heads, d, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
-        num_seqs, scale, torch.get_num_threads())
+        num_seqs, scale, num_threads or torch.get_num_threads())
     if status:
         raise MemoryError("paged_attention: no memory for the score buffers")
+    return out
+
+
+_HALF_KINDS = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def host_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                         num_threads: int | None = None) -> torch.Tensor:
+    """Attention over a paged cache in float32, bfloat16 or float16 (offloading's host tier):
+    q [n, heads, d] float32 -> out [n, heads, d] float32. A 16-bit cache is read in place and
+    converted in registers (cpu_host_attention.c); a float32 one goes to paged_attention, the
+    kernel the resident CPU path uses. num_threads: OpenMP threads (default torch's count)."""
+    threads = num_threads or torch.get_num_threads()
+    if kv_cache.dtype == torch.float32:
+        return paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, threads)
+    kind = _HALF_KINDS.get(kv_cache.dtype)
+    n, heads, d = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    if kind is None or not kv_cache.is_contiguous() or kv_cache.device.type != "cpu":
+        raise ValueError(f"host_paged_attention: the cache must be a contiguous CPU tensor of float32, bfloat16 "
+                         f"or float16, got {kv_cache.dtype} on {kv_cache.device}")
+    if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != d or heads % kv_heads:
+        raise ValueError(f"host_paged_attention: q must be float32 [n, heads, {d}] with packed heads and heads a "
+                         f"multiple of {kv_heads} KV heads, got {q.dtype} {tuple(q.shape)} strides {q.stride()}")
+    tables = block_tables if block_tables.is_contiguous() else block_tables.contiguous()
+    if tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or query_start_loc.dtype != torch.int32:
+        raise ValueError("host_paged_attention: block_tables, seq_lens and query_start_loc must be int32")
+    out = torch.empty(n, heads, d)
+    status = library().strata_paged_attention_half(
+        q.data_ptr(), q.stride(0), out.data_ptr(), kv_cache.data_ptr(), kv_cache.stride(0), block_size, heads,
+        kv_heads, d, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
+        seq_lens.shape[0], scale, kind, threads)
+    if status:
+        raise MemoryError("host_paged_attention: no memory for the score buffers")
     return out
 
 

@@ -30,8 +30,9 @@ logger = logging.getLogger("strata")
 MAX_GEMV_ROWS = 64   # measured on SmolLM2's shapes (docs/cpu_speed.md): the blocked C kernels beat dequantized tiles + SGEMM up to ~64 rows
 _TILE_BYTES = 1 << 20          # float32 weight tile of the prefill path: about an L2
 # One library: the matmuls here, the step's other kernels (cpu_ops.c, wrapped by cpu_ops.py) and
-# the fused decoder layer built from the same pieces (cpu_decoder.c, wrapped by cpu_decoder.py).
-_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_quant.c", "cpu_ops.c", "cpu_decoder.c"))
+# the fused decoder layer built from the same pieces (cpu_decoder.c, wrapped by cpu_decoder.py) and
+# attention over a 16-bit host KV cache (cpu_host_attention.c, for offloading's host tier).
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_quant.c", "cpu_ops.c", "cpu_decoder.c", "cpu_host_attention.c"))
 _HEADER = Path(__file__).with_name("cpu_kernels.h")
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 _COMMON_FLAGS = ["-std=c11", "-shared", "-fPIC", "-ffp-contract=off"]

@@ -101,6 +101,48 @@ def test_paged_attention_matches_torch(seqs, heads, kv_heads, d):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("seqs", [
+    [(37, 1), (5, 1), (16, 1), (1, 1)],                 # decodes
+    [(30, 7), (9, 9), (33, 1)],                          # prompt chunks after a cached prefix, a decode
+])
+@pytest.mark.parametrize("heads, kv_heads, d", [(8, 2, 64), (3, 3, 20), (4, 1, 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_host_paged_attention_reads_16_bit_caches(seqs, heads, kv_heads, d, dtype):
+    """Offloading's host tier: the cache stays in bfloat16 / float16 and is converted as it is
+    read; the reference attends in float32 over the same (rounded) values. d=20: the scalar tail."""
+    block_size = 8
+    meta = _metadata(seqs, block_size, 64)
+    cache = torch.randn(2, 64, block_size, kv_heads, d).to(dtype)
+    q = torch.randn(meta.num_tokens, heads, d)
+    want = torch_ref.paged_attention(q, cache.float(), meta, d ** -0.5)
+    got = cpu_ops.host_paged_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, d ** -0.5,
+                                       num_threads=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    # A float32 cache goes to the resident path's kernel: the same values bit for bit.
+    same = cpu_ops.host_paged_attention(q, cache.float(), meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                        d ** -0.5)
+    assert torch.equal(same, cpu_ops.paged_attention(q, cache.float(), meta.block_tables, meta.seq_lens,
+                                                     meta.query_start_loc, d ** -0.5))
+    with pytest.raises(ValueError, match="q must be float32"):
+        cpu_ops.host_paged_attention(q.to(dtype), cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1.0)
+
+
+def test_half_conversion_covers_special_values():
+    """float16 subnormals, infinities and zeros, bfloat16 extremes, read back through attention
+    weights of 1 (a single-token context returns its value): d=8 converts in registers, d=11
+    takes the scalar conversion for the last 3 values."""
+    specials = {torch.float16: [6e-8, -float("inf"), 1e-5, 0.0, -0.0, 65504.0, 3.14159, -2.5],
+                torch.bfloat16: [1e-38, -3e38, 2.0**-130, 0.0, 1.5, -7.0, 100.0, 0.1]}
+    for dtype, values in specials.items():
+        for d in (8, 11):
+            cache = torch.zeros(2, 1, 1, 1, d, dtype=dtype)
+            cache[1, 0, 0, 0] = torch.tensor((values * 2)[:d], dtype=dtype)
+            one = torch.ones(1, dtype=torch.int32)
+            out = cpu_ops.host_paged_attention(torch.zeros(1, 1, d), cache, torch.zeros(1, 1, dtype=torch.int32),
+                                               one, torch.tensor([0, 1], dtype=torch.int32), 1.0)
+            assert torch.equal(out[0, 0], cache[1, 0, 0, 0].float()), (dtype, d)
+
+
 def test_wrappers_reject_wrong_inputs():
     with pytest.raises(ValueError, match="float32"):
         cpu_ops.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8), 1e-5)

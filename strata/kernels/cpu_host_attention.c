@@ -1,0 +1,247 @@
+/* Attention over a paged KV cache held in 16-bit floats (bfloat16 or float16) in host RAM:
+ * offloading's host KV tier (strata/attention/host_tier.py), where the CPU attends for the
+ * sequences whose cache lives in RAM while the GPU goes on with other work.
+ *
+ * The cache is read in place through the block tables, each key and value converted to float32
+ * in registers as it is used: upcasting the gathered context first (what the torch path does)
+ * writes and reads the whole context once more, and the context is most of the bytes a decode
+ * step touches. q and out are float32 (a step's queries are small). Work items are (token, KV
+ * head) pairs over OpenMP threads; the query heads sharing a KV head (GQA) score each key while
+ * it is in registers. Token t of sequence s sees the keys up to its own position (causal; a
+ * decode token sees the whole context), as in strata_paged_attention (cpu_ops.c). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HOST_AVX2 1
+#endif
+
+enum { KV_BF16 = 1, KV_F16 = 2 };
+
+static float half_to_float(uint16_t h, int kind) {
+    uint32_t bits;
+    if (kind == KV_BF16) {
+        bits = (uint32_t)h << 16;
+    } else {   /* IEEE half: sign, 5-bit exponent, 10-bit mantissa */
+        uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+        if (exp == 0x1f) {
+            bits = sign | 0x7f800000u | (man << 13);
+        } else if (exp != 0) {
+            bits = sign | ((exp + 112) << 23) | (man << 13);
+        } else if (man == 0) {
+            bits = sign;
+        } else {   /* subnormal: value = man * 2^-24 */
+            float f = (float)man * 5.9604644775390625e-8f;
+            memcpy(&bits, &f, 4);
+            bits |= sign;
+        }
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#ifdef HOST_AVX2
+static inline __m256 load8(const uint16_t *p, int kind) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+#ifdef __F16C__
+    if (kind == KV_F16) return _mm256_cvtph_ps(h);
+#else
+    if (kind == KV_F16) {
+        float tmp[8];
+        for (int i = 0; i < 8; i++) tmp[i] = half_to_float(p[i], kind);
+        return _mm256_loadu_ps(tmp);
+    }
+#endif
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+typedef struct {
+    const uint16_t *kv;
+    int64_t plane_stride, block_size, kv_heads, head_dim, groups, bt_stride;
+    const int32_t *block_tables;
+    float scale;
+    int kind;
+} half_view;
+
+static inline const uint16_t *token_row(const half_view *v, const int32_t *table, int64_t j, int64_t kvh) {
+    int64_t slot = (int64_t)table[j / v->block_size] * v->block_size + j % v->block_size;
+    return v->kv + (slot * v->kv_heads + kvh) * v->head_dim;
+}
+
+#ifdef HOST_AVX2
+/* The register paths below are written for a compile-time G (the switch in score_keys and
+ * weigh_values inlines them with G = 1, 2, 4 or 8), so the accumulators stay in registers.
+ * Keys are walked block by block: no division per key. */
+static inline __attribute__((always_inline)) void score_keys_g(const half_view *v, const int32_t *table,
+                                                                int64_t ctx, int64_t kvh, const float *q,
+                                                                float *scores, const int64_t G) {
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
+        const uint16_t *base = v->kv + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d;
+        const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
+        int64_t j = 0;
+        for (; j + 2 <= n; j += 2) {   /* two keys at once: twice the independent FMA chains */
+            const uint16_t *k0 = base + j * row, *k1 = k0 + row;
+            __m256 a0[8], a1[8];
+            for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < d; c += 8) {
+                __m256 x0 = load8(k0 + c, v->kind), x1 = load8(k1 + c, v->kind);
+                for (int64_t g = 0; g < G; g++) {
+                    __m256 qg = _mm256_loadu_ps(q + g * d + c);
+                    a0[g] = _mm256_fmadd_ps(qg, x0, a0[g]);
+                    a1[g] = _mm256_fmadd_ps(qg, x1, a1[g]);
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                scores[g * ctx + j0 + j] = sum8(a0[g]) * v->scale;
+                scores[g * ctx + j0 + j + 1] = sum8(a1[g]) * v->scale;
+            }
+        }
+        for (; j < n; j++) {
+            const uint16_t *k0 = base + j * row;
+            __m256 a0[8];
+            for (int64_t g = 0; g < G; g++) a0[g] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < d; c += 8) {
+                __m256 x0 = load8(k0 + c, v->kind);
+                for (int64_t g = 0; g < G; g++) a0[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c), x0, a0[g]);
+            }
+            for (int64_t g = 0; g < G; g++) scores[g * ctx + j0 + j] = sum8(a0[g]) * v->scale;
+        }
+    }
+}
+
+/* out [G, d]: 16 columns at a time over every key, 2 * G accumulators in registers (the value
+ * rows of one item stay in L1/L2 between column passes). */
+static inline __attribute__((always_inline)) void weigh_values_g(const half_view *v, const int32_t *table,
+                                                                  int64_t ctx, int64_t kvh, const float *w,
+                                                                  float *out, const int64_t G) {
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    for (int64_t c = 0; c < d; c += 16) {
+        const int two = c + 16 <= d;
+        __m256 lo[8], hi[8];
+        for (int64_t g = 0; g < G; g++) lo[g] = hi[g] = _mm256_setzero_ps();
+        for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
+            const uint16_t *base = v->kv + v->plane_stride + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d + c;
+            const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
+            for (int64_t j = 0; j < n; j++) {
+                __m256 x0 = load8(base + j * row, v->kind);
+                __m256 x1 = two ? load8(base + j * row + 8, v->kind) : _mm256_setzero_ps();
+                for (int64_t g = 0; g < G; g++) {
+                    __m256 wg = _mm256_broadcast_ss(w + g * ctx + j0 + j);
+                    lo[g] = _mm256_fmadd_ps(wg, x0, lo[g]);
+                    hi[g] = _mm256_fmadd_ps(wg, x1, hi[g]);
+                }
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            _mm256_storeu_ps(out + g * d + c, lo[g]);
+            if (two) _mm256_storeu_ps(out + g * d + c + 8, hi[g]);
+        }
+    }
+}
+#endif
+
+/* scores[g * ctx + j] = q_g . key_j * scale for the groups' query heads q [groups, d]. */
+static void score_keys(const half_view *v, const int32_t *table, int64_t ctx, int64_t kvh, const float *q,
+                       float *scores) {
+    const int64_t d = v->head_dim, G = v->groups;
+#ifdef HOST_AVX2
+    if (d % 8 == 0) {
+        switch (G) {
+            case 1: score_keys_g(v, table, ctx, kvh, q, scores, 1); return;
+            case 2: score_keys_g(v, table, ctx, kvh, q, scores, 2); return;
+            case 4: score_keys_g(v, table, ctx, kvh, q, scores, 4); return;
+            case 8: score_keys_g(v, table, ctx, kvh, q, scores, 8); return;
+            default: break;
+        }
+    }
+#endif
+    for (int64_t j = 0; j < ctx; j++) {
+        const uint16_t *key = token_row(v, table, j, kvh);
+        for (int64_t g = 0; g < G; g++) {
+            float sum = 0.f;
+            for (int64_t c = 0; c < d; c++) sum += q[g * d + c] * half_to_float(key[c], v->kind);
+            scores[g * ctx + j] = sum * v->scale;
+        }
+    }
+}
+
+/* out [groups, d] = sum over j of weights[g * ctx + j] * value_j. */
+static void weigh_values(const half_view *v, const int32_t *table, int64_t ctx, int64_t kvh, const float *weights,
+                         float *out) {
+    const int64_t d = v->head_dim, G = v->groups;
+#ifdef HOST_AVX2
+    if (d % 8 == 0) {
+        switch (G) {
+            case 1: weigh_values_g(v, table, ctx, kvh, weights, out, 1); return;
+            case 2: weigh_values_g(v, table, ctx, kvh, weights, out, 2); return;
+            case 4: weigh_values_g(v, table, ctx, kvh, weights, out, 4); return;
+            case 8: weigh_values_g(v, table, ctx, kvh, weights, out, 8); return;
+            default: break;
+        }
+    }
+#endif
+    memset(out, 0, sizeof(float) * (size_t)(G * d));
+    for (int64_t j = 0; j < ctx; j++) {
+        const uint16_t *value = token_row(v, table, j, kvh) + v->plane_stride;
+        for (int64_t c = 0; c < d; c++) {
+            float x = half_to_float(value[c], v->kind);
+            for (int64_t g = 0; g < G; g++) out[g * d + c] += weights[g * ctx + j] * x;
+        }
+    }
+}
+
+/* q [n, heads, head_dim] float32 (rows q_stride floats apart), out [n, heads, head_dim] float32;
+ * kv_cache [2, num_blocks, block_size, kv_heads, head_dim] of 16-bit floats (kind: 1 bfloat16,
+ * 2 float16), plane_stride elements between K and V. Returns nonzero when out of memory. */
+int strata_paged_attention_half(const float *q, int64_t q_stride, float *out, const uint16_t *kv_cache,
+                                int64_t plane_stride, int64_t block_size, int64_t heads, int64_t kv_heads,
+                                int64_t head_dim, const int32_t *block_tables, int64_t bt_stride,
+                                const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
+                                float scale, int kind, int nthreads) {
+    const int64_t n = query_start_loc[num_seqs], groups = heads / kv_heads;
+    int64_t max_ctx = 1;
+    for (int64_t s = 0; s < num_seqs; s++) max_ctx = seq_lens[s] > max_ctx ? seq_lens[s] : max_ctx;
+    int64_t *seq_of = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    if (seq_of == NULL) return 1;
+    for (int64_t s = 0; s < num_seqs; s++)
+        for (int64_t t = query_start_loc[s]; t < query_start_loc[s + 1]; t++) seq_of[t] = s;
+    half_view view = {kv_cache, plane_stride, block_size, kv_heads, head_dim, groups, bt_stride, block_tables,
+                      scale, kind};
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads) if (n * kv_heads > 1)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(max_ctx * groups));
+        if (scores == NULL) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic, 2)
+        for (int64_t item = 0; item < n * kv_heads; item++) {
+            if (scores == NULL) continue;
+            int64_t t = item / kv_heads, kvh = item % kv_heads, s = seq_of[t];
+            int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
+            int64_t ctx = seq_lens[s] - q_len + (t - query_start_loc[s]) + 1;
+            const int32_t *table = block_tables + s * bt_stride;
+            score_keys(&view, table, ctx, kvh, q + t * q_stride + kvh * groups * head_dim, scores);
+            for (int64_t g = 0; g < groups; g++) strata_softmax_row(scores + g * ctx, ctx);
+            weigh_values(&view, table, ctx, kvh, scores, out + (t * heads + kvh * groups) * head_dim);
+        }
+        free(scores);
+    }
+    free(seq_of);
+    return failed;
+}
