@@ -1,107 +1,295 @@
 """Attention for a layer whose KV cache lives in host RAM (offloading's KV tier, FlexGen's CPU
 delegation): the cache never crosses PCIe, only this step's q, k, v and the output do.
 
-The layer's q, k, v are computed (and rotated) on the compute device. Then:
-- k and v go down to the host and are written into the host cache at the step's slots (the same
-  block tables address every layer's cache, whichever tier holds it);
-- rows whose whole context is this step's query (a fresh prompt) attend on the device, over the
-  k and v already there;
-- every other row (decodes, a prompt chunk after a cached prefix) sends its queries down and
-  attends on the CPU over its cached context (attention/torch_ref.py), and the output goes up.
-On a CPU-only machine both "tiers" are RAM: the same steps run, which is how the tests check
-them against the resident cache.
+The layer's q, k, v are computed (and rotated) on the compute device. Then ``start`` queues:
+- rows whose whole context is this step's query (a fresh prompt) attend on the device at once,
+  over the k and v already there;
+- on a side stream, k and v (and the other rows' queries, as float32) go down into a pinned
+  staging buffer, and an event marks their arrival;
+- one worker thread (FIFO, so each layer's cache writes and reads keep the step order) waits for
+  that event, writes k and v into the host cache at the step's slots (the same block tables
+  address every layer's cache, whichever tier holds it), and for every other row (decodes, a
+  prompt chunk after a cached prefix) attends on the CPU over its cached context
+  (kernels/cpu_host_attention.c reads a 16-bit cache in place with several threads; torch_ref
+  where the C kernels are not built or a chunk is long) into the staging buffer.
+``start`` returns at once: the GPU goes on with other micro-batches (runner/offload_loop.py runs
+the next micro-batch's q/k/v and this one's MLP while the CPU attends). ``result()`` waits for the
+worker, then queues the copy of the CPU rows' output up on the compute stream, so the o_proj
+after it never reads it before it arrives. A staging buffer is reused only after its task is
+done and (GPU) its output has left it.
+
+On a CPU-only machine both "tiers" are RAM: the same steps run through the worker thread (no
+copies, no events), which is how the tests check them, with a delay injected, against the
+resident cache.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from strata.attention import torch_ref
 from strata.attention.backend import AttentionMetadata
+from strata.kernels import cpu_ops
+
+C_MAX_QUERY = 64   # query tokens per sequence up to which the CPU attends with the C kernel
+ALIGN = 64
+MAX_STAGING = 4    # buffers in flight: two micro-batches' results plus fresh prompts' KV writes
 
 
-class HostStaging:
-    """A reused pinned buffer for device -> host copies (pinning memory per call costs more than
-    the copy); grown when a step needs more. One per process: layers run one after another."""
+class _Staging:
+    """A pinned host buffer (pageable on a CPU-only machine) and what still uses it."""
 
-    def __init__(self):
-        self._buf: torch.Tensor | None = None
+    def __init__(self, nbytes: int, pinned: bool):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        self.task: Future | None = None          # the worker's task reading / writing it
+        self.consumed: torch.cuda.Event | None = None   # the H2D copy of its output, on the device
+        self.awaiting_result = False             # its output has not been taken by result() yet
 
-    def to_host(self, *xs: torch.Tensor) -> list[torch.Tensor]:
-        """Host copies of xs (views into the buffer, valid until the next call)."""
-        if all(x.device.type == "cpu" for x in xs):
-            return [x.contiguous() for x in xs]
-        sizes = [-(-x.numel() * x.element_size() // 64) * 64 for x in xs]
-        if self._buf is None or self._buf.numel() < sum(sizes):
-            grown = 2 * (0 if self._buf is None else self._buf.numel())
-            self._buf = torch.empty(max(sum(sizes), grown), dtype=torch.uint8, pin_memory=True)
+    def free(self) -> bool:
+        return (not self.awaiting_result and (self.task is None or self.task.done())
+                and (self.consumed is None or self.consumed.query()))
+
+    def wait(self) -> None:
+        if self.task is not None:
+            self.task.exception()   # errors surface at result() / drain(), not here
+        if self.consumed is not None:
+            self.consumed.synchronize()
+
+    def views(self, shapes_dtypes) -> list[torch.Tensor]:
         outs, offset = [], 0
-        for x, size in zip(xs, sizes):
-            out = self._buf[offset: offset + x.numel() * x.element_size()].view(x.dtype).view(x.shape)
-            out.copy_(x, non_blocking=True)
-            outs.append(out)
-            offset += size
-        torch.cuda.current_stream(xs[0].device).synchronize()
+        for shape, dtype in shapes_dtypes:
+            nbytes = _nbytes(shape, dtype)
+            outs.append(self.buf[offset: offset + nbytes].view(dtype).view(shape))
+            offset += -(-nbytes // ALIGN) * ALIGN
         return outs
 
 
-STAGING = HostStaging()
-GATHER = torch_ref.Workspace()   # the decode rows' context, gathered on the host
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class PendingAttention:
+    """One micro-batch's host-tier attention in flight; ``result()`` -> [n, heads, head_dim] on
+    the compute device, usable by the kernels queued after the call."""
+
+    def __init__(self, out: torch.Tensor, task: Future, staging: _Staging, out_host: torch.Tensor | None,
+                 token_index: torch.Tensor | None):
+        self.out = out
+        self.task = task
+        self.staging = staging
+        self.out_host = out_host        # the CPU rows' output, written by the task
+        self.token_index = token_index  # their tokens in out (None: every token)
+
+    def result(self) -> torch.Tensor:
+        try:
+            self.task.result()   # raises what the worker raised
+        finally:
+            self.staging.awaiting_result = False
+        if self.out_host is None:
+            return self.out
+        rows = self.out_host.to(self.out.device, non_blocking=True).to(self.out.dtype)
+        if self.out.is_cuda:   # the staging buffer is free once this copy has read it
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.out.device))
+            self.staging.consumed = event
+        if self.token_index is None:
+            self.out.copy_(rows)
+        else:
+            self.out[self.token_index] = rows
+        return self.out
+
+
+class HostAttentionWorker:
+    """The host side of host-tier attention: one thread, staging buffers, a D2H stream.
+    ``delay_s`` makes every task slow on purpose (tests: nothing may use a result before it is
+    there)."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-host-attn")
+        self._staging: list[_Staging] = []
+        self._tasks: deque[Future] = deque()
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self.tasks_run = 0
+        self._lock = threading.Lock()
+
+    def start(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+              meta: AttentionMetadata, scale: float) -> PendingAttention:
+        """q [n, heads, head_dim], k/v [n, kv_heads, head_dim] (rotated, on the compute device);
+        kv_cache [2, num_blocks, block_size, kv_heads, head_dim] in host RAM."""
+        host = host_copies(meta)
+        out = torch.empty_like(q)
+        starts = meta.query_start_loc_cpu
+        rows = []
+        for row, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            if q_len > 1 and q_len == ctx_len:   # a fresh prompt: its context is on the device already
+                a, b = starts[row], starts[row + 1]
+                mask = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).tril()
+                out[a:b] = torch_ref._sdpa(q[a:b], k[a:b], v[a:b], mask, scale, q.shape[1] // k.shape[1])
+            else:
+                rows.append(row)
+        token_index = None
+        if rows and rows != list(range(meta.num_seqs)):
+            token_index = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rows]).to(q.device)
+        q_rows = (q if token_index is None else q[token_index]) if rows else None
+        sub = _sub_metadata(meta, host, rows) if rows else None
+        shapes = [(tuple(k.shape), k.dtype), (tuple(v.shape), v.dtype)]
+        if rows:
+            shapes += [(tuple(q_rows.shape), torch.float32)] * 2   # queries down, output up
+        staging = self._acquire(sum(-(-_nbytes(s, d) // ALIGN) * ALIGN for s, d in shapes), q.is_cuda)
+        views = staging.views(shapes)
+        arrived = None
+        if q.is_cuda:
+            arrived = self._copy_down(q.device, [k, v] + ([q_rows.float()] if rows else []), views)
+            sources = views[:2] + (views[2:3] if rows else [])
+        else:
+            sources = [k, v] + ([q_rows.float()] if rows else [])
+        out_host = views[3] if rows else None
+        task = self._pool.submit(self._run, arrived, sources, out_host, kv_cache, host["slot_mapping"], sub,
+                                 scale, q.is_cuda)
+        staging.task, staging.awaiting_result = task, rows != []
+        with self._lock:
+            self._tasks.append(task)
+        return PendingAttention(out, task, staging, out_host, token_index)
+
+    def _copy_down(self, device: torch.device, srcs: list[torch.Tensor], dsts: list[torch.Tensor]):
+        """srcs (device) -> dsts (pinned) on a side stream, after the work queued so far on the
+        compute stream; returns the arrival event."""
+        stream = self._streams.get(device.index)
+        if stream is None:
+            stream = self._streams[device.index] = torch.cuda.Stream(device)
+        produced = torch.cuda.Event()
+        produced.record(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            stream.wait_event(produced)
+            for src, dst in zip(srcs, dsts):
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(stream)   # its memory is not reused before the copy has read it
+            arrived = torch.cuda.Event()
+            arrived.record(stream)
+        return arrived
+
+    def _run(self, arrived, sources, out_host, kv_cache, slot_mapping, sub, scale, on_cuda) -> None:
+        """Worker thread: wait for the copies, write the cache, attend for the CPU rows. (Inference
+        mode is per thread: the step's tensors and the cache may be inference tensors.)"""
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if arrived is not None:
+            arrived.synchronize()
+        with torch.inference_mode():
+            torch_ref.write_kv(kv_cache, sources[0], sources[1], slot_mapping)
+            if sub is not None:
+                out_host.copy_(cpu_attend(sources[2], kv_cache, sub, scale, threads=attention_threads(on_cuda)))
+        self.tasks_run += 1
+
+    def _acquire(self, nbytes: int, pinned: bool) -> _Staging:
+        """A free staging buffer of at least nbytes; when all are busy, the oldest whose output
+        is not waiting for a result() call is waited for."""
+        while True:
+            free = [s for s in self._staging if s.free()]
+            for s in free:
+                if s.buf.numel() >= nbytes:
+                    s.task, s.consumed = None, None
+                    return s
+            if free or len(self._staging) < MAX_STAGING:
+                if free:   # too small: a larger one in its place
+                    self._staging.remove(free[0])
+                s = _Staging(max([nbytes] + [2 * f.buf.numel() for f in free[:1]]), pinned)
+                self._staging.append(s)
+                return s
+            waitable = [s for s in self._staging if not s.awaiting_result]
+            if not waitable:
+                raise RuntimeError(f"host attention: all {MAX_STAGING} staging buffers hold outputs no "
+                                   "result() has taken (too many micro-batches in flight)")
+            waitable[0].wait()
+            self._staging.remove(waitable[0])
+            self._staging.append(waitable[0])
+
+    def drain(self) -> None:
+        """Wait for every task queued so far; raise the first error one hit."""
+        error = None
+        with self._lock:
+            tasks, self._tasks = list(self._tasks), deque()
+        for task in tasks:
+            exc = task.exception()
+            error = error or exc
+        if error is not None:
+            raise error
+
+    def reset(self) -> None:
+        """After a pass that failed half way: let the tasks in flight finish, forget their
+        outputs (no result() will take them) and their errors."""
+        with self._lock:
+            tasks, self._tasks = list(self._tasks), deque()
+        for task in tasks:
+            task.exception()
+        for s in self._staging:
+            s.awaiting_result = False
+
+
+_WORKER: list[HostAttentionWorker] = []   # one per process, made on first use
+
+
+def worker() -> HostAttentionWorker:
+    if not _WORKER:
+        _WORKER.append(HostAttentionWorker())
+    return _WORKER[0]
+
+
+def attention_threads(on_cuda: bool) -> int:
+    """CPU threads of the host attention: all of torch's, less one for the thread that keeps
+    queueing GPU work meanwhile."""
+    n = torch.get_num_threads()
+    return max(1, n - 1) if on_cuda else n
+
+
+def cpu_attend(q_host: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+               threads: int | None = None) -> torch.Tensor:
+    """q_host [m, heads, head_dim] float32 over a host cache -> float32 output: the C kernel (a
+    16-bit cache read in place), else (no C kernels, or long prompt chunks, where torch's SDPA
+    is blocked like a GEMM) torch_ref on the cache's dtype."""
+    if cpu_ops.library() is not None and meta.max_query_len <= C_MAX_QUERY and \
+            kv_cache.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return cpu_ops.host_paged_attention(q_host, kv_cache, meta.block_tables, meta.seq_lens,
+                                            meta.query_start_loc, scale, threads)
+    return torch_ref.paged_attention(q_host.to(kv_cache.dtype), kv_cache, meta, scale).float()
 
 
 def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [n, heads, head_dim], k/v [n, kv_heads, head_dim] (rotated, on the compute device);
-    kv_cache [2, num_blocks, block_size, kv_heads, head_dim] in host RAM -> [n, heads, head_dim]
-    on the compute device."""
-    groups = q.shape[1] // k.shape[1]
-    host = _host_copies(meta)
-    k_host, v_host = STAGING.to_host(k, v)
-    torch_ref.write_kv(kv_cache, k_host, v_host, host["slot_mapping"])
-    out = torch.empty_like(q)
-    starts = meta.query_start_loc_cpu
-    others = []
-    for row, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if q_len > 1 and q_len == ctx_len:   # a fresh prompt: its context is on the device already
-            a, b = starts[row], starts[row + 1]
-            mask = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).tril()
-            out[a:b] = torch_ref._sdpa(q[a:b], k[a:b], v[a:b], mask, scale, groups)
-        else:
-            others.append(row)
-    if others:
-        _attend_on_host(q, kv_cache, meta, host, others, scale, out)
-    return out
+    """start(...).result(): for callers with nothing to overlap."""
+    return worker().start(q, k, v, kv_cache, meta, scale).result()
 
 
-def _attend_on_host(q, kv_cache, meta, host, rows, scale, out) -> None:
-    starts = meta.query_start_loc_cpu
-    if rows == list(range(meta.num_seqs)):
-        token_index = None
-        (q_host,) = STAGING.to_host(q)
-    else:
-        token_index = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rows]).to(q.device)
-        (q_host,) = STAGING.to_host(q[token_index])
+def _sub_metadata(meta: AttentionMetadata, host: dict, rows: list[int]) -> AttentionMetadata:
+    """The CPU rows' metadata, on host tensors."""
     query_lens = [meta.query_lens_cpu[r] for r in rows]
-    sub_starts = [0]
+    starts = [0]
     for n in query_lens:
-        sub_starts.append(sub_starts[-1] + n)
-    sub = AttentionMetadata(
-        num_tokens=sub_starts[-1], slot_mapping=host["slot_mapping"][:0], block_tables=host["block_tables"][rows],
-        seq_lens=host["seq_lens"][rows], query_start_loc=torch.tensor(sub_starts, dtype=torch.int32),
+        starts.append(starts[-1] + n)
+    index = torch.tensor(rows)
+    return AttentionMetadata(
+        num_tokens=starts[-1], slot_mapping=host["slot_mapping"][:0],
+        block_tables=host["block_tables"].index_select(0, index).contiguous(),
+        seq_lens=host["seq_lens"].index_select(0, index), query_start_loc=torch.tensor(starts, dtype=torch.int32),
         seq_lens_cpu=[meta.seq_lens_cpu[r] for r in rows], query_lens_cpu=query_lens,
-        query_start_loc_cpu=sub_starts, block_size=meta.block_size,
+        query_start_loc_cpu=starts, block_size=meta.block_size,
         decode_rows=[i for i, n in enumerate(query_lens) if n == 1],
         prefill_rows=[i for i, n in enumerate(query_lens) if n != 1], max_query_len=max(query_lens))
-    result = torch_ref.paged_attention(q_host, kv_cache, sub, scale, workspace=GATHER).to(out.device)
-    if token_index is None:
-        out.copy_(result)
-    else:
-        out[token_index] = result
 
 
-def _host_copies(meta: AttentionMetadata) -> dict:
-    """Host copies of the step's slot mapping and block tables, made once per step (every layer
-    with a host cache shares them)."""
+def host_copies(meta: AttentionMetadata) -> dict:
+    """Host copies of the step's slot mapping, block tables and sequence lengths. The runner
+    fills them as it builds the step (runner/input_batch.py, offload_loop.split_metadata); made
+    here only for metadata built elsewhere (a blocking copy)."""
     if not meta.host_copies:
         meta.host_copies.update(slot_mapping=meta.slot_mapping.to("cpu"), block_tables=meta.block_tables.to("cpu"),
                                 seq_lens=meta.seq_lens.to("cpu"))

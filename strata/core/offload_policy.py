@@ -10,11 +10,13 @@ schedule: the batch's micro-batches all pass layer i before layer i+1), so the w
 per step does not grow with the batch while the compute does: the search raises the batch until
 the KV cache fills the budget, and trades resident layers against KV room.
 
-Cost of one decode step at batch B (seconds), the copies overlapping the compute:
-    io      = max(bytes over PCIe / h2d, bytes from disk / disk)
-    compute = sum over layers of max(2 * params * B / flops, layer bytes / memory bandwidth)
-              + KV bytes read by attention / memory bandwidth + the LM head
-    step    = max(io, compute) + per-layer overhead
+Cost of one decode step at batch B (seconds; step_costs has the details):
+    per layer: compute = max(2 * params * B / flops, layer bytes / memory bandwidth) + its KV read;
+               a layer whose KV cache is in host RAM: the longer of that and the CPU's attention
+               over the host cache, plus a micro-batch's share of the shorter (they overlap)
+               streamed: max(its copy, its compute) (one slot per layer in flight)
+    step    = resident layers + streamed layers + LM head (the first streamed layers' copies
+              hidden behind the resident compute), at least every copy's time, + overhead
 A prefill pass is the same with B * prompt_len tokens. Throughput = B * gen_len / (prefill +
 (gen_len - 1) decode steps): the prefill samples each sequence's first token.
 """
@@ -129,34 +131,70 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
                context_tokens: int, micro_batches: int, depth: int = 2,
                kv_host_layers: int = 0, prefill: bool = False) -> tuple[float, float, float]:
     """(io, compute, step) seconds of one forward pass over `tokens` tokens that attend to
-    `context_tokens` cached tokens in all. With one staging slot (depth 1) a fetch cannot start
-    before the layer that used the slot is done: copies and compute take turns. Layers whose KV
-    cache is in host RAM attend on the CPU (reading their share of the context there) and send
-    q, k, v down and the output up; the device waits for that within the layer, so it adds to
-    the compute while the weight copies go on. A prefill's fresh prompts attend on the device
-    (their K and V are there already) and only go down to the host cache."""
+    `context_tokens` cached tokens in all, in `micro_batches` micro-batches.
+
+    Layer by layer, in the loop's order (resident layers, then the CPU tier, then disk; the KV
+    cache of the last kv_host_layers in host RAM): a streamed layer takes the longer of its copy
+    and its compute, since the copy of layer i+1 runs while layer i computes but a slot holds only
+    one layer. The first `depth` streamed layers are fetched while the resident layers and the LM
+    head compute (the pass starts them; the last layers issue the next pass's), so their copies
+    hide behind that much compute. With one slot (depth 1) a fetch waits for the layer before it:
+    copies and compute take turns.
+
+    A host-KV layer's compute is its GPU work and the CPU's (decode rows attending over the host
+    cache; a prefill's fresh prompts attend on the device and the CPU only writes their K and V),
+    overlapped across micro-batches (runner/offload_loop._host_kv_layer): with K micro-batches
+    the CPU works on one while the GPU computes another, so the layer takes the longer of the two
+    plus a K-th of the shorter (one micro-batch: their sum)."""
+    layers = spec.num_layers
     cpu_path = hw.device == "cpu"
-    pcie = 0.0 if cpu_path else (n_cpu + n_disk) * spec.layer_bytes / hw.h2d_bytes_per_s
-    disk = n_disk * spec.layer_bytes / hw.disk_bytes_per_s
-    io = max(pcie, disk)
-    per_layer = max(2.0 * spec.layer_params * tokens / hw.flops, spec.layer_bytes / hw.mem_bytes_per_s)
-    kv_layer = spec.kv_bytes_per_token / spec.num_layers
-    host_attn_layers = 0 if prefill else kv_host_layers
-    kv_read = context_tokens * kv_layer * (spec.num_layers - host_attn_layers) / hw.mem_bytes_per_s
+    kv_layer = spec.kv_bytes_per_token / layers
+    gpu_layer = max(2.0 * spec.layer_params * tokens / hw.flops, spec.layer_bytes / hw.mem_bytes_per_s)
+    device_kv = context_tokens * kv_layer / hw.mem_bytes_per_s
+    host_layer = 0.0
+    if kv_host_layers:
+        cpu_bytes = tokens * kv_layer if prefill else context_tokens * kv_layer
+        host_layer = cpu_bytes / max(hw.cpu_attn_bytes_per_s, 1.0)
+        if not cpu_path:   # q (float32) and the new K, V down; the output (float32) up
+            moved = tokens * (kv_layer + (0 if prefill else 2 * spec.hidden_size * 4))
+            host_layer += moved / hw.h2d_bytes_per_s
+    k = max(1, micro_batches)
+    copy_s = 0.0 if cpu_path else spec.layer_bytes / hw.h2d_bytes_per_s
+    disk_s = spec.layer_bytes / hw.disk_bytes_per_s
+    io = max((n_cpu + n_disk) * copy_s, n_disk * disk_s)
+    compute = resident = streamed = 0.0
+    lead = []   # (copy, compute) of the first `depth` streamed layers
+    for layer in range(layers):
+        if layer >= layers - kv_host_layers:
+            c = max(gpu_layer, host_layer) + min(gpu_layer, host_layer) / k
+        else:
+            c = gpu_layer + device_kv
+        compute += c
+        if layer < n_res:
+            resident += c
+            continue
+        fetch = max(copy_s, disk_s) if layer >= n_res + n_cpu else copy_s
+        if depth < 2:
+            streamed += fetch + c
+        elif len(lead) < depth:
+            lead.append((fetch, c))
+        else:
+            streamed += max(fetch, c)
     head = max(2.0 * spec.vocab_size * spec.hidden_size * tokens / hw.flops,
                spec.vocab_size * spec.hidden_size * spec.dtype_bytes / hw.mem_bytes_per_s)
-    compute = spec.num_layers * per_layer + kv_read + head
-    if kv_host_layers:
-        host_read = context_tokens * kv_layer * host_attn_layers / max(hw.cpu_attn_bytes_per_s, 1.0)
-        moved = tokens * (2 * spec.hidden_size * spec.dtype_bytes + kv_layer) * kv_host_layers
-        compute += host_read + (0.0 if cpu_path else moved / hw.h2d_bytes_per_s)
-    overhead = (spec.num_layers + kv_host_layers) * micro_batches * LAYER_OVERHEAD_S
-    overlapped = max(io, compute) if depth >= 2 or not (n_cpu + n_disk) else io + compute
-    return io, compute, overlapped + overhead
+    compute += head
+    # The lead layers' copies run behind the resident layers and the head, then layer by layer.
+    hidden_by = resident + head
+    for fetch, c in lead:
+        hidden = min(fetch, hidden_by)
+        hidden_by -= hidden
+        streamed += max(fetch - hidden, c)
+    overhead = (layers + kv_host_layers) * k * LAYER_OVERHEAD_S
+    return io, compute, max(io, resident + head + streamed) + overhead
 
 
 def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int, batch: int,
-                     max_query_len: int) -> int:
+                     max_query_len: int, host_kv: bool = False) -> int:
     """Device memory of a step's activations (runner/offload_loop.py's block schedule):
     - the carry between layers for every token of the step: hidden state and residual of every
       micro-batch, plus the embedding output until layer 0 has replaced it (3 copies; the final
@@ -164,14 +202,18 @@ def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int,
     - one micro-batch's intermediates inside a layer (q/k/v, attention, the MLP's widest tensors,
       1.5x for what the kernels allocate beside them). A sequence is never cut, so a micro-batch
       holds up to max(micro_batch_tokens, the longest query) tokens;
-    - the LM head's logits for the sampled rows (model dtype, float32, the sampler's copies).
+    - the LM head's logits for the sampled rows (model dtype, float32, the sampler's copies);
+    - host_kv (some layers' KV cache in host RAM): a second micro-batch in flight in those layers
+      (its q, k, v, and the float32 queries and output that cross PCIe).
     tests/runner/test_offload_activations.py checks these against the live tensors of a step."""
     h, i, e = spec.hidden_size, spec.intermediate_size, spec.dtype_bytes
     carry = 3 * step_tokens * h * e
     inside_tokens = min(step_tokens, max(micro_batch_tokens, max_query_len))
     inside = int(1.5 * inside_tokens * (6 * h + 3 * i) * e)
     logits = batch * spec.vocab_size * (e + 4 * 4)
-    return carry + inside + logits
+    kv_dim = spec.kv_bytes_per_token // (2 * spec.num_layers * e)
+    in_flight = inside_tokens * ((h + 2 * kv_dim) * e + 2 * h * 4) if host_kv else 0
+    return carry + inside + logits + in_flight
 
 
 def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget: int | None,
@@ -265,7 +307,7 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
         if batch < 1:
             return None
         kv_bytes = batch * (seq_kv - host_seq_kv)
-        activations = _step_activations(spec, workload, mbt, batch)
+        activations = _step_activations(spec, workload, mbt, batch, host_seq_kv > 0)
         device = weights_on_device + kv_bytes + activations
         host += batch * host_seq_kv
     else:
@@ -275,7 +317,8 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     if cpu_budget is not None and host > cpu_budget:
         return None
     ctx = batch * workload.max_model_len
-    io, compute, step = step_costs(spec, hw, n_res, n_cpu, n_disk, batch, ctx, 1, depth, kv_host)
+    # A decode row is one token: the step's micro-batches are ceil(batch / mbt).
+    io, compute, step = step_costs(spec, hw, n_res, n_cpu, n_disk, batch, ctx, -(-batch // mbt), depth, kv_host)
     prefill_tokens = batch * workload.prompt_len
     micro = max(1, -(-prefill_tokens // mbt))
     _, _, prefill = step_costs(spec, hw, n_res, n_cpu, n_disk, prefill_tokens, prefill_tokens, micro, depth,
@@ -316,15 +359,15 @@ def _largest_batch(spec, workload, room, mbt, device_seq_kv, host_seq_kv=0, host
         hi = int(min(hi, max(0, host_room) // host_seq_kv))
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        need = mid * device_seq_kv + _step_activations(spec, workload, mbt, mid)
+        need = mid * device_seq_kv + _step_activations(spec, workload, mbt, mid, host_seq_kv > 0)
         lo, hi = (mid, hi) if need <= room else (lo, mid - 1)
     return lo
 
 
-def _step_activations(spec, workload, mbt, batch) -> int:
+def _step_activations(spec, workload, mbt, batch, host_kv: bool = False) -> int:
     """The largest step of a batch: the engine's token budget holds every sequence at
     max_model_len (engine._offload), so a step may carry that many tokens."""
-    return activation_bytes(spec, batch * workload.max_model_len, mbt, batch, workload.max_model_len)
+    return activation_bytes(spec, batch * workload.max_model_len, mbt, batch, workload.max_model_len, host_kv)
 
 
 def _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget) -> None:

@@ -51,10 +51,7 @@ class Attention(nn.Module):
         if self.kv_cache is None:
             raise RuntimeError(f"attention layer {self.layer_idx} has no KV cache bound")
         if self.kv_on_host:
-            from strata.attention.host_tier import host_attention
-            if self.rotary_emb is not None:
-                q, k = self.rotary_emb(positions, q, k)
-            return host_attention(q, k, v, self.kv_cache, meta, self.scale).view(n, -1)
+            return self.start(q, k, v, positions).result().view(n, -1)
         if use_triton(q):
             return self._forward_triton(q, k, v, positions, meta).view(n, -1)
         if self.kv_scales is None and self.kv_cache.dtype == torch.float32 and cpu_ops.available(q):
@@ -64,6 +61,21 @@ class Attention(nn.Module):
         torch_ref.write_kv(self.kv_cache, k, v, meta.slot_mapping, self.kv_scales)
         out = torch_ref.paged_attention(q, self.kv_cache, meta, self.scale, self.kv_scales)
         return out.reshape(n, self.num_heads * self.head_dim)
+
+    def start(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None):
+        """A layer with its KV cache in host RAM: rotate on the device, then queue the host side
+        (attention/host_tier.py) and return at once; ``.result()`` -> [n, heads, head_dim] once
+        the CPU's rows are back (the offload loop overlaps the wait with other micro-batches)."""
+        from strata.attention import host_tier
+        if not self.kv_on_host or self.kv_cache is None:
+            raise RuntimeError(f"attention layer {self.layer_idx}: start() is for a KV cache bound in host RAM")
+        n = q.shape[0]
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
+        return host_tier.worker().start(q, k, v, self.kv_cache, get_attn_metadata(), self.scale)
 
     def _forward_cpu(self, q, k, v, positions, meta) -> torch.Tensor:
         rope = self.rotary_emb

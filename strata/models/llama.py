@@ -43,13 +43,16 @@ class LlamaAttention(nn.Module):
                               rotary_emb=self.rotary_emb)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        # The attention layer applies the rotary embedding as it writes the KV cache.
+        return self.o_proj(self.attn(*self.qkv(hidden), positions))
+
+    def qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:   # Qwen3 normalises each head before the rotation
             q = self.q_norm(q.reshape(n * self.num_heads, self.head_dim)).view(n, -1)
             k = self.k_norm(k.reshape(n * self.num_kv_heads, self.head_dim)).view(n, -1)
-        # The attention layer applies the rotary embedding as it writes the KV cache.
-        return self.o_proj(self.attn(q, k, v, positions))
+        return q, k, v
 
 
 class LlamaMLP(nn.Module):
@@ -85,6 +88,20 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
+        return self.after_attention(hidden, residual)
+
+    def before_attention(self, hidden, residual):
+        """The layer up to attention: (q, k, v, residual) (the offload loop's split, which lets
+        a host-tier attention run while other micro-batches compute)."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        return (*self.self_attn.qkv(hidden), residual)
+
+    def after_attention(self, hidden, residual):
+        """From the attention's projected output [n, hidden] to the carry (hidden, residual)."""
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -124,6 +141,13 @@ class LlamaForCausalLM(nn.Module):
 
     def layer_forward(self, layer: nn.Module, positions: torch.Tensor, carry: Carry) -> Carry:
         return layer(positions, *carry)
+
+    def split_layer_forward(self, layer: nn.Module, positions: torch.Tensor, carry: Carry):
+        """layer_forward in two halves around attention: (attention module, (q, k, v), resume),
+        resume(attention output [n, heads * head_dim]) -> the carry layer_forward returns."""
+        q, k, v, residual = layer.before_attention(*carry)
+        return layer.self_attn.attn, (q, k, v), \
+            lambda out: layer.after_attention(layer.self_attn.o_proj(out), residual)
 
     def finish(self, carry: Carry) -> torch.Tensor:
         hidden, _ = self.norm(*carry)

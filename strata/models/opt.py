@@ -49,8 +49,10 @@ class OPTAttention(nn.Module):
         self.attn = Attention(self.num_heads, cfg.head_dim, self.num_heads, cfg.head_dim ** -0.5, layer_idx)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, hidden]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size] * 3, dim=-1)
-        return self.out_proj(self.attn(q, k, v))
+        return self.out_proj(self.attn(*self.qkv(hidden)))
+
+    def qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.qkv_proj(hidden).split([self.q_size] * 3, dim=-1))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -67,11 +69,20 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = _layer_norm(cfg)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:   # [n, hidden] -> [n, hidden]
+        return self.after_attention(self.self_attn(self.self_attn_layer_norm(hidden) if self.pre_norm else hidden),
+                                    hidden)
+
+    def before_attention(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q, k, v) of forward's attention (the offload loop's split around it)."""
+        return self.self_attn.qkv(self.self_attn_layer_norm(hidden) if self.pre_norm else hidden)
+
+    def after_attention(self, attn: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """forward from the attention's projected output on; hidden: the layer's input."""
         if self.pre_norm:   # opt-125m, 1.3b ... 66b
-            hidden = hidden + self.self_attn(self.self_attn_layer_norm(hidden))
+            hidden = hidden + attn
             return hidden + self.fc2(self.act(self.fc1(self.final_layer_norm(hidden))))
         # opt-350m normalises after each residual add
-        hidden, _ = self.self_attn_layer_norm(self.self_attn(hidden), hidden)
+        hidden, _ = self.self_attn_layer_norm(attn, hidden)
         hidden, _ = self.final_layer_norm(self.fc2(self.act(self.fc1(hidden))), hidden)
         return hidden
 
@@ -117,6 +128,12 @@ class OPTForCausalLM(nn.Module):
 
     def layer_forward(self, layer: nn.Module, positions: torch.Tensor, carry: Carry) -> Carry:
         return (layer(carry[0]),)
+
+    def split_layer_forward(self, layer: nn.Module, positions: torch.Tensor, carry: Carry):
+        """layer_forward in two halves around attention: (attention module, (q, k, v), resume)."""
+        hidden = carry[0]
+        return layer.self_attn.attn, layer.before_attention(hidden), \
+            lambda out: (layer.after_attention(layer.self_attn.out_proj(out), hidden),)
 
     def finish(self, carry: Carry) -> torch.Tensor:
         hidden = carry[0]

@@ -114,12 +114,20 @@ def build_step_inputs(sched: SchedulerOutput, states: dict[str, CachedRequestSta
     def tensor(values, dtype=torch.int64):
         return host_to_device(values, dtype, device)
 
+    # Host copies too, for layers whose KV cache is in host RAM (offloading): reading the device
+    # tensors back would wait for the GPU work queued before.
+    host = {"slot_mapping": torch.tensor(slots, dtype=torch.int64),
+            "block_tables": torch.tensor(padded, dtype=torch.int32), "seq_lens": torch.tensor(seq_lens, dtype=torch.int32)}
+
+    def upload(name):
+        return host[name] if device.type != "cuda" else host[name].pin_memory().to(device, non_blocking=True)
+
     attn = AttentionMetadata(
-        num_tokens=len(input_ids), slot_mapping=tensor(slots), block_tables=tensor(padded, torch.int32),
-        seq_lens=tensor(seq_lens, torch.int32), query_start_loc=tensor(starts, torch.int32),
+        num_tokens=len(input_ids), slot_mapping=upload("slot_mapping"), block_tables=upload("block_tables"),
+        seq_lens=upload("seq_lens"), query_start_loc=tensor(starts, torch.int32),
         seq_lens_cpu=seq_lens, query_lens_cpu=query_lens, query_start_loc_cpu=starts,
         block_size=block_size, decode_rows=decode_rows, prefill_rows=prefill_rows,
-        max_query_len=max(query_lens))
+        max_query_len=max(query_lens), host_copies=host)
     return StepInputs(tensor(input_ids), tensor(positions), attn, req_ids, sample_rows,
                       logits_indices, spans, placeholder_index, placeholder_source, placeholder_slot)
 

@@ -20,6 +20,7 @@ import time
 import torch
 from torch import nn
 
+from strata.attention import host_tier
 from strata.attention.backend import AttentionMetadata
 from strata.config import ModelConfig
 from strata.core.offload_policy import Hardware, ModelSpec
@@ -53,14 +54,50 @@ class OffloadLayerLoop:
             mover.begin_pass()
             for index, layer in enumerate(model.layers):
                 mover.before_layer(index)
-                for k, (part_meta, part_pos, part_carry) in enumerate(parts):
-                    with set_forward_context(part_meta):
-                        parts[k] = (part_meta, part_pos, model.layer_forward(layer, part_pos, part_carry))
+                if _kv_on_host(model, layer):
+                    _host_kv_layer(model, layer, parts)
+                else:
+                    for k, (part_meta, part_pos, part_carry) in enumerate(parts):
+                        with set_forward_context(part_meta):
+                            parts[k] = (part_meta, part_pos, model.layer_forward(layer, part_pos, part_carry))
                 mover.after_layer(index)
+            host_tier.worker().drain()   # the last host-cache writes are done and none failed
         except BaseException:
             mover.reset()
+            host_tier.worker().reset()
             raise
         return _finish(model, parts)
+
+
+def _kv_on_host(model: nn.Module, layer: nn.Module) -> bool:
+    attn = getattr(getattr(layer, "self_attn", None), "attn", None)
+    return getattr(attn, "kv_on_host", False) and hasattr(model, "split_layer_forward")
+
+
+def _host_kv_layer(model: nn.Module, layer: nn.Module, parts: list) -> None:
+    """A layer whose KV cache is in host RAM, FlexGen's CPU delegation overlapped: micro-batch
+    k+1's q/k/v are computed and its host side queued (attention/host_tier.py: copies down on a
+    side stream, the CPU attends in a worker thread) before micro-batch k's output is taken, so
+    the CPU attends for one micro-batch while the GPU computes the next one's projections and this
+    one's MLP, and the copy stream brings the next layers' weights. Each output is taken with
+    result(), which queues its copy up before the o_proj that reads it (no use before arrival)."""
+    pending = None   # (part index, PendingAttention, resume)
+    for k, (part_meta, part_pos, part_carry) in enumerate(parts):
+        with set_forward_context(part_meta):
+            attn, (q, key, value), resume = model.split_layer_forward(layer, part_pos, part_carry)
+            started = (k, attn.start(q, key, value, part_pos), resume)
+        parts[k] = (part_meta, part_pos, None)   # resume holds what it needs of the carry
+        del q, key, value, part_carry
+        if pending is not None:
+            _resume(parts, *pending)
+        pending = started
+    _resume(parts, *pending)
+
+
+def _resume(parts: list, k: int, handle, resume) -> None:
+    part_meta, part_pos, _ = parts[k]
+    with set_forward_context(part_meta):
+        parts[k] = (part_meta, part_pos, resume(handle.result().flatten(1)))
 
 
 def micro_batch_spans(query_lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
@@ -79,12 +116,15 @@ def split_metadata(meta: AttentionMetadata, a: int, b: int, device: torch.device
     t0, t1 = meta.query_start_loc_cpu[a], meta.query_start_loc_cpu[b]
     query_lens = meta.query_lens_cpu[a:b]
     starts = [s - t0 for s in meta.query_start_loc_cpu[a: b + 1]]
+    host = meta.host_copies
     return AttentionMetadata(
         num_tokens=t1 - t0, slot_mapping=meta.slot_mapping[t0:t1], block_tables=meta.block_tables[a:b],
         seq_lens=meta.seq_lens[a:b], query_start_loc=host_to_device(starts, torch.int32, device),
         seq_lens_cpu=meta.seq_lens_cpu[a:b], query_lens_cpu=query_lens, query_start_loc_cpu=starts,
         block_size=meta.block_size, decode_rows=[r for r, n in enumerate(query_lens) if n == 1],
-        prefill_rows=[r for r, n in enumerate(query_lens) if n != 1], max_query_len=max(query_lens))
+        prefill_rows=[r for r, n in enumerate(query_lens) if n != 1], max_query_len=max(query_lens),
+        host_copies={} if not host else dict(slot_mapping=host["slot_mapping"][t0:t1],
+                                             block_tables=host["block_tables"][a:b], seq_lens=host["seq_lens"][a:b]))
 
 
 def _slice(t: torch.Tensor | None, meta: AttentionMetadata, a: int, b: int) -> torch.Tensor | None:
@@ -183,21 +223,22 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
 
 def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                        batch: int = 32, context: int = 512, block_size: int = 16) -> float:
-    """KV bytes/s the host reads when decode rows attend over a host cache (attention/host_tier.py
-    runs attention/torch_ref.py there): one layer, `batch` rows of `context` tokens."""
-    from strata.attention import torch_ref
+    """KV bytes/s the host reads when decode rows attend over a host cache: one layer, `batch`
+    rows of `context` tokens, through the host tier's own call (attention/host_tier.cpu_attend,
+    with the threads its worker uses beside a GPU)."""
+    from strata.attention.host_tier import attention_threads, cpu_attend
     blocks = context // block_size
     cache = torch.randn(2, batch * blocks + 1, block_size, num_kv_heads, head_dim).to(dtype)
     tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
-    q = torch.randn(batch, num_heads, head_dim).to(dtype)
+    q = torch.randn(batch, num_heads, head_dim)
     meta = AttentionMetadata(
         num_tokens=batch, slot_mapping=torch.zeros(0, dtype=torch.int64), block_tables=tables,
-        seq_lens=torch.full((batch,), context, dtype=torch.int32), query_start_loc=torch.arange(batch + 1),
+        seq_lens=torch.full((batch,), context, dtype=torch.int32),
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
         seq_lens_cpu=[context] * batch, query_lens_cpu=[1] * batch, query_start_loc_cpu=list(range(batch + 1)),
         block_size=block_size, decode_rows=list(range(batch)), prefill_rows=[])
-    workspace = torch_ref.Workspace()
-    seconds = _median_s(lambda: torch_ref.paged_attention(q, cache, meta, head_dim ** -0.5, workspace=workspace),
-                        reps=3)
+    threads = attention_threads(on_cuda=True)
+    seconds = _median_s(lambda: cpu_attend(q, cache, meta, head_dim ** -0.5, threads), reps=3)
     return batch * context * 2 * num_kv_heads * head_dim * cache.element_size() / seconds
 
 

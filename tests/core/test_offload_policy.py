@@ -142,3 +142,32 @@ def test_explicit_kv_fraction():
     assert [plan.kv_on_host(i) for i in (0, 15, 16, 31)] == [False, False, True, True]
     gpu_only = search_policy(spec, H100, workload, 4 * GIB, None, parse_offload_policy("w_cpu=1"))
     assert plan.batch_size > gpu_only.batch_size
+
+
+def test_host_kv_layers_cost_layer_by_layer():
+    """The decode step of a plan with host-KV layers, as the offload loop runs it: a streamed layer
+    takes the longer of its copy and its compute, so a host layer whose CPU attention outlasts its
+    copy is not hidden by the I/O slack of the other layers (the old model's max(io, compute) was:
+    predicted 1.7x the H100's measured rate); and with several micro-batches the CPU attention and
+    the GPU work of a host layer overlap (one micro-batch: they add up)."""
+    import dataclasses
+
+    from strata.core.offload_policy import step_costs
+    spec = MODELS["llama-8b"]
+    layers, batch, ctx = spec.num_layers, 37, 37 * 544
+    host = dataclasses.replace(H100_HOST_ATTN, h2d_bytes_per_s=51 * GIB)   # as measured on the H100
+    copy = spec.layer_bytes / host.h2d_bytes_per_s
+    slow = dataclasses.replace(host, cpu_attn_bytes_per_s=4.8 * GIB)
+    cpu_layer = ctx * spec.kv_bytes_per_token / layers / slow.cpu_attn_bytes_per_s
+    assert cpu_layer > 1.5 * copy
+    io, compute, step = step_costs(spec, slow, 0, layers, 0, batch, ctx, 1, 2, kv_host_layers=16)
+    assert step > max(io, compute) + 10 * (cpu_layer - copy)          # host layers are CPU-bound each
+    assert step == pytest.approx(16 * copy + 16 * cpu_layer, rel=0.1)
+    # GPU work as long as the CPU's: four micro-batches hide most of the shorter one.
+    even = dataclasses.replace(slow, flops=2.0 * spec.layer_params * batch / cpu_layer)
+    one = step_costs(spec, even, 0, layers, 0, batch, ctx, 1, 2, kv_host_layers=layers)[2]
+    four = step_costs(spec, even, 0, layers, 0, batch, ctx, 4, 2, kv_host_layers=layers)[2]
+    assert four < 0.7 * one
+    # A fast host: the host layers are I/O-bound like the others, and the step is the copies.
+    fast = step_costs(spec, host, 0, layers, 0, batch, ctx, 1, 2, kv_host_layers=16)
+    assert fast[2] == pytest.approx(layers * copy, rel=0.1)

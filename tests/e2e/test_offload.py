@@ -134,25 +134,31 @@ def test_block_schedule_and_mixed_tiers(model_dir, resident_tokens, tmp_path):
     llm.llm_engine.offload_mover.close()
 
 
-@pytest.mark.parametrize("policy, host_layers, chunk", [
-    ("w_gpu=1,kv_cpu=1", 24, None),
-    ("w_gpu=0.5,w_disk=0.5,kv_cpu=0.5,micro_batch_tokens=16", 12, None),
-    ("w_gpu=1,kv_cpu=0.25", 6, 16),
+@pytest.mark.parametrize("policy, host_layers, chunk, delay_s", [
+    ("w_gpu=1,kv_cpu=1", 24, None, 0.0),
+    ("w_gpu=0.5,w_disk=0.5,kv_cpu=0.5,micro_batch_tokens=16", 12, None, 0.0),
+    ("w_gpu=1,kv_cpu=0.25", 6, 16, 0.0),
+    # decode micro-batches of 2 rows, a slow CPU side: outputs are taken while tasks are in flight
+    ("w_gpu=1,kv_cpu=0.5,micro_batch_tokens=2", 12, None, 0.002),
 ])
-def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch, policy, host_layers, chunk):
+def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch, policy, host_layers, chunk,
+                               delay_s):
     """The last layers' KV cache in the host tier: their decode rows (and prompt chunks after a
     cached part) attend on the host over the host cache, fresh prompts on the device; the same
-    tokens as the resident run. With chunk: prompts arrive in chunks of 16 tokens."""
+    tokens as the resident run. With chunk: prompts arrive in chunks of 16 tokens. With several
+    micro-batches, micro-batch k+1's host side is queued before k's output is taken (the
+    overlapped schedule, runner/offload_loop._host_kv_layer); delay_s slows every host task."""
     from strata.attention import host_tier
     calls = {"host": 0, "rows": 0}
-    real = host_tier._attend_on_host
+    real = host_tier.cpu_attend
 
-    def counting(q, kv_cache, meta, host, rows, scale, out):
+    def counting(q_host, kv_cache, meta, scale, threads=None):
         calls["host"] += 1
-        calls["rows"] += len(rows)
-        return real(q, kv_cache, meta, host, rows, scale, out)
+        calls["rows"] += meta.num_seqs
+        return real(q_host, kv_cache, meta, scale, threads)
 
-    monkeypatch.setattr(host_tier, "_attend_on_host", counting)
+    monkeypatch.setattr(host_tier, "cpu_attend", counting)
+    monkeypatch.setattr(host_tier.worker(), "delay_s", delay_s)
     kw = dict(max_num_batched_tokens=chunk, enable_chunked_prefill=True) if chunk else {}
     llm = make(model_dir, offload_dir=str(tmp_path), offload_policy=policy, **kw)
     engine = llm.llm_engine
@@ -161,7 +167,35 @@ def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch
     assert [a.kv_on_host for a in attn] == [False] * (24 - host_layers) + [True] * host_layers
     assert run(llm) == resident_tokens
     assert calls["rows"] >= host_layers * len(PROMPTS) * 7     # every decode step of every host layer
+    if delay_s:
+        assert calls["host"] >= 3 * host_layers * 7             # several micro-batches per decode step
     engine.offload_mover.close()
+
+
+def test_host_tier_output_is_waited_for(model_dir, resident_tokens, tmp_path, monkeypatch):
+    """The check above can fail: an o_proj that took the CPU rows' output without waiting for the
+    (slow) worker reads a staging buffer not yet written, and the tokens change."""
+    from strata.attention import host_tier
+    monkeypatch.setattr(host_tier.worker(), "delay_s", 0.02)
+    llm = make(model_dir, offload_dir=str(tmp_path), offload_policy="w_gpu=1,kv_cpu=0.25")
+    monkeypatch.setattr(host_tier.PendingAttention, "result", _result_without_wait)
+    try:
+        assert run(llm, max_new=3) != [t[:3] for t in resident_tokens]
+    finally:
+        host_tier.worker().reset()
+        llm.llm_engine.offload_mover.close()
+
+
+def _result_without_wait(self):
+    """PendingAttention.result less its wait for the worker."""
+    self.staging.awaiting_result = False
+    if self.out_host is not None:
+        rows = self.out_host.to(self.out.device).to(self.out.dtype)
+        if self.token_index is None:
+            self.out.copy_(rows)
+        else:
+            self.out[self.token_index] = rows
+    return self.out
 
 
 def test_budget_below_one_layer_is_an_error(model_dir):

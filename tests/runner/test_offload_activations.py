@@ -59,12 +59,15 @@ def model_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("prompt_len, num_prompts, micro_batch_tokens", [(40, 8, 16), (30, 6, 64), (20, 1, 64)])
-def test_step_activations_within_count(model_dir, prompt_len, num_prompts, micro_batch_tokens):
+@pytest.mark.parametrize("prompt_len, num_prompts, micro_batch_tokens, kv_cpu", [
+    (40, 8, 16, 0), (30, 6, 64, 0), (20, 1, 64, 0),
+    (40, 8, 16, 0.5),   # host-KV layers: two micro-batches in flight there
+])
+def test_step_activations_within_count(model_dir, prompt_len, num_prompts, micro_batch_tokens, kv_cpu):
     torch.set_num_threads(1)
     llm = LLM(str(model_dir), load_format="dummy", skip_tokenizer_init=True, device="cpu", dtype="float32",
               max_num_seqs=8, kv_cache_memory="4MiB", use_tqdm_on_load=False,
-              offload_policy=f"w_gpu=0.5,w_disk=0.5,micro_batch_tokens={micro_batch_tokens}")
+              offload_policy=f"w_gpu=0.5,w_disk=0.5,micro_batch_tokens={micro_batch_tokens},kv_cpu={kv_cpu}")
     engine = llm.llm_engine
     prompts = [{"prompt_token_ids": [(7 * r + 3 * t) % 1000 + 3 for t in range(prompt_len)]}
                for r in range(num_prompts)]
@@ -74,7 +77,7 @@ def test_step_activations_within_count(model_dir, prompt_len, num_prompts, micro
     with LiveBytes() as mode:
         llm.generate(prompts, params, use_tqdm=False)
     counted = activation_bytes(engine.offload_spec, prompt_len * num_prompts, micro_batch_tokens,
-                               num_prompts, prompt_len)
+                               num_prompts, prompt_len, host_kv=kv_cpu > 0)
     engine.offload_mover.close()
     assert mode.peak <= counted, f"live {mode.peak / 2**20:.2f} MiB > counted {counted / 2**20:.2f} MiB"
     # The carries and logits, the part that grows with the batch, are not loose by more than 2x
