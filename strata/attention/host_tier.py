@@ -35,6 +35,7 @@ import torch
 from strata.attention import torch_ref
 from strata.attention.backend import AttentionMetadata
 from strata.kernels import cpu_ops
+from strata.sample.sampler import host_to_device
 
 C_MAX_QUERY = 64   # query tokens per sequence up to which the CPU attends with the C kernel
 ALIGN = 64
@@ -138,7 +139,9 @@ class HostAttentionWorker:
                 rows.append(row)
         token_index = None
         if rows and rows != list(range(meta.num_seqs)):
-            token_index = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in rows]).to(q.device)
+            # through pinned memory: a pageable copy would wait for the GPU work queued so far
+            token_index = host_to_device([t for r in rows for t in range(starts[r], starts[r + 1])], torch.int64,
+                                         q.device)
         q_rows = (q if token_index is None else q[token_index]) if rows else None
         sub = _sub_metadata(meta, host, rows) if rows else None
         shapes = [(tuple(k.shape), k.dtype), (tuple(v.shape), v.dtype)]
