@@ -10,7 +10,8 @@ OPT tokenizer from the Hugging Face hub only to turn one prompt into ids; with d
 (``--path _DUMMY_``) the ids do not matter, so ``AutoTokenizer.from_pretrained`` is replaced by
 OfflineTokenizer, which left-pads a fixed id sequence to the prompt length as the real one would.
 
-Order: strata first (``LLM(gpu_memory_budget=...)``: its policy picks the placement and batch B;
+Order: strata first, in a process of its own that exits before FlexGen starts
+(``LLM(gpu_memory_budget=...)``: its policy picks the placement and batch B;
 bench/gpu_offload.strata_run times one generate call of B prompts, prefill included); then FlexGen
 in a child process with B split into micro-batches of --flexgen-gpu-batch (its num-gpu-batches),
 the weights' GPU share the budget leaves after two streamed sub-layers and the activations
@@ -202,15 +203,18 @@ def main() -> None:
 
 
 def run_strata(args, batch: int | None) -> dict:
-    import torch
-
-    from gpu_offload import make_model_dir, strata_run
-    run_args = argparse.Namespace(device="cuda", max_num_seqs=args.max_num_seqs)
+    """strata in a process of its own (gpu_offload.in_child), which has exited, pinned host
+    memory and all, before FlexGen's starts: FlexGen allocates OPT-30B's 60 GB of dummy weights
+    in host RAM, and beside strata's pinned copies the machine ran out (killed)."""
+    from gpu_offload import in_child, make_model_dir
+    opts = dict(device="cuda", max_num_seqs=args.max_num_seqs, smoke=False)
     offload = dict(gpu_memory_budget=args.gpu_budget)
     if args.cpu_budget:
         offload["cpu_memory_budget"] = args.cpu_budget
-    result = strata_run(make_model_dir(OPT_30B), run_args, args.prompt_len, args.gen_len, batch=batch, **offload)
-    torch.cuda.empty_cache()
+    result = in_child("strata", model_dir=str(make_model_dir(OPT_30B)), opts=opts, prompt_len=args.prompt_len,
+                      new_tokens=args.gen_len, batch=batch, **offload)
+    if "error" in result:
+        raise SystemExit(f"strata's OPT-30B run failed: {result['error']}")
     return result
 
 

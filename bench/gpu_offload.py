@@ -9,7 +9,8 @@ accelerate's device_map offloading under the same budget.
     python bench/gpu_offload.py --smoke        # CPU, a tiny Llama: every part at toy size
     python bench/gpu_offload.py --skip-hf --skip-disk
 
-Parts:
+Parts (each engine in a process of its own, one after another, so that one's pinned host memory
+and GPU memory are gone before the next starts):
 1. rates: pinned host->device copy bandwidth (1 GiB, median of 5) and the disk's read rate (a
    1 GiB file written to --offload-dir, flushed, dropped from the page cache, read once).
 2. strata, CPU tier: ``LLM(gpu_memory_budget="4GiB")``; the policy's batch B of 512-token
@@ -17,20 +18,23 @@ Parts:
    included, as FlexGen counts). The bound: a generation of 32 tokens takes at least 32 forward
    passes, each bringing the streamed layers' bytes over PCIe, so tok/s <= B * 32 / (32 * streamed
    bytes / bandwidth); the passes actually run are printed beside it. Also: the cost
-   model's prediction for this run, and the GPU memory torch allocated at peak.
-3. strata and HF on the same short run (B prompts, --hf-new-tokens new tokens): HF transformers
-   ``generate`` with accelerate's ``infer_auto_device_map(max_memory={0: budget})`` +
-   ``dispatch_model`` (weights that do not fit stay in CPU RAM and are copied in per forward).
-   HF's KV cache and activations are not in its budget (accelerate budgets weights only).
+   model's prediction for this run, and the GPU memory torch allocated at peak. The same engine
+   then times B prompts with --hf-new-tokens new tokens, for part 3.
+3. HF transformers ``generate`` with accelerate's ``infer_auto_device_map(max_memory={0:
+   --hf-weight-budget})`` + ``dispatch_model`` (weights that do not fit stay in CPU RAM and are
+   copied in per forward; accelerate budgets weights only, so the rest of the GPU budget is left
+   for HF's KV cache and activations): the largest batch whose GPU peak stays within the budget
+   (probed with one-token generations), timed at that batch and at strata's batch B (when HF can
+   run it at all; its peak is printed beside the budget), against strata's figure of part 2.
 4. strata, disk tier: --disk-cpu-budget of host RAM (default 4 GiB: the embedding, the disk
    staging buffers and a few layers), the rest of the layers read from files each pass; tok/s
    against the bound the measured disk rate allows, and the cost model's prediction from the
    disk rate the engine measured at startup beside the bench's own measurement.
-5. (--flexgen) bench/flexgen_peer.py in a child process: strata vs FlexGen 0.1.8 on OPT-30B's
-   shape under --flexgen-gpu-budget (its wheels, and pulp's and attrs', in --wheels).
+5. (--flexgen) bench/flexgen_peer.py: strata vs FlexGen 0.1.8 on OPT-30B's shape under
+   --flexgen-gpu-budget (its wheels, and pulp's and attrs', in --wheels), strata's process
+   exited before FlexGen's starts.
 accelerate or flexgen missing on the machine: pip install from a carried wheel folder (--wheels).
-Each part prints the seconds elapsed since the start, so a device call can be planned (parts 1-4
-took about 3 minutes on an H100, load times included).
+Each part prints the seconds elapsed since the start, so a device call can be planned.
 """
 
 from __future__ import annotations
@@ -83,8 +87,9 @@ def make_model_dir(config: dict) -> Path:
     return path
 
 
-def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, **offload):
-    """Load, warm up, generate once; returns a dict of figures (and the batch the plan chose)."""
+def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_tokens=None, **offload):
+    """Load, warm up, generate once; returns a dict of figures (and the batch the plan chose).
+    short_new_tokens: then time the same prompts with that many new tokens (result["short"])."""
     from strata import LLM, SamplingParams
     from strata.core.offload_policy import Workload, predict_throughput
     t0 = time.perf_counter()
@@ -132,6 +137,19 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, **offload):
         wait_s=mover.stats.wait_seconds, kv_host_layers=plan.kv_host_layers,
         plan_disk_gib_s=engine.offload_hardware.disk_bytes_per_s / GIB,
         plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB)
+    if short_new_tokens:
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=short_new_tokens, ignore_eos=True),
+                            use_tqdm=False)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        result["short"] = dict(batch=batch, new_tokens=short_new_tokens, seconds=seconds, generated=generated,
+                               tok_s=generated / seconds, gpu_peak_gib=torch.cuda.max_memory_allocated() / GIB
+                               if args.device == "cuda" else 0.0)
     mover.close()
     del llm, engine, mover, outs
     gc.collect()
@@ -140,12 +158,12 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, **offload):
     return result
 
 
-def hf_run(config: dict, args, batch: int, prompt_len: int, new_tokens: int, budget: int) -> dict:
+def hf_load(config: dict, args, weight_budget: int):
+    """HF's Llama with random weights, dispatched by accelerate under weight_budget of GPU memory."""
     import transformers
     from accelerate import dispatch_model, infer_auto_device_map
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     cfg = transformers.LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
-    t0 = time.perf_counter()
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg).to(dtype)
     model = model.to_empty(device="cpu").eval()
@@ -156,34 +174,81 @@ def hf_run(config: dict, args, batch: int, prompt_len: int, new_tokens: int, bud
             p.copy_(torch.empty(p.shape, dtype=p.dtype, device=src).uniform_(-0.02, 0.02, generator=gen))
         model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)   # to_empty left it unset
     if args.device == "cuda":
-        device_map = infer_auto_device_map(model, max_memory={0: budget, "cpu": 400 * GIB},
+        device_map = infer_auto_device_map(model, max_memory={0: weight_budget, "cpu": 400 * GIB},
                                            no_split_module_classes=["LlamaDecoderLayer"], dtype=dtype)
         model = dispatch_model(model, device_map=device_map)
         on_gpu = sum(1 for v in device_map.values() if v == 0)
         placement = f"{on_gpu} of {len(device_map)} modules on the GPU"
     else:
         placement = "all on the CPU (smoke)"
-    load_s = time.perf_counter() - t0
+    return model, cfg, placement
+
+
+def hf_generate(model, cfg, args, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """One timed generate call; the GPU peak over it (torch allocated: weights, KV, activations)."""
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to("cuda" if args.device == "cuda" else "cpu")
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids[:1, :16], **dict(kw, max_new_tokens=2, min_new_tokens=2))
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
     generated = (out.shape[1] - prompt_len) * batch
     peak = torch.cuda.max_memory_allocated() / GIB if args.device == "cuda" else 0.0
-    del model, out
+    return dict(batch=batch, tok_s=generated / seconds, seconds=seconds, gpu_peak_gib=peak)
+
+
+def hf_run(config: dict, args, strata_batch: int, prompt_len: int, new_tokens: int, budget: int) -> dict:
+    """HF + accelerate: the largest batch within the GPU budget (one-token generations probe it:
+    doubling, then halving the gap), timed there and at strata's batch."""
+    t0 = time.perf_counter()
+    weight_budget = min(budget, _parse(args.hf_weight_budget))
+    model, cfg, placement = hf_load(config, args, weight_budget)
+    result = dict(placement=placement, weight_budget_gib=weight_budget / GIB, load_s=time.perf_counter() - t0)
+    hf_generate(model, cfg, args, 1, 16, 2)   # warm-up
+
+    def fits(batch: int) -> bool:
+        try:
+            peak = hf_generate(model, cfg, args, batch, prompt_len, 1)["gpu_peak_gib"]
+        except torch.cuda.OutOfMemoryError:
+            peak = float("inf")
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        probes.append((batch, peak))
+        return peak * GIB <= budget or args.device != "cuda"
+
+    probes: list = []
+    lo, hi = 0, None
+    batch = 1
+    while hi is None and batch <= args.max_num_seqs:
+        if fits(batch):
+            lo, batch = batch, 2 * batch
+        else:
+            hi = batch
+    hi = hi or args.max_num_seqs + 1
+    while hi - lo > 1 and hi - lo > lo // 8:   # within an eighth: each probe is a forward pass
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    result["probes"] = probes
+    if lo >= 1:
+        result["largest"] = hf_generate(model, cfg, args, lo, prompt_len, new_tokens)
+    try:
+        result["at_strata_batch"] = hf_generate(model, cfg, args, strata_batch, prompt_len, new_tokens)
+    except torch.cuda.OutOfMemoryError:
+        result["at_strata_batch"] = dict(batch=strata_batch, error="out of GPU memory")
+    del model
     gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
-    return dict(tok_s=generated / seconds, seconds=seconds, load_s=load_s, placement=placement, gpu_peak_gib=peak)
+    return result
+
+
+def _parse(size: str) -> int:
+    from strata.config import parse_bytes
+    return parse_bytes(size)
 
 
 def ensure_accelerate(wheels: str | None) -> None:
@@ -196,7 +261,51 @@ def ensure_accelerate(wheels: str | None) -> None:
                                "--no-deps", "accelerate"])
 
 
-def main() -> None:
+def rates_part(device: str, offload_dir: str, probe_bytes: int) -> dict:
+    h2d = h2d_bandwidth(GIB) if device == "cuda" else float("inf")
+    disk = disk_bandwidth(offload_dir, probe_bytes, device == "cuda")
+    return dict(h2d=h2d, disk=disk, device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                torch=torch.__version__)
+
+
+def strata_part(model_dir: str, opts: dict, prompt_len: int, new_tokens: int, batch=None, short_new_tokens=None,
+                **offload) -> dict:
+    return strata_run(model_dir, argparse.Namespace(**opts), prompt_len, new_tokens, batch, short_new_tokens,
+                      **offload)
+
+
+def hf_part(config: dict, opts: dict, strata_batch: int, prompt_len: int, new_tokens: int, budget: int) -> dict:
+    return hf_run(config, argparse.Namespace(**opts), strata_batch, prompt_len, new_tokens, budget)
+
+
+CHILD_PARTS = {"rates": rates_part, "strata": strata_part, "hf": hf_part}
+
+
+def in_child(part: str, **kwargs) -> dict:
+    """CHILD_PARTS[part](**kwargs) in a Python process of its own, which exits before this returns
+    (its pinned host memory, CUDA context and GPU memory go with it); its result, or the error."""
+    fd, out = tempfile.mkstemp(suffix=".json", prefix=f"strata-bench-{part}-")
+    os.close(fd)
+    try:
+        code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--child",
+                                json.dumps(dict(part=part, kwargs=kwargs, out=out))])
+        text = Path(out).read_text()
+    finally:
+        os.unlink(out)
+    if code != 0 or not text:
+        return {"error": f"the {part} process exited with {code}"}
+    return json.loads(text)
+
+
+def child_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    if spec["kwargs"].get("opts", {}).get("smoke"):
+        torch.set_num_threads(1)
+    result = CHILD_PARTS[spec["part"]](**spec["kwargs"])
+    Path(spec["out"]).write_text(json.dumps(result, default=str))
+
+
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny Llama, short lengths")
     ap.add_argument("--gpu-budget", default="4GiB", help="gpu_memory_budget of every strata run and HF's budget")
@@ -206,11 +315,14 @@ def main() -> None:
     ap.add_argument("--offload-dir", default=None, help="disk tier folder (default: a temporary one)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--hf-new-tokens", type=int, default=8, help="new tokens of the strata-vs-HF run")
+    ap.add_argument("--hf-new-tokens", type=int, default=8, help="new tokens of the strata-vs-HF runs")
+    ap.add_argument("--hf-weight-budget", default="2GiB",
+                    help="GPU memory accelerate may fill with weights (max_memory); the rest of --gpu-budget is "
+                         "left for HF's KV cache and activations, which decide the largest batch HF holds")
     ap.add_argument("--hf-batch", type=int, default=None,
-                    help="batch of the strata-vs-HF run (default: the main run's, the policy's)")
+                    help="strata's batch in every part (default: the policy's); HF is also timed at it")
     ap.add_argument("--disk-new-tokens", type=int, default=4)
-    ap.add_argument("--max-num-seqs", type=int, default=256, help="most sequences the policy may batch")
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="most sequences the policy (and HF's probe) may batch")
     ap.add_argument("--skip-main", action="store_true", help="skip part 2 (parts 3 and 4 then need --hf-batch)")
     ap.add_argument("--skip-hf", action="store_true", help="skip part 3")
     ap.add_argument("--skip-disk", action="store_true", help="skip part 4")
@@ -229,7 +341,14 @@ def main() -> None:
         args.disk_cpu_budget = "3MiB"
         args.prompt_len, args.new_tokens, args.hf_new_tokens, args.disk_new_tokens = 32, 4, 2, 2
         args.max_num_seqs = 4
-        torch.set_num_threads(1)
+    return args
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child_main(sys.argv[2])
+        return
+    args = parse_args()
     t_start = time.perf_counter()
 
     def elapsed() -> str:
@@ -237,59 +356,90 @@ def main() -> None:
 
     config = SMOKE if args.smoke else LLAMA_31_8B
     offload_dir = args.offload_dir or tempfile.mkdtemp(prefix="strata-offload-bench-")
-    model_dir = make_model_dir(config)
-    from strata.config import parse_bytes
-    budget = parse_bytes(args.gpu_budget)
-    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                     "torch": torch.__version__}
-    h2d = h2d_bandwidth(GIB) if args.device == "cuda" else float("inf")
+    model_dir = str(make_model_dir(config))
+    budget = _parse(args.gpu_budget)
     h, i = config["hidden_size"], config["intermediate_size"]
     layer_bytes = 2 * (2 * h * h + 2 * h * h // 4 + 3 * h * i)   # the mover reads one layer at a time
-    disk = disk_bandwidth(offload_dir, (16 << 20) if args.smoke else layer_bytes, args.device == "cuda")
-    args.disk_bytes_per_s = disk
-    results["h2d_gib_s"], results["disk_gib_s"] = h2d / GIB, disk / GIB
+    rates = in_child("rates", device=args.device, offload_dir=offload_dir,
+                     probe_bytes=(16 << 20) if args.smoke else layer_bytes)
+    h2d, disk = rates["h2d"], rates["disk"]
+    results: dict = {"device": rates["device"], "torch": rates["torch"], "h2d_gib_s": h2d / GIB,
+                     "disk_gib_s": disk / GIB}
     print(f"{elapsed()} rates: host->device {h2d / GIB:.1f} GiB/s (pinned), disk read {disk / GIB:.2f} GiB/s "
           f"(one layer's {layer_bytes / GIB:.2f} GiB through the mover's read path, best of 3)", flush=True)
-
+    opts = dict(device=args.device, max_num_seqs=args.max_num_seqs, disk_bytes_per_s=disk, smoke=args.smoke,
+                hf_weight_budget=args.hf_weight_budget)
     # CPU-only smoke: a RAM budget forces every layer but two onto disk, standing in for the GPU budget.
     main_budget = dict(gpu_memory_budget=args.gpu_budget) if not args.smoke else dict(
         cpu_memory_budget="4MiB", offload_dir=offload_dir)
     batch = args.hf_batch
     if not args.skip_main:
-        r = strata_run(model_dir, args, args.prompt_len, args.new_tokens, offload_policy=args.offload_policy,
-                       **main_budget)
+        r = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     batch=args.hf_batch, short_new_tokens=None if args.skip_hf else args.hf_new_tokens,
+                     offload_policy=args.offload_policy, **main_budget)
+        if "error" in r:
+            raise SystemExit(f"strata's main run failed: {r['error']}")
         batch = batch or r["batch"]
         report_main(r, args, h2d, budget, results, elapsed)
     if args.int4:
-        q = strata_run(model_dir, args, args.prompt_len, args.new_tokens, offload_policy=args.offload_policy,
-                       quantization="int4", quantization_group_size=args.int4_group, **main_budget)
-        qbound = q["generated"] / (args.new_tokens * q["streamed_bytes"] / h2d) if args.device == "cuda" else float("nan")
-        results["int4"] = dict(q, bound_tok_s=qbound)
-        print(f"plan: {q['plan']}")
-        print(f"{elapsed()} strata int4 (groups of {args.int4_group}), batch {q['batch']}, "
-              f"{args.prompt_len}+{args.new_tokens}: {q['tok_s']:.1f} tok/s, {q['streamed_bytes'] / GIB:.2f} GiB "
-              f"streamed per pass -> PCIe bound {qbound:.1f} tok/s, {q['tok_s'] / qbound:.0%} of it; GPU peak "
-              f"{q['gpu_peak_gib']:.2f} GiB", flush=True)
+        q = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     offload_policy=args.offload_policy, quantization="int4", quantization_group_size=args.int4_group,
+                     **main_budget)
+        report_int4(q, args, h2d, results, elapsed)
     if not args.skip_hf:
+        if batch is None:
+            raise SystemExit("part 3 needs strata's batch: run part 2 or pass --hf-batch")
         ensure_accelerate(args.wheels)
-        short = strata_run(model_dir, args, args.prompt_len, args.hf_new_tokens, batch=batch,
-                           offload_policy=args.offload_policy, **main_budget)
-        hf = hf_run(config, args, batch, args.prompt_len, args.hf_new_tokens, budget)
-        results["short"], results["hf"] = short, hf
-        print(f"{elapsed()} same run, batch {batch}, {args.prompt_len}+{args.hf_new_tokens} tokens: strata "
-              f"{short['tok_s']:.2f} tok/s (GPU peak {short['gpu_peak_gib']:.2f} GiB), HF+accelerate "
-              f"{hf['tok_s']:.2f} tok/s ({hf['placement']}, GPU peak {hf['gpu_peak_gib']:.2f} GiB) -> "
-              f"{short['tok_s'] / hf['tok_s']:.1f}x (target 10x)", flush=True)
+        hf = in_child("hf", config=config, opts=opts, strata_batch=batch, prompt_len=args.prompt_len,
+                      new_tokens=args.hf_new_tokens, budget=budget)
+        report_hf(results.get("strata", {}).get("short"), hf, args, budget, results, elapsed)
     if not args.skip_disk:
         disk_budget = dict(cpu_memory_budget=args.disk_cpu_budget, offload_dir=offload_dir)
         if not args.smoke:
             disk_budget["gpu_memory_budget"] = args.gpu_budget
-        d = strata_run(model_dir, args, args.prompt_len, args.disk_new_tokens, batch=batch, **disk_budget)
+        d = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len,
+                     new_tokens=args.disk_new_tokens, batch=batch, **disk_budget)
         report_disk(d, args, disk, results, elapsed)
     if args.flexgen:
         run_flexgen_part(args, results, elapsed)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+def report_int4(q: dict, args, h2d: float, results: dict, elapsed) -> None:
+    if "error" in q:
+        print(f"{elapsed()} strata int4: {q['error']}", flush=True)
+        return
+    qbound = q["generated"] / (args.new_tokens * q["streamed_bytes"] / h2d) if args.device == "cuda" else float("nan")
+    results["int4"] = dict(q, bound_tok_s=qbound)
+    print(f"plan: {q['plan']}")
+    print(f"{elapsed()} strata int4 (groups of {args.int4_group}), batch {q['batch']}, "
+          f"{args.prompt_len}+{args.new_tokens}: {q['tok_s']:.1f} tok/s, {q['streamed_bytes'] / GIB:.2f} GiB "
+          f"streamed per pass -> PCIe bound {qbound:.1f} tok/s, {q['tok_s'] / qbound:.0%} of it; GPU peak "
+          f"{q['gpu_peak_gib']:.2f} GiB", flush=True)
+
+
+def report_hf(short: dict | None, hf: dict, args, budget: int, results: dict, elapsed) -> None:
+    results["hf"] = hf
+    if "error" in hf:
+        print(f"{elapsed()} HF+accelerate: {hf['error']}", flush=True)
+        return
+    probes = ", ".join(f"{b}: {p:.2f}" for b, p in hf["probes"])
+    print(f"{elapsed()} HF+accelerate ({hf['placement']}, weights budget {hf['weight_budget_gib']:.2f} GiB; "
+          f"prefill GPU peak by batch, GiB: {probes})", flush=True)
+    s = short["tok_s"] if short else float("nan")
+    for key, what in (("largest", "largest batch within the budget"), ("at_strata_batch", "strata's batch")):
+        r = hf.get(key)
+        if r is None:
+            print(f"  HF {what}: none (batch 1 does not fit the {budget / GIB:.2f} GiB budget)")
+            continue
+        if "error" in r:
+            print(f"  HF {what} {r['batch']}: {r['error']}")
+            continue
+        within = "within" if r["gpu_peak_gib"] * GIB <= budget else "OVER"
+        print(f"  HF {what} {r['batch']}, {args.prompt_len}+{args.hf_new_tokens}: {r['tok_s']:.2f} tok/s, GPU peak "
+              f"{r['gpu_peak_gib']:.2f} GiB ({within} the budget) -> strata {s:.2f} tok/s at its batch "
+              f"{short['batch'] if short else '?'} is {s / r['tok_s']:.1f}x (target 10x)", flush=True)
 
 
 def report_main(r: dict, args, h2d: float, budget: int, results: dict, elapsed) -> None:
