@@ -159,8 +159,11 @@ class ParallelConfig:
     # longer (weights, Triton compiles, CUDA graphs).
     step_timeout_s: float = 600.0
     startup_timeout_s: float = 1800.0
+    all_reduce: str = "auto"          # auto (symmetric memory where it works) | nccl
 
     def __post_init__(self):
+        _require(self.all_reduce in ("auto", "nccl"),
+                 f"all_reduce must be 'auto' or 'nccl', got {self.all_reduce!r}")
         _require(self.tensor_parallel_size >= 1,
                  f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         _require(self.pipeline_parallel_size >= 1,

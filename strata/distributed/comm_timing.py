@@ -1,6 +1,8 @@
 """How long the tensor-parallel all-reduces of one step take on this rank (for benchmarks):
 ``ops`` all-reduces of [num_tokens, hidden], timed eagerly and, on CUDA, replayed from one CUDA
-graph the way a captured decode step runs them. Every rank of the group must call it."""
+graph the way a captured decode step runs them; through NCCL (gloo on the CPU) and, where this
+group has it, symmetric memory (symm_all_reduce.py), side by side. Every rank of the group must
+call it."""
 
 from __future__ import annotations
 
@@ -14,22 +16,35 @@ from strata.distributed import parallel_state as ps
 
 def time_all_reduce_step(num_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device,
                          ops: int, reps: int = 10) -> dict:
+    """{"ops_per_step", "used": the path the model takes at this size, and per path
+    {"eager_ms", "graph_ms"[, "graph_error"]} under "nccl" and (if it can run) "symm_mem"}."""
+    import torch.distributed as dist
+    groups = ps.get_groups()
     x = torch.ones(num_tokens, hidden, dtype=dtype, device=device)
+    paths = {"nccl": lambda: dist.all_reduce(x, group=groups.tp_group)}
+    fast = groups.fast_all_reduce
+    if fast is not None and fast.can_run(x):
+        paths["symm_mem"] = lambda: fast(x)
+    result: dict = {"ops_per_step": ops, "used": "symm_mem" if "symm_mem" in paths else "nccl"}
+    for name, one in paths.items():
+        def step(one=one):
+            for _ in range(ops):
+                one()
+        result[name] = _time_step(step, reps, device)
+    return result
 
-    def step():
-        for _ in range(ops):
-            ps.tensor_model_parallel_all_reduce(x)
 
-    result = {"ops_per_step": ops, "eager_ms": _median_ms(step, reps, device), "graph_ms": float("nan")}
+def _time_step(step, reps: int, device: torch.device) -> dict:
+    timing = {"eager_ms": _median_ms(step, reps, device), "graph_ms": float("nan")}
     if device.type == "cuda":
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
-            result["graph_ms"] = _median_ms(graph.replay, reps, device)
+            timing["graph_ms"] = _median_ms(graph.replay, reps, device)
         except RuntimeError as e:   # every rank fails alike: the eager figure still stands
-            result["graph_error"] = str(e).splitlines()[0]
-    return result
+            timing["graph_error"] = str(e).splitlines()[0]
+    return timing
 
 
 def _median_ms(fn, reps: int, device: torch.device) -> float:

@@ -10,6 +10,7 @@ pipeline stages talk to the same tp_rank of the next stage.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ class ParallelGroups:
     pp_size: int = 1
     tp_group: Any = None      # torch.distributed ProcessGroup of this rank's TP peers
     world_group: Any = None   # gloo group of every rank: startup checks, control messages
+    # Symmetric-memory all-reduce for small messages (symm_all_reduce.py); None: NCCL/gloo only.
+    fast_all_reduce: Any = None
 
     @property
     def rank(self) -> int:
@@ -99,10 +102,25 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, backend: str, init_m
     return groups
 
 
+def init_all_reduce(device, dtype, mode: str = "auto"):
+    """Choose how this rank's tensor-parallel group sums (every rank calls this together, before
+    the model runs): symmetric memory for small messages where it works, else NCCL/gloo."""
+    from strata.distributed.symm_all_reduce import AllReduceChoice, select_all_reduce
+    if _groups.tp_size == 1:
+        return AllReduceChoice("none", "one tensor-parallel rank")
+    choice = select_all_reduce(_groups.tp_group, _groups.world_group, device, dtype, _groups.tp_size, mode)
+    init_parallel_groups(dataclasses.replace(_groups, fast_all_reduce=choice.impl))
+    return choice
+
+
 def tensor_model_parallel_all_reduce(x):
-    """Sum partial results across tensor-parallel ranks (a no-op on one rank)."""
+    """Sum partial results across tensor-parallel ranks (a no-op on one rank). The result may be
+    a new tensor (symmetric memory) or x itself (NCCL, gloo): use the return value."""
     if _groups.tp_size == 1:
         return x
+    fast = _groups.fast_all_reduce
+    if fast is not None and fast.can_run(x):
+        return fast(x)
     import torch.distributed as dist
     dist.all_reduce(x, group=_groups.tp_group)
     return x

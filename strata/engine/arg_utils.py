@@ -42,6 +42,10 @@ HELP = {
                             "heads, MLP columns and the vocabulary, with one all-reduce after "
                             "attention and one after the MLP (torch.distributed: NCCL on GPUs, gloo "
                             "on the CPU). Under torchrun the ranks come from its environment",
+    "all_reduce": "how tensor-parallel ranks sum their partial results: auto (PyTorch symmetric memory "
+                  "for messages up to 8 MiB on NVLink GPUs of one host - one kernel reads the peers' "
+                  "buffers, no multicast - and NCCL above that or wherever it is unavailable) or nccl "
+                  "(always NCCL; STRATA_ALL_REDUCE=nccl does the same)",
     "pipeline_parallel_size": "stages to split the layers across (one process per stage and tensor "
                               "rank); each step is cut into micro-batches so the stages overlap",
     "parallel": "auto: choose tensor_parallel_size and pipeline_parallel_size from the model's size, the "
@@ -108,6 +112,7 @@ class EngineArgs:
     quantization_group_size: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    all_reduce: str = "auto"
     parallel: str | None = None          # None (the sizes as given) | "auto"
     goal: str = "latency"
     worker_timeout: float = 60.0

@@ -215,7 +215,7 @@ class LLMEngine:
                     else "rank 0 of the last stage samples")
         return (f" | {p.world_size} processes: tensor parallel {p.tensor_parallel_size} x pipeline "
                 f"parallel {p.pipeline_parallel_size}{auto} ({self.executor.backend}; weights and KV "
-                f"cache per rank; {samplers})")
+                f"cache per rank; {samplers}; {self.executor.facts.all_reduce})")
 
     def describe_kv_dtype(self) -> str:
         """What the KV cache stores: the model dtype, or the quantized format (kv_cache_dtype)."""
@@ -255,7 +255,7 @@ class LLMEngine:
 def parallel_config_for(args: EngineArgs) -> ParallelConfig:
     return ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,
                           worker_timeout_s=args.worker_timeout, step_timeout_s=args.step_timeout,
-                          startup_timeout_s=args.startup_timeout)
+                          startup_timeout_s=args.startup_timeout, all_reduce=args.all_reduce)
 
 
 def auto_layout(args: EngineArgs, source, cfg, device):

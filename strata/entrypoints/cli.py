@@ -280,6 +280,8 @@ def _info(llm) -> int:
                      f"{hw.mem_bytes_per_s / 2**30:.0f} GiB/s"
                      + (f", CPU attention over host KV {hw.cpu_attn_bytes_per_s / 2**30:.1f} GiB/s"
                         if hw.cpu_attn_bytes_per_s else "")))
+    if engine.parallel_config.world_size > 1:   # layout, who samples, how the ranks all-reduce
+        rows.append(("parallel", engine._describe_parallel().removeprefix(" | ")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

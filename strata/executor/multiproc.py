@@ -121,7 +121,7 @@ class MultiprocExecutor:
         total = ModelFacts(num_parameters=sum(f.num_parameters for f in facts),
                            weight_bytes=facts[0].weight_bytes, quant_summary=facts[0].quant_summary,
                            kv_block_bytes=facts[0].kv_block_bytes,
-                           lm_head_quantized=facts[0].lm_head_quantized)
+                           lm_head_quantized=facts[0].lm_head_quantized, all_reduce=facts[0].all_reduce)
         return KVPlan(num_blocks, max_model_len, reports[0]["plan"].memory_plan), total
 
     # ---- steps -------------------------------------------------------------------------------

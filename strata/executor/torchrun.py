@@ -99,7 +99,8 @@ class TorchrunExecutor:
         self.worker, self.plan, reports = _join(args, parallel, device, eos_token_ids)
         facts = [rep[2] for rep in reports]
         self.facts = ModelFacts(sum(f.num_parameters for f in facts), facts[0].weight_bytes,
-                                facts[0].quant_summary, facts[0].kv_block_bytes, facts[0].lm_head_quantized)
+                                facts[0].quant_summary, facts[0].kv_block_bytes, facts[0].lm_head_quantized,
+                                facts[0].all_reduce)
         self.failure: WorkerFailure | None = None
         self.supports_async = False   # every step is one broadcast and one answer, in order
         self._last_sampled: dict[str, list[int]] = {}

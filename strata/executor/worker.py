@@ -51,6 +51,7 @@ class ModelFacts:
     quant_summary: str | None
     kv_block_bytes: int
     lm_head_quantized: bool = False
+    all_reduce: str = ""   # how the tensor-parallel ranks sum (empty on one rank)
 
 
 class Worker:
@@ -67,6 +68,8 @@ class Worker:
         self.model_config: ModelConfig = model_loader.model_config_for(self.source, dtype)
         groups = ps.get_groups()
         check_parallel_fit(self.model_config, groups.tp_size, groups.pp_size)
+        # Before the model is built: its buffers for the all-reduce exist before any graph capture.
+        self.all_reduce = ps.init_all_reduce(device, self.model_config.dtype, args.all_reduce)
         quant_config = QuantConfig(args.quantization, args.quantization_group_size)
         offload = offload_config is not None and offload_config.enabled
         # An offloaded model is built in host memory; the mover then places each part.
@@ -121,7 +124,8 @@ class Worker:
             weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
             quant_summary=getattr(model, "quant_summary", None),
             kv_block_bytes=self.runner.kv_cache_block_bytes(),
-            lm_head_quantized=getattr(model, "lm_head_quantized", False))
+            lm_head_quantized=getattr(model, "lm_head_quantized", False),
+            all_reduce=self.all_reduce.describe() if ps.get_tp_size() > 1 else "")
 
     def fingerprint(self) -> str:
         """What every rank must agree on: the model, its configuration and the engine options

@@ -109,7 +109,7 @@ def test_tp2_llama_async_matches_one_process(llama, llama_tp2_async):
     ref = reference(llama)
     line = llama_tp2_async.llm_engine.describe()
     assert "tensor parallel 2 x pipeline parallel 1 (gloo" in line and "every rank samples" in line
-    assert "async scheduling" in line
+    assert "async scheduling" in line and "all-reduce: GLOO (CPU ranks)" in line
     executor = llama_tp2_async.llm_engine.executor
     seen = {"most_in_flight": 0, "checked": 0}
     finish, check = executor.finish, executor._check_same_tokens
@@ -252,6 +252,8 @@ def test_bad_layouts_fail_before_any_process_starts(llama):
         LLM(str(llama), **ENGINE, pipeline_parallel_size=3)
     with pytest.raises(ValueError, match="async_scheduling needs pipeline_parallel_size = 1"):
         LLM(str(llama), **ENGINE, pipeline_parallel_size=2, async_scheduling=True)
+    with pytest.raises(ValueError, match="all_reduce must be 'auto' or 'nccl', got 'nvls'"):
+        LLM(str(llama), **ENGINE, tensor_parallel_size=2, all_reduce="nvls")
 
 
 TORCHRUN_SCRIPT = """

@@ -1,0 +1,116 @@
+"""How the tensor-parallel all-reduce is chosen (symmetric memory or NCCL), on the CPU: the
+reasons for falling back, and that a group agrees on one path. The kernels themselves need
+NVLink GPUs: bench/gpu_parallel.py checks them there (self-test against NCCL, greedy tokens)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from strata.distributed import symm_all_reduce as sar
+
+CUDA0 = torch.device("cuda", 0)   # only a name here: nothing runs on it
+
+
+def test_nccl_is_forced_by_the_option_or_the_environment(monkeypatch):
+    monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
+    assert sar.requested_mode("auto") == "auto"
+    assert sar.requested_mode("nccl") == "nccl"
+    monkeypatch.setenv("STRATA_ALL_REDUCE", "NCCL")
+    assert sar.requested_mode("auto") == "nccl"
+    assert "forced" in sar.local_obstacle(CUDA0, torch.bfloat16, 2, sar.requested_mode("auto"))
+    monkeypatch.setenv("STRATA_ALL_REDUCE", "fast")
+    with pytest.raises(ValueError, match="STRATA_ALL_REDUCE must be one of"):
+        sar.requested_mode("auto")
+    with pytest.raises(ValueError, match="all_reduce must be one of"):
+        sar.requested_mode("custom")
+
+
+def test_local_obstacles_name_what_is_missing():
+    assert sar.local_obstacle(torch.device("cpu"), torch.float32, 2, "auto") == "not a CUDA device"
+    assert "float16" in sar.local_obstacle(CUDA0, torch.float16, 2, "auto")
+    assert "not 3" in sar.local_obstacle(CUDA0, torch.bfloat16, 3, "auto")
+    # This torch has the ops (torch 2.11+ on the GPU machines too): nothing local in the way.
+    assert sar.local_obstacle(CUDA0, torch.bfloat16, 2, "auto") is None
+
+
+def test_peers_on_another_host_or_without_p2p_fall_back(monkeypatch):
+    assert "spans hosts" in sar.peer_obstacle(("a", 0), [("a", 0), ("b", 0)])
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda i, j: (i, j) != (0, 3))
+    assert sar.peer_obstacle(("a", 0), [("a", 0), ("a", 1)]) is None
+    assert sar.peer_obstacle(("a", 0), [("a", 0), ("a", 3)]) == "GPU 0 has no peer-to-peer access to GPU 3"
+
+
+def test_cpu_ranks_use_gloo():
+    choice = sar.select_all_reduce(None, None, torch.device("cpu"), torch.float32, 2)
+    assert choice.kind == "gloo" and choice.impl is None
+    assert choice.describe() == "all-reduce: GLOO (CPU ranks)"
+
+
+class FakeGroup:
+    """Rank 0 of a 2-rank group whose peer (rank 1) reports `peer_reason` at each agreement."""
+
+    def __init__(self, monkeypatch, peer_reasons):
+        self.peer_reasons = list(peer_reasons)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
+        monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda i, j: True)
+        monkeypatch.setattr(sar, "gather_group", self.gather)
+
+    def gather(self, obj, group, world_group):
+        if isinstance(obj, tuple):   # (host, GPU index)
+            return {0: obj, 1: (obj[0], 1)}
+        return {0: obj, 1: self.peer_reasons.pop(0)}
+
+
+def test_a_peer_obstacle_sends_the_whole_group_to_nccl(monkeypatch):
+    FakeGroup(monkeypatch, ["GPU 1 has no peer-to-peer access to GPU 0"])
+    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a: pytest.fail("must not allocate"))
+    monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
+    choice = sar.select_all_reduce(None, None, CUDA0, torch.bfloat16, 2)
+    assert choice.kind == "nccl" and choice.impl is None
+    assert choice.reason == "rank 1: GPU 1 has no peer-to-peer access to GPU 0"
+    assert choice.describe() == "all-reduce: NCCL (rank 1: GPU 1 has no peer-to-peer access to GPU 0)"
+
+
+def test_a_setup_error_falls_back_to_nccl(monkeypatch):
+    FakeGroup(monkeypatch, [None, None])
+    monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
+
+    def broken(*args):
+        raise RuntimeError("CUDA driver does not support IPC\nmore lines")
+
+    monkeypatch.setattr(sar, "SymmMemAllReduce", broken)
+    choice = sar.select_all_reduce(None, None, CUDA0, torch.bfloat16, 2)
+    assert choice.kind == "nccl"
+    assert choice.reason == "symmetric memory setup failed: RuntimeError: CUDA driver does not support IPC"
+
+
+def test_a_failed_self_test_on_a_peer_falls_back_to_nccl(monkeypatch):
+    FakeGroup(monkeypatch, [None, "self-test of a 1024-byte all-reduce disagreed with NCCL"])
+    monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
+    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a: object())
+    monkeypatch.setattr(sar, "self_test", lambda *a: None)
+    choice = sar.select_all_reduce(None, None, CUDA0, torch.bfloat16, 2)
+    assert choice.kind == "nccl" and choice.reason.startswith("rank 1: self-test")
+
+
+def test_everything_in_place_chooses_symmetric_memory(monkeypatch):
+    FakeGroup(monkeypatch, [None, None])
+    monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
+    impl = sar.SymmMemAllReduce.__new__(sar.SymmMemAllReduce)
+    impl.max_bytes, impl.one_shot_max_bytes = sar.MAX_BYTES, sar.ONE_SHOT_MAX_BYTES
+    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a: impl)
+    monkeypatch.setattr(sar, "self_test", lambda *a: None)
+    choice = sar.select_all_reduce(None, None, CUDA0, torch.bfloat16, 2)
+    assert choice.kind == "symm_mem" and choice.impl is impl
+    assert "one-shot up to 256 KiB, two-shot up to 8 MiB, NCCL above" in choice.describe()
+
+
+def test_which_messages_take_the_symmetric_buffer():
+    impl = sar.SymmMemAllReduce.__new__(sar.SymmMemAllReduce)
+    impl.device, impl.dtype, impl.max_bytes = torch.device("cpu"), torch.bfloat16, 1024
+    assert impl.can_run(torch.zeros(2, 256, dtype=torch.bfloat16))        # 1 KiB: the limit
+    assert not impl.can_run(torch.zeros(2, 257, dtype=torch.bfloat16))    # over it
+    assert not impl.can_run(torch.zeros(3, dtype=torch.bfloat16))         # not 16-byte aligned
+    assert not impl.can_run(torch.zeros(8, dtype=torch.float32))          # another dtype
+    assert not impl.can_run(torch.zeros(16, 16, dtype=torch.bfloat16).t())  # not contiguous
