@@ -1,21 +1,26 @@
 """Tensor parallelism on several GPUs: Llama-3.1-8B's shape in bf16 with random weights at
 TP=1, 2 and 4, each engine measured in the same run, with the all-reduce time per step.
 
-    python bench/gpu_parallel.py                    # TP 1, 2, 4 on 4 GPUs (nvidia-h200-x4), ~6-8 min
-    python bench/gpu_parallel.py --tp 1 2           # on 2 GPUs
-    python bench/gpu_parallel.py --smoke            # CPU, gloo, tiny shapes: checks the script
+    cd bench && python gpu_parallel.py --tp 1 2 --num-requests 600   # 2 GPUs, ~6 min
+    cd bench && python gpu_parallel.py --tp 4 --num-requests 600     # 4 GPUs
+    cd bench && python gpu_parallel.py --smoke                       # CPU, gloo, tiny shapes
 
-For each TP size (one engine at a time; each is shut down before the next starts):
+Every engine runs with the defaults: async scheduling (TP>1 too) and CUDA graphs, and at TP>1
+the symmetric-memory all-reduce for small messages (NCCL above 8 MiB or where it is missing; the
+startup line printed for each engine says which). For each TP size, one engine at a time:
 1. start: ``LLM(..., tensor_parallel_size=N)`` to the first token (workers, weights, memory plan,
    CUDA graphs with the all-reduces inside).
 2. decode: batch 1, 128-token prompt, ``--decode-new`` new tokens (EOS ignored), tok/s after
-   the first token; median of 3.
+   the first token; median of 3. At TP>1 also with ``all_reduce="nccl"`` (a second engine,
+   decode only; ``--no-compare-nccl`` skips it).
 3. offline: the GPU issue's fixed set (gpu_llama8b.py): ``--num-requests`` requests of 256 random
    prompt tokens and 256 new tokens in one ``llm.generate``; total tok/s, and per GPU.
-4. all-reduce: every rank times NCCL all-reduces of [tokens, 4096] bf16 (1 token: a batch-1 decode
-   step; 256: a decode step of the offline set; 2048: a prompt chunk), eagerly and replayed from
-   a CUDA graph of one step's worth (2 per layer + 1 for the vocab-parallel embedding);
-   reported per step: the time of the slowest rank.
+4. all-reduce: every rank times all-reduces of [tokens, 4096] bf16 (1 token: a batch-1 decode
+   step; 64 and 256: decode steps of the offline set; 2048: a prompt chunk) through NCCL and through
+   symmetric memory side by side, eagerly and replayed from a CUDA graph of one step's worth
+   (2 per layer + 1 for the vocab-parallel embedding); per step, the time of the slowest rank.
+5. greedy check (parallel_check.py; ``--no-check`` skips it): on one random checkpoint (8B layer
+   shape, 2 layers), TP=N vs TP=1 tokens in float32, and symmetric memory vs NCCL in bfloat16.
 Targets (8B): TP=2 batch-1 decode >= 1.7x TP=1; TP=2 offline throughput per GPU >= 85% of TP=1's
 (below that, data-parallel replicas of TP=1 give more per GPU: ``parallel="auto"`` with
 ``goal="throughput"`` picks them).
@@ -32,8 +37,12 @@ from pathlib import Path
 
 import torch
 from gpu_llama8b import LLAMA_31_8B, random_prompts
+from parallel_check import report as report_checks
+from parallel_check import run_checks
 
-AR_TOKENS = (1, 256, 2048)
+# Tokens per all-reduce of [tokens, 4096] bf16: 8 KiB (batch-1 decode, one-shot), 512 KiB and
+# 2 MiB (decode batches, two-shot), 16 MiB (a prompt chunk: NCCL only).
+AR_TOKENS = (1, 64, 256, 2048)
 
 
 def model_dir(smoke: bool) -> Path:
@@ -63,32 +72,56 @@ def measure_or_retry(args, path: Path, tp: int) -> dict | None:
     return None
 
 
-def measure(args, path: Path, tp: int, enforce_eager: bool) -> dict:
+def start_engine(args, path: Path, tp: int, enforce_eager: bool, all_reduce: str = "auto"):
     from strata import LLM, SamplingParams
-    out: dict = {"tp": tp, "eager": enforce_eager}
     t0 = time.perf_counter()
     llm = LLM(str(path), load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
               skip_tokenizer_init=True, tensor_parallel_size=tp, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enforce_eager=enforce_eager, async_scheduling=args.async_tp1 and tp == 1,
-              step_timeout=args.step_timeout, startup_timeout=args.startup_timeout, use_tqdm_on_load=False,
-              **({} if not args.smoke else {"kv_cache_memory": "256MiB"}))
-    vocab = llm.llm_engine.model_config.vocab_size
+              enforce_eager=enforce_eager, async_scheduling=False if args.sync else None,
+              all_reduce=all_reduce, step_timeout=args.step_timeout, startup_timeout=args.startup_timeout,
+              use_tqdm_on_load=False, **({} if not args.smoke else {"kv_cache_memory": "256MiB"}))
     llm.generate([{"prompt_token_ids": [10, 11, 12]}], SamplingParams(max_tokens=1, temperature=0.0),
                  use_tqdm=False)
-    out["start_s"] = time.perf_counter() - t0
-    out["startup"] = llm.llm_engine.describe()
-    print(out["startup"], flush=True)
+    return llm, time.perf_counter() - t0
 
-    prompt = random_prompts(1, 128, 128, 0, 0, 1, vocab)[0][0]
+
+def decode_rate(args, llm, label: str) -> float:
+    """Batch-1 decode tok/s after the first token, median of 3."""
+    from strata import SamplingParams
+    prompt = random_prompts(1, 128, 128, 0, 0, 1, llm.llm_engine.model_config.vocab_size)[0][0]
     params = SamplingParams(max_tokens=args.decode_new, temperature=0.0, ignore_eos=True)
     rates = []
     for _ in range(3):
         res = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
         m = res.metrics
         rates.append((len(res.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
-    out["decode_tok_s"] = statistics.median(rates)
-    print(f"TP={tp} batch-1 decode tok/s: {[round(r, 1) for r in rates]}", flush=True)
+    print(f"{label} batch-1 decode tok/s: {[round(r, 1) for r in rates]}", flush=True)
+    return statistics.median(rates)
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.shutdown()
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(args, path: Path, tp: int, enforce_eager: bool) -> dict:
+    from strata import SamplingParams
+    out: dict = {"tp": tp, "eager": enforce_eager}
+    if tp > 1 and args.compare_nccl:   # first, so the default engine's figures follow its start line
+        try:
+            llm, _ = start_engine(args, path, tp, enforce_eager, all_reduce="nccl")
+            out["decode_tok_s_nccl"] = decode_rate(args, llm, f"TP={tp} all_reduce=nccl")
+            shutdown(llm)
+        except Exception as e:   # the default engine's figures still come
+            print(f"TP={tp} all_reduce=nccl failed: {type(e).__name__}: {e}", flush=True)
+    llm, out["start_s"] = start_engine(args, path, tp, enforce_eager)
+    out["startup"] = llm.llm_engine.describe()
+    vocab = llm.llm_engine.model_config.vocab_size
+    out["decode_tok_s"] = decode_rate(args, llm, f"TP={tp}")
 
     reqs = random_prompts(args.num_requests, 256, 256, 256, 256, seed=7, vocab=vocab)
     t = time.perf_counter()
@@ -108,47 +141,64 @@ def measure(args, path: Path, tp: int, enforce_eager: bool) -> dict:
             print(f"TP={tp} all-reduce per step (ms, slowest rank): {out['all_reduce']}", flush=True)
         except Exception as e:   # the engine's figures above still stand
             print(f"TP={tp} all-reduce timing failed: {type(e).__name__}: {e}", flush=True)
-    llm.llm_engine.shutdown()
-    del llm, outs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    del outs
+    shutdown(llm)
     return out
 
 
 def slowest(rows: list[dict]) -> dict:
-    """Per step, the slowest rank's time (NaN where a rank has none)."""
-    out = {"ops_per_step": rows[0]["ops_per_step"]}
-    for key in ("eager_ms", "graph_ms"):
-        values = [row.get(key, float("nan")) for row in rows]
-        out[key] = float("nan") if any(v != v for v in values) else max(values)
-    errors = [row["graph_error"] for row in rows if "graph_error" in row]
-    if errors:
-        out["graph_error"] = errors[0]
+    """Per path (nccl, symm_mem) and step, the slowest rank's time (NaN where a rank has none)."""
+    out = {"ops_per_step": rows[0]["ops_per_step"], "used": rows[0]["used"]}
+    for path in ("nccl", "symm_mem"):
+        if not all(path in row for row in rows):
+            continue
+        timing = {}
+        for key in ("eager_ms", "graph_ms"):
+            values = [row[path].get(key, float("nan")) for row in rows]
+            timing[key] = float("nan") if any(v != v for v in values) else max(values)
+        errors = [row[path]["graph_error"] for row in rows if "graph_error" in row[path]]
+        if errors:
+            timing["graph_error"] = errors[0]
+        out[path] = timing
     return out
 
 
 def report(results: list[dict], meta: dict) -> None:
     print(f"\n{meta}")
     base = next((r for r in results if r["tp"] == 1), None)
-    print("| TP | start s | batch-1 decode tok/s | vs TP=1 | offline tok/s | per GPU | per GPU vs TP=1 "
-          "| all-reduce ms/step: 1 tok eager / graph | 256 tok eager / graph | 2048 tok eager |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+    print("| TP | start s | batch-1 decode tok/s | vs TP=1 | with NCCL all-reduce | offline tok/s | per GPU "
+          "| per GPU vs TP=1 |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
         thr = f"{r['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%}" if base else ""
-        ar = r.get("all_reduce")
-        cols = ["", "", ""] if ar is None else [
-            f"{ar['1']['eager_ms']:.3f} / {ar['1'].get('graph_ms', float('nan')):.3f}",
-            f"{ar['256']['eager_ms']:.3f} / {ar['256'].get('graph_ms', float('nan')):.3f}",
-            f"{ar['2048']['eager_ms']:.2f}"]
-        print(f"| {r['tp']}{' (eager)' if r['eager'] else ''} | {r['start_s']:.0f} | {r['decode_tok_s']:.1f} | {dec} | {r['offline_tok_s']:.0f} "
-              f"| {r['offline_tok_s_per_gpu']:.0f} | {thr} | " + " | ".join(cols) + " |")
+        nccl = f"{r['decode_tok_s_nccl']:.1f}" if "decode_tok_s_nccl" in r else ""
+        print(f"| {r['tp']}{' (eager)' if r['eager'] else ''} | {r['start_s']:.0f} | {r['decode_tok_s']:.1f} | {dec} "
+              f"| {nccl} | {r['offline_tok_s']:.0f} | {r['offline_tok_s_per_gpu']:.0f} | {thr} |")
+    report_all_reduce(results)
     two = next((r for r in results if r["tp"] == 2), None)
     if base and two:
         print(f"\ntargets: TP=2 decode {two['decode_tok_s'] / base['decode_tok_s']:.2f}x TP=1 (target >= 1.7x); "
               f"TP=2 offline per GPU {two['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%} "
               "of TP=1 (target >= 85%)")
+
+
+def report_all_reduce(results: list[dict]) -> None:
+    """ms per step (ops_per_step all-reduces), slowest rank: NCCL vs symmetric memory."""
+    rows = [r for r in results if r.get("all_reduce")]
+    if not rows:
+        return
+    print("\n| TP | tokens | all-reduces/step | used by the model | NCCL eager | NCCL graph "
+          "| symm-mem eager | symm-mem graph | graph: NCCL / symm-mem |\n|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    nan = float("nan")
+    for r in rows:
+        for tokens, ar in r["all_reduce"].items():
+            n, s = ar.get("nccl", {}), ar.get("symm_mem", {})
+            ratio = n.get("graph_ms", nan) / s.get("graph_ms", nan) if s else nan
+            err = " ".join(f"({p} graph: {a['graph_error'][:60]})" for p, a in (("nccl", n), ("symm", s))
+                           if "graph_error" in a)
+            print(f"| {r['tp']} | {tokens} | {ar['ops_per_step']} | {ar['used']} | {n.get('eager_ms', nan):.3f} "
+                  f"| {n.get('graph_ms', nan):.3f} | {s.get('eager_ms', nan):.3f} | {s.get('graph_ms', nan):.3f} "
+                  f"| {ratio:.2f}x {err}|")
 
 
 def main() -> None:
@@ -161,9 +211,14 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs at any TP size")
-    parser.add_argument("--async-tp1", action="store_true",
-                        help="TP=1 with async scheduling (TP>1 runs synchronous steps); default: sync, "
-                             "the same host path as TP>1")
+    parser.add_argument("--sync", action="store_true",
+                        help="synchronous scheduling at every TP size (default: async, the engine's "
+                             "default on GPUs)")
+    parser.add_argument("--compare-nccl", action=argparse.BooleanOptionalAction, default=True,
+                        help="at TP>1 also measure batch-1 decode with all_reduce='nccl' (a second engine)")
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="greedy tokens of TP>1 vs TP=1 (float32) and symmetric memory vs NCCL "
+                             "(bfloat16) on one random checkpoint (parallel_check.py)")
     parser.add_argument("--step-timeout", type=float, default=180.0,
                         help="an engine step longer than this ends the run (a hang is reported, not waited out)")
     parser.add_argument("--startup-timeout", type=float, default=240.0,
@@ -185,9 +240,11 @@ def main() -> None:
         result = measure_or_retry(args, path, tp)
         if result is not None:
             results.append(result)
+    checks = run_checks(sorted(args.tp), args.smoke) if args.check else []
     report(results, meta)
+    report_checks(checks) if checks else None
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "checks": checks}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""The correctness part of gpu_parallel.py: greedy tokens of tensor-parallel engines on one set of
+random weights, written once as a safetensors checkpoint (dummy weights are drawn per shard, so
+they differ between TP sizes and cannot be compared).
+
+* TP=N vs TP=1 in float32: the same tokens up to float rounding (the all-reduce sums in another
+  order than one GPU's matmul); reported as prompts identical and the first position that differs.
+* TP=N with symmetric memory vs TP=N with NCCL, in bfloat16: the same kernels but the all-reduce,
+  so every token must agree. At TP=2 both add the same two numbers once; at TP=4 the order of the
+  sum may differ, so a late token may differ there too.
+Each engine uses CUDA graphs and async scheduling (the defaults), batches of 1 and of 4 prompts.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from gpu_llama8b import LLAMA_31_8B
+
+NUM_NEW = 32
+
+
+def write_checkpoint(smoke: bool) -> Path:
+    """Llama-3.1-8B's layer shape (hidden 4096, 32 heads, 8 KV heads, MLP 14336: the decode all-reduces
+    of [batch, 4096]) with 2 layers and a 32768-token vocabulary, random bf16 weights."""
+    from safetensors.torch import save_file
+    cfg = dict(LLAMA_31_8B, num_hidden_layers=2, vocab_size=32768, max_position_embeddings=4096,
+               bos_token_id=1, eos_token_id=2)
+    cfg.pop("rope_scaling")
+    if smoke:
+        cfg.update(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4,
+                   vocab_size=4096)
+    path = Path(tempfile.mkdtemp(prefix="parallel-check-"))
+    (path / "config.json").write_text(json.dumps(cfg))
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    head_dim = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * head_dim
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        # Wider than the dummy loader's +-0.02: distinct logits, so greedy ties are rare.
+        return (torch.rand(*shape, generator=gen) * 0.1 - 0.05).to(torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h),
+               "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors.update({
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+            p + "mlp.down_proj.weight": rand(h, inter),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def greedy_tokens(path: Path, tp: int, dtype: str, all_reduce: str, smoke: bool) -> tuple[list, str]:
+    from strata import LLM, SamplingParams
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, vocab - 10, (n,), generator=gen).tolist() for n in (7, 32, 61, 128)]
+    llm = LLM(str(path), dtype=dtype, skip_tokenizer_init=True, tensor_parallel_size=tp,
+              all_reduce=all_reduce, max_model_len=512, max_num_seqs=8, use_tqdm_on_load=False,
+              **({"kv_cache_memory": "64MiB"} if smoke else {}))
+    try:
+        params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
+        one = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+        batch = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        line = llm.llm_engine.describe()
+        return [o.outputs[0].token_ids for o in one + batch], line
+    finally:
+        llm.llm_engine.shutdown()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def compare(got: list, want: list) -> dict:
+    """Sequences identical, and the first position that differs in each that is not."""
+    first = [next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), None) for g, w in zip(got, want)]
+    return {"identical": sum(f is None for f in first), "of": len(want),
+            "first_diff": [f for f in first if f is not None]}
+
+
+def run_checks(tp_sizes: list[int], smoke: bool) -> list[dict]:
+    """One row per comparison: what was compared, and compare()'s result (or the error)."""
+    path = write_checkpoint(smoke)
+    rows: list[dict] = []
+    try:
+        ref32, _ = greedy_tokens(path, 1, "float32", "auto", smoke)
+    except Exception as e:   # nothing to compare against: say so and stop
+        return [{"check": "TP=1 float32 reference", "error": f"{type(e).__name__}: {e}"}]
+    for tp in [t for t in tp_sizes if t > 1]:
+        rows.append(_row(f"TP={tp} vs TP=1, float32 (all_reduce=auto)",
+                         lambda: compare(greedy_tokens(path, tp, "float32", "auto", smoke)[0], ref32)))
+        if smoke:   # no bfloat16 symmetric memory on the CPU: gloo either way
+            continue
+        try:
+            nccl, _ = greedy_tokens(path, tp, "bfloat16", "nccl", smoke)
+        except Exception as e:
+            rows.append({"check": f"TP={tp} bfloat16 NCCL", "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append(_row(f"TP={tp} symmetric memory vs NCCL, bfloat16",
+                         lambda: compare(*_with_line(greedy_tokens(path, tp, "bfloat16", "auto", smoke)), nccl)))
+    return rows
+
+
+def _with_line(result):
+    tokens, line = result
+    print(f"  {line}", flush=True)
+    return (tokens,)
+
+
+def _row(name: str, fn) -> dict:
+    try:
+        result = fn()
+    except Exception as e:   # reported in the table; the other checks still run
+        return {"check": name, "error": f"{type(e).__name__}: {e}"}
+    print(f"{name}: {result}", flush=True)
+    return {"check": name, **result}
+
+
+def report(rows: list[dict]) -> None:
+    print("\n| greedy check | prompts identical | first differing position |\n|---|---:|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['check']} | error: {r['error'][:120]} | |")
+        else:
+            print(f"| {r['check']} | {r['identical']}/{r['of']} | {r['first_diff'] or '-'} |")
