@@ -250,3 +250,30 @@ def test_int4_layers_stream_packed_on_gpu(tmp_path):
     assert spec.layer_bytes < 0.45 * float_bytes
     assert len(run(llm, [[1, 5, 9, 33, 7]], 4)[0]) == 4
     engine.offload_mover.close()
+
+
+@pytest.mark.parametrize("name", ["opt", "opt_post_ln_proj", "qwen3"])
+def test_host_tier_split_layers_of_other_models(tmp_path, monkeypatch, name):
+    """OPT (pre- and post-LN) and Qwen3 (q/k norms) split around attention the same way
+    (split_layer_forward): with every layer's KV cache in host RAM, decode micro-batches of 2
+    rows and a slow worker, the resident run's tokens."""
+    from hf_tiny import make_tiny_model
+
+    from strata.attention import host_tier
+    make_tiny_model(name, tmp_path / "m")
+    kw = dict(skip_tokenizer_init=True, device="cpu", use_tqdm_on_load=False, kv_cache_memory="4MiB",
+              max_num_seqs=8)
+    prompts = [[1, 5, 9, 33, 7], list(range(3, 40)), [11, 12], [40]]
+    resident = run(LLM(str(tmp_path / "m"), **kw), prompts, 6)
+    from strata.runner import offload_loop
+    split_calls = []
+    real_split = offload_loop._host_kv_layer
+    monkeypatch.setattr(offload_loop, "_host_kv_layer", lambda *a: split_calls.append(1) or real_split(*a))
+    monkeypatch.setattr(host_tier.worker(), "delay_s", 0.001)
+    llm = LLM(str(tmp_path / "m"), offload_policy="w_gpu=1,kv_cpu=1,micro_batch_tokens=2", **kw)
+    assert llm.llm_engine.offload_plan.kv_host_layers == 2
+    tasks = host_tier.worker().tasks_run
+    assert run(llm, prompts, 6) == resident
+    assert host_tier.worker().tasks_run - tasks >= 2 * 2 * 5   # 2 layers x 2 micro-batches x 5 decode steps
+    assert len(split_calls) >= 2 * 6                           # the split schedule ran in every host layer
+    llm.llm_engine.offload_mover.close()
