@@ -320,7 +320,7 @@ def parse_args():
                     help="GPU memory accelerate may fill with weights (max_memory); the rest of --gpu-budget is "
                          "left for HF's KV cache and activations, which decide the largest batch HF holds")
     ap.add_argument("--hf-batch", type=int, default=None,
-                    help="strata's batch in every part (default: the policy's); HF is also timed at it")
+                    help="strata's batch in every part (default: each run's policy's); HF is also timed at it")
     ap.add_argument("--disk-new-tokens", type=int, default=4)
     ap.add_argument("--max-num-seqs", type=int, default=256, help="most sequences the policy (and HF's probe) may batch")
     ap.add_argument("--skip-main", action="store_true", help="skip part 2 (parts 3 and 4 then need --hf-batch)")
@@ -397,8 +397,9 @@ def main() -> None:
         disk_budget = dict(cpu_memory_budget=args.disk_cpu_budget, offload_dir=offload_dir)
         if not args.smoke:
             disk_budget["gpu_memory_budget"] = args.gpu_budget
+        # its own policy's batch: the host budget that sends layers to disk also bounds a host KV cache
         d = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len,
-                     new_tokens=args.disk_new_tokens, batch=batch, **disk_budget)
+                     new_tokens=args.disk_new_tokens, batch=args.hf_batch, **disk_budget)
         report_disk(d, args, disk, results, elapsed)
     if args.flexgen:
         run_flexgen_part(args, results, elapsed)
@@ -460,6 +461,9 @@ def report_main(r: dict, args, h2d: float, budget: int, results: dict, elapsed) 
 
 
 def report_disk(d: dict, args, disk: float, results: dict, elapsed) -> None:
+    if "error" in d:
+        print(f"{elapsed()} disk tier: {d['error']}", flush=True)
+        return
     per_pass = d["disk_bytes"] / max(d["passes"], 1)
     dbound = d["generated"] / (d["passes"] * per_pass / disk) if per_pass else float("nan")
     results["disk"] = dict(d, bound_tok_s=dbound)
