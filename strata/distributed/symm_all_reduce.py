@@ -90,6 +90,8 @@ class SymmMemAllReduce:
             handle = symm_mem.rendezvous(self.buffer, group)
         if getattr(handle, "world_size", group.size()) != group.size():
             raise RuntimeError(f"rendezvous joined {handle.world_size} ranks, the group has {group.size()}")
+        if getattr(handle, "multicast_ptr", 0):   # the environment should have prevented it
+            raise RuntimeError("the symmetric buffer got an NVLink multicast mapping; strata never uses one")
         ops = torch.ops.symm_mem
         self._copy_out = getattr(ops, "one_shot_all_reduce_copy_out", None)
         self._one_shot_out = ops.one_shot_all_reduce_out
@@ -139,6 +141,11 @@ def local_obstacle(device: torch.device, dtype: torch.dtype, tp_size: int, mode:
         return "forced by all_reduce='nccl' or STRATA_ALL_REDUCE=nccl"
     if device.type != "cuda":
         return "not a CUDA device"
+    from strata.distributed.parallel_state import CUDA_SAFE_ENV
+    unsafe = sorted(k for k, v in CUDA_SAFE_ENV.items() if os.environ.get(k) != v)
+    if unsafe:   # the rendezvous would set up NVLink multicast, which these machines forbid
+        return (f"NVLink multicast is not switched off in this process ({', '.join(unsafe)} not as "
+                "strata sets them)")
     if dtype not in SUPPORTED_DTYPES:
         return f"the symmetric-memory kernels take bfloat16 and float32, the model runs {dtype}"
     if tp_size not in SUPPORTED_WORLD_SIZES:

@@ -26,6 +26,22 @@ def test_nccl_is_forced_by_the_option_or_the_environment(monkeypatch):
         sar.requested_mode("custom")
 
 
+@pytest.fixture(autouse=True)
+def multicast_off(monkeypatch):
+    """What every process strata starts on CUDA has (multiproc.py, torchrun.py)."""
+    from strata.distributed.parallel_state import CUDA_SAFE_ENV
+    for key, value in CUDA_SAFE_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_symmetric_memory_needs_multicast_switched_off(monkeypatch):
+    monkeypatch.delenv("TORCH_SYMM_MEM_DISABLE_MULTICAST")
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    assert sar.local_obstacle(CUDA0, torch.bfloat16, 2, "auto") == (
+        "NVLink multicast is not switched off in this process (NCCL_NVLS_ENABLE, "
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST not as strata sets them)")
+
+
 def test_local_obstacles_name_what_is_missing():
     assert sar.local_obstacle(torch.device("cpu"), torch.float32, 2, "auto") == "not a CUDA device"
     assert "float16" in sar.local_obstacle(CUDA0, torch.float16, 2, "auto")
