@@ -59,7 +59,9 @@ def write_checkpoint(smoke: bool) -> Path:
     return path
 
 
-def greedy_tokens(path: Path, tp: int, dtype: str, all_reduce: str, smoke: bool) -> tuple[list, str]:
+def greedy_tokens(path: Path, tp: int, dtype: str, all_reduce: str, smoke: bool) -> list:
+    """Greedy tokens of one prompt alone, then of four in one batch (the engine's startup line,
+    with its all-reduce, is logged as it starts)."""
     from strata import LLM, SamplingParams
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(1)
@@ -71,8 +73,7 @@ def greedy_tokens(path: Path, tp: int, dtype: str, all_reduce: str, smoke: bool)
         params = SamplingParams(max_tokens=NUM_NEW, temperature=0.0, ignore_eos=True)
         one = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
         batch = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        line = llm.llm_engine.describe()
-        return [o.outputs[0].token_ids for o in one + batch], line
+        return [o.outputs[0].token_ids for o in one + batch]
     finally:
         llm.llm_engine.shutdown()
         del llm
@@ -93,28 +94,22 @@ def run_checks(tp_sizes: list[int], smoke: bool) -> list[dict]:
     path = write_checkpoint(smoke)
     rows: list[dict] = []
     try:
-        ref32, _ = greedy_tokens(path, 1, "float32", "auto", smoke)
+        ref32 = greedy_tokens(path, 1, "float32", "auto", smoke)
     except Exception as e:   # nothing to compare against: say so and stop
         return [{"check": "TP=1 float32 reference", "error": f"{type(e).__name__}: {e}"}]
     for tp in [t for t in tp_sizes if t > 1]:
         rows.append(_row(f"TP={tp} vs TP=1, float32 (all_reduce=auto)",
-                         lambda: compare(greedy_tokens(path, tp, "float32", "auto", smoke)[0], ref32)))
+                         lambda: compare(greedy_tokens(path, tp, "float32", "auto", smoke), ref32)))
         if smoke:   # no bfloat16 symmetric memory on the CPU: gloo either way
             continue
         try:
-            nccl, _ = greedy_tokens(path, tp, "bfloat16", "nccl", smoke)
+            nccl = greedy_tokens(path, tp, "bfloat16", "nccl", smoke)
         except Exception as e:
             rows.append({"check": f"TP={tp} bfloat16 NCCL", "error": f"{type(e).__name__}: {e}"})
             continue
         rows.append(_row(f"TP={tp} symmetric memory vs NCCL, bfloat16",
-                         lambda: compare(*_with_line(greedy_tokens(path, tp, "bfloat16", "auto", smoke)), nccl)))
+                         lambda: compare(greedy_tokens(path, tp, "bfloat16", "auto", smoke), nccl)))
     return rows
-
-
-def _with_line(result):
-    tokens, line = result
-    print(f"  {line}", flush=True)
-    return (tokens,)
 
 
 def _row(name: str, fn) -> dict:

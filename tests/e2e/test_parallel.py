@@ -193,6 +193,11 @@ def test_tp2_async_abort_mid_stream(llama, llama_tp2_async):
         else:
             assert got.token_ids == want
     assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_blocks
+    # A call to every rank while the last step is still in flight: its answer is taken first and
+    # kept for the engine's next step, which then runs on as before.
+    assert engine._in_flight is not None
+    assert len(set(engine.executor.call("fingerprint").values())) == 1
+    assert run(llama_tp2_async, PROMPTS[:2]) == ref[:2]
 
 
 def test_ranks_that_sample_other_tokens_are_named():
