@@ -215,17 +215,30 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
     n = 4096
     a = torch.randn(n, n, dtype=dtype, device=device)
     flops = 2 * n**3 / _median_cuda_s(lambda: a @ a)
-    del host, dev, a
+    del a
+    cpu_attn = 0.0
+    if cfg is not None:
+        # While the weight stream runs, as it does in a step: the copies read host memory too.
+        side = torch.cuda.Stream(device)
+
+        def stream_weights():
+            with torch.cuda.stream(side):
+                for _ in range(24):   # ~0.1 s of copies at 50 GiB/s: longer than the timed calls
+                    dev.copy_(host, non_blocking=True)
+
+        cpu_attn = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, during=stream_weights)
+        side.synchronize()
+    del host, dev
     torch.cuda.empty_cache()
-    cpu_attn = 0.0 if cfg is None else cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype)
     return Hardware("cuda", h2d, disk, flops, mem, cpu_attn)
 
 
 def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                       batch: int = 32, context: int = 512, block_size: int = 16) -> float:
+                       batch: int = 32, context: int = 512, block_size: int = 16, during=None) -> float:
     """KV bytes/s the host reads when decode rows attend over a host cache: one layer, `batch`
     rows of `context` tokens, through the host tier's own call (attention/host_tier.cpu_attend,
-    with the threads its worker uses beside a GPU)."""
+    with the threads its worker uses beside a GPU). during(): started after a warm-up call and
+    before the timed ones (the GPU caller queues weight copies there)."""
     from strata.attention.host_tier import attention_threads, cpu_attend
     blocks = context // block_size
     cache = torch.randn(2, batch * blocks + 1, block_size, num_kv_heads, head_dim).to(dtype)
@@ -238,7 +251,14 @@ def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: 
         seq_lens_cpu=[context] * batch, query_lens_cpu=[1] * batch, query_start_loc_cpu=list(range(batch + 1)),
         block_size=block_size, decode_rows=list(range(batch)), prefill_rows=[])
     threads = attention_threads(on_cuda=True)
-    seconds = _median_s(lambda: cpu_attend(q, cache, meta, head_dim ** -0.5, threads), reps=3)
+
+    def attend():
+        return cpu_attend(q, cache, meta, head_dim ** -0.5, threads)
+
+    attend()
+    if during is not None:
+        during()
+    seconds = _median_s(attend, reps=3)
     return batch * context * 2 * num_kv_heads * head_dim * cache.element_size() / seconds
 
 
