@@ -35,6 +35,7 @@ def _configured(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.strata_decoder_workspace.restype = i64
     lib.strata_paged_attention_half.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
                                                 i64, f32, cint, cint]
+    lib.strata_scatter_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, cint]
     return lib
 
 
@@ -178,7 +179,30 @@ def host_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     return out
 
 
+def write_kv_rows(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
+                  num_threads: int | None = None) -> None:
+    """torch_ref.write_kv for a contiguous CPU cache of any dtype: key/value [n, kv_heads, d]
+    (rows may be strided, heads packed) into the cache's slots, as row copies over threads."""
+    n = key.shape[0]
+    _, num_blocks, block_size, kv_heads, d = kv_cache.shape
+    if not kv_cache.is_contiguous() or kv_cache.device.type != "cpu":
+        raise ValueError(f"write_kv_rows: the cache must be a contiguous CPU tensor, got {kv_cache.device}")
+    for t, name in ((key, "key"), (value, "value")):
+        if t.dtype != kv_cache.dtype or t.shape != (n, kv_heads, d) or t.stride(2) != 1 or t.stride(1) != d:
+            raise ValueError(f"write_kv_rows: {name} must be {kv_cache.dtype} [{n}, {kv_heads}, {d}] with packed heads, "
+                             f"got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    slots = _int64(slot_mapping, n, "slot_mapping")
+    row_bytes = kv_heads * d * kv_cache.element_size()
+    threads = num_threads or torch.get_num_threads()
+    for plane, t in enumerate((key, value)):
+        status = library().strata_scatter_rows(kv_cache[plane].data_ptr(), t.data_ptr(), slots.data_ptr(), n,
+                                               row_bytes, t.stride(0) * t.element_size(), num_blocks * block_size,
+                                               threads)
+        if status:
+            raise IndexError(f"write_kv_rows: a slot is outside the cache's {num_blocks * block_size} slots")
+
+
 def _int64(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
     if t.dtype != torch.int64 or t.shape != (n,):
-        raise ValueError(f"rope_write_kv: {what} must be int64 [{n}], got {t.dtype} {tuple(t.shape)}")
+        raise ValueError(f"{what} must be int64 [{n}], got {t.dtype} {tuple(t.shape)}")
     return t if t.is_contiguous() else t.contiguous()

@@ -143,6 +143,24 @@ def test_half_conversion_covers_special_values():
             assert torch.equal(out[0, 0], cache[1, 0, 0, 0].float()), (dtype, d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_rows_matches_index_copy(dtype):
+    """The host tier's cache write: the same cache as torch_ref.write_kv, values strided as they
+    come out of a fused qkv projection; a slot outside the cache is refused, nothing written."""
+    cache = torch.randn(2, 32, 8, 3, 16).to(dtype)
+    want = cache.clone()
+    qkv = torch.randn(300, 5 * 3 * 16).to(dtype)
+    k, v = qkv[:, :48].view(300, 3, 16), qkv[:, 48:96].view(300, 3, 16)   # rows 240 elements apart
+    slots = torch.randperm(32 * 8)[:300 % 256]
+    k, v = k[:slots.numel()], v[:slots.numel()]
+    torch_ref.write_kv(want, k, v, slots)
+    cpu_ops.write_kv_rows(cache, k, v, slots, num_threads=2)
+    assert torch.equal(cache, want)
+    with pytest.raises(IndexError, match="outside the cache's 256 slots"):
+        cpu_ops.write_kv_rows(cache, k[:1], v[:1], torch.tensor([256]))
+    assert torch.equal(cache, want)
+
+
 def test_wrappers_reject_wrong_inputs():
     with pytest.raises(ValueError, match="float32"):
         cpu_ops.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8), 1e-5)
