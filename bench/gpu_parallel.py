@@ -4,6 +4,7 @@ TP=1, 2 and 4, each engine measured in the same run, with the all-reduce time pe
     cd bench && python gpu_parallel.py --tp 1 2 --num-requests 600   # 2 GPUs, ~6 min
     cd bench && python gpu_parallel.py --tp 4 --num-requests 600     # 4 GPUs
     cd bench && python gpu_parallel.py --smoke                       # CPU, gloo, tiny shapes
+    cd bench && python gpu_parallel.py --tp 2 4 --all-reduce-only    # the all-reduce alone, ~1 min
 
 Every engine runs with the defaults: async scheduling (TP>1 too) and CUDA graphs, and at TP>1
 the symmetric-memory all-reduce for small messages (NCCL above 8 MiB or where it is missing; the
@@ -37,8 +38,8 @@ from pathlib import Path
 
 import torch
 from gpu_llama8b import LLAMA_31_8B, random_prompts
+from parallel_check import all_reduce_only, run_checks
 from parallel_check import report as report_checks
-from parallel_check import run_checks
 
 # Tokens per all-reduce of [tokens, 4096] bf16: 8 KiB (batch-1 decode, one-shot), 512 KiB and
 # 2 MiB (decode batches, two-shot), 16 MiB (a prompt chunk: NCCL only).
@@ -219,6 +220,9 @@ def main() -> None:
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="greedy tokens of TP>1 vs TP=1 (float32) and symmetric memory vs NCCL "
                              "(bfloat16) on one random checkpoint (parallel_check.py)")
+    parser.add_argument("--all-reduce-only", action="store_true",
+                        help="no engines: start the ranks alone, print the all-reduce each chooses and time "
+                             "NCCL vs symmetric memory (a one-minute first check of the GPU path)")
     parser.add_argument("--step-timeout", type=float, default=180.0,
                         help="an engine step longer than this ends the run (a hang is reported, not waited out)")
     parser.add_argument("--startup-timeout", type=float, default=240.0,
@@ -234,6 +238,15 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.all_reduce_only:
+        results = []
+        for tp in sorted(t for t in args.tp if t > 1):
+            run = all_reduce_only(tp, AR_TOKENS, 128 if args.smoke else LLAMA_31_8B["hidden_size"], args.smoke)
+            print(f"TP={tp}: {run['choice']}", flush=True)
+            results.append({"tp": tp, "all_reduce": {str(n): slowest(rows) for n, rows in run["all_reduce"].items()}})
+        print(f"\n{meta}")
+        report_all_reduce(results)
+        return
     path = model_dir(args.smoke)
     results = []
     for tp in sorted(args.tp):

@@ -128,3 +128,61 @@ def report(rows: list[dict]) -> None:
             print(f"| {r['check']} | error: {r['error'][:120]} | |")
         else:
             print(f"| {r['check']} | {r['identical']}/{r['of']} | {r['first_diff'] or '-'} |")
+
+
+# ---- all-reduce alone: worker processes without an engine (a quick first check on the GPUs) ----
+def all_reduce_only(tp: int, token_counts: tuple, hidden: int, smoke: bool) -> dict:
+    """Start tp processes joined like strata's ranks, let them choose their all-reduce as a
+    worker does, time one step's 65 all-reduces (Llama-3.1-8B: 2 per layer + 1) per size through
+    NCCL and symmetric memory; {"tp", "choice", "all_reduce": {tokens: [per-rank timings]}}."""
+    import socket
+
+    import os
+
+    import torch.multiprocessing as mp
+
+    from strata.distributed.parallel_state import CUDA_SAFE_ENV
+    if not smoke:
+        os.environ.update(CUDA_SAFE_ENV)   # NVLink multicast off in every process started here
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_all_reduce_rank, args=(rank, tp, init_method, token_counts, hidden, smoke, queue))
+             for rank in range(tp)]
+    for proc in procs:
+        proc.start()
+    replies = dict(queue.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    errors = {rank: r["error"] for rank, r in replies.items() if "error" in r}
+    if errors:
+        raise RuntimeError(f"all-reduce ranks failed: {errors}")
+    return {"tp": tp, "choice": replies[0]["choice"],
+            "all_reduce": {n: [replies[r]["timing"][n] for r in range(tp)] for n in token_counts}}
+
+
+def _all_reduce_rank(rank: int, tp: int, init_method: str, token_counts: tuple, hidden: int, smoke: bool,
+                     queue) -> None:
+    import os
+    import traceback
+
+    from strata.distributed import parallel_state as ps
+    from strata.distributed.comm_timing import time_all_reduce_step
+    try:
+        if smoke:
+            device, dtype, backend = torch.device("cpu"), torch.float32, "gloo"
+        else:
+            os.environ.update(ps.CUDA_SAFE_ENV)   # before any CUDA or NCCL setup, as strata's ranks
+            torch.cuda.set_device(rank)
+            device, dtype, backend = torch.device("cuda", rank), torch.bfloat16, "nccl"
+        ps.init_distributed(rank, tp, 1, backend, init_method, 120.0)
+        choice = ps.init_all_reduce(device, dtype, "auto")
+        with torch.inference_mode():
+            timing = {n: time_all_reduce_step(n, hidden, dtype, device, 65) for n in token_counts}
+        queue.put((rank, {"choice": choice.describe(), "timing": timing}))
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    except Exception as e:   # the parent reports it, naming the rank
+        queue.put((rank, {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"}))
