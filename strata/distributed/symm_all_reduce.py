@@ -100,8 +100,10 @@ class SymmMemAllReduce:
 
     def can_run(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
+        # The one-shot kernel copies x in with the buffer's 16-byte vectors: x must allow them too.
         return (x.dtype == self.dtype and x.device == self.device and x.is_contiguous()
-                and 0 < nbytes <= self.max_bytes and nbytes % ALIGN_BYTES == 0)
+                and 0 < nbytes <= self.max_bytes and nbytes % ALIGN_BYTES == 0
+                and x.data_ptr() % ALIGN_BYTES == 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the group of x, in a new tensor of x's shape (x is not changed)."""

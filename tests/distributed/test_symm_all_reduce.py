@@ -130,3 +130,4 @@ def test_which_messages_take_the_symmetric_buffer():
     assert not impl.can_run(torch.zeros(3, dtype=torch.bfloat16))         # not 16-byte aligned
     assert not impl.can_run(torch.zeros(8, dtype=torch.float32))          # another dtype
     assert not impl.can_run(torch.zeros(16, 16, dtype=torch.bfloat16).t())  # not contiguous
+    assert not impl.can_run(torch.zeros(2 * 256 + 1, dtype=torch.bfloat16)[1:])  # starts 2 bytes in
