@@ -293,7 +293,8 @@ class OffloadConfig:
     gpu_memory_budget: bytes of GPU memory strata may use for weights, staging buffers, KV cache
     and activations (CUDA only). cpu_memory_budget: bytes of host RAM for weights: the CPU tier
     plus the staging buffers the disk tier reads into, and on a GPU the KV cache of the layers
-    kept in host RAM (on a CPU-only machine: every resident weight). offload_dir: the disk tier's folder (default: a temporary folder, removed at exit).
+    kept in host RAM (on a CPU-only machine: every resident weight; on a GPU, None means 85% of
+    the RAM available at startup, runner/offload_loop.host_memory_room). offload_dir: the disk tier's folder (default: a temporary folder, removed at exit).
     policy: None (search) or the checked fractions of parse_offload_policy."""
 
     gpu_memory_budget: int | None = None

@@ -72,8 +72,9 @@ HELP = {
                          "tier, layer i+1 copied while layer i computes (CUDA only)",
     "cpu_memory_budget": "offloading: bytes of host RAM for weights, e.g. 24GiB: the CPU tier (pinned) "
                          "plus the staging buffers the disk tier reads into, and the KV cache of the "
-                         "layers the policy keeps in host RAM (GPU); on a CPU-only machine, every "
-                         "weight held in RAM (the rest streams from --offload-dir)",
+                         "layers the policy keeps in host RAM (GPU; default there: 85% of the RAM "
+                         "available at startup, the model's weights included); on a CPU-only machine, "
+                         "every weight held in RAM (the rest streams from --offload-dir)",
     "offload_dir": "offloading: folder of the disk tier (a file per layer, read through mmap); "
                    "default: a temporary folder removed at exit",
     "offload_policy": "offloading: 'auto' (a cost model fed by measured bandwidths and CPU attention "

@@ -316,6 +316,23 @@ def disk_read_rate(folder: str | None, nbytes: int, reads: int = 3, pinned: bool
         os.unlink(path)
 
 
+HOST_MEMORY_UTILIZATION = 0.85   # of the host RAM the offload plan may fill when no budget is given
+
+
+def host_memory_room(model: nn.Module, meminfo: str = "/proc/meminfo") -> int | None:
+    """Host RAM an offload plan may use without a cpu_memory_budget (GPU): a share of what is
+    available now plus the weights the model holds in RAM (the tiers take their place). Without
+    it a fast CPU attention let the policy grow a host KV cache past the machine's RAM (OPT-30B:
+    714 MiB of KV per 544-token sequence beside 60 GB of weights). None: RAM unknown."""
+    try:
+        with open(meminfo) as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    except (OSError, ValueError, IndexError):
+        return None
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
+    return int((info.get("MemAvailable", 0) + held) * HOST_MEMORY_UTILIZATION)
+
+
 def offload_model(model: nn.Module, cfg: ModelConfig, offload, device: torch.device, workload,
                   gpu_memory_utilization: float = 0.9):
     """Pick the plan (core/offload_policy.search_policy, fed by measured rates) and carry it out:
@@ -336,7 +353,10 @@ def offload_model(model: nn.Module, cfg: ModelConfig, offload, device: torch.dev
     gpu_budget = offload.gpu_memory_budget
     if device.type == "cuda" and gpu_budget is None:
         gpu_budget = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
-    plan = search_policy(spec, hardware, workload, gpu_budget, offload.cpu_memory_budget, offload.policy)
+    cpu_budget = offload.cpu_memory_budget
+    if device.type == "cuda" and cpu_budget is None:
+        cpu_budget = host_memory_room(model)
+    plan = search_policy(spec, hardware, workload, gpu_budget, cpu_budget, offload.policy)
     if offload.offload_dir is not None:
         os.makedirs(offload.offload_dir, exist_ok=True)
     mover = OffloadMover(model, plan, device, offload.offload_dir)
