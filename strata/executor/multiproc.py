@@ -174,7 +174,7 @@ class MultiprocExecutor:
             if rank != self.driver and got is not None and got != want:
                 bad = next((r for r in want if got.get(r) != want[r]), None)
                 self._fail(f"during {handle}: rank {rank} sampled {got.get(bad)} for request {bad!r} "
-                           f"where the driver (rank {self.driver}) sampled {want[bad]} (the ranks' "
+                           f"where the driver (rank {self.driver}) sampled {want.get(bad)} (the ranks' "
                            "random states differ)")
 
     def _drain(self) -> None:
@@ -359,6 +359,9 @@ def serve(worker, recv_bytes, send) -> None:
                 _answer_step(runner, pending, send)
                 pending = None
             continue
+        if kind == "shutdown":   # nobody reads a pending step's answer any more
+            _destroy_process_group()
+            return
         if pending is not None:   # every other message answers the step before first
             _answer_step(runner, pending, send)
             pending = None
@@ -366,9 +369,6 @@ def serve(worker, recv_bytes, send) -> None:
             send("ok", worker.allocate(message[1], message[2]))
         elif kind == "call":
             send("ok", getattr(worker, message[1])(*message[2]))
-        elif kind == "shutdown":
-            _destroy_process_group()
-            return
 
 
 def _answer_step(runner, handle, send) -> None:
