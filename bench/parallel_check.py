@@ -26,7 +26,6 @@ NUM_NEW = 32
 def write_checkpoint(smoke: bool) -> Path:
     """Llama-3.1-8B's layer shape (hidden 4096, 32 heads, 8 KV heads, MLP 14336: the decode all-reduces
     of [batch, 4096]) with 2 layers and a 32768-token vocabulary, random bf16 weights."""
-    from safetensors.torch import save_file
     cfg = dict(LLAMA_31_8B, num_hidden_layers=2, vocab_size=32768, max_position_embeddings=4096,
                bos_token_id=1, eos_token_id=2)
     cfg.pop("rope_scaling")
@@ -55,8 +54,25 @@ def write_checkpoint(smoke: bool) -> Path:
             p + "mlp.down_proj.weight": rand(h, inter),
             p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
             p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, path / "model.safetensors")
     return path
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """The safetensors layout written directly (the GPU machines need not have the package): an
+    8-byte little-endian header length, a JSON header of dtypes, shapes and byte offsets, the data."""
+    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)   # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for t in tensors.values():
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def greedy_tokens(path: Path, tp: int, dtype: str, all_reduce: str, smoke: bool) -> list:
