@@ -165,7 +165,9 @@ static void score_keys(const half_view *v, const int32_t *table, int64_t ctx, in
             case 2: score_keys_g(v, table, ctx, kvh, q, scores, 2); return;
             case 4: score_keys_g(v, table, ctx, kvh, q, scores, 4); return;
             case 8: score_keys_g(v, table, ctx, kvh, q, scores, 8); return;
-            default: break;
+            default:   /* other group counts up to 8: the same code, G known only at run time */
+                if (G < 8) { score_keys_g(v, table, ctx, kvh, q, scores, G); return; }
+                break;
         }
     }
 #endif
@@ -190,7 +192,9 @@ static void weigh_values(const half_view *v, const int32_t *table, int64_t ctx, 
             case 2: weigh_values_g(v, table, ctx, kvh, weights, out, 2); return;
             case 4: weigh_values_g(v, table, ctx, kvh, weights, out, 4); return;
             case 8: weigh_values_g(v, table, ctx, kvh, weights, out, 8); return;
-            default: break;
+            default:
+                if (G < 8) { weigh_values_g(v, table, ctx, kvh, weights, out, G); return; }
+                break;
         }
     }
 #endif

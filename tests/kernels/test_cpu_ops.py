@@ -105,11 +105,12 @@ def test_paged_attention_matches_torch(seqs, heads, kv_heads, d):
     [(37, 1), (5, 1), (16, 1), (1, 1)],                 # decodes
     [(30, 7), (9, 9), (33, 1)],                          # prompt chunks after a cached prefix, a decode
 ])
-@pytest.mark.parametrize("heads, kv_heads, d", [(8, 2, 64), (3, 3, 20), (4, 1, 16)])
+@pytest.mark.parametrize("heads, kv_heads, d", [(8, 2, 64), (3, 3, 20), (4, 1, 16), (14, 2, 32), (24, 2, 16)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_host_paged_attention_reads_16_bit_caches(seqs, heads, kv_heads, d, dtype):
     """Offloading's host tier: the cache stays in bfloat16 / float16 and is converted as it is
-    read; the reference attends in float32 over the same (rounded) values. d=20: the scalar tail."""
+    read; the reference attends in float32 over the same (rounded) values. d=20: the scalar tail;
+    7 query heads per KV head: the register path with a run-time group count; 12: the scalar one."""
     block_size = 8
     meta = _metadata(seqs, block_size, 64)
     cache = torch.randn(2, 64, block_size, kv_heads, d).to(dtype)
