@@ -96,6 +96,34 @@ def flexgen_policy(gpu_budget: int, batch: int, prompt_len: int, gpu_batch: int,
                 percent=[w_gpu, 100 - w_gpu, 0, 100, 100, 0], cpu_cache_compute=True)
 
 
+def flexgen_host_bytes(policy: dict, seq_len: int, hidden: int = 7168, ffn: int = 28672, layers: int = 48,
+                       dtype_bytes: int = 2) -> int:
+    """Host RAM FlexGen fills: its weights' CPU share and, with the cache on the CPU, the KV cache
+    of the whole batch (FlexGen allocates every sequence's at full length)."""
+    model_bytes = layers * dtype_bytes * (4 * hidden * hidden + 2 * hidden * ffn) + 2 * 50272 * hidden
+    batch = policy["gpu_batch_size"] * policy["num_gpu_batches"]
+    cache = batch * seq_len * 2 * layers * hidden * dtype_bytes * policy["percent"][3] // 100
+    return model_bytes * policy["percent"][1] // 100 + cache
+
+
+def host_cap(policy: dict, seq_len: int, available: int | None, share: float = 0.8) -> None:
+    """Fewer FlexGen micro-batches when its host RAM would pass `share` of what is available
+    (strata's process has exited by then): FlexGen has no host budget and was killed for memory."""
+    if available is None:
+        return
+    while policy["num_gpu_batches"] > 1 and flexgen_host_bytes(policy, seq_len) > share * available:
+        policy["num_gpu_batches"] -= 1
+        policy["capped_for_host_ram"] = True
+
+
+def available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def flexgen_argv(policy: dict, prompt_len: int, gen_len: int, offload_dir: str, log_file: str) -> list[str]:
     argv = ["--model", "facebook/opt-30b", "--path", "_DUMMY_", "--offload-dir", offload_dir,
             "--prompt-len", str(prompt_len), "--gen-len", str(gen_len),
@@ -175,6 +203,8 @@ def main() -> None:
     policy = flexgen_policy(budget, batch, args.prompt_len, args.flexgen_gpu_batch)
     if args.flexgen_percent:
         policy["percent"] = list(args.flexgen_percent)
+    if not args.print_flexgen_args:
+        host_cap(policy, args.prompt_len + args.gen_len, available_ram())
     dry = args.print_flexgen_args or args.skip_flexgen
     offload_dir = "OFFLOAD_DIR" if dry else tempfile.mkdtemp(prefix="flexgen-offload-")
     log_file = os.path.join(offload_dir, "flexgen.log")
@@ -191,6 +221,9 @@ def main() -> None:
     fg = parse_flexgen_log(Path(log_file).read_text())
     fg.update(batch=policy["gpu_batch_size"] * policy["num_gpu_batches"], policy=policy)
     results["flexgen"] = fg
+    if policy.get("capped_for_host_ram"):
+        print(f"flexgen  batch lowered to {fg['batch']} (strata's: {batch}): FlexGen's weights and KV cache must fit "
+              f"80% of the host RAM available", flush=True)
     print(f"flexgen  OPT-30B, batch {fg['batch']} ({policy['num_gpu_batches']} x {policy['gpu_batch_size']}), "
           f"{args.prompt_len}+{args.gen_len}: {fg['tok_s']:.2f} tok/s (GPU peak {fg.get('peak_gpu_gb', 0):.2f} GB, "
           f"percent {policy['percent']})", flush=True)

@@ -64,3 +64,17 @@ def test_flexgen_log_parsed(peer):
             "total latency: 120.6 s\ttotal throughput: 25.470 token/s")
     assert peer.parse_flexgen_log(text) == dict(peak_gpu_gb=3.912, prefill_s=40.1, decode_s=80.5, total_s=120.6,
                                                 tok_s=25.47)
+
+
+def test_flexgen_batch_capped_by_host_ram(peer):
+    """FlexGen has no host budget: its micro-batches are cut until its weights' CPU share and the
+    batch's KV cache fit 80% of the RAM available (it was killed for host memory once)."""
+    policy = peer.flexgen_policy(8 * GIB, 64, 512, 8)
+    need = peer.flexgen_host_bytes(policy, 544)
+    peer.host_cap(policy, 544, available=None)
+    assert policy["num_gpu_batches"] == 8 and "capped_for_host_ram" not in policy
+    peer.host_cap(policy, 544, available=int(need / 0.8) + 1)
+    assert policy["num_gpu_batches"] == 8
+    peer.host_cap(policy, 544, available=100 * GIB)
+    assert policy["num_gpu_batches"] < 8 and policy["capped_for_host_ram"]
+    assert peer.flexgen_host_bytes(policy, 544) <= 0.8 * 100 * GIB
