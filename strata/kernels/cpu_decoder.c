@@ -82,78 +82,123 @@ int64_t strata_decoder_workspace(const strata_layer *L, int64_t m, int nthreads)
            + (int64_t)nthreads * m * (kmax / 32 + 1);
 }
 
-int strata_decoder_layer(const strata_layer *L, const strata_step *S, const float *x, const float *res_in,
-                         float *res_out, float *out, float *work, int nthreads) {
-    const int64_t m = S->m, H = L->hidden, d = L->head_dim, qkv_n = L->qkv.n, I = L->intermediate;
-    const int64_t q_size = L->heads * d, kv_size = L->kv_heads * d, groups = L->heads / L->kv_heads;
-    int64_t kmax = H > I ? H : I, max_ctx = 1;
+/* What the stages of a step share, set up once per call (for every layer of a stack). */
+typedef struct {
+    int64_t *seq_of;                 /* [m]: the sequence of each token */
+    float *scores;                   /* [nthreads, max_ctx * groups]: attention scores */
+    int64_t max_ctx;
+} step_scratch;
+
+static int scratch_init(const strata_layer *L, const strata_step *S, int nthreads, step_scratch *sc) {
+    const int64_t m = S->m, groups = L->heads / L->kv_heads;
     for (int64_t t = 0; t < m; t++)
         if (L->rot_dim > 0 && (S->positions[t] < 0 || S->positions[t] >= L->max_position)) return 1;
-    for (int64_t s = 0; s < S->num_seqs; s++) max_ctx = S->seq_lens[s] > max_ctx ? S->seq_lens[s] : max_ctx;
-    int64_t *seq_of = malloc(sizeof(int64_t) * (size_t)m);
-    float *scores = malloc(sizeof(float) * (size_t)(nthreads * max_ctx * groups));
-    if (seq_of == NULL || scores == NULL) {
-        free(seq_of);
-        free(scores);
+    sc->max_ctx = 1;
+    for (int64_t s = 0; s < S->num_seqs; s++) sc->max_ctx = S->seq_lens[s] > sc->max_ctx ? S->seq_lens[s] : sc->max_ctx;
+    sc->seq_of = malloc(sizeof(int64_t) * (size_t)m);
+    sc->scores = malloc(sizeof(float) * (size_t)(nthreads * sc->max_ctx * groups));
+    if (sc->seq_of == NULL || sc->scores == NULL) {
+        free(sc->seq_of);
+        free(sc->scores);
         return 2;
     }
     for (int64_t s = 0; s < S->num_seqs; s++)
-        for (int64_t t = S->query_start_loc[s]; t < S->query_start_loc[s + 1]; t++) seq_of[t] = s;
+        for (int64_t t = S->query_start_loc[s]; t < S->query_start_loc[s + 1]; t++) sc->seq_of[t] = s;
+    return 0;
+}
+
+/* One layer, run by every thread of the enclosing parallel region; no barrier after the last
+ * stage (the caller's). x may be out (x is read by the first stage only) and res_in res_out
+ * (each value is read, then written, by one thread). */
+static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_cache, const float *x,
+                         const float *res_in, float *res_out, float *out, float *work, const step_scratch *sc) {
+    const int64_t m = S->m, H = L->hidden, d = L->head_dim, qkv_n = L->qkv.n, I = L->intermediate;
+    const int64_t q_size = L->heads * d, kv_size = L->kv_heads * d, groups = L->heads / L->kv_heads;
+    const int64_t kmax = H > I ? H : I;
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     /* workspace: h [m, H] | qkv [m, qkv_n] (later the second norm's output) | q rotated [m, q_size] |
      * attention output [m, q_size] | gate_up [m, 2I] | act [m, I] | per thread: w4 group sums */
     float *h = work, *qkv = h + m * H, *qr = qkv + m * qkv_n, *attn = qr + m * q_size;
     float *gu = attn + m * q_size, *act = gu + m * L->gate_up.n, *sums_base = act + m * I;
-    strata_cache_view cv = {S->kv_cache, S->plane_stride, S->block_size, L->kv_heads, d, groups, S->bt_stride,
+    float *xsum = sums_base + (int64_t)tid * m * (kmax / 32 + 1);
+    strata_cache_view cv = {kv_cache, S->plane_stride, S->block_size, L->kv_heads, d, groups, S->bt_stride,
                             S->block_tables, L->scale};
-    #pragma omp parallel num_threads(nthreads)
-    {
-        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        float *xsum = sums_base + (int64_t)tid * m * (kmax / 32 + 1);
-        for (int64_t t = tid; t < m; t += nt)
-            strata_rms_norm_row(x + t * H, res_in ? res_in + t * H : NULL, res_in ? res_out + t * H : NULL,
-                                L->norm1, h + t * H, H, L->eps1);
-        if (res_in == NULL)
-            for (int64_t t = tid; t < m; t += nt) memcpy(res_out + t * H, x + t * H, sizeof(float) * (size_t)H);
-        #pragma omp barrier
-        linear_share(&L->qkv, h, m, qkv, xsum);
-        #pragma omp barrier
-        for (int64_t t = tid; t < m; t += nt) {
-            const float *row = qkv + t * qkv_n;
-            int64_t pos = S->positions[t];
-            strata_rope_token(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
-                              L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
-                              L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, L->heads, L->kv_heads, d,
-                              L->rot_dim, S->kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
-        }
-        #pragma omp barrier
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < m * L->kv_heads; item++) {
-            int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = seq_of[t];
-            int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
-            int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
-            strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,
-                          kvh, scores + (int64_t)tid * max_ctx * groups);
-        }   /* implicit barrier */
-        linear_share(&L->o, attn, m, h, xsum);
-        #pragma omp barrier
-        for (int64_t t = tid; t < m; t += nt)
-            strata_rms_norm_row(h + t * H, res_out + t * H, res_out + t * H, L->norm2, qkv + t * H, H, L->eps2);
-        #pragma omp barrier
-        linear_share(&L->gate_up, qkv, m, gu, xsum);
-        #pragma omp barrier
-        {   /* in units of 8 columns, so spans split a row where the one-op kernel's vectors do */
-            int64_t units = (I + 7) / 8, a = m * units * tid / nt, b = m * units * (tid + 1) / nt;
-            while (a < b) {
-                int64_t row = a / units, u0 = a % units, u1 = units < u0 + (b - a) ? units : u0 + (b - a);
-                int64_t col = 8 * u0, len = (8 * u1 < I ? 8 * u1 : I) - col;
-                strata_silu_mul_span(gu + row * 2 * I + col, gu + row * 2 * I + I + col, act + row * I + col, len);
-                a += u1 - u0;
-            }
-        }
-        #pragma omp barrier
-        linear_share(&L->down, act, m, out, xsum);
+    for (int64_t t = tid; t < m; t += nt)
+        strata_rms_norm_row(x + t * H, res_in ? res_in + t * H : NULL, res_in ? res_out + t * H : NULL,
+                            L->norm1, h + t * H, H, L->eps1);
+    if (res_in == NULL)
+        for (int64_t t = tid; t < m; t += nt) memcpy(res_out + t * H, x + t * H, sizeof(float) * (size_t)H);
+    #pragma omp barrier
+    linear_share(&L->qkv, h, m, qkv, xsum);
+    #pragma omp barrier
+    for (int64_t t = tid; t < m; t += nt) {
+        const float *row = qkv + t * qkv_n;
+        int64_t pos = S->positions[t];
+        strata_rope_token(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
+                          L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
+                          L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, L->heads, L->kv_heads, d,
+                          L->rot_dim, kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
     }
-    free(seq_of);
-    free(scores);
+    #pragma omp barrier
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < m * L->kv_heads; item++) {
+        int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = sc->seq_of[t];
+        int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
+        int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
+        strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,
+                      kvh, sc->scores + (int64_t)tid * sc->max_ctx * groups);
+    }   /* implicit barrier */
+    linear_share(&L->o, attn, m, h, xsum);
+    #pragma omp barrier
+    for (int64_t t = tid; t < m; t += nt)
+        strata_rms_norm_row(h + t * H, res_out + t * H, res_out + t * H, L->norm2, qkv + t * H, H, L->eps2);
+    #pragma omp barrier
+    linear_share(&L->gate_up, qkv, m, gu, xsum);
+    #pragma omp barrier
+    {   /* in units of 8 columns, so spans split a row where the one-op kernel's vectors do */
+        int64_t units = (I + 7) / 8, a = m * units * tid / nt, b = m * units * (tid + 1) / nt;
+        while (a < b) {
+            int64_t row = a / units, u0 = a % units, u1 = units < u0 + (b - a) ? units : u0 + (b - a);
+            int64_t col = 8 * u0, len = (8 * u1 < I ? 8 * u1 : I) - col;
+            strata_silu_mul_span(gu + row * 2 * I + col, gu + row * 2 * I + I + col, act + row * I + col, len);
+            a += u1 - u0;
+        }
+    }
+    #pragma omp barrier
+    linear_share(&L->down, act, m, out, xsum);
+}
+
+int strata_decoder_layer(const strata_layer *L, const strata_step *S, const float *x, const float *res_in,
+                         float *res_out, float *out, float *work, int nthreads) {
+    step_scratch sc;
+    int status = scratch_init(L, S, nthreads, &sc);
+    if (status) return status;
+    #pragma omp parallel num_threads(nthreads)
+    layer_stages(L, S, S->kv_cache, x, res_in, res_out, out, work, &sc);
+    free(sc.seq_of);
+    free(sc.scores);
+    return 0;
+}
+
+/* Layers [0, n_layers) in one parallel region: at decode a layer's arithmetic is tens of
+ * microseconds, and a Python call per layer (and a parallel region per layer, whose worker
+ * threads wait for the main thread meanwhile) about as much again. hidden [m, H] is the first
+ * layer's input and the last one's output; residual [m, H] likewise (has_residual 0: the first
+ * layer starts without one, as LlamaDecoderLayer does). Every layer has the same shapes (the
+ * caller checks) and its own KV cache, kv_caches[i]. */
+int strata_decoder_stack(const strata_layer *const *layers, int64_t n_layers, const strata_step *S,
+                         float *const *kv_caches, float *hidden, float *residual, int has_residual, float *work,
+                         int nthreads) {
+    step_scratch sc;
+    int status = scratch_init(layers[0], S, nthreads, &sc);
+    if (status) return status;
+    #pragma omp parallel num_threads(nthreads)
+    for (int64_t i = 0; i < n_layers; i++) {
+        layer_stages(layers[i], S, kv_caches[i], hidden, (i > 0 || has_residual) ? residual : NULL, residual,
+                     hidden, work, &sc);
+        #pragma omp barrier
+    }
+    free(sc.seq_of);
+    free(sc.scores);
     return 0;
 }

@@ -151,6 +151,83 @@ class FusedDecoderLayer:
         return size
 
 
+class FusedDecoderStack:
+    """Consecutive fused layers of one shape as one C call per step (strata_decoder_stack): one
+    parallel region for the whole stack instead of a Python call and a parallel region per layer,
+    during which the other threads of the region would wait."""
+
+    def __init__(self, layers: list[FusedDecoderLayer]):
+        self.layers, self.lib = layers, layers[0].lib
+        self.modules = [m for f in layers for m in f.modules]
+        self._descs = (ctypes.c_void_p * len(layers))(*[ctypes.addressof(f.desc) for f in layers])
+        self._caches = (ctypes.c_void_p * len(layers))()
+
+    @classmethod
+    def build(cls, layers: list) -> FusedDecoderStack | None:
+        fused = []
+        for layer in layers:
+            f = layer.__dict__.get("_cpu_fused")
+            if f is None:
+                f = layer.__dict__["_cpu_fused"] = FusedDecoderLayer.build(layer) or False
+            if f is False:
+                return None
+            fused.append(f)
+        shape = [_shape(f.desc) for f in fused]
+        return cls(fused) if fused and shape.count(shape[0]) == len(shape) else None
+
+    def hooked(self) -> bool:
+        from torch.nn.modules import module as nn_module
+        return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
+                    or any(m._forward_pre_hooks or m._forward_hooks for m in self.modules))
+
+    def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """(hidden, residual) after every layer of the stack, or None where a layer's cache does
+        not fit the stack (the caller then runs the layers one by one)."""
+        first = self.layers[0]
+        caches = [f.attn.kv_cache for f in self.layers]
+        if not all(f.takes_cache() for f in self.layers) or any(
+                c.stride(0) != caches[0].stride(0) or c.shape[2] != caches[0].shape[2] for c in caches):
+            return None
+        meta = get_attn_metadata()
+        step = _step_state(meta, positions, hidden.shape[0], first, self.lib)
+        for i, c in enumerate(caches):
+            self._caches[i] = c.data_ptr()
+        step.desc.kv_cache, step.desc.plane_stride, step.desc.block_size = None, caches[0].stride(0), caches[0].shape[2]
+        hidden = hidden.contiguous().clone()     # the stack writes its output over its input
+        residual_out = torch.empty_like(hidden) if residual is None else residual.contiguous().clone()
+        work = torch.empty(first._workspace_size(hidden.shape[0], step.threads))
+        status = self.lib.strata_decoder_stack(
+            self._descs, len(self.layers), ctypes.byref(step.desc), self._caches, hidden.data_ptr(),
+            residual_out.data_ptr(), residual is not None, work.data_ptr(), step.threads)
+        if status == 1:
+            raise IndexError(f"a position is outside the rotary tables' {first.desc.max_position} positions")
+        if status:
+            raise MemoryError("fused decoder stack: no memory for the attention buffers")
+        return hidden, residual_out
+
+
+def fused_cpu_stack(model, layers, positions: torch.Tensor, carry) -> tuple | None:
+    """The carry after ``layers`` (a model's consecutive LlamaDecoderLayers) as one C call, or None
+    where the step or a layer does not take the fused path (the layers then run one by one)."""
+    hidden, residual = carry
+    if (hidden.device.type != "cpu" or hidden.dtype != torch.float32 or hidden.shape[0] > MAX_FUSED_TOKENS
+            or not layers or use_triton(hidden)):
+        return None
+    key = (id(layers[0]), len(layers))
+    stacks = model.__dict__.setdefault("_cpu_fused_stacks", {})
+    stack = stacks.get(key)
+    if stack is None:
+        stack = stacks[key] = FusedDecoderStack.build(list(layers)) or False
+    if stack is False or stack.hooked():
+        return None
+    return stack(positions, hidden, residual)
+
+
+def _shape(desc: _Layer) -> tuple:
+    return (desc.hidden, desc.heads, desc.kv_heads, desc.head_dim, desc.intermediate, desc.rot_dim,
+            desc.max_position, desc.qkv.n, desc.gate_up.n)
+
+
 class _StepState:
     """What every fused layer of one step shares: the step descriptor."""
 

@@ -23,8 +23,14 @@ class LayerLoop:
         starts from the carry the stage before returned, a stage before the last returns its own."""
         start, end = getattr(model, "start_layer", 0), getattr(model, "end_layer", len(model.layers))
         carry = model.embed(input_ids, positions) if intermediate is None else intermediate
-        for layer in model.layers[start:end]:
-            carry = model.layer_forward(layer, positions, carry)
+        # A model may run all its layers at once (Llama's CPU decode steps: one C call).
+        fused = getattr(model, "fused_layers_forward", None)
+        fused_carry = fused(model.layers[start:end], positions, carry) if fused is not None else None
+        if fused_carry is not None:
+            carry = fused_carry
+        else:
+            for layer in model.layers[start:end]:
+                carry = model.layer_forward(layer, positions, carry)
         if end < len(model.layers):
             return carry
         return model.finish(carry)

@@ -48,7 +48,7 @@ def test_single_stream_and_small_chunks_equal_reference(reference):
 
 
 def test_fused_layer_is_bit_identical_to_the_module_path(monkeypatch):
-    """One C call per decoder layer computes exactly what the layer's modules compute with the
+    """One C call for all decoder layers computes exactly what the layers' modules compute with the
     same kernels: the same tokens and the same logprobs to the last bit. (Up to 16 tokens per
     step, the module path's matmuls are the same C row kernels; beyond, it multiplies through
     torch's GEMM and only agrees to rounding.)"""
@@ -57,8 +57,10 @@ def test_fused_layer_is_bit_identical_to_the_module_path(monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = [PROMPTS[1], "Hi"]            # 13 + 1 prompt tokens in the first step
     fused = llm.generate(prompts, params, use_tqdm=False)
-    layer = llm.llm_engine.executor.runner.model.layers[0]
-    assert isinstance(layer.__dict__.get("_cpu_fused"), cpu_decoder.FusedDecoderLayer)
+    model = llm.llm_engine.executor.runner.model
+    assert isinstance(model.layers[0].__dict__.get("_cpu_fused"), cpu_decoder.FusedDecoderLayer)
+    # All layers ran as one C call (strata_decoder_stack).
+    assert any(isinstance(s, cpu_decoder.FusedDecoderStack) for s in model.__dict__["_cpu_fused_stacks"].values())
     monkeypatch.setattr(cpu_decoder, "MAX_FUSED_TOKENS", 0)
     modules = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(fused, modules):
