@@ -49,9 +49,9 @@ typedef struct {
     const int32_t *block_tables, *seq_lens, *query_start_loc;
 } strata_step;
 
-/* This thread's share of y = x @ W^T (+ bias), x [m, k], y [m, n]; xsum is this thread's own
- * buffer for the w4 group sums ([m, k/32]). */
-static void linear_share(const strata_linear *L, const float *x, int64_t m, float *y, float *xsum) {
+/* This thread's share of y = x @ W^T (+ bias), x [m, k], y [m, n]; prep is this thread's own
+ * buffer for what the w4 kernels need besides x (strata_w4_prepare). */
+static void linear_share(const strata_linear *L, const float *x, int64_t m, float *y, float *prep) {
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t r0 = L->n * t / nt, r1 = L->n * (t + 1) / nt, first = 0;
     int sums_done = 0;
@@ -61,9 +61,9 @@ static void linear_share(const strata_linear *L, const float *x, int64_t m, floa
         if (a >= b) continue;
         float *ys = y + first;
         if (sg->kind == SEG_W4) {
-            if (!sums_done) strata_group_sums(x, m, L->k, xsum);
+            if (!sums_done) strata_w4_prepare(x, m, L->k, prep);
             sums_done = 1;
-            strata_w4_range(x, xsum, m, L->k, sg->q, sg->s, ys, L->n, a, b);
+            strata_w4_range(x, prep, m, L->k, sg->q, sg->s, ys, L->n, a, b);
         } else if (sg->kind == SEG_W8) {
             strata_w8_range(x, m, L->k, sg->q, sg->s, sg->group, ys, L->n, a, b);
         } else {
@@ -75,11 +75,17 @@ static void linear_share(const strata_linear *L, const float *x, int64_t m, floa
             for (int64_t r = r0; r < r1; r++) y[i * L->n + r] += L->bias[r];
 }
 
+/* The widest input of the layer's linears (o takes heads * head_dim). */
+static int64_t layer_kmax(const strata_layer *L) {
+    int64_t k = L->hidden > L->intermediate ? L->hidden : L->intermediate;
+    return k > L->heads * L->head_dim ? k : L->heads * L->head_dim;
+}
+
 /* Floats of workspace the layer needs for m tokens and nthreads threads (see the layout below). */
 int64_t strata_decoder_workspace(const strata_layer *L, int64_t m, int nthreads) {
-    int64_t kmax = L->hidden > L->intermediate ? L->hidden : L->intermediate;
+    int64_t kmax = layer_kmax(L);
     return m * (L->hidden + L->qkv.n + 2 * L->heads * L->head_dim + L->gate_up.n + L->intermediate)
-           + (int64_t)nthreads * m * (kmax / 32 + 1);
+           + (int64_t)nthreads * (strata_w4_prep_floats(m, kmax) + 1);
 }
 
 /* What the stages of a step share, set up once per call (for every layer of a stack). */
@@ -114,13 +120,13 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
                          const float *res_in, float *res_out, float *out, float *work, const step_scratch *sc) {
     const int64_t m = S->m, H = L->hidden, d = L->head_dim, qkv_n = L->qkv.n, I = L->intermediate;
     const int64_t q_size = L->heads * d, kv_size = L->kv_heads * d, groups = L->heads / L->kv_heads;
-    const int64_t kmax = H > I ? H : I;
+    const int64_t kmax = layer_kmax(L);
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     /* workspace: h [m, H] | qkv [m, qkv_n] (later the second norm's output) | q rotated [m, q_size] |
-     * attention output [m, q_size] | gate_up [m, 2I] | act [m, I] | per thread: w4 group sums */
+     * attention output [m, q_size] | gate_up [m, 2I] | act [m, I] | per thread: w4 prep */
     float *h = work, *qkv = h + m * H, *qr = qkv + m * qkv_n, *attn = qr + m * q_size;
     float *gu = attn + m * q_size, *act = gu + m * L->gate_up.n, *sums_base = act + m * I;
-    float *xsum = sums_base + (int64_t)tid * m * (kmax / 32 + 1);
+    float *prep = sums_base + (int64_t)tid * (strata_w4_prep_floats(m, kmax) + 1);
     strata_cache_view cv = {kv_cache, S->plane_stride, S->block_size, L->kv_heads, d, groups, S->bt_stride,
                             S->block_tables, L->scale};
     for (int64_t t = tid; t < m; t += nt)
@@ -129,7 +135,7 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
     if (res_in == NULL)
         for (int64_t t = tid; t < m; t += nt) memcpy(res_out + t * H, x + t * H, sizeof(float) * (size_t)H);
     #pragma omp barrier
-    linear_share(&L->qkv, h, m, qkv, xsum);
+    linear_share(&L->qkv, h, m, qkv, prep);
     #pragma omp barrier
     for (int64_t t = tid; t < m; t += nt) {
         const float *row = qkv + t * qkv_n;
@@ -148,12 +154,12 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
         strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,
                       kvh, sc->scores + (int64_t)tid * sc->max_ctx * groups);
     }   /* implicit barrier */
-    linear_share(&L->o, attn, m, h, xsum);
+    linear_share(&L->o, attn, m, h, prep);
     #pragma omp barrier
     for (int64_t t = tid; t < m; t += nt)
         strata_rms_norm_row(h + t * H, res_out + t * H, res_out + t * H, L->norm2, qkv + t * H, H, L->eps2);
     #pragma omp barrier
-    linear_share(&L->gate_up, qkv, m, gu, xsum);
+    linear_share(&L->gate_up, qkv, m, gu, prep);
     #pragma omp barrier
     {   /* in units of 8 columns, so spans split a row where the one-op kernel's vectors do */
         int64_t units = (I + 7) / 8, a = m * units * tid / nt, b = m * units * (tid + 1) / nt;
@@ -165,7 +171,7 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
         }
     }
     #pragma omp barrier
-    linear_share(&L->down, act, m, out, xsum);
+    linear_share(&L->down, act, m, out, prep);
 }
 
 int strata_decoder_layer(const strata_layer *L, const strata_step *S, const float *x, const float *res_in,

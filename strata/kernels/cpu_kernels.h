@@ -14,8 +14,9 @@ static inline int omp_get_thread_num(void) { return 0; }
 
 /* Matmul pieces: output rows [r0, r1) of y = x @ W^T for all m rows of x [m, k]; y has ldy
  * floats per row (a segment of a wider output starts at its column). */
-void strata_group_sums(const float *x, int64_t m, int64_t k, float *xsum);   /* [m, k / 32] */
-void strata_w4_range(const float *x, const float *xsum, int64_t m, int64_t k, const uint8_t *q,
+int64_t strata_w4_prep_floats(int64_t m, int64_t k);
+void strata_w4_prepare(const float *x, int64_t m, int64_t k, float *prep);   /* group sums, scaled x */
+void strata_w4_range(const float *x, const float *prep, int64_t m, int64_t k, const uint8_t *q,
                      const float *scale_min, float *y, int64_t ldy, int64_t r0, int64_t r1);
 void strata_w8_range(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,
                      int64_t group, float *y, int64_t ldy, int64_t r0, int64_t r1);

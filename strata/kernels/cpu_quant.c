@@ -1,16 +1,21 @@
 /* strata's CPU matmuls on packed quantized weights: y = x @ W^T, x [M, K] and y [M, N] float32,
  * row-major and contiguous (the Python wrappers in cpu_quant.py check this).
  *
- * w4: W [N, K] as 4-bit codes in groups of 32 along K, w = q * scale + min. qweight [N, K/2]: in
- *     each group's 16 bytes, byte j holds code j in its low nibble and code j + 16 in its high
- *     one (GGML's Q4_0/Q4_1 order: a group unpacks into two runs of 16 with one mask and one
- *     shift). scale_min [N, K/32, 2] float32.
+ * w4: W [N, K] as 4-bit codes in groups of 32 along K, w = q * scale + min. qweight [N, K/2]: each
+ *     block of 64 codes (two groups) is 8 little-endian 32-bit words, word L's nibble s (bits 4s..4s+3)
+ *     holding code 8s + L of the block; where K is an odd number of groups, the last group is 4
+ *     words, word L's nibble s holding code 4s + L. So 8 consecutive codes sit in one nibble of 8
+ *     words: a 256-bit load, one mask (or shift) and a conversion give 8 floats, without the byte
+ *     shuffles of GGML's byte order. scale_min [N, K/32, 2] float32.
  * w8: W [N, K] as int8 codes in groups of `group` (a multiple of 8) along K, w = q * scale;
  *     scales [N, K/group] float32.
  *
  * The matmuls are for decode-sized M: each weight row is unpacked once into registers and used
- * for every row of x, the scale multiplies a group's partial dot product and the min the group's
- * sum of x, so a group of 32 costs its unpacking plus five FMAs per row of x. Rows of W are split
+ * for every row of x. For 1-3 rows of x the scale multiplies a group's partial dot product and the
+ * min the group's sum of x; the codes are masked in place (code * 16^s, exact in float) and
+ * multiplied by x scaled by 16^-s beforehand (exact: a power of two), which gives the very
+ * products code * x without a shift per 8 codes. From 4 rows on, each group is dequantized once
+ * as the reference does (q * scale, then + min) and multiplies every row. Rows of W are split
  * over OpenMP threads; built against torch's own libgomp (same soname), so one thread pool.
  * The dequantizers give q * scale + min rounded exactly as the torch reference (mul, then add:
  * the file is compiled with -ffp-contract=off), for the tiled path of larger M.
@@ -33,13 +38,48 @@
 #define W8_BLOCK_MIN_ROWS 8   /* and w8 w8_block: at 4 rows w8_rows was faster (one thread, CPU time) */
 #endif
 
-void strata_group_sums(const float *x, int64_t m, int64_t k, float *xsum) {
+/* Where code j of a packed w4 row sits (see the layout above): its 32-bit word and nibble. */
+static inline void w4_place(int64_t k, int64_t j, int64_t *word, int *nibble) {
+    int64_t full = k - k % 64;
+    if (j < full) {
+        *word = j / 64 * 8 + j % 8;
+        *nibble = (int)(j % 64 / 8);
+    } else {
+        *word = full / 8 + (j - full) % 4;
+        *nibble = (int)((j - full) / 4);
+    }
+}
+
+/* The nibble slot x[j] meets in the row kernels (0: no scaling; the last group of an odd count and
+ * the top nibble of a block are shifted out instead of masked in place). */
+static inline int w4_scaled_slot(int64_t k, int64_t j) {
+    int64_t word;
+    int nibble;
+    w4_place(k, j, &word, &nibble);
+    return j < k - k % 64 && nibble < 7 ? nibble : 0;
+}
+
+int64_t strata_w4_prep_floats(int64_t m, int64_t k) {
+    return m * (k / 32) + (m < W4_BLOCK_MIN_ROWS ? m * k : 0);
+}
+
+/* What the w4 matmul of x [m, k] needs besides x: the sum of each group of 32 of x ([m, k/32]),
+ * and for the row kernels (m < W4_BLOCK_MIN_ROWS) x scaled by 16^-s for the nibble s it meets
+ * ([m, k], right after): an exact power-of-two scaling. prep holds strata_w4_prep_floats(m, k). */
+void strata_w4_prepare(const float *x, int64_t m, int64_t k, float *prep) {
+    static const float pow16[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.f};
     for (int64_t i = 0; i < m; i++)
         for (int64_t g = 0; g < k / 32; g++) {
             float s = 0.f;
             for (int j = 0; j < 32; j++) s += x[i * k + g * 32 + j];
-            xsum[i * (k / 32) + g] = s;
+            prep[i * (k / 32) + g] = s;
         }
+    if (m >= W4_BLOCK_MIN_ROWS) return;
+    float *xs = prep + m * (k / 32);
+    for (int64_t j = 0; j < k; j++) {
+        float f = pow16[w4_scaled_slot(k, j)];
+        for (int64_t i = 0; i < m; i++) xs[i * k + j] = x[i * k + j] * f;
+    }
 }
 
 #ifdef STRATA_AVX2
@@ -49,46 +89,78 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* Codes 4s..4s+3 and 4s+4..4s+7 of a last odd group (its 16 bytes in both halves of v): 8 codes. */
+static inline __m256i w4_tail_codes(__m256i v, int s) {
+    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(4 * s, 4 * s, 4 * s, 4 * s, 4 * s + 4, 4 * s + 4,
+                                                                    4 * s + 4, 4 * s + 4)),
+                            _mm256_set1_epi32(0x0F));
+}
+
 /* ROWS is a constant at every call (w4_row's switch), so the loops over it unroll and the
- * accumulators stay in registers. */
+ * accumulators stay in registers. xs: x scaled as strata_w4_prepare does; codes masked in place
+ * (nibble s: code * 16^s as a float, exactly) times xs are exactly code * x. */
 static inline __attribute__((always_inline)) void
-w4_rows(const int ROWS, const float *x, const float *xsum, int64_t k, const uint8_t *q,
+w4_rows(const int ROWS, const float *xs, const float *xsum, int64_t k, const uint8_t *q,
         const float *sm, float *y, int64_t n_total) {
-    const int64_t groups = k / 32;
+    const int64_t groups = k / 32, blocks = k / 64;
     __m256 acc[ROWS_PER_PASS];
     float min_acc[ROWS_PER_PASS];
     for (int i = 0; i < ROWS; i++) { acc[i] = _mm256_setzero_ps(); min_acc[i] = 0.f; }
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    for (int64_t g = 0; g < groups; g++) {
-        __m128i b = _mm_loadu_si128((const __m128i *)(q + g * 16));
-        __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        __m256 scale = _mm256_set1_ps(sm[2 * g]);
-        float min = sm[2 * g + 1];
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
+        __m256 c[8];
+        for (int n = 0; n < 7; n++) c[n] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0F << (4 * n))));
+        c[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+        for (int h = 0; h < 2; h++) {   /* the block's two groups */
+            __m256 scale = _mm256_set1_ps(sm[4 * blk + 2 * h]);
+            float min = sm[4 * blk + 2 * h + 1];
+            for (int i = 0; i < ROWS; i++) {
+                const float *xg = xs + i * k + 64 * blk + 32 * h;
+                __m256 t0 = _mm256_mul_ps(_mm256_loadu_ps(xg), c[4 * h]);
+                __m256 t1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), c[4 * h + 1]);
+                t0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), c[4 * h + 2], t0);
+                t1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), c[4 * h + 3], t1);
+                acc[i] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), scale, acc[i]);
+                min_acc[i] += min * xsum[i * groups + 2 * blk + h];
+            }
+        }
+    }
+    if (groups % 2) {   /* the last group of an odd count: codes shifted down, xs unscaled there */
+        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + 32 * blocks)));
+        __m256 c[4];
+        for (int n = 0; n < 4; n++) c[n] = _mm256_cvtepi32_ps(w4_tail_codes(v, 2 * n));
+        __m256 scale = _mm256_set1_ps(sm[2 * (groups - 1)]);
+        float min = sm[2 * (groups - 1) + 1];
         for (int i = 0; i < ROWS; i++) {
-            const float *xg = x + i * k + g * 32;
-            __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xg), w0);
-            t = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 8), w1, t);
-            t = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), w2, t);
-            t = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), w3, t);
-            acc[i] = _mm256_fmadd_ps(t, scale, acc[i]);
-            min_acc[i] += min * xsum[i * groups + g];
+            const float *xg = xs + i * k + 64 * blocks;
+            __m256 t0 = _mm256_mul_ps(_mm256_loadu_ps(xg), c[0]);
+            __m256 t1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), c[1]);
+            t0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), c[2], t0);
+            t1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), c[3], t1);
+            acc[i] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), scale, acc[i]);
+            min_acc[i] += min * xsum[i * groups + groups - 1];
         }
     }
     for (int i = 0; i < ROWS; i++) y[i * n_total] = hsum(acc[i]) + min_acc[i];
 }
 
-static void w4_row(const float *x, const float *xsum, int64_t rows, int64_t k, const uint8_t *q,
+static void w4_row(const float *xs, const float *xsum, int64_t rows, int64_t k, const uint8_t *q,
                    const float *sm, float *y, int64_t n_total) {
     switch (rows) {
-    case 1: w4_rows(1, x, xsum, k, q, sm, y, n_total); break;
-    case 2: w4_rows(2, x, xsum, k, q, sm, y, n_total); break;
-    case 3: w4_rows(3, x, xsum, k, q, sm, y, n_total); break;
-    default: w4_rows(4, x, xsum, k, q, sm, y, n_total); break;
+    case 1: w4_rows(1, xs, xsum, k, q, sm, y, n_total); break;
+    case 2: w4_rows(2, xs, xsum, k, q, sm, y, n_total); break;
+    default: w4_rows(3, xs, xsum, k, q, sm, y, n_total); break;
     }
+}
+
+/* 8 dequantized weights: codes (as int32) * scale, then + min, as the reference rounds them. */
+static inline __m256 w4_dequant8(__m256i codes, __m256 scale, __m256 min) {
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(codes), scale), min);
+}
+
+/* Nibble n of every word of v: 8 consecutive codes of a block. */
+static inline __m256i w4_nibble(__m256i v, int n) {
+    return n == 7 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(_mm256_srli_epi32(v, 4 * n), _mm256_set1_epi32(0x0F));
 }
 
 /* Batches (4 rows of x and more): each group of W is dequantized once in registers, exactly as
@@ -99,18 +171,25 @@ static void w4_row(const float *x, const float *xsum, int64_t rows, int64_t k, c
 static inline __attribute__((always_inline)) void
 w4_block(const int ROWS, const float *x, int64_t k, const uint8_t *q, const float *sm, float *y,
          int64_t n_total) {
+    const int64_t groups = k / 32, blocks = k / 64;
     __m256 acc[BLOCK_ROWS];
     for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    for (int64_t g = 0; g < k / 32; g++) {
-        __m128i b = _mm_loadu_si128((const __m128i *)(q + g * 16));
-        __m128i halves[2] = {_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)};
-        __m256 scale = _mm256_set1_ps(sm[2 * g]), min = _mm256_set1_ps(sm[2 * g + 1]);
-        for (int c = 0; c < 4; c++) {
-            __m128i codes = (c & 1) ? _mm_srli_si128(halves[c >> 1], 8) : halves[c >> 1];
-            __m256 w = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), scale), min);
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
+        for (int n = 0; n < 8; n++) {
+            const float *params = sm + 4 * blk + 2 * (n / 4);
+            __m256 w = w4_dequant8(w4_nibble(v, n), _mm256_set1_ps(params[0]), _mm256_set1_ps(params[1]));
             for (int i = 0; i < ROWS; i++)
-                acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + g * 32 + 8 * c), w, acc[i]);
+                acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + 64 * blk + 8 * n), w, acc[i]);
+        }
+    }
+    if (groups % 2) {
+        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + 32 * blocks)));
+        __m256 scale = _mm256_set1_ps(sm[2 * (groups - 1)]), min = _mm256_set1_ps(sm[2 * (groups - 1) + 1]);
+        for (int n = 0; n < 4; n++) {
+            __m256 w = w4_dequant8(w4_tail_codes(v, 2 * n), scale, min);
+            for (int i = 0; i < ROWS; i++)
+                acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + 64 * blocks + 8 * n), w, acc[i]);
         }
     }
     for (int i = 0; i < ROWS; i++) y[i * n_total] = hsum(acc[i]);
@@ -216,16 +295,22 @@ static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, con
     }
 }
 #else
+/* Code j of a packed w4 row (the layout above), read bytewise. */
+static inline float w4_code(const uint8_t *row, int64_t k, int64_t j) {
+    int64_t word;
+    int nibble;
+    w4_place(k, j, &word, &nibble);
+    return (float)((row[4 * word + nibble / 2] >> (4 * (nibble & 1))) & 0x0F);
+}
+
 static void w4_row(const float *x, const float *xsum, int64_t rows, int64_t k, const uint8_t *q,
                    const float *sm, float *y, int64_t n_total) {
     const int64_t groups = k / 32;
     for (int64_t i = 0; i < rows; i++) {
         float acc = 0.f, min_acc = 0.f;
         for (int64_t g = 0; g < groups; g++) {
-            const float *xg = x + i * k + g * 32;
             float t = 0.f;
-            for (int j = 0; j < 16; j++)
-                t += xg[j] * (float)(q[g * 16 + j] & 0x0F) + xg[j + 16] * (float)(q[g * 16 + j] >> 4);
+            for (int64_t j = g * 32; j < g * 32 + 32; j++) t += x[i * k + j] * w4_code(q, k, j);
             acc += t * sm[2 * g];
             min_acc += sm[2 * g + 1] * xsum[i * groups + g];
         }
@@ -271,17 +356,23 @@ static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, con
         }                                                                                    \
     }
 
-void strata_w4_range(const float *x, const float *xsum, int64_t m, int64_t k, const uint8_t *q,
+void strata_w4_range(const float *x, const float *prep, int64_t m, int64_t k, const uint8_t *q,
                      const float *scale_min, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+    const float *xsum = prep;
 #ifdef HAVE_W4_BLOCK
     if (m >= W4_BLOCK_MIN_ROWS) {
         FOR_TILES(BLOCK_ROWS, w4_block_rows(x + i0 * k, rows, k, q + r * (k / 2), scale_min + r * (k / 16),
                                             y + i0 * ldy + r, ldy))
         return;
     }
+    const float *xr = prep + m * (k / 32);   /* x scaled for the in-place codes */
+    const int per_pass = W4_BLOCK_MIN_ROWS - 1;
+#else
+    const float *xr = x;
+    const int per_pass = ROWS_PER_PASS;
 #endif
-    FOR_TILES(ROWS_PER_PASS, w4_row(x + i0 * k, xsum + i0 * (k / 32), rows, k, q + r * (k / 2),
-                                    scale_min + r * (k / 16), y + i0 * ldy + r, ldy))
+    FOR_TILES(per_pass, w4_row(xr + i0 * k, xsum + i0 * (k / 32), rows, k, q + r * (k / 2),
+                               scale_min + r * (k / 16), y + i0 * ldy + r, ldy))
 }
 
 void strata_w8_range(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,
@@ -309,15 +400,15 @@ void strata_f32_range(const float *x, int64_t m, int64_t k, const float *w, floa
 
 int strata_w4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *q, const float *scale_min,
                      float *y, int64_t n, int nthreads) {
-    float *xsum = malloc(sizeof(float) * (size_t)(m * (k / 32) + 1));
-    if (xsum == NULL) return 1;
-    strata_group_sums(x, m, k, xsum);
+    float *prep = malloc(sizeof(float) * (size_t)(strata_w4_prep_floats(m, k) + 1));
+    if (prep == NULL) return 1;
+    strata_w4_prepare(x, m, k, prep);
     #pragma omp parallel num_threads(nthreads)
     {
         SHARE(n, r0, r1);
-        strata_w4_range(x, xsum, m, k, q, scale_min, y, n, r0, r1);
+        strata_w4_range(x, prep, m, k, q, scale_min, y, n, r0, r1);
     }
-    free(xsum);
+    free(prep);
     return 0;
 }
 
@@ -331,34 +422,32 @@ int strata_w8_matmul(const float *x, int64_t m, int64_t k, const int8_t *q, cons
     return 0;
 }
 
-/* The 32 values of one w4 group, q * scale + min: a multiply, then an add (as the reference). */
-static void w4_group(const uint8_t *b, float scale, float min, float *o) {
+/* Row r of W, q * scale + min: a multiply, then an add (as the reference). */
+static void w4_dequantize_row(const uint8_t *q, const float *sm, int64_t k, float *out) {
+    int64_t j = 0;
 #ifdef STRATA_AVX2
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i bytes = _mm_loadu_si128((const __m128i *)b);
-    __m128i halves[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
-    __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
-    for (int h = 0; h < 2; h++) {
-        __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(halves[h]));
-        __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(halves[h], 8)));
-        _mm256_storeu_ps(o + 16 * h, _mm256_add_ps(_mm256_mul_ps(q0, s), m));
-        _mm256_storeu_ps(o + 16 * h + 8, _mm256_add_ps(_mm256_mul_ps(q1, s), m));
+    for (int64_t blk = 0; blk < k / 64; blk++, j += 64) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
+        for (int n = 0; n < 8; n++) {
+            const float *params = sm + 4 * blk + 2 * (n / 4);
+            _mm256_storeu_ps(out + j + 8 * n, w4_dequant8(w4_nibble(v, n), _mm256_set1_ps(params[0]),
+                                                          _mm256_set1_ps(params[1])));
+        }
+    }
+    if (j < k) {
+        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + j / 2)));
+        __m256 scale = _mm256_set1_ps(sm[j / 16]), min = _mm256_set1_ps(sm[j / 16 + 1]);
+        for (int n = 0; n < 4; n++) _mm256_storeu_ps(out + j + 8 * n, w4_dequant8(w4_tail_codes(v, 2 * n), scale, min));
     }
 #else
-    for (int j = 0; j < 16; j++) {
-        o[j] = (float)(b[j] & 0x0F) * scale + min;
-        o[j + 16] = (float)(b[j] >> 4) * scale + min;
-    }
+    for (; j < k; j++) out[j] = w4_code(q, k, j) * sm[2 * (j / 32)] + sm[2 * (j / 32) + 1];
 #endif
 }
 
 void strata_w4_dequantize(const uint8_t *q, const float *scale_min, int64_t n, int64_t k, float *out,
                           int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t g = 0; g < k / 32; g++)
-            w4_group(q + r * (k / 2) + g * 16, scale_min[r * (k / 16) + 2 * g],
-                     scale_min[r * (k / 16) + 2 * g + 1], out + r * k + g * 32);
+    for (int64_t r = 0; r < n; r++) w4_dequantize_row(q + r * (k / 2), scale_min + r * (k / 16), k, out + r * k);
 }
 
 void strata_w8_dequantize(const int8_t *q, const float *scales, int64_t group, int64_t n, int64_t k,

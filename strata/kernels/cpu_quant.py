@@ -178,10 +178,7 @@ def w4_dequantize(qweight: torch.Tensor, scale_min: torch.Tensor, lib: ctypes.CD
         lib.strata_w4_dequantize(qweight.data_ptr(), scale_min.data_ptr(), n, k, out.data_ptr(),
                                  torch.get_num_threads())
         return out
-    b = qweight.view(n, k // 32, 1, 16)
-    codes = torch.cat((b & 0x0F, b >> 4), dim=2).float()        # [n, K/32, 2, 16]
-    w = codes.view(n, k // 32, 32) * scale_min[..., 0:1] + scale_min[..., 1:2]
-    return w.view(n, k)
+    return (_w4_codes(qweight, k).float().view(n, k // 32, 32) * scale_min[..., 0:1] + scale_min[..., 1:2]).view(n, k)
 
 
 def w8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, lib: ctypes.CDLL | None = None,
@@ -196,13 +193,33 @@ def w8_dequantize(qweight: torch.Tensor, scales: torch.Tensor, lib: ctypes.CDLL 
 
 
 def pack_w4(codes: torch.Tensor) -> torch.Tensor:
-    """codes [N, K] uint8 0..15 -> [N, K/2]: per group of 32, byte j = code j | code j+16 << 4."""
+    """codes [N, K] uint8 0..15 -> [N, K/2] in cpu_quant.c's layout: each block of 64 codes as 8
+    little-endian 32-bit words, nibble s of word L holding code 8s + L; a last odd group of 32 as 4
+    words, nibble s of word L holding code 4s + L. Byte 4L + s // 2 of a block holds nibble s of
+    word L, in its low half for even s."""
     n, k = codes.shape
     if codes.dtype != torch.uint8 or k % 32:
         raise ValueError(f"pack_w4: codes must be uint8 with K a multiple of 32, got {codes.dtype} "
                          f"[{n}, {k}]")
-    halves = codes.view(n, k // 32, 2, 16)
-    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    full = k - k % 64
+    parts = []
+    for start, stop, lanes in ((0, full, 8), (full, k, 4)):
+        if stop > start:
+            c = codes[:, start:stop].reshape(n, -1, 4, 2, lanes)        # [n, block, s // 2, s % 2, L]
+            parts.append((c[:, :, :, 0] | (c[:, :, :, 1] << 4)).transpose(2, 3).reshape(n, -1))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def _w4_codes(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """pack_w4's inverse: [N, K/2] -> codes [N, K] uint8."""
+    n, full = qweight.shape[0], k - k % 64
+    parts = []
+    for start, stop, lanes in ((0, full, 8), (full, k, 4)):
+        if stop > start:
+            b = qweight[:, start // 2:stop // 2].reshape(n, -1, lanes, 4)   # [n, block, L, s // 2]
+            c = torch.stack((b & 0x0F, b >> 4), dim=-1)                    # [n, block, L, s // 2, s % 2]
+            parts.append(c.permute(0, 1, 3, 4, 2).reshape(n, -1))
+    return torch.cat(parts, dim=1)
 
 
 def check_w4(qweight, scale_min) -> tuple[int, int]:

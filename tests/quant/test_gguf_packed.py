@@ -134,6 +134,26 @@ def test_torch_reference_of_the_c_kernels(bits):
         torch.testing.assert_close(matmul(x, q, params, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [32, 64, 96, 160, 576])
+def test_w4_layout_and_kernels_on_odd_group_counts(k, c_kernels):
+    """pack_w4's layout (blocks of 64 codes, a last odd group of 32 on its own) round-trips, the C
+    dequantizer equals the torch one bit for bit, and the C matmul (row kernels up to 3 rows of x,
+    blocked from 4, rows of W split over threads) equals dequantize-then-matmul."""
+    torch.manual_seed(k)
+    n = 37
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    q, params = cpu_quant.pack_w4(codes), torch.randn(n, k // 32, 2)
+    assert q.shape == (n, k // 2) and torch.equal(cpu_quant._w4_codes(q, k), codes)
+    w = (codes.float().view(n, k // 32, 32) * params[..., :1] + params[..., 1:]).view(n, k)
+    assert torch.equal(cpu_quant.w4_dequantize(q, params), w)
+    assert torch.equal(cpu_quant.w4_dequantize(q, params, cpu_quant.library()), w)
+    for m in (1, 2, 3, 4, 7, 9, 17):
+        x = torch.randn(m, k) * torch.logspace(-3, 2, k)     # activations of very different sizes
+        expected = F.linear(x, w)
+        torch.testing.assert_close(cpu_quant.w4_matmul(x, q, params, cpu_quant.library()), expected,
+                                   rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K", "Q8_0", "Q6_K"])
 def test_segment_on_the_triton_kernels(type_name):
     """The CUDA forms through the Triton kernels: 4-bit types in pack_int4's layout with fp32 scales
