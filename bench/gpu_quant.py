@@ -110,10 +110,16 @@ def main() -> None:
                     help="int4 one-row kernel: the element-wise tile (default) or the word-wise "
                          "gemv (opt-in, slower on the H100) (strata.kernels.quant_matmul.INT4_DECODE), "
                          "for A/B")
+    ap.add_argument("--gemv-tuned", type=Path, metavar="FILE",
+                    help="with --int4-decode gemv: per-shape tiles, JSON {\"N,K\": config} as "
+                         "bench/gpu_int4_profile.py --split-sweep --tuned-out writes it")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    from strata.kernels import quant_matmul
+    from strata.kernels import int4_gemv, quant_matmul
     quant_matmul.INT4_DECODE = args.int4_decode
+    if args.gemv_tuned:
+        for key, cfg in json.loads(args.gemv_tuned.read_text()).items():
+            int4_gemv.GEMV_INT4_TUNED[tuple(int(v) for v in key.split(","))] = cfg
     path = model_dir(args.quick)
     bw = copy_bandwidth()
     results: dict = {"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9,

@@ -1,5 +1,5 @@
 """One-row int4 matmul (decode): ``y = x @ W^T`` for strata's packed int4 weights, fp32 products
-on CUDA cores at ~3 SASS instructions per weight, split over K when the matrix is too narrow
+on CUDA cores, weights unpacked without conversions, split over K when the matrix is too narrow
 to give every SM work.
 
 Format (``strata.kernels.quant_matmul``): ``qweight`` [N, K/2] uint8, element k of row n in
@@ -19,19 +19,24 @@ whatever J). E = 85 keeps ``x'`` finite for |x| < 2**64 and the products normal 
 
 Scales per chunk: a step is a [BLOCK_N, C, 4] tile of words (C = KW / 4 chunks of 4 words = 32
 weights, always inside one group since G is a multiple of 32), each thread holding 16-byte
-vectors of whole chunks; it sums a chunk's 32 products in one FFMA chain and adds ``s * p`` and
-``min * sum(x)``: 2 FFMA per row and 32 weights. x is loaded per word as [1, C, 4] int32 (8
-bf16/fp16, or half of 8 fp32) with the words' own layout, so the broadcast over rows moves no
-data (a [KW, 8] x tile split into columns went through shared memory with 2 barriers a step,
-3.1 instructions a weight); its conversion, prescale and sum are shared by the rows a thread
-holds (8 in the default tile).
+vectors of whole chunks; it sums each word's 8 products in its own FFMA chain (four independent
+chains a chunk, not one 32 deep that waits on the FMA latency), then adds ``s * p`` and
+``min * sum(x)``. x is loaded per word in the weight tile's own layout, [BLOCK_N, C, 4] int32 (8
+bf16/fp16, or half of 8 fp32) with one address down the rows, so no data changes threads (loaded
+as [1, C, 4] it went through shared memory: 8 layout conversions and 18 barriers a step). The
+next step's words, scales and mins are loaded before this step's arithmetic (registers double
+buffered), so a warp does not wait a whole DRAM latency each step.
 
-SASS of the K loop, sm_90 build (tests/kernels/test_int4_gemv.py counts it), bf16 x, 512 rows x 8
-words on 2 warps (512 weights a thread a step): 1403 instructions, 2.74 a weight: 550 LOP3 +
-~64 SHF (unpacking, integer pipe), 544 FFMA, 64 FMUL (x prescale), 60 LDG (16 weight vectors, 32
-scale/min loads, x), the rest addressing. The element-wise tile of quant_matmul: ~7.4; the
-1 + q/16 scheme (shift + LOP3 a nibble) 4.4 at 256 rows. The floor of this scheme is 2.125
-(LOP3 + FFMA a weight, a shift a word).
+What the tile is, and why (bench/gpu_int4_profile.py, H100 and H200, 2026-11-21): the first
+version (512 rows x 8 words a step on 2 warps, 2.74 SASS instructions a weight) ran at 18-26% of
+the bandwidth floor. Nsight Compute showed 3-5% of the warp slots active and each warp's load
+covering 16 rows x 32 bytes: DRAM serves short scattered runs slowly, and every tile with 32-64
+bytes a row a step stopped at the same ~36%, whatever its warps or split. Runs of 512 bytes a row
+(KW = 128) took it to the element-wise tile's level; the broadcast x loads and the four chains
+then to 35-52% on the H200, 15-27% faster than the element-wise tile on every 8B matrix (default:
+4 rows x 128 words on 2 warps). Its loop is now 6.4 SASS instructions a weight (the x conversion,
+prescale and sum are done again for each row a thread holds): the next step is x's conversion
+done once per call instead of per row.
 
 Split-K, one launch: a grid of (row blocks, SPLIT_K) programs, each a slice of K. Each stores its
 fp32 partial row to a workspace [SPLIT_K, N]; after a barrier one thread increments the row
@@ -94,7 +99,8 @@ def _f16_to_f32(h):
 
 
 @triton.jit
-def _x_word(ptrs, mask, C: tl.constexpr, X_KIND: tl.constexpr, EVEN_K: tl.constexpr):
+def _x_word(ptrs, mask, R: tl.constexpr, C: tl.constexpr, X_KIND: tl.constexpr,
+            EVEN_K: tl.constexpr):
     """The 8 x values of one word a chunk, each [1, C] fp32, and their sum [1, C, 4]. ptrs
     [1, C, 4] point to the first 16 bytes of them in x as int32 (two bf16/fp16, X_KIND 0/1, or one
     fp32, X_KIND 2)."""
@@ -105,8 +111,8 @@ def _x_word(ptrs, mask, C: tl.constexpr, X_KIND: tl.constexpr, EVEN_K: tl.conste
         else:
             a = tl.load(ptrs, mask=mask, other=0).to(tl.float32, bitcast=True)
             b = tl.load(ptrs + 4, mask=mask, other=0).to(tl.float32, bitcast=True)
-        x0, x1, x2, x3 = _split4(a, 1, C)
-        x4, x5, x6, x7 = _split4(b, 1, C)
+        x0, x1, x2, x3 = _split4(a, R, C)
+        x4, x5, x6, x7 = _split4(b, R, C)
         return x0, x1, x2, x3, x4, x5, x6, x7, a + b
     if EVEN_K:
         v = tl.load(ptrs)
@@ -118,8 +124,8 @@ def _x_word(ptrs, mask, C: tl.constexpr, X_KIND: tl.constexpr, EVEN_K: tl.conste
     else:
         lo = _f16_to_f32(v & 0xFFFF)
         hi = _f16_to_f32(v >> 16)
-    x0, x2, x4, x6 = _split4(lo, 1, C)
-    x1, x3, x5, x7 = _split4(hi, 1, C)
+    x0, x2, x4, x6 = _split4(lo, R, C)
+    x1, x3, x5, x7 = _split4(hi, R, C)
     return x0, x1, x2, x3, x4, x5, x6, x7, lo + hi
 
 
@@ -130,11 +136,11 @@ def _nib(w, MASK: tl.constexpr):
 
 
 @triton.jit
-def _word_dot(p, w, x_ptrs, mask, C: tl.constexpr, X_KIND: tl.constexpr,
+def _word_dot(p, w, x_ptrs, mask, R: tl.constexpr, C: tl.constexpr, X_KIND: tl.constexpr,
               EVEN_K: tl.constexpr):
     """p + sum_J x'_J * nibble_J(w) for one word of each chunk, w [BLOCK_N, C]: 8 LOP3, one
     shift and 8 FFMA a word a row. Also returns the x sum of the word [1, C, 4]."""
-    x0, x1, x2, x3, x4, x5, x6, x7, xsum = _x_word(x_ptrs, mask, C, X_KIND, EVEN_K)
+    x0, x1, x2, x3, x4, x5, x6, x7, xsum = _x_word(x_ptrs, mask, R, C, X_KIND, EVEN_K)
     hi = w >> 8                          # nibbles 6 and 7 at bits 16-23
     p += _nib(w, 0xF) * (x0 * XS0)
     p += _nib(w, 0xF0) * (x1 * XS1)
@@ -145,6 +151,27 @@ def _word_dot(p, w, x_ptrs, mask, C: tl.constexpr, X_KIND: tl.constexpr,
     p += _nib(hi, 0xF0000) * (x6 * XS6)
     p += _nib(hi, 0xF00000) * (x7 * XS7)
     return p, xsum
+
+
+@triton.jit
+def _step_loads(q_tile, s_rows, mn_rows, w0, n_mask, word_ct, offs_c, K, s_stride_g, mn_stride_g,
+                in_slice, GROUP_SIZE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                EVICT: tl.constexpr):
+    """The packed words [BLOCK_N, C, 4] of the step at word w0 and the scales and mins [BLOCK_N, C]
+    of its chunks; nothing is read where in_slice (a scalar) is false (the step after the last)."""
+    g = (w0 * 8 + offs_c * 32) // GROUP_SIZE
+    if EVEN_N and EVEN_K:
+        w = tl.load(q_tile + w0, mask=in_slice, other=0, eviction_policy=EVICT)
+        s = tl.load(s_rows + g[None, :] * s_stride_g, mask=in_slice, other=0.0).to(tl.float32)
+        mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=in_slice, other=0.0).to(tl.float32)
+    else:
+        word_ok = (w0 + word_ct < K // 8) & in_slice                          # [1, C, 4]
+        w = tl.load(q_tile + w0, mask=n_mask[:, None, None] & word_ok, other=0,
+                    eviction_policy=EVICT)
+        g_mask = n_mask[:, None] & ((w0 * 8 + offs_c * 32 < K)[None, :] & in_slice)
+        s = tl.load(s_rows + g[None, :] * s_stride_g, mask=g_mask, other=0.0).to(tl.float32)
+        mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=g_mask, other=0.0).to(tl.float32)
+    return w, s, mn
 
 
 @triton.jit(do_not_specialize=["split_k"])
@@ -166,40 +193,44 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     offs_c = tl.arange(0, C)
     word_ct = offs_c[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]      # [1, C, 4]
     q_tile = q_ptr + offs_n.to(tl.int64)[:, None, None] * q_stride + word_ct
-    x_ct = offs_c[None, :, None] * (4 * X_PER_WORD) + tl.arange(0, 4)[None, None, :]
+    # x's words are loaded in the weight tile's own layout, [BLOCK_N, C, 4] with the same address
+    # down the rows (lanes of a warp that share an address share the transaction): loaded as
+    # [1, C, 4], x went through shared memory each word to meet the weights (8 layout
+    # conversions and 18 barriers a step in the sm_90 build).
+    x_ct = (offs_c[None, :, None] * (4 * X_PER_WORD) + tl.arange(0, 4)[None, None, :]
+            + tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32))
     s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * s_stride_n
     mn_rows = mn_ptr + offs_n.to(tl.int64)[:, None] * mn_stride_n
     acc_s = tl.zeros((BLOCK_N, C), dtype=tl.float32)      # sum of s * p (scaled by 2**-E)
     acc_m = tl.zeros((BLOCK_N, C), dtype=tl.float32)      # sum of min * sum(x)
     w_start = pid_k * words_per_split          # in words: the launcher's divisibility hints
+    # The step's weights, scales and mins are loaded one step ahead (registers double-buffered):
+    # without that a warp waits a whole DRAM latency each step, and with the few warps an SM
+    # holds (registers) the kernel ran at ~40-50% of the bandwidth floor whatever the tile.
+    w, s, mn = _step_loads(q_tile, s_rows, mn_rows, w_start, n_mask, word_ct, offs_c, K,
+                           s_stride_g, mn_stride_g, words_per_split > 0, GROUP_SIZE, EVEN_N,
+                           EVEN_K, EVICT)
     for w_step in range(0, words_per_split, KW):         # make the 16-byte alignment visible;
         w0 = w_start + w_step                            # the masks stop the last slice at K
-        g = (w0 * 8 + offs_c * 32) // GROUP_SIZE
-        word_ok = w0 + word_ct < K // 8                                      # [1, C, 4]
-        if EVEN_N and EVEN_K:
-            w = tl.load(q_tile + w0, eviction_policy=EVICT)
-        else:
-            w = tl.load(q_tile + w0, mask=n_mask[:, None, None] & word_ok, other=0,
-                        eviction_policy=EVICT)
-        if EVEN_N and EVEN_K:
-            s = tl.load(s_rows + g[None, :] * s_stride_g).to(tl.float32)
-            mn = tl.load(mn_rows + g[None, :] * mn_stride_g).to(tl.float32)
-        else:
-            g_mask = n_mask[:, None] & (w0 * 8 + offs_c * 32 < K)[None, :]
-            s = tl.load(s_rows + g[None, :] * s_stride_g, mask=g_mask, other=0.0).to(tl.float32)
-            mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=g_mask,
-                         other=0.0).to(tl.float32)
+        w_next, s_next, mn_next = _step_loads(q_tile, s_rows, mn_rows, w0 + KW, n_mask, word_ct,
+                                              offs_c, K, s_stride_g, mn_stride_g,
+                                              w_step + KW < words_per_split, GROUP_SIZE, EVEN_N,
+                                              EVEN_K, EVICT)
         w_0, w_1, w_2, w_3 = _split4(w, BLOCK_N, C)
         x_word = x_ptr + w0 * X_PER_WORD + x_ct
-        p = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+        zero = tl.zeros((BLOCK_N, C), dtype=tl.float32)
         chunk_w = w0 + offs_c[None, :, None] * 4 - K // 8          # < -i: word i in K
-        p, xs0 = _word_dot(p, w_0, x_word, chunk_w < 0, C, X_KIND, EVEN_K)
-        p, xs1 = _word_dot(p, w_1, x_word + X_PER_WORD, chunk_w < -1, C, X_KIND, EVEN_K)
-        p, xs2 = _word_dot(p, w_2, x_word + 2 * X_PER_WORD, chunk_w < -2, C, X_KIND, EVEN_K)
-        p, xs3 = _word_dot(p, w_3, x_word + 3 * X_PER_WORD, chunk_w < -3, C, X_KIND, EVEN_K)
-        xs = tl.reshape(tl.sum((xs0 + xs1) + (xs2 + xs3), axis=2), (C,))     # [C]
+        # One FFMA chain a word, summed after: four independent chains a (row, chunk) instead of
+        # one 32 deep, so that a warp is not waiting on the FMA latency (4 cycles) each product.
+        p0, xs0 = _word_dot(zero, w_0, x_word, chunk_w < 0, BLOCK_N, C, X_KIND, EVEN_K)
+        p1, xs1 = _word_dot(zero, w_1, x_word + X_PER_WORD, chunk_w < -1, BLOCK_N, C, X_KIND, EVEN_K)
+        p2, xs2 = _word_dot(zero, w_2, x_word + 2 * X_PER_WORD, chunk_w < -2, BLOCK_N, C, X_KIND, EVEN_K)
+        p3, xs3 = _word_dot(zero, w_3, x_word + 3 * X_PER_WORD, chunk_w < -3, BLOCK_N, C, X_KIND, EVEN_K)
+        p = (p0 + p1) + (p2 + p3)
+        xs = tl.sum((xs0 + xs1) + (xs2 + xs3), axis=2)                   # [BLOCK_N, C]
         acc_s += s * p
-        acc_m += mn * xs[None, :]
+        acc_m += mn * xs
+        w, s, mn = w_next, s_next, mn_next
     y = tl.sum(acc_s * OUT_SCALE + acc_m, axis=1)             # [BLOCK_N]
     if not SPLIT:
         _finish(y, bias_ptr, out_ptr, offs_n, n_mask, HAS_BIAS)
@@ -229,13 +260,14 @@ GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {}
 
 
 def gemv_config(n: int, k: int) -> dict:
-    """The tile for an [N, K] weight: 512 rows x 8 words (64 weights) a step on 2 warps, 8 rows
-    x 2 chunks of 32 weights a thread (2.74 SASS instructions a weight in the K loop of the
-    sm_90 build); SPLIT_K None: chosen at launch for about two programs an SM."""
+    """The tile for an [N, K] weight: 4 rows x 128 words (512 bytes a row) a step on 2 warps, the
+    fastest tile on the H200 for the 8B matrices but down_proj (2 rows x 128 words, 1 warp, within
+    1%) and the LM head (4 x 64, 1 warp, 3%) (bench/gpu_int4_profile.py --split-sweep);
+    SPLIT_K None: chosen at launch for about two programs an SM."""
     tuned = GEMV_INT4_TUNED.get((n, k))
     if tuned is not None:
         return dict(tuned)
-    return dict(GEMV4=True, BLOCK_N=512, KW=8, SPLIT_K=None, num_warps=2, num_stages=1)
+    return dict(GEMV4=True, BLOCK_N=4, KW=128, SPLIT_K=None, num_warps=2, num_stages=1)
 
 
 def check_config(op: str, meta: dict, m: int) -> None:
@@ -287,4 +319,5 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: 
         GROUP_SIZE=group_size, HAS_BIAS=bias is not None, EVEN_N=n % block_n == 0,
         EVEN_K=k == split_k * k_per_split, SPLIT=split_k > 1, EVICT="evict_first",
         X_KIND={torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype],
-        BLOCK_N=block_n, KW=kw, num_warps=config["num_warps"], num_stages=config.get("num_stages", 1))
+        BLOCK_N=block_n, KW=kw, num_warps=config["num_warps"],
+        num_stages=config.get("num_stages", 1))

@@ -148,12 +148,14 @@ print(json.dumps(res))
 
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests compile the kernels for real")
-def test_sm90_loop_instructions_per_weight():
-    """At most 3.2 SASS instructions a weight in the K loop (2.74 now): an H100 SM issues 4 warp instructions
-    a clock (128 lanes) and its share of 3.35 TB/s is ~26-29 int4 weights a clock (1.75-1.98
-    GHz), so 4.4 would just keep up with perfect issue; the element-wise tile's 7.4 ran at
-    39-48% of the bandwidth. 3.2 leaves ~30% of the issue slots for stalls."""
+def test_sm90_loop_has_no_shared_memory_round_trips():
+    """The default tile's K loop keeps every value in the thread that loaded it: no barriers,
+    no shared-memory stores or loads (x loaded as [1, C, 4] took 8 layout conversions and 18
+    barriers a step, the largest stalls Nsight Compute found); 16-byte weight loads, one a row a
+    step at least; at most 7 SASS instructions a weight (6.4 now: x is converted per row held;
+    the element-wise tile of quant_matmul needs ~7.4)."""
     found = run_without_interpreter(V4_LOADS_BUILD + SASS_LOOP + _SASS_SCRIPT)
-    per_weight = found["instrs"] / found["weights"]
-    assert per_weight < 3.2, found
+    shared = [op for op in found["ops"] if op.startswith(("BAR", "LDS", "STS", "STSM"))]
+    assert not shared, found
+    assert found["instrs"] / found["weights"] < 7.0, found
     assert found["ldg128"] >= found["rows"], found      # a 16-byte weight load a row a step
