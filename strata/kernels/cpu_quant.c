@@ -32,7 +32,11 @@
 
 #define ROWS_PER_PASS 4   /* rows of x sharing one unpacked weight row: accumulators fit in registers */
 #ifndef W4_BLOCK_MIN_ROWS
-#define W4_BLOCK_MIN_ROWS 4   /* from this many rows of x, w4 uses w4_block (AVX2 builds) */
+#ifdef STRATA_AVX2
+#define W4_BLOCK_MIN_ROWS 4   /* from this many rows of x, w4 uses w4_block */
+#else
+#define W4_BLOCK_MIN_ROWS ((int64_t)1 << 40)   /* no w4_block: the row kernel takes every m */
+#endif
 #endif
 #ifndef W8_BLOCK_MIN_ROWS
 #define W8_BLOCK_MIN_ROWS 8   /* and w8 w8_block: at 4 rows w8_rows was faster (one thread, CPU time) */
@@ -60,22 +64,25 @@ static inline int w4_scaled_slot(int64_t k, int64_t j) {
 }
 
 int64_t strata_w4_prep_floats(int64_t m, int64_t k) {
-    return m * (k / 32) + (m < W4_BLOCK_MIN_ROWS ? m * k : 0);
+    return m * (k / 16) + (m < W4_BLOCK_MIN_ROWS ? m * k : 0);
 }
 
-/* What the w4 matmul of x [m, k] needs besides x: the sum of each group of 32 of x ([m, k/32]),
- * and for the row kernels (m < W4_BLOCK_MIN_ROWS) x scaled by 16^-s for the nibble s it meets
- * ([m, k], right after): an exact power-of-two scaling. prep holds strata_w4_prep_floats(m, k). */
+/* What the w4 row kernels need besides x, for x [m, k]: the sum of each group of 32 of x at the
+ * odd places of [m, k/16] (zeros at the even ones: one dot product with a row's (scale, min)
+ * pairs gives its min term), then x scaled by 16^-s for the nibble s it meets ([m, k]): an exact
+ * power-of-two scaling. prep holds strata_w4_prep_floats(m, k) floats; the blocked kernels
+ * (m >= W4_BLOCK_MIN_ROWS) need none of it. */
 void strata_w4_prepare(const float *x, int64_t m, int64_t k, float *prep) {
     static const float pow16[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.f};
+    if (m >= W4_BLOCK_MIN_ROWS) return;
     for (int64_t i = 0; i < m; i++)
         for (int64_t g = 0; g < k / 32; g++) {
             float s = 0.f;
             for (int j = 0; j < 32; j++) s += x[i * k + g * 32 + j];
-            prep[i * (k / 32) + g] = s;
+            prep[i * (k / 16) + 2 * g] = 0.f;
+            prep[i * (k / 16) + 2 * g + 1] = s;
         }
-    if (m >= W4_BLOCK_MIN_ROWS) return;
-    float *xs = prep + m * (k / 32);
+    float *xs = prep + m * (k / 16);
     for (int64_t j = 0; j < k; j++) {
         float f = pow16[w4_scaled_slot(k, j)];
         for (int64_t i = 0; i < m; i++) xs[i * k + j] = x[i * k + j] * f;
@@ -104,8 +111,7 @@ w4_rows(const int ROWS, const float *xs, const float *xsum, int64_t k, const uin
         const float *sm, float *y, int64_t n_total) {
     const int64_t groups = k / 32, blocks = k / 64;
     __m256 acc[ROWS_PER_PASS];
-    float min_acc[ROWS_PER_PASS];
-    for (int i = 0; i < ROWS; i++) { acc[i] = _mm256_setzero_ps(); min_acc[i] = 0.f; }
+    for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
         __m256 c[8];
@@ -113,7 +119,6 @@ w4_rows(const int ROWS, const float *xs, const float *xsum, int64_t k, const uin
         c[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
         for (int h = 0; h < 2; h++) {   /* the block's two groups */
             __m256 scale = _mm256_set1_ps(sm[4 * blk + 2 * h]);
-            float min = sm[4 * blk + 2 * h + 1];
             for (int i = 0; i < ROWS; i++) {
                 const float *xg = xs + i * k + 64 * blk + 32 * h;
                 __m256 t0 = _mm256_mul_ps(_mm256_loadu_ps(xg), c[4 * h]);
@@ -121,7 +126,6 @@ w4_rows(const int ROWS, const float *xs, const float *xsum, int64_t k, const uin
                 t0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), c[4 * h + 2], t0);
                 t1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), c[4 * h + 3], t1);
                 acc[i] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), scale, acc[i]);
-                min_acc[i] += min * xsum[i * groups + 2 * blk + h];
             }
         }
     }
@@ -130,7 +134,6 @@ w4_rows(const int ROWS, const float *xs, const float *xsum, int64_t k, const uin
         __m256 c[4];
         for (int n = 0; n < 4; n++) c[n] = _mm256_cvtepi32_ps(w4_tail_codes(v, 2 * n));
         __m256 scale = _mm256_set1_ps(sm[2 * (groups - 1)]);
-        float min = sm[2 * (groups - 1) + 1];
         for (int i = 0; i < ROWS; i++) {
             const float *xg = xs + i * k + 64 * blocks;
             __m256 t0 = _mm256_mul_ps(_mm256_loadu_ps(xg), c[0]);
@@ -138,10 +141,18 @@ w4_rows(const int ROWS, const float *xs, const float *xsum, int64_t k, const uin
             t0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), c[2], t0);
             t1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), c[3], t1);
             acc[i] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), scale, acc[i]);
-            min_acc[i] += min * xsum[i * groups + groups - 1];
         }
     }
-    for (int i = 0; i < ROWS; i++) y[i * n_total] = hsum(acc[i]) + min_acc[i];
+    /* the min terms: (scale, min) pairs against (0, group sum of x) pairs */
+    const int64_t pairs = 2 * groups, tail = pairs % 8;
+    const __m256i tail_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int i = 0; i < ROWS; i++) {
+        const float *xp = xsum + i * pairs;
+        int64_t c = 0;
+        for (; c + 8 <= pairs; c += 8) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(sm + c), _mm256_loadu_ps(xp + c), acc[i]);
+        if (tail) acc[i] = _mm256_fmadd_ps(_mm256_maskload_ps(sm + c, tail_mask), _mm256_maskload_ps(xp + c, tail_mask), acc[i]);
+        y[i * n_total] = hsum(acc[i]);
+    }
 }
 
 static void w4_row(const float *xs, const float *xsum, int64_t rows, int64_t k, const uint8_t *q,
@@ -312,7 +323,7 @@ static void w4_row(const float *x, const float *xsum, int64_t rows, int64_t k, c
             float t = 0.f;
             for (int64_t j = g * 32; j < g * 32 + 32; j++) t += x[i * k + j] * w4_code(q, k, j);
             acc += t * sm[2 * g];
-            min_acc += sm[2 * g + 1] * xsum[i * groups + g];
+            min_acc += sm[2 * g + 1] * xsum[i * 2 * groups + 2 * g + 1];
         }
         y[i * n_total] = acc + min_acc;
     }
@@ -365,13 +376,13 @@ void strata_w4_range(const float *x, const float *prep, int64_t m, int64_t k, co
                                             y + i0 * ldy + r, ldy))
         return;
     }
-    const float *xr = prep + m * (k / 32);   /* x scaled for the in-place codes */
+    const float *xr = prep + m * (k / 16);   /* x scaled for the in-place codes */
     const int per_pass = W4_BLOCK_MIN_ROWS - 1;
 #else
     const float *xr = x;
     const int per_pass = ROWS_PER_PASS;
 #endif
-    FOR_TILES(per_pass, w4_row(xr + i0 * k, xsum + i0 * (k / 32), rows, k, q + r * (k / 2),
+    FOR_TILES(per_pass, w4_row(xr + i0 * k, xsum + i0 * (k / 16), rows, k, q + r * (k / 2),
                                scale_min + r * (k / 16), y + i0 * ldy + r, ldy))
 }
 

@@ -66,3 +66,20 @@ def test_fused_layer_is_bit_identical_to_the_module_path(monkeypatch):
     for a, b in zip(fused, modules):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
+
+
+def test_a_forward_hook_on_a_layer_module_still_runs():
+    """The fused stack skips the modules' forward calls, so a hook registered on any of them
+    (GPTQ calibration's input capture, say) sends the step through the module path, and the
+    stack is used again once it is removed."""
+    llm = LLM(kv_cache_memory=1 << 26, use_tqdm_on_load=False, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    model = llm.llm_engine.executor.runner.model
+    plain = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+    calls = []
+    handle = model.layers[7].mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    hooked = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+    handle.remove()
+    assert len(calls) == 3 and hooked == plain     # once per step: the prompt and two decodes
+    llm.generate([PROMPTS[0]], params, use_tqdm=False)
+    assert len(calls) == 3
