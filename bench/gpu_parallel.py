@@ -73,6 +73,35 @@ def measure_or_retry(args, path: Path, tp: int) -> dict | None:
     return None
 
 
+def measure_in_child(tp: int) -> dict | None:
+    """One TP size in a process of its own: a TP=1 engine's KV cache (~110 GiB) still held by
+    this process left rank 0 of the next engine no memory (seen on 2 x H200), so no engine
+    shares a process with another."""
+    import subprocess
+    import sys
+    import tempfile
+    argv = list(sys.argv[1:])
+    i = argv.index("--tp") if "--tp" in argv else len(argv)
+    j = i + 1
+    while j < len(argv) and not argv[j].startswith("--"):
+        j += 1
+    argv[i:j] = ["--tp", str(tp)]
+    argv = [a for a in argv if a not in ("--check",)] + ["--no-check"]
+    if "--json" in argv:
+        k = argv.index("--json")
+        del argv[k:k + 2]
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        proc = subprocess.run([sys.executable, __file__, *argv, "--json", f.name])
+        try:
+            found = json.loads(Path(f.name).read_text() or "{}").get("results", [])
+        except json.JSONDecodeError:
+            found = []
+    if proc.returncode != 0 or not found:
+        print(f"TP={tp}: its process ended with {proc.returncode} and no result", flush=True)
+        return None
+    return found[0]
+
+
 def start_engine(args, path: Path, tp: int, enforce_eager: bool, all_reduce: str = "auto"):
     from strata import LLM, SamplingParams
     t0 = time.perf_counter()
@@ -250,7 +279,7 @@ def main() -> None:
     path = model_dir(args.smoke)
     results = []
     for tp in sorted(args.tp):
-        result = measure_or_retry(args, path, tp)
+        result = measure_or_retry(args, path, tp) if len(args.tp) == 1 else measure_in_child(tp)
         if result is not None:
             results.append(result)
     checks = run_checks(sorted(args.tp), args.smoke) if args.check else []
