@@ -106,10 +106,9 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--decode-new", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="2 layers: a smoke run")
-    ap.add_argument("--int4-decode", choices=["gemv", "fma"], default="fma",
-                    help="int4 one-row kernel: the element-wise tile (default) or the word-wise "
-                         "gemv (opt-in, slower on the H100) (strata.kernels.quant_matmul.INT4_DECODE), "
-                         "for A/B")
+    ap.add_argument("--int4-decode", choices=["gemv", "fma"], default="gemv",
+                    help="int4 one-row kernel: the word-wise gemv (default) or the element-wise "
+                         "tile (strata.kernels.quant_matmul.INT4_DECODE), for A/B")
     ap.add_argument("--gemv-tuned", type=Path, metavar="FILE",
                     help="with --int4-decode gemv: per-shape tiles, JSON {\"N,K\": config} as "
                          "bench/gpu_int4_profile.py --split-sweep --tuned-out writes it")

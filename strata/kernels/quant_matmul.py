@@ -20,9 +20,9 @@ One kernel per format, three ways to run it, chosen by the config (``default_con
 * int4 decode, one row, by default: the word-wise kernel of strata.kernels.int4_gemv (config
   ``GEMV4``, ``int4_gemv.gemv_config``; ``int4_decode="fma"`` / ``INT4_DECODE`` keep the tile
   above): each nibble masked in place is already an fp32 (a denormal, q * 2**(4J - 149)), x
-  carries the powers of two, the group scale and min apply per 32-weight chunk; ~3.1 SASS
-  instructions a weight in the K loop (sm_90 build, 256 rows x 8 words, 2 warps) against 7.4
-  here, and split-K in one launch (a last-program reduction) for the narrow matrices.
+  carries the powers of two, the group scale and min apply per 32-weight chunk, 512 bytes of a
+  row a step; 15-27% faster than the tile above on each 8B matrix (H200), batch-1 decode of the
+  8B shape on an H100 333 against 275 tok/s (bench/gpu_quant.py, 2026-11-21 21:40 UTC).
 * decode, up to 16 rows (``USE_DOT=True``, ``BLOCK_M=16``): ``tl.dot`` on the dequantized tile,
   the packed weight loads pipelined over ``num_stages`` buffers.
 * prefill (``USE_DOT=True``, ``BLOCK_M`` 64/128): the same loop as a tiled GEMM; the programs
@@ -351,11 +351,10 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
     """Tile shape and launch settings for an [m, k] x [n, k]^T product with ``bits``-bit weights
     (int4: in groups of ``group_size``) and activations of ``dtype``.
 
-    int4, one row: ``int4_decode`` "fma" (the default, ``INT4_DECODE``) takes the element-wise
-    tile below; "gemv" the word-wise kernel of strata.kernels.int4_gemv (``int4_gemv.gemv_config``),
-    which has fewer instructions per weight but measured slower on an H100 (each 8B matrix 25-39%
-    of the bandwidth floor against 36-54% for "fma"; batch-1 decode 139.5 vs 275 tok/s,
-    bench/gpu_quant_sweep.py --gemv and bench/gpu_quant.py, 2026-11-21 ~18:55 UTC), so it is opt-in.
+    int4, one row: ``int4_decode`` "gemv" (what w4a16_matmul passes: ``INT4_DECODE``) takes the word-wise
+    kernel of strata.kernels.int4_gemv (``int4_gemv.gemv_config``): batch-1 decode of the 8B shape
+    on an H100 333.0 tok/s against 275.1 for "fma", the element-wise tile below (same run,
+    bench/gpu_quant.py --int4-decode, 2026-11-21 21:40 UTC).
 
     One row streams 4 KiB weight tiles through CUDA-core FMAs; the tile shape is what
     bench/gpu_quant_sweep.py measured fastest on an H100 (2026-11-21, Llama-3.1-8B shapes):
@@ -388,10 +387,10 @@ def default_config(m: int, n: int, k: int, bits: int = 8, dtype: torch.dtype | N
                 USE_DOT=True, num_warps=4 if block_m == 64 else 8, num_stages=3, GROUP_M=8)
 
 
-# The int4 one-row kernel default_config picks: "fma" (the element-wise tile of _w4_kernel) or
-# "gemv" (strata.kernels.int4_gemv, opt-in: slower on the H100), for A/B runs
+# The int4 one-row kernel default_config picks: "gemv" (strata.kernels.int4_gemv, faster on the
+# H100 and H200) or "fma" (the element-wise tile of _w4_kernel), for A/B runs
 # (bench/gpu_quant.py --int4-decode).
-INT4_DECODE = "fma"
+INT4_DECODE = "gemv"
 
 
 def magic_int4_config(n: int, group_size: int) -> dict:

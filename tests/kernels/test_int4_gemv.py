@@ -83,24 +83,27 @@ def test_split_k_workspace_is_reset_and_reused():
     assert int(counters.abs().sum()) == 0
 
 
-def test_default_config_keeps_fma_for_one_row_and_gemv_on_request(monkeypatch):
-    """The word-wise kernel measured slower on an H100 (quant_matmul.default_config): opt-in."""
-    cfg = qm.default_config(1, 4096, 4096, 4, torch.bfloat16, 128)
-    assert not cfg.get("GEMV4") and not cfg["USE_DOT"]
+def test_one_row_int4_takes_the_gemv_and_fma_on_request(monkeypatch):
+    """The word-wise kernel is the default for one row (faster on the H100 and H200); the
+    element-wise tile stays available (INT4_DECODE = "fma", bench/gpu_quant.py --int4-decode)."""
+    assert qm.INT4_DECODE == "gemv"
+    fma = qm.default_config(1, 4096, 4096, 4, torch.bfloat16, 128, "fma")
+    assert not fma.get("GEMV4") and not fma["USE_DOT"]
     gemv = qm.default_config(1, 4096, 4096, 4, torch.bfloat16, 128, "gemv")
     assert gemv["GEMV4"] and gemv["SPLIT_K"] is None
     assert not qm.default_config(2, 4096, 4096, 4, torch.bfloat16, 128, "gemv").get("GEMV4")
     assert not qm.default_config(1, 4096, 4096, 8, torch.bfloat16, None, "gemv").get("GEMV4")
-    # The module switch (bench/gpu_quant.py --int4-decode) reaches calls without a config.
+    # The module switch reaches calls without a config.
     x = torch.randn(1, 128, device=DEVICE).to(torch.float16)
     weight = _int4_weight(20, 128, 32, torch.float16)
     launched = []
     monkeypatch.setattr(int4_gemv, "w4_gemv", lambda *a: launched.append(a))
-    _check(x, weight, 32)
-    assert not launched
-    monkeypatch.setattr(qm, "INT4_DECODE", "gemv")
     qm.w4a16_matmul(x, *weight, 32)
     assert launched
+    launched.clear()
+    monkeypatch.setattr(qm, "INT4_DECODE", "fma")
+    _check(x, weight, 32)
+    assert not launched
 
 
 def test_split_k_choice():
