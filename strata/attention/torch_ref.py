@@ -89,9 +89,14 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         ctx_len = meta.seq_lens_cpu[row]
         k, v = _gather_context(kv_cache, kv_scales, meta.block_tables[row], ctx_len, query.dtype)
         q_len = end - start
-        # Query i sits at position ctx_len - q_len + i and sees keys up to that position.
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
-        mask = torch.arange(ctx_len, device=query.device)[None, :] <= q_pos[:, None]
+        if q_len == ctx_len:
+            # A whole prompt: torch's causal flag lets its flash kernel skip the blocks above the
+            # diagonal (half the work at 512 tokens) where a mask tensor makes it compute them.
+            mask = None
+        else:
+            # Query i sits at position ctx_len - q_len + i and sees keys up to that position.
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=query.device)
+            mask = torch.arange(ctx_len, device=query.device)[None, :] <= q_pos[:, None]
         out[start:end] = _sdpa(query[start:end], k, v, mask, scale, groups)
     return out
 
@@ -119,12 +124,13 @@ def _decode_batch(query, kv_cache, kv_scales, meta, scale, groups, out, workspac
 
 
 def _sdpa(q, k, v, mask, scale, groups):
-    """q [q_len, h, d], k/v [ctx, kvh, d], mask [q_len, ctx] -> [q_len, h, d].
+    """q [q_len, h, d], k/v [ctx, kvh, d], mask [q_len, ctx] -> [q_len, h, d]; mask None: causal
+    with q_len == ctx (query i sees keys 0..i).
 
     4-D inputs with a boolean mask let torch pick its fused CPU kernel (3x faster than a 3-D
     call); enable_gqa spares a copy of K and V per query head.
     """
     o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                        v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
-                                       enable_gqa=groups > 1)
+                                       is_causal=mask is None, enable_gqa=groups > 1)
     return o[0].transpose(0, 1)

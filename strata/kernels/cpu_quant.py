@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ logger = logging.getLogger("strata")
 
 MAX_GEMV_ROWS = 64   # measured on SmolLM2's shapes (docs/cpu_speed.md): the blocked C kernels beat dequantized tiles + SGEMM up to ~64 rows
 _TILE_BYTES = 1 << 20          # float32 weight tile of the prefill path: about an L2
+# W up to this size is dequantized whole into a buffer kept per thread, and one GEMM writes y in
+# its own layout: the tiles' y^T had to be transposed after (9% of a 512-token prefill).
+_WHOLE_BYTES = 32 << 20
 # One library: the matmuls here, the step's other kernels (cpu_ops.c, wrapped by cpu_ops.py) and
 # the fused decoder layer built from the same pieces (cpu_decoder.c, wrapped by cpu_decoder.py) and
 # attention over a 16-bit host KV cache (cpu_host_attention.c, for offloading's host tier).
@@ -154,9 +158,22 @@ def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
+_scratch = threading.local()
+
+
+def _whole_weight_buffer(n: int, k: int) -> torch.Tensor:
+    """A [n, k] float32 buffer, reused by every call of this thread (grown as needed)."""
+    buf = getattr(_scratch, "weight", None)
+    if buf is None or buf.numel() < n * k:
+        buf = _scratch.weight = torch.empty(n * k)
+    return buf[: n * k].view(n, k)
+
+
 def _tiled(x2: torch.Tensor, n: int, k: int, dequantize_into) -> torch.Tensor:
-    """x2 @ W^T for many rows of x: W dequantized a tile of rows at a time (about _TILE_BYTES,
-    one buffer reused) and multiplied by torch's GEMM into rows of y^T."""
+    """x2 @ W^T for many rows of x: W dequantized whole when it is at most _WHOLE_BYTES, else a
+    tile of rows at a time (about _TILE_BYTES, one buffer reused) multiplied into rows of y^T."""
+    if 4 * n * k <= _WHOLE_BYTES:
+        return torch.mm(x2, dequantize_into(slice(0, n), _whole_weight_buffer(n, k)).t())
     tile = max(1, min(n, _TILE_BYTES // (4 * k)))
     buffer = torch.empty(tile, k)
     y_t = torch.empty(n, x2.shape[0])                   # [N, M]
