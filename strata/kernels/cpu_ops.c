@@ -211,26 +211,98 @@ static void axpy(float a, const float *x, float *y, int64_t d) {
     for (; j < d; j++) y[j] += a * x[j];
 }
 
+/* The cache rows of one sequence and KV head, key after key: a block-table step per block_size
+ * keys instead of a division per key (which cost as much as the key's arithmetic). */
+typedef struct {
+    const float *base;               /* the plane's start, offset to kvh */
+    const int32_t *table;
+    int64_t off, block_size, row_stride, block_stride;
+} row_walk;
+
+static inline row_walk walk_start(const strata_cache_view *cv, const int32_t *table, int64_t kvh, int64_t plane) {
+    row_walk w = {NULL, table, 0, cv->block_size, cv->kv_heads * cv->head_dim, 0};
+    w.block_stride = cv->block_size * w.row_stride;
+    w.base = cv->kv_cache + plane + kvh * cv->head_dim;
+    return w;
+}
+
+static inline const float *walk_next(row_walk *w) {
+    const float *row = w->base + (int64_t)w->table[0] * w->block_stride + w->off * w->row_stride;
+    if (++w->off == w->block_size) {
+        w->off = 0;
+        w->table++;
+    }
+    return row;
+}
+
+#ifdef STRATA_AVX2
+/* The 8 sums of a[0..7]'s lanes, in order, as one vector. */
+static inline __m256 hsum8x8(const __m256 a[8]) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+/* scores[j] = q . key_j * scale for 8 keys (head_dim a multiple of 8): one accumulator per key,
+ * reduced together, where a dot product per key spent a horizontal sum on each. */
+static void scores8(const float *q, const float *const keys[8], int64_t d, float scale, float *scores) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c += 8) {
+        __m256 qc = _mm256_loadu_ps(q + c);
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(keys[j] + c), acc[j]);
+    }
+    _mm256_storeu_ps(scores, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+}
+#endif
+
 void strata_attend(const strata_cache_view *cv, const float *q, float *out, int64_t seq, int64_t ctx,
                    int64_t kvh, float *scores) {
-    const int64_t d = cv->head_dim, G = cv->groups, token_stride = cv->kv_heads * d;
+    const int64_t d = cv->head_dim, G = cv->groups;
     const int32_t *table = cv->block_tables + seq * cv->bt_stride;
-    for (int64_t j = 0; j < ctx; j++) {
-        const float *key = cv->kv_cache + ((int64_t)table[j / cv->block_size] * cv->block_size
-                                           + j % cv->block_size) * token_stride + kvh * d;
+    row_walk keys_walk = walk_start(cv, table, kvh, 0);
+    int64_t j = 0;
+#ifdef STRATA_AVX2
+    if (d % 8 == 0)
+        for (; j + 8 <= ctx; j += 8) {
+            const float *keys[8];
+            for (int i = 0; i < 8; i++) keys[i] = walk_next(&keys_walk);
+            for (int64_t g = 0; g < G; g++) scores8(q + g * d, keys, d, cv->scale, scores + g * ctx + j);
+        }
+#endif
+    for (; j < ctx; j++) {
+        const float *key = walk_next(&keys_walk);
         for (int64_t g = 0; g < G; g++) scores[g * ctx + j] = dot(q + g * d, key, d) * cv->scale;
     }
     for (int64_t g = 0; g < G; g++) {
         float *sg = scores + g * ctx, mx = -INFINITY;
-        for (int64_t j = 0; j < ctx; j++) mx = sg[j] > mx ? sg[j] : mx;
+        for (int64_t i = 0; i < ctx; i++) mx = sg[i] > mx ? sg[i] : mx;
         float inv = 1.f / exp_shifted(sg, mx, ctx, sg);
-        for (int64_t j = 0; j < ctx; j++) sg[j] *= inv;
-        memset(out + g * d, 0, sizeof(float) * (size_t)d);
+        for (int64_t i = 0; i < ctx; i++) sg[i] *= inv;
     }
-    for (int64_t j = 0; j < ctx; j++) {
-        const float *value = cv->kv_cache + cv->plane_stride + ((int64_t)table[j / cv->block_size] * cv->block_size
-                                                                + j % cv->block_size) * token_stride + kvh * d;
-        for (int64_t g = 0; g < G; g++) axpy(scores[g * ctx + j], value, out + g * d, d);
+#ifdef STRATA_AVX2
+    if (d % 8 == 0 && d <= 128) {   /* a head's output in registers over all values */
+        const int64_t vecs = d / 8;
+        for (int64_t g = 0; g < G; g++) {
+            __m256 acc[16];
+            for (int64_t c = 0; c < vecs; c++) acc[c] = _mm256_setzero_ps();
+            row_walk values = walk_start(cv, table, kvh, cv->plane_stride);
+            for (int64_t i = 0; i < ctx; i++) {
+                const float *value = walk_next(&values);
+                __m256 p = _mm256_set1_ps(scores[g * ctx + i]);
+                for (int64_t c = 0; c < vecs; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * c), acc[c]);
+            }
+            for (int64_t c = 0; c < vecs; c++) _mm256_storeu_ps(out + g * d + 8 * c, acc[c]);
+        }
+        return;
+    }
+#endif
+    for (int64_t g = 0; g < G; g++) memset(out + g * d, 0, sizeof(float) * (size_t)d);
+    row_walk values = walk_start(cv, table, kvh, cv->plane_stride);
+    for (int64_t i = 0; i < ctx; i++) {
+        const float *value = walk_next(&values);
+        for (int64_t g = 0; g < G; g++) axpy(scores[g * ctx + i], value, out + g * d, d);
     }
 }
 

@@ -90,7 +90,8 @@ def _metadata(seqs, block_size, num_blocks):
     [(40, 40)], [(30, 7), (9, 9)],                     # prompts, one with a cached prefix
     [(33, 1), (20, 20), (17, 1), (50, 3)],             # mixed
 ])
-@pytest.mark.parametrize("heads, kv_heads, d", [(9, 3, 64), (4, 4, 24)])
+# d=20: the scalar dot products; d=136: 8-key score blocks, values through the scalar path.
+@pytest.mark.parametrize("heads, kv_heads, d", [(9, 3, 64), (4, 4, 24), (2, 1, 20), (2, 2, 136)])
 def test_paged_attention_matches_torch(seqs, heads, kv_heads, d):
     block_size = 8
     meta = _metadata(seqs, block_size, 64)
