@@ -24,12 +24,14 @@ class LayerLoop:
         start, end = getattr(model, "start_layer", 0), getattr(model, "end_layer", len(model.layers))
         carry = model.embed(input_ids, positions) if intermediate is None else intermediate
         # A model may run all its layers at once (Llama's CPU decode steps: one C call).
+        # (Slicing a ModuleList builds a new one, module by module: skipped for the whole list.)
+        layers = model.layers if start == 0 and end == len(model.layers) else model.layers[start:end]
         fused = getattr(model, "fused_layers_forward", None)
-        fused_carry = fused(model.layers[start:end], positions, carry) if fused is not None else None
+        fused_carry = fused(layers, positions, carry) if fused is not None else None
         if fused_carry is not None:
             carry = fused_carry
         else:
-            for layer in model.layers[start:end]:
+            for layer in layers:
                 carry = model.layer_forward(layer, positions, carry)
         if end < len(model.layers):
             return carry

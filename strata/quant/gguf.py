@@ -181,7 +181,7 @@ class Int4Segment(nn.Module):
         if self.on_triton:
             from strata.kernels.quant_matmul import dequantize_int4
             return dequantize_int4(self.qweight[ids], self.scales[ids], self.mins[ids], 32)
-        return cpu_quant.w4_dequantize(self.qweight[ids], self.scale_min[ids])
+        return cpu_quant.w4_dequantize(self.qweight[ids], self.scale_min[ids], self.lib)
 
 
 class Int8Segment(nn.Module):
@@ -214,7 +214,7 @@ class Int8Segment(nn.Module):
         if self.on_triton:
             from strata.kernels.w8_grouped_matmul import dequantize_w8g
             return dequantize_w8g(self.qweight[ids], self.scales[ids], None, self.group)
-        return cpu_quant.w8_dequantize(self.qweight[ids], self.scales[ids])
+        return cpu_quant.w8_dequantize(self.qweight[ids], self.scales[ids], self.lib)
 
 
 def _check_rows_covered(layer: nn.Module, pieces: list) -> None:
