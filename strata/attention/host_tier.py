@@ -34,19 +34,24 @@ import torch
 
 from strata.attention import torch_ref
 from strata.attention.backend import AttentionMetadata
+from strata.core.offload_policy import HOST_STAGING_BUFFERS
 from strata.kernels import cpu_ops
+from strata.runner.host_memory import host_buffer
 from strata.sample.sampler import host_to_device
 
 C_MAX_QUERY = 64   # query tokens per sequence up to which the CPU attends with the C kernel
 ALIGN = 64
-MAX_STAGING = 4    # buffers in flight: two micro-batches' results plus fresh prompts' KV writes
+# buffers in flight: two micro-batches' results plus fresh prompts' KV writes (the plan counts them)
+MAX_STAGING = HOST_STAGING_BUFFERS
 
 
 class _Staging:
     """A pinned host buffer (pageable on a CPU-only machine) and what still uses it."""
 
     def __init__(self, nbytes: int, pinned: bool):
-        self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        # exactly nbytes, unpinned when replaced (runner/host_memory.py; the offload plan counts
+        # MAX_STAGING of them: core/offload_policy.host_step_bytes)
+        self.buf = host_buffer(nbytes, pinned)
         self.task: Future | None = None          # the worker's task reading / writing it
         self.consumed: torch.cuda.Event | None = None   # the H2D copy of its output, on the device
         self.awaiting_result = False             # its output has not been taken by result() yet

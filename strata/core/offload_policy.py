@@ -31,6 +31,9 @@ GPU_RESERVE = 0.05
 # Host-side launch cost of one layer per micro-batch (Python, kernel launches, events).
 LAYER_OVERHEAD_S = 150e-6
 MICRO_BATCH_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
+# Pinned staging buffers of the host KV tier (attention/host_tier.py): two micro-batches'
+# results in flight plus fresh prompts' KV writes.
+HOST_STAGING_BUFFERS = 4
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ class OffloadPlan:
     micro_batch_tokens: int       # tokens of one micro-batch through one layer
     kv_bytes: int                 # KV cache on the compute device (0: not budgeted here)
     device_bytes: int             # what the plan puts on the compute device
-    host_bytes: int               # what it puts in host RAM (CPU tier, staging, host embedding)
+    host_bytes: int               # what it puts in host RAM (CPU tier, staging, host embedding,
+                                  # host KV cache, a step's host buffers: host_step_bytes)
     predicted_tok_s: float        # generated tokens/s for the workload
     step_seconds: float           # one decode step at batch_size
     io_seconds: float
@@ -216,6 +220,26 @@ def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int,
     return carry + inside + logits + in_flight
 
 
+def host_step_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int, max_query_len: int,
+                    host_kv: bool) -> int:
+    """Host RAM of a GPU step's buffers, beside the tiers and the host KV cache:
+    - host_kv: the host tier's staging (attention/host_tier.py): up to HOST_STAGING_BUFFERS
+      pinned buffers, each a micro-batch's k and v going down plus its float32 queries and
+      output, replaced by one twice as large when too small (so up to 2x the largest request);
+    - an untied embedding kept in host RAM (spec.host_bytes): the step's rows, pinned by
+      torch's caching allocator (power-of-two blocks, freed ones kept: up to 2x the largest
+      rounded size)."""
+    h, e = spec.hidden_size, spec.dtype_bytes
+    kv_dim = spec.kv_bytes_per_token // (2 * spec.num_layers * e)
+    total = 0
+    if host_kv:
+        tokens = min(step_tokens, max(micro_batch_tokens, max_query_len))
+        total += HOST_STAGING_BUFFERS * 2 * (tokens * (2 * kv_dim * e + 2 * h * 4) + 4 * 64)
+    if spec.host_bytes:
+        total += 2 * (1 << max(0, step_tokens * h * e - 1).bit_length())
+    return total
+
+
 def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget: int | None,
                   cpu_budget: int | None, explicit: dict | None = None) -> OffloadPlan:
     """The plan with the highest predicted throughput inside both budgets (exhaustive over the
@@ -309,7 +333,7 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
         kv_bytes = batch * (seq_kv - host_seq_kv)
         activations = _step_activations(spec, workload, mbt, batch, host_seq_kv > 0)
         device = weights_on_device + kv_bytes + activations
-        host += batch * host_seq_kv
+        host += batch * host_seq_kv + _step_host_bytes(spec, workload, mbt, batch, host_seq_kv > 0)
     else:
         # On the CPU the budget covers the weights in RAM; the KV cache has its own (kv_cache_memory).
         host = spec.host_bytes + spec.device_bytes + n_res * spec.layer_bytes + staging
@@ -353,15 +377,21 @@ def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_ho
 
 def _largest_batch(spec, workload, room, mbt, device_seq_kv, host_seq_kv=0, host_room=float("inf")) -> int:
     """Most sequences whose KV cache (max_model_len tokens each: device_seq_kv bytes on the
-    device, host_seq_kv in host RAM) and activations fit in room and host_room."""
+    device, host_seq_kv in host RAM) and activations fit in room, and whose host KV and the
+    step's host buffers (host_step_bytes) fit in host_room."""
     lo, hi = 0, workload.max_num_seqs
     if host_seq_kv and host_room != float("inf"):
         hi = int(min(hi, max(0, host_room) // host_seq_kv))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         need = mid * device_seq_kv + _step_activations(spec, workload, mbt, mid, host_seq_kv > 0)
-        lo, hi = (mid, hi) if need <= room else (lo, mid - 1)
+        host_need = mid * host_seq_kv + _step_host_bytes(spec, workload, mbt, mid, host_seq_kv > 0)
+        lo, hi = (mid, hi) if need <= room and host_need <= host_room else (lo, mid - 1)
     return lo
+
+
+def _step_host_bytes(spec, workload, mbt, batch, host_kv: bool = False) -> int:
+    return host_step_bytes(spec, batch * workload.max_model_len, mbt, workload.max_model_len, host_kv)
 
 
 def _step_activations(spec, workload, mbt, batch, host_kv: bool = False) -> int:

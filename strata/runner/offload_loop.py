@@ -25,6 +25,7 @@ from strata.attention.backend import AttentionMetadata
 from strata.config import ModelConfig
 from strata.core.offload_policy import Hardware, ModelSpec
 from strata.forward_context import get_attn_metadata, set_forward_context
+from strata.runner.host_memory import host_buffer
 from strata.runner.offload_mover import OffloadMover, layer_layout
 from strata.sample.sampler import host_to_device
 
@@ -208,7 +209,8 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
         buf = torch.empty(16 * 2**20, dtype=torch.uint8)
         mem = 2 * buf.numel() / _median_s(lambda: buf.clone())
         return Hardware("cpu", float("inf"), disk, flops, mem)
-    host = torch.empty(256 * 2**20, dtype=torch.uint8, pin_memory=True)
+    # host_memory: freed for real when done (torch's pinned allocator would keep it cached)
+    host = host_buffer(256 * 2**20, pinned=True)
     dev = torch.empty_like(host, device=device)
     h2d = host.numel() / _median_cuda_s(lambda: dev.copy_(host, non_blocking=True))
     mem = 2 * dev.numel() / _median_cuda_s(lambda: dev.clone())
@@ -303,7 +305,7 @@ def disk_read_rate(folder: str | None, nbytes: int, reads: int = 3, pinned: bool
             f.flush()
             os.fsync(f.fileno())
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        staging = host_buffer(nbytes, pinned)
         best = 0.0
         with mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) as mm:
             for _ in range(reads):

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from strata.core.offload_policy import OffloadPlan
+from strata.runner.host_memory import host_buffer
 
 ALIGN = 64
 SUPPORTED_QUANT = ("none", "int8", "int4")
@@ -93,11 +94,14 @@ def read_mapped(fd: int, mm: mmap.mmap, dst: torch.Tensor) -> None:
 
 class OffloadMover:
     def __init__(self, model: nn.Module, plan: OffloadPlan, device: torch.device,
-                 offload_dir: str | None = None, fetch_delay_s: float = 0.0):
+                 offload_dir: str | None = None, fetch_delay_s: float = 0.0, pin_host: bool | None = None):
+        """pin_host: page-lock the CPU tier and the disk staging (default: on a GPU; tests of
+        the host side set it on the CPU with host_memory's registration replaced)."""
         check_offloadable(model)
         self.plan = plan
         self.device = device
         self.on_cuda = device.type == "cuda"
+        self.pin_host = self.on_cuda if pin_host is None else pin_host
         self.layers = list(model.layers)
         self.entries, self.slot_bytes = layer_layout(self.layers[0])
         self.order = plan.streamed                    # streamed layers in the order they run
@@ -122,11 +126,11 @@ class OffloadMover:
     # ---- placement (once, at load) -------------------------------------------------------------
     @torch.no_grad()   # not inference_mode: the worker thread writes into these buffers
     def _place(self, model: nn.Module) -> None:
-        pin = self.on_cuda
+        pin = self.pin_host
         self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
                       for _ in range(self.depth)]
         # Disk -> host staging on a GPU machine (pinned, so the copy to the slot is asynchronous).
-        self.staging = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+        self.staging = [host_buffer(self.slot_bytes, pin)
                         for _ in range(self.depth)] if self.on_cuda and self._pool else self.slots
         self._staging_ready: list[object] = [None] * self.depth
         if self.on_cuda:
@@ -151,10 +155,13 @@ class OffloadMover:
             self._bind(layer, self.slots[self.position[i] % self.depth])
 
     def _pack(self, layer: nn.Module, pin: bool) -> torch.Tensor:
+        """The layer's parameters as one buffer of exactly the packed size (host_memory: not
+        torch's pinned allocator, which rounds up to a power of two). The caller rebinds the
+        parameters right after, so each layer's original is freed before the next is packed."""
         entries, size = layer_layout(layer)
         if [(e.offset, e.dtype, e.shape) for e in entries] != [(e.offset, e.dtype, e.shape) for e in self.entries]:
             raise ValueError("offloading needs every decoder layer to have the same weights layout")
-        flat = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+        flat = host_buffer(size, pin)
         for (_, p), e in zip(layer.named_parameters(), entries):
             flat[e.offset: e.offset + e.nbytes].copy_(p.data.reshape(-1).view(torch.uint8))
         return flat

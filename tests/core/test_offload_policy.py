@@ -171,3 +171,21 @@ def test_host_kv_layers_cost_layer_by_layer():
     # A fast host: the host layers are I/O-bound like the others, and the step is the copies.
     fast = step_costs(spec, host, 0, layers, 0, batch, ctx, 1, 2, kv_host_layers=16)
     assert fast[2] == pytest.approx(layers * copy, rel=0.1)
+
+
+def test_host_bytes_count_the_steps_host_buffers():
+    """A GPU plan's host RAM is its CPU tier, its host KV cache and the step's host buffers (the
+    host tier's pinned staging, the host embedding's pinned rows): the sum the startup line
+    prints, and the one the budget bounds (a budget that leaves no room for those buffers gets
+    a smaller batch)."""
+    from strata.core.offload_policy import host_step_bytes
+    spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
+    plan = search_policy(spec, H100_HOST_ATTN, workload, 4 * GIB, 40 * GIB)
+    assert plan.kv_host_layers > 0
+    step = host_step_bytes(spec, plan.batch_size * 544, plan.micro_batch_tokens, 544, True)
+    weights = spec.host_bytes + plan.count("cpu") * spec.layer_bytes
+    assert step > 0 and plan.host_bytes == weights + plan.host_kv_bytes + step
+    assert plan.host_bytes <= 40 * GIB
+    tight = search_policy(spec, H100_HOST_ATTN, workload, 4 * GIB, weights + plan.host_kv_bytes)
+    assert tight.host_bytes <= weights + plan.host_kv_bytes
+    assert tight.batch_size < plan.batch_size or tight.kv_host_layers < plan.kv_host_layers
