@@ -17,7 +17,8 @@ in a child process with B split into micro-batches of --flexgen-gpu-batch (its n
 the weights' GPU share the budget leaves after two streamed sub-layers and the activations
 (flexgen_policy), KV cache and attention on the CPU (--cpu-cache-compute, FlexGen's choice for
 large batches). FlexGen's figure is its own "total throughput" (generated tokens over prefill +
-decode latency). Both GPU peaks are printed beside the budget.
+decode latency). Both GPU peaks are printed beside the budget, and strata's host peak RSS (its
+child's VmHWM, bench/host_mem.py) beside the host bytes its plan counted.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ def main() -> None:
         s = results["strata"]
         print(f"strata   OPT-30B shape, batch {s['batch']}, {args.prompt_len}+{args.gen_len}: {s['tok_s']:.2f} tok/s "
               f"(GPU peak {s['gpu_peak_gib']:.2f} GiB of {budget / GIB:.2f}); plan: {s['plan']}", flush=True)
+        from host_mem import describe
+        print(f"strata   {describe(s['host_mem'], s.get('plan_host_gib'))}", flush=True)
     batch = batch or 64
     policy = flexgen_policy(budget, batch, args.prompt_len, args.flexgen_gpu_batch)
     if args.flexgen_percent:
@@ -246,8 +249,10 @@ def run_strata(args, batch: int | None) -> dict:
         offload["cpu_memory_budget"] = args.cpu_budget
     result = in_child("strata", model_dir=str(make_model_dir(OPT_30B)), opts=opts, prompt_len=args.prompt_len,
                       new_tokens=args.gen_len, batch=batch, **offload)
-    if "error" in result:
-        raise SystemExit(f"strata's OPT-30B run failed: {result['error']}")
+    from host_mem import describe
+    if "error" in result:   # e.g. exit -9: killed for memory; how far its RSS got says why
+        raise SystemExit(f"strata's OPT-30B run failed: {result['error']}; {describe(result['host_mem'])} "
+                         "(its plan is on its startup line above)")
     return result
 
 

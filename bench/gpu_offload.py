@@ -134,7 +134,7 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         plan=plan.describe(),
         gpu_peak_gib=torch.cuda.max_memory_allocated() / GIB if args.device == "cuda" else 0.0,
         gpu_reserved_gib=torch.cuda.max_memory_reserved() / GIB if args.device == "cuda" else 0.0,
-        wait_s=mover.stats.wait_seconds, kv_host_layers=plan.kv_host_layers,
+        wait_s=mover.stats.wait_seconds, kv_host_layers=plan.kv_host_layers, plan_host_gib=plan.host_bytes / GIB,
         plan_disk_gib_s=engine.offload_hardware.disk_bytes_per_s / GIB,
         plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB)
     if short_new_tokens:
@@ -283,18 +283,20 @@ CHILD_PARTS = {"rates": rates_part, "strata": strata_part, "hf": hf_part}
 
 def in_child(part: str, **kwargs) -> dict:
     """CHILD_PARTS[part](**kwargs) in a Python process of its own, which exits before this returns
-    (its pinned host memory, CUDA context and GPU memory go with it); its result, or the error."""
+    (its pinned host memory, CUDA context and GPU memory go with it); its result, or the error,
+    with the child's host memory (host_mem.run_watched: peak RSS, MemAvailable's fall)."""
+    from host_mem import run_watched
     fd, out = tempfile.mkstemp(suffix=".json", prefix=f"strata-bench-{part}-")
     os.close(fd)
     try:
-        code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--child",
-                                json.dumps(dict(part=part, kwargs=kwargs, out=out))])
+        code, mem = run_watched([sys.executable, str(Path(__file__).resolve()), "--child",
+                                 json.dumps(dict(part=part, kwargs=kwargs, out=out))])
         text = Path(out).read_text()
     finally:
         os.unlink(out)
     if code != 0 or not text:
-        return {"error": f"the {part} process exited with {code}"}
-    return json.loads(text)
+        return {"error": f"the {part} process exited with {code}", "host_mem": mem}
+    return {**json.loads(text), "host_mem": mem}
 
 
 def child_main(spec_json: str) -> None:
