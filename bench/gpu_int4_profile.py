@@ -157,7 +157,7 @@ def split_sweep(tuned_out: str | None) -> None:
     # load touched 16 rows x 32-64 bytes and every tile ran at the same ~36% of the floor.
     tiles = [(4, 64, 1), (8, 64, 1), (8, 64, 2), (16, 64, 2), (16, 64, 4), (32, 64, 4),
              (2, 128, 1), (4, 128, 2), (8, 128, 4), (16, 128, 4), (8, 32, 1), (16, 32, 1),
-             (16, 32, 2), (32, 32, 4)]
+             (16, 32, 2), (32, 32, 4), (4, 128, 1), (8, 128, 1), (8, 128, 2)]
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs")
     tuned = {}
     for name, (n, k) in {**SHAPES, "lm_head": (128256, 4096)}.items():

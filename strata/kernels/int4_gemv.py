@@ -18,25 +18,26 @@ whatever J). E = 85 keeps ``x'`` finite for |x| < 2**64 and the products normal 
 1 shift on the integer pipe (half the FP32 rate on sm_80/sm_90) and 8 FFMA.
 
 Scales per chunk: a step is a [BLOCK_N, C, 4] tile of words (C = KW / 4 chunks of 4 words = 32
-weights, always inside one group since G is a multiple of 32), each thread holding 16-byte
-vectors of whole chunks; it sums each word's 8 products in its own FFMA chain (four independent
-chains a chunk, not one 32 deep that waits on the FMA latency), then adds ``s * p`` and
-``min * sum(x)``. x is loaded per word in the weight tile's own layout, [BLOCK_N, C, 4] int32 (8
-bf16/fp16, or half of 8 fp32) with one address down the rows, so no data changes threads (loaded
-as [1, C, 4] it went through shared memory: 8 layout conversions and 18 barriers a step). The
+weights, always inside one group since G is a multiple of 32), loaded through [BLOCK_N, KW]
+pointers and reshaped: so built, Triton's layout runs the threads along the chunks and gives each
+thread the same chunk of BLOCK_N / num_warps rows, whose x it converts, pre-scales and sums once
+for all of them (built as [BLOCK_N, C, 4], the threads ran along the rows and every row converted
+x again). x is loaded in the same layout, one address down the rows (lanes that share an address
+share the transaction), so it never changes threads. Each word's 8 products go into their own
+FFMA chain (four independent chains a chunk), then ``s * p`` and ``min * sum(x)`` per chunk. The
 next step's words, scales and mins are loaded before this step's arithmetic (registers double
 buffered), so a warp does not wait a whole DRAM latency each step.
 
-What the tile is, and why (bench/gpu_int4_profile.py, H100 and H200, 2026-11-21): the first
-version (512 rows x 8 words a step on 2 warps, 2.74 SASS instructions a weight) ran at 18-26% of
-the bandwidth floor. Nsight Compute showed 3-5% of the warp slots active and each warp's load
+How it got here (bench/gpu_int4_profile.py, H100 and H200, 2026-11-21; docs/benchmarks.md): the
+first version (512 rows x 8 words a step on 2 warps, 2.74 SASS instructions a weight) ran at 18-26%
+of the bandwidth floor. Nsight Compute showed 3-5% of the warp slots active and each warp's load
 covering 16 rows x 32 bytes: DRAM serves short scattered runs slowly, and every tile with 32-64
-bytes a row a step stopped at the same ~36%, whatever its warps or split. Runs of 512 bytes a row
-(KW = 128) took it to the element-wise tile's level; the broadcast x loads and the four chains
-then to 35-52% on the H200, 15-27% faster than the element-wise tile on every 8B matrix (default:
-4 rows x 128 words on 2 warps). Its loop is now 6.4 SASS instructions a weight (the x conversion,
-prescale and sum are done again for each row a thread holds): the next step is x's conversion
-done once per call instead of per row.
+bytes of a row a step stopped at the same ~36% whatever its warps or split. Runs of 512 bytes
+(KW = 128) brought it level with the element-wise tile of quant_matmul; x loaded in the weights'
+layout (it had gone through shared memory: 8 conversions and 18 barriers a step), the prefetch
+and the chains made it 15-27% faster than that tile; x converted once for the rows a thread holds
+(6.4 -> 4.95 SASS instructions a weight at 2 rows x 128 words on one warp) took the 8B matrices on
+an H100 to 51-94% of the floor (gemv_config has the tiles) and batch-1 decode from 333 to 382 tok/s.
 
 Split-K, one launch: a grid of (row blocks, SPLIT_K) programs, each a slice of K. Each stores its
 fp32 partial row to a workspace [SPLIT_K, N]; after a barrier one thread increments the row
@@ -111,6 +112,8 @@ def _x_word(ptrs, mask, R: tl.constexpr, C: tl.constexpr, X_KIND: tl.constexpr,
         else:
             a = tl.load(ptrs, mask=mask, other=0).to(tl.float32, bitcast=True)
             b = tl.load(ptrs + 4, mask=mask, other=0).to(tl.float32, bitcast=True)
+        a = tl.reshape(a, (R, C, 4))
+        b = tl.reshape(b, (R, C, 4))
         x0, x1, x2, x3 = _split4(a, R, C)
         x4, x5, x6, x7 = _split4(b, R, C)
         return x0, x1, x2, x3, x4, x5, x6, x7, a + b
@@ -118,6 +121,7 @@ def _x_word(ptrs, mask, R: tl.constexpr, C: tl.constexpr, X_KIND: tl.constexpr,
         v = tl.load(ptrs)
     else:
         v = tl.load(ptrs, mask=mask, other=0)
+    v = tl.reshape(v, (R, C, 4))
     if X_KIND == 0:                     # bf16: the high half of an fp32
         lo = (v << 16).to(tl.float32, bitcast=True)
         hi = (v & -65536).to(tl.float32, bitcast=True)
@@ -157,21 +161,22 @@ def _word_dot(p, w, x_ptrs, mask, R: tl.constexpr, C: tl.constexpr, X_KIND: tl.c
 def _step_loads(q_tile, s_rows, mn_rows, w0, n_mask, word_ct, offs_c, K, s_stride_g, mn_stride_g,
                 in_slice, GROUP_SIZE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                 EVICT: tl.constexpr):
-    """The packed words [BLOCK_N, C, 4] of the step at word w0 and the scales and mins [BLOCK_N, C]
-    of its chunks; nothing is read where in_slice (a scalar) is false (the step after the last)."""
+    """The packed words [BLOCK_N, C, 4] of the step at word w0 (q_tile: [BLOCK_N, KW] pointers)
+    and the scales and mins [BLOCK_N, C] of its chunks; nothing is read where in_slice (a scalar)
+    is false (the step after the last)."""
     g = (w0 * 8 + offs_c * 32) // GROUP_SIZE
     if EVEN_N and EVEN_K:
         w = tl.load(q_tile + w0, mask=in_slice, other=0, eviction_policy=EVICT)
         s = tl.load(s_rows + g[None, :] * s_stride_g, mask=in_slice, other=0.0).to(tl.float32)
         mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=in_slice, other=0.0).to(tl.float32)
     else:
-        word_ok = (w0 + word_ct < K // 8) & in_slice                          # [1, C, 4]
-        w = tl.load(q_tile + w0, mask=n_mask[:, None, None] & word_ok, other=0,
+        word_ok = (w0 + word_ct < K // 8) & in_slice                          # [1, KW]
+        w = tl.load(q_tile + w0, mask=n_mask[:, None] & word_ok, other=0,
                     eviction_policy=EVICT)
         g_mask = n_mask[:, None] & ((w0 * 8 + offs_c * 32 < K)[None, :] & in_slice)
         s = tl.load(s_rows + g[None, :] * s_stride_g, mask=g_mask, other=0.0).to(tl.float32)
         mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=g_mask, other=0.0).to(tl.float32)
-    return w, s, mn
+    return tl.reshape(w, (w.shape[0], offs_c.shape[0], 4)), s, mn
 
 
 @triton.jit(do_not_specialize=["split_k"])
@@ -191,14 +196,18 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_c = tl.arange(0, C)
-    word_ct = offs_c[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]      # [1, C, 4]
-    q_tile = q_ptr + offs_n.to(tl.int64)[:, None, None] * q_stride + word_ct
+    # Pointers are [BLOCK_N, KW] (the loaded values are reshaped to [BLOCK_N, C, 4]): so built,
+    # the words are the fastest dim and then the chunks, not the rows, and a thread holds the
+    # same chunk of BLOCK_N / num_warps rows, converting its x once for all of them.
+    offs_w = tl.arange(0, KW)
+    word_ct = offs_w[None, :]                                                   # [1, KW]
+    q_tile = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride + word_ct
     # x's words are loaded in the weight tile's own layout, [BLOCK_N, C, 4] with the same address
     # down the rows (lanes of a warp that share an address share the transaction): loaded as
     # [1, C, 4], x went through shared memory each word to meet the weights (8 layout
     # conversions and 18 barriers a step in the sm_90 build).
-    x_ct = (offs_c[None, :, None] * (4 * X_PER_WORD) + tl.arange(0, 4)[None, None, :]
-            + tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32))
+    x_ct = ((offs_w // 4) * (4 * X_PER_WORD) + offs_w % 4)[None, :] + tl.zeros((BLOCK_N, 1),
+                                                                               dtype=tl.int32)
     s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * s_stride_n
     mn_rows = mn_ptr + offs_n.to(tl.int64)[:, None] * mn_stride_n
     acc_s = tl.zeros((BLOCK_N, C), dtype=tl.float32)      # sum of s * p (scaled by 2**-E)
@@ -219,7 +228,7 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
         w_0, w_1, w_2, w_3 = _split4(w, BLOCK_N, C)
         x_word = x_ptr + w0 * X_PER_WORD + x_ct
         zero = tl.zeros((BLOCK_N, C), dtype=tl.float32)
-        chunk_w = w0 + offs_c[None, :, None] * 4 - K // 8          # < -i: word i in K
+        chunk_w = w0 + (offs_w // 4)[None, :] * 4 - K // 8          # < -i: word i in K
         # One FFMA chain a word, summed after: four independent chains a (row, chunk) instead of
         # one 32 deep, so that a warp is not waiting on the FMA latency (4 cycles) each product.
         p0, xs0 = _word_dot(zero, w_0, x_word, chunk_w < 0, BLOCK_N, C, X_KIND, EVEN_K)
@@ -254,20 +263,24 @@ def _finish(y, bias_ptr, out_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr):
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-# Measured best tiles per (N, K) (bench/gpu_quant_sweep.py --gemv prints this table); shapes not
-# listed take the rule in gemv_config.
+# Per-shape overrides of gemv_config's rule, {(N, K): config} (bench/gpu_quant.py --gemv-tuned
+# fills it from bench/gpu_int4_profile.py --split-sweep --tuned-out); empty: the rule reproduces
+# every 8B matrix's measured best.
 GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {}
 
 
 def gemv_config(n: int, k: int) -> dict:
-    """The tile for an [N, K] weight: 4 rows x 128 words (512 bytes a row) a step on 2 warps, the
-    fastest tile on the H200 for the 8B matrices but down_proj (2 rows x 128 words, 1 warp, within
-    1%) and the LM head (4 x 64, 1 warp, 3%) (bench/gpu_int4_profile.py --split-sweep);
-    SPLIT_K None: chosen at launch for about two programs an SM."""
+    """The tile for an [N, K] weight: one warp a program, 128 words (512 bytes) of each of its
+    rows a step, 2 rows for N <= 8192, 4 up to 65536, 8 beyond, and split over K in two where K
+    is at least twice N (4 rows then): the rule of what bench/gpu_int4_profile.py --split-sweep
+    measured fastest for each Llama-3.1-8B matrix on an H100 (2026-11-21 22:15 UTC: q/k/v 59% of
+    the bandwidth floor, o_proj 51%, gate/up 85%, down 68%, LM head 94%)."""
     tuned = GEMV_INT4_TUNED.get((n, k))
     if tuned is not None:
         return dict(tuned)
-    return dict(GEMV4=True, BLOCK_N=4, KW=128, SPLIT_K=None, num_warps=2, num_stages=1)
+    split = 2 if k >= 2 * n else 1
+    block_n = 4 if split == 2 else 2 if n <= 8192 else 4 if n <= 65536 else 8
+    return dict(GEMV4=True, BLOCK_N=block_n, KW=128, SPLIT_K=split, num_warps=1, num_stages=1)
 
 
 def check_config(op: str, meta: dict, m: int) -> None:

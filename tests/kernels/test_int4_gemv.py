@@ -90,7 +90,8 @@ def test_one_row_int4_takes_the_gemv_and_fma_on_request(monkeypatch):
     fma = qm.default_config(1, 4096, 4096, 4, torch.bfloat16, 128, "fma")
     assert not fma.get("GEMV4") and not fma["USE_DOT"]
     gemv = qm.default_config(1, 4096, 4096, 4, torch.bfloat16, 128, "gemv")
-    assert gemv["GEMV4"] and gemv["SPLIT_K"] is None
+    assert gemv["GEMV4"] and gemv["SPLIT_K"] == 1 and gemv["num_warps"] == 1
+    assert qm.default_config(1, 4096, 14336, 4, torch.bfloat16, 128, "gemv")["SPLIT_K"] == 2
     assert not qm.default_config(2, 4096, 4096, 4, torch.bfloat16, 128, "gemv").get("GEMV4")
     assert not qm.default_config(1, 4096, 4096, 8, torch.bfloat16, None, "gemv").get("GEMV4")
     # The module switch reaches calls without a config.
@@ -142,6 +143,8 @@ loop = loop_sass(g._w4_gemv_kernel, meta, types("bf16"))
 res = dict(instrs=len(loop), weights=cfg["BLOCK_N"] * cfg["KW"] * 8 // (32 * cfg["num_warps"]),
            rows=cfg["BLOCK_N"] * cfg["KW"] // (4 * 32 * cfg["num_warps"]),
            ldg128=sum(bool(re.search(r"\bLDG\.E[.\w]*\.128\b", i)) for i in loop),
+           barriers=sum(i.startswith("BAR") for i in loop),
+           lds128=sum(i.startswith("LDS.128") for i in loop),
            ops=sorted({re.sub(r"^@!?U?P\w+\s+", "", i).split()[0] for i in loop}))
 for x_kind, xt in ((1, "fp16"), (2, "fp32")):
     loop_sass(g._w4_gemv_kernel, dict(meta, HAS_BIAS=True, EVEN_N=False, EVEN_K=False,
@@ -151,14 +154,13 @@ print(json.dumps(res))
 
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests compile the kernels for real")
-def test_sm90_loop_has_no_shared_memory_round_trips():
-    """The default tile's K loop keeps every value in the thread that loaded it: no barriers,
-    no shared-memory stores or loads (x loaded as [1, C, 4] took 8 layout conversions and 18
-    barriers a step, the largest stalls Nsight Compute found); 16-byte weight loads, one a row a
-    step at least; at most 7 SASS instructions a weight (6.4 now: x is converted per row held;
-    the element-wise tile of quant_matmul needs ~7.4)."""
+def test_sm90_loop_instructions_per_weight():
+    """The default tile's K loop (2 rows x 128 words on one warp): x is loaded in the weights'
+    layout and converted once for the rows a thread holds, so no layout conversion of x goes
+    through shared memory (only the scales' and mins', one a step: at most 4 barriers); under 5.5
+    SASS instructions a weight (4.95 now; 6.4 when each row converted x again, 7.4 for the
+    element-wise tile of quant_matmul); 16-byte weight loads."""
     found = run_without_interpreter(V4_LOADS_BUILD + SASS_LOOP + _SASS_SCRIPT)
-    shared = [op for op in found["ops"] if op.startswith(("BAR", "LDS", "STS", "STSM"))]
-    assert not shared, found
-    assert found["instrs"] / found["weights"] < 7.0, found
-    assert found["ldg128"] >= found["rows"], found      # a 16-byte weight load a row a step
+    assert found["instrs"] / found["weights"] < 5.5, found
+    assert found["barriers"] <= 4 and found["lds128"] == 0, found
+    assert found["ldg128"] >= 1, found      # the words come in 16-byte loads
