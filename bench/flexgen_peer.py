@@ -214,6 +214,8 @@ def main() -> None:
     argv = flexgen_argv(policy, args.prompt_len, args.gen_len, offload_dir, log_file)
     print("flexgen  python -m flexgen.flex_opt " + " ".join(argv), flush=True)
     if dry:
+        if args.json and "strata" in results:   # --skip-flexgen: strata's figures (and host peak) alone
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
         return
     ensure_flexgen(args.wheels)
     proc = subprocess.run([sys.executable, __file__, "--flexgen-child", *argv], text=True, capture_output=True)

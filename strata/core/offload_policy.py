@@ -106,6 +106,10 @@ class OffloadPlan:
     kv_host_layers: int = 0
     host_kv_bytes: int = 0
     activation_bytes: int = 0
+    # Host RAM while loading: the model is built whole in host RAM, then each streamed layer is
+    # packed into its tier and its original freed (runner/offload_mover._place), so loading
+    # peaks at every weight plus one packed layer, whatever the plan holds afterwards.
+    load_host_bytes: int = 0
 
     def kv_on_host(self, layer: int) -> bool:
         return layer >= len(self.placement) - self.kv_host_layers
@@ -126,7 +130,10 @@ class OffloadPlan:
                 + f"batch {self.batch_size} "
                 f"in micro-batches of {self.micro_batch_tokens} tokens; "
                 + (f"GPU {self.device_bytes / GIB:.2f} GiB, " if self.device_bytes else "")
-                + f"host {self.host_bytes / GIB:.3f} GiB; predicted {self.predicted_tok_s:.1f} tok/s "
+                + f"host {self.host_bytes / GIB:.3f} GiB"
+                + (f" ({self.load_host_bytes / GIB:.3f} GiB while loading: the model is built in host RAM)"
+                   if self.load_host_bytes > self.host_bytes else "")
+                + f"; predicted {self.predicted_tok_s:.1f} tok/s "
                 f"(decode step {self.step_seconds * 1e3:.1f} ms: io {self.io_seconds * 1e3:.1f} ms, "
                 f"compute {self.compute_seconds * 1e3:.1f} ms) | {self.reason}")
 
@@ -352,7 +359,8 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     return OffloadPlan(tuple(["resident"] * n_res + ["cpu"] * n_cpu + ["disk"] * n_disk), depth, batch, mbt,
                        kv_bytes, int(device), int(host), tok_s, step, io, compute,
                        _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host),
-                       kv_host_layers=kv_host, host_kv_bytes=batch * host_seq_kv, activation_bytes=activations)
+                       kv_host_layers=kv_host, host_kv_bytes=batch * host_seq_kv, activation_bytes=activations,
+                       load_host_bytes=spec.weight_bytes + spec.layer_bytes)
 
 
 def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host) -> str:

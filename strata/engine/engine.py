@@ -202,7 +202,18 @@ class LLMEngine:
                 f"{'async' if self.async_scheduling else 'sync'} scheduling | "
                 f"loaded in {self.load_seconds:.1f}s"
                 + self._describe_parallel() + self._describe_gpu()
-                + (f" | {self.offload_plan.describe()}" if self.offload_plan is not None else ""))
+                + (f" | {self.offload_plan.describe()}{self._describe_offload_host()}"
+                   if self.offload_plan is not None else ""))
+
+    def _describe_offload_host(self) -> str:
+        """What the tiers hold in host RAM once placed, beside the plan's count (pinned: page-locked
+        through runner/host_memory, exactly the sizes asked)."""
+        from strata.runner.host_memory import pinned_bytes
+        mover = self.offload_mover
+        if mover is None:
+            return ""
+        return (f" | placed: host tiers {mover.host_weight_bytes() / 2**30:.3f} GiB"
+                f" (pinned {pinned_bytes() / 2**30:.3f} GiB)")
 
     def _describe_parallel(self) -> str:
         p = self.parallel_config

@@ -319,8 +319,11 @@ def disk_read_rate(folder: str | None, nbytes: int, reads: int = 3, pinned: bool
 
 
 # Of the host RAM the offload plan may fill when no budget is given. 0.85 planned 104.9 GiB for
-# OPT-30B on a 128 GiB H100 host and the process was killed for memory (2026-11-21): loading,
-# pinned staging and the allocator's slack come on top of the plan.
+# OPT-30B on a 128 GiB H100 host and the process was killed for memory (2026-11-21), and so was
+# 0.7's 86.3 GiB plan: torch's pinned allocator held each 1.15 GiB layer of the CPU tier in a
+# 2 GiB block (92 GiB for 46 layers). The tiers are now exact (runner/host_memory.py) and the
+# plan counts the step's host buffers; what remains outside it is the process itself (CUDA
+# context, libraries, Python: a few GiB), hence the share below 1.
 HOST_MEMORY_UTILIZATION = 0.7
 
 
