@@ -147,7 +147,8 @@ class OffloadMover:
                 for p in layer.parameters():
                     p.data = p.data.to(self.device)
                 continue
-            packed = self._pack(layer, pin)
+            # a disk layer's packed bytes only pass through on their way to its file: not pinned
+            packed = self._pack(layer, pin and tier == "cpu")
             if tier == "cpu":
                 self._host[i] = packed
             else:
