@@ -263,10 +263,15 @@ def _finish(y, bias_ptr, out_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr):
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-# Per-shape overrides of gemv_config's rule, {(N, K): config} (bench/gpu_quant.py --gemv-tuned
-# fills it from bench/gpu_int4_profile.py --split-sweep --tuned-out); empty: the rule reproduces
-# every 8B matrix's measured best.
-GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {}
+# Measured best tiles of the Llama-3.1-8B matrices, (N, K): config (bench/gpu_int4_profile.py
+# --split-sweep --tuned-out on an H100, 2026-11-21 22:15 UTC; bench/gpu_quant.py --gemv-tuned
+# replaces them from such a file). Batch-1 decode of the 8B shape with them 382.1 tok/s, with
+# gemv_config's rule alone (the same tiles, one software-pipelining stage throughout) 356.5.
+GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {
+    (n, k): dict(GEMV4=True, BLOCK_N=rows, KW=128, SPLIT_K=split, num_warps=1, num_stages=stages)
+    for n, k, rows, split, stages in ((6144, 4096, 2, 1, 2), (4096, 4096, 2, 1, 2),
+                                      (28672, 4096, 4, 1, 1), (4096, 14336, 4, 2, 1),
+                                      (128256, 4096, 8, 1, 2))}
 
 
 def gemv_config(n: int, k: int) -> dict:
