@@ -163,12 +163,17 @@ def _step_loads(q_tile, s_rows, mn_rows, w0, n_mask, word_ct, offs_c, K, s_strid
                 EVICT: tl.constexpr):
     """The packed words [BLOCK_N, C, 4] of the step at word w0 (q_tile: [BLOCK_N, KW] pointers)
     and the scales and mins [BLOCK_N, C] of its chunks; nothing is read where in_slice (a scalar)
-    is false (the step after the last)."""
+    is false (the step after the last; a [1] tensor: Triton 3.9's interpreter keeps a scalar
+    comparison of plain ints a Python bool, which then makes the masks integers)."""
     g = (w0 * 8 + offs_c * 32) // GROUP_SIZE
     if EVEN_N and EVEN_K:
-        w = tl.load(q_tile + w0, mask=in_slice, other=0, eviction_policy=EVICT)
-        s = tl.load(s_rows + g[None, :] * s_stride_g, mask=in_slice, other=0.0).to(tl.float32)
-        mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=in_slice, other=0.0).to(tl.float32)
+        # The condition as boolean tensors of the loads' shapes (Triton 3.9's interpreter takes no
+        # scalar mask); ``>= 0`` holds everywhere.
+        w_ok = (word_ct >= 0) & in_slice
+        g_ok = (offs_c >= 0)[None, :] & in_slice
+        w = tl.load(q_tile + w0, mask=w_ok, other=0, eviction_policy=EVICT)
+        s = tl.load(s_rows + g[None, :] * s_stride_g, mask=g_ok, other=0.0).to(tl.float32)
+        mn = tl.load(mn_rows + g[None, :] * mn_stride_g, mask=g_ok, other=0.0).to(tl.float32)
     else:
         word_ok = (w0 + word_ct < K // 8) & in_slice                          # [1, KW]
         w = tl.load(q_tile + w0, mask=n_mask[:, None] & word_ok, other=0,
@@ -217,14 +222,14 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     # without that a warp waits a whole DRAM latency each step, and with the few warps an SM
     # holds (registers) the kernel ran at ~40-50% of the bandwidth floor whatever the tile.
     w, s, mn = _step_loads(q_tile, s_rows, mn_rows, w_start, n_mask, word_ct, offs_c, K,
-                           s_stride_g, mn_stride_g, words_per_split > 0, GROUP_SIZE, EVEN_N,
-                           EVEN_K, EVICT)
+                           s_stride_g, mn_stride_g, tl.arange(0, 1) < words_per_split, GROUP_SIZE,
+                           EVEN_N, EVEN_K, EVICT)
     for w_step in range(0, words_per_split, KW):         # make the 16-byte alignment visible;
         w0 = w_start + w_step                            # the masks stop the last slice at K
         w_next, s_next, mn_next = _step_loads(q_tile, s_rows, mn_rows, w0 + KW, n_mask, word_ct,
                                               offs_c, K, s_stride_g, mn_stride_g,
-                                              w_step + KW < words_per_split, GROUP_SIZE, EVEN_N,
-                                              EVEN_K, EVICT)
+                                              tl.arange(0, 1) + (w_step + KW) < words_per_split,
+                                              GROUP_SIZE, EVEN_N, EVEN_K, EVICT)
         w_0, w_1, w_2, w_3 = _split4(w, BLOCK_N, C)
         x_word = x_ptr + w0 * X_PER_WORD + x_ct
         zero = tl.zeros((BLOCK_N, C), dtype=tl.float32)
