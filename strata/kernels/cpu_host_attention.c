@@ -208,6 +208,22 @@ static void weigh_values(const half_view *v, const int32_t *table, int64_t ctx, 
     }
 }
 
+typedef struct {
+    half_view view;
+    const float *q;
+    float *out;
+    int64_t q_stride, heads;
+} half_attention;
+
+static void half_attention_item(const void *arg, int64_t t, int64_t s, int64_t ctx, int64_t kvh, float *scores) {
+    const half_attention *a = arg;
+    const int64_t groups = a->view.groups, d = a->view.head_dim;
+    const int32_t *table = a->view.block_tables + s * a->view.bt_stride;
+    score_keys(&a->view, table, ctx, kvh, a->q + t * a->q_stride + kvh * groups * d, scores);
+    for (int64_t g = 0; g < groups; g++) strata_softmax_row(scores + g * ctx, ctx);
+    weigh_values(&a->view, table, ctx, kvh, scores, a->out + (t * a->heads + kvh * groups) * d);
+}
+
 /* q [n, heads, head_dim] float32 (rows q_stride floats apart), out [n, heads, head_dim] float32;
  * kv_cache [2, num_blocks, block_size, kv_heads, head_dim] of 16-bit floats (kind: 1 bfloat16,
  * 2 float16), plane_stride elements between K and V. Returns nonzero when out of memory. */
@@ -216,38 +232,11 @@ int strata_paged_attention_half(const float *q, int64_t q_stride, float *out, co
                                 int64_t head_dim, const int32_t *block_tables, int64_t bt_stride,
                                 const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
                                 float scale, int kind, int nthreads) {
-    const int64_t n = query_start_loc[num_seqs], groups = heads / kv_heads;
-    int64_t max_ctx = 1;
-    for (int64_t s = 0; s < num_seqs; s++) max_ctx = seq_lens[s] > max_ctx ? seq_lens[s] : max_ctx;
-    int64_t *seq_of = malloc(sizeof(int64_t) * (size_t)(n + 1));
-    if (seq_of == NULL) return 1;
-    for (int64_t s = 0; s < num_seqs; s++)
-        for (int64_t t = query_start_loc[s]; t < query_start_loc[s + 1]; t++) seq_of[t] = s;
-    half_view view = {kv_cache, plane_stride, block_size, kv_heads, head_dim, groups, bt_stride, block_tables,
-                      scale, kind};
-    int failed = 0;
-    #pragma omp parallel num_threads(nthreads) if (n * kv_heads > 1)
-    {
-        float *scores = malloc(sizeof(float) * (size_t)(max_ctx * groups));
-        if (scores == NULL) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(dynamic, 2)
-        for (int64_t item = 0; item < n * kv_heads; item++) {
-            if (scores == NULL) continue;
-            int64_t t = item / kv_heads, kvh = item % kv_heads, s = seq_of[t];
-            int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
-            int64_t ctx = seq_lens[s] - q_len + (t - query_start_loc[s]) + 1;
-            const int32_t *table = block_tables + s * bt_stride;
-            score_keys(&view, table, ctx, kvh, q + t * q_stride + kvh * groups * head_dim, scores);
-            for (int64_t g = 0; g < groups; g++) strata_softmax_row(scores + g * ctx, ctx);
-            weigh_values(&view, table, ctx, kvh, scores, out + (t * heads + kvh * groups) * head_dim);
-        }
-        free(scores);
-    }
-    free(seq_of);
-    return failed;
+    const int64_t groups = heads / kv_heads;
+    half_attention a = {{kv_cache, plane_stride, block_size, kv_heads, head_dim, groups, bt_stride, block_tables,
+                         scale, kind}, q, out, q_stride, heads};
+    return strata_attention_items(seq_lens, query_start_loc, num_seqs, kv_heads, groups, 2, nthreads,
+                                  half_attention_item, &a);
 }
 
 /* dst rows[slots[t]] = src row t for t < n: the host tier's KV-cache write (torch's index_copy_

@@ -46,4 +46,15 @@ void strata_attend(const strata_cache_view *cv, const float *q, float *out, int6
                    int64_t kvh, float *scores);
 /* x = softmax(x) over n values (max subtracted; cpu_ops.c's vectorised exp). */
 void strata_softmax_row(float *x, int64_t n);
+
+/* One (token t of sequence s, KV head kvh) item of a paged attention: ctx keys visible, scores a
+ * buffer of max context * groups floats owned by the calling thread. */
+typedef void (*strata_attention_item)(const void *arg, int64_t t, int64_t s, int64_t ctx, int64_t kvh,
+                                      float *scores);
+/* Runs item for every token of the query_start_loc ranges and every KV head on nthreads threads
+ * (dynamic schedule in chunks of chunk items: under a causal mask later tokens see more keys).
+ * Returns nonzero when out of memory. */
+int strata_attention_items(const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
+                           int64_t kv_heads, int64_t groups, int chunk, int nthreads,
+                           strata_attention_item item, const void *arg);
 #endif

@@ -306,19 +306,16 @@ void strata_attend(const strata_cache_view *cv, const float *q, float *out, int6
     }
 }
 
-int strata_paged_attention(const float *q, int64_t q_stride, float *out, const float *kv_cache,
-                           int64_t plane_stride, int64_t block_size, int64_t heads, int64_t kv_heads,
-                           int64_t head_dim, const int32_t *block_tables, int64_t bt_stride,
-                           const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
-                           float scale, int nthreads) {
-    const int64_t n = query_start_loc[num_seqs], groups = heads / kv_heads;
+int strata_attention_items(const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
+                           int64_t kv_heads, int64_t groups, int chunk, int nthreads,
+                           strata_attention_item item, const void *arg) {
+    const int64_t n = query_start_loc[num_seqs];
     int64_t max_ctx = 1;
     for (int64_t s = 0; s < num_seqs; s++) max_ctx = seq_lens[s] > max_ctx ? seq_lens[s] : max_ctx;
     int64_t *seq_of = malloc(sizeof(int64_t) * (size_t)(n + 1));
     if (seq_of == NULL) return 1;
     for (int64_t s = 0; s < num_seqs; s++)
         for (int64_t t = query_start_loc[s]; t < query_start_loc[s + 1]; t++) seq_of[t] = s;
-    strata_cache_view cv = {kv_cache, plane_stride, block_size, kv_heads, head_dim, groups, bt_stride, block_tables, scale};
     int failed = 0;
     #pragma omp parallel num_threads(nthreads) if (n * kv_heads > 1)
     {
@@ -327,18 +324,41 @@ int strata_paged_attention(const float *q, int64_t q_stride, float *out, const f
             #pragma omp atomic write
             failed = 1;
         }
-        /* dynamic: under a causal mask later tokens see more keys */
-        #pragma omp for schedule(dynamic, 4)
-        for (int64_t item = 0; item < n * kv_heads; item++) {
+        #pragma omp for schedule(dynamic, chunk)
+        for (int64_t it = 0; it < n * kv_heads; it++) {
             if (scores == NULL) continue;
-            int64_t t = item / kv_heads, kvh = item % kv_heads, s = seq_of[t];
+            int64_t t = it / kv_heads, kvh = it % kv_heads, s = seq_of[t];
             int64_t q_len = query_start_loc[s + 1] - query_start_loc[s];
-            int64_t ctx = seq_lens[s] - q_len + (t - query_start_loc[s]) + 1;
-            strata_attend(&cv, q + t * q_stride + kvh * groups * head_dim, out + (t * heads + kvh * groups) * head_dim,
-                   s, ctx, kvh, scores);
+            item(arg, t, s, seq_lens[s] - q_len + (t - query_start_loc[s]) + 1, kvh, scores);
         }
         free(scores);
     }
     free(seq_of);
     return failed;
+}
+
+typedef struct {
+    strata_cache_view cv;
+    const float *q;
+    float *out;
+    int64_t q_stride, heads;
+} float_attention;
+
+static void float_attention_item(const void *arg, int64_t t, int64_t s, int64_t ctx, int64_t kvh, float *scores) {
+    const float_attention *a = arg;
+    const int64_t groups = a->cv.groups, d = a->cv.head_dim;
+    strata_attend(&a->cv, a->q + t * a->q_stride + kvh * groups * d, a->out + (t * a->heads + kvh * groups) * d,
+                  s, ctx, kvh, scores);
+}
+
+int strata_paged_attention(const float *q, int64_t q_stride, float *out, const float *kv_cache,
+                           int64_t plane_stride, int64_t block_size, int64_t heads, int64_t kv_heads,
+                           int64_t head_dim, const int32_t *block_tables, int64_t bt_stride,
+                           const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
+                           float scale, int nthreads) {
+    const int64_t groups = heads / kv_heads;
+    float_attention a = {{kv_cache, plane_stride, block_size, kv_heads, head_dim, groups, bt_stride, block_tables,
+                          scale}, q, out, q_stride, heads};
+    return strata_attention_items(seq_lens, query_start_loc, num_seqs, kv_heads, groups, 4, nthreads,
+                                  float_attention_item, &a);
 }
