@@ -124,25 +124,12 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
     """q [n, heads, d] (rows may be strided) -> out [n, heads, d]: each token attends causally to
     its sequence's context in the paged float32 cache (layout in strata/attention/torch_ref.py).
     num_threads: OpenMP threads (default torch's count)."""
-    n, heads, d = q.shape
-    _, _, block_size, kv_heads, _ = kv_cache.shape
-    if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != d or heads % kv_heads:
-        raise ValueError(f"paged_attention: q must be float32 [n, heads, {d}] with packed heads and heads a "
-                         f"multiple of {kv_heads} KV heads, got {q.dtype} {tuple(q.shape)} strides {q.stride()}")
+    op = "paged_attention"
+    _check_query(op, q, kv_cache)
     if kv_cache.dtype != torch.float32 or not kv_cache.is_contiguous():
         raise ValueError(f"paged_attention: the cache must be contiguous float32, got {kv_cache.dtype}")
-    num_seqs = seq_lens.shape[0]
-    tables = block_tables if block_tables.is_contiguous() else block_tables.contiguous()
-    if tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or query_start_loc.dtype != torch.int32:
-        raise ValueError("paged_attention: block_tables, seq_lens and query_start_loc must be int32")
-    out = torch.empty(n, heads, d)
-    status = library().strata_paged_attention(
-        q.data_ptr(), q.stride(0), out.data_ptr(), kv_cache.data_ptr(), kv_cache.stride(0), block_size, heads,
-        kv_heads, d, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
-        num_seqs, scale, num_threads or torch.get_num_threads())
-    if status:
-        raise MemoryError("paged_attention: no memory for the score buffers")
-    return out
+    return _attend(op, library().strata_paged_attention, q, kv_cache, block_tables, seq_lens, query_start_loc,
+                   scale, num_threads or torch.get_num_threads())
 
 
 _HALF_KINDS = {torch.bfloat16: 1, torch.float16: 2}
@@ -158,25 +145,39 @@ def host_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     threads = num_threads or torch.get_num_threads()
     if kv_cache.dtype == torch.float32:
         return paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, threads)
+    op = "host_paged_attention"
     kind = _HALF_KINDS.get(kv_cache.dtype)
-    n, heads, d = q.shape
-    _, _, block_size, kv_heads, _ = kv_cache.shape
     if kind is None or not kv_cache.is_contiguous() or kv_cache.device.type != "cpu":
         raise ValueError(f"host_paged_attention: the cache must be a contiguous CPU tensor of float32, bfloat16 "
                          f"or float16, got {kv_cache.dtype} on {kv_cache.device}")
+    _check_query(op, q, kv_cache)
+    return _attend(op, library().strata_paged_attention_half, q, kv_cache, block_tables, seq_lens,
+                   query_start_loc, scale, kind, threads)
+
+
+def _check_query(op: str, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    _, heads, d = q.shape
+    _, _, _, kv_heads, _ = kv_cache.shape
     if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != d or heads % kv_heads:
-        raise ValueError(f"host_paged_attention: q must be float32 [n, heads, {d}] with packed heads and heads a "
+        raise ValueError(f"{op}: q must be float32 [n, heads, {d}] with packed heads and heads a "
                          f"multiple of {kv_heads} KV heads, got {q.dtype} {tuple(q.shape)} strides {q.stride()}")
+
+
+def _attend(op: str, kernel, q, kv_cache, block_tables, seq_lens, query_start_loc, scale, *tail) -> torch.Tensor:
+    """Checks the tables and runs a paged-attention kernel of the C library (strata_paged_attention
+    or its 16-bit twin): its arguments are the same up to scale, then ``tail`` (kind, threads)."""
+    n, heads, d = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
     tables = block_tables if block_tables.is_contiguous() else block_tables.contiguous()
     if tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or query_start_loc.dtype != torch.int32:
-        raise ValueError("host_paged_attention: block_tables, seq_lens and query_start_loc must be int32")
+        raise ValueError(f"{op}: block_tables, seq_lens and query_start_loc must be int32")
     out = torch.empty(n, heads, d)
-    status = library().strata_paged_attention_half(
+    status = kernel(
         q.data_ptr(), q.stride(0), out.data_ptr(), kv_cache.data_ptr(), kv_cache.stride(0), block_size, heads,
         kv_heads, d, tables.data_ptr(), tables.stride(0), seq_lens.data_ptr(), query_start_loc.data_ptr(),
-        seq_lens.shape[0], scale, kind, threads)
+        seq_lens.shape[0], scale, *tail)
     if status:
-        raise MemoryError("host_paged_attention: no memory for the score buffers")
+        raise MemoryError(f"{op}: no memory for the score buffers")
     return out
 
 
