@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
@@ -79,16 +80,13 @@ def variants():
     return {"fma": fma, "gemv": gemv, "gemv4w": gemv4w, "magic": magic}
 
 
-def make(n: int, k: int, copies: int):
+def make(n: int, k: int):
+    """COPIES int4 copies of an [n, k] weight with fp32 scales and mins, as the engine stores them
+    (gpu_quant_sweep.make_weights)."""
     import torch
 
-    from strata.kernels import quant_matmul as qm
-    out = []
-    for _ in range(copies):
-        q = qm.pack_int4(torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda"))
-        scales = torch.rand(n, k // GROUP, device="cuda") / (4 * k ** 0.5)
-        out.append((q, scales, -7.5 * scales))
-    return out
+    from gpu_quant_sweep import make_weights
+    return make_weights(4, n, k, GROUP, scale_dtype=torch.float32)[3]
 
 
 def run(time_only: bool) -> None:
@@ -96,7 +94,6 @@ def run(time_only: bool) -> None:
     import torch.nn.functional as F
 
     from strata.kernels import quant_matmul as qm
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_llama8b import copy_bandwidth
     from gpu_skinny_sweep import graph_us
     torch.manual_seed(0)
@@ -104,7 +101,7 @@ def run(time_only: bool) -> None:
     calls = []                          # (label, fn) in profiling order
     rows = []
     for name, (n, k) in SHAPES.items():
-        weights = make(n, k, 4)
+        weights = make(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         want = qm.w4a16_matmul_ref(x, *weights[0], GROUP).float()
         bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
@@ -148,7 +145,6 @@ def split_sweep(tuned_out: str | None) -> None:
     import torch
 
     from strata.kernels import quant_matmul as qm
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu_llama8b import copy_bandwidth
     from gpu_skinny_sweep import graph_us
     bw = copy_bandwidth()
@@ -161,7 +157,7 @@ def split_sweep(tuned_out: str | None) -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs")
     tuned = {}
     for name, (n, k) in {**SHAPES, "lm_head": (128256, 4096)}.items():
-        weights = make(n, k, 4 if n < 100000 else 2)
+        weights = make(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         want = qm.w4a16_matmul_ref(x, *weights[0], GROUP).float()
         floor_us = sum(t.numel() * t.element_size() for t in weights[0]) / bw * 1e6
