@@ -106,9 +106,9 @@ class OffloadPlan:
     kv_host_layers: int = 0
     host_kv_bytes: int = 0
     activation_bytes: int = 0
-    # Host RAM while loading: the model is built whole in host RAM, then each streamed layer is
-    # packed into its tier and its original freed (runner/offload_mover._place), so loading
-    # peaks at every weight plus one packed layer, whatever the plan holds afterwards.
+    # Host RAM while loading: each layer goes to its tier as soon as it has loaded (loader/
+    # layer_stream.py), so loading holds the plan's host share, a layer in flight and its packed
+    # copy, and (GPU) the parts outside the layers until they move to the device.
     load_host_bytes: int = 0
 
     def kv_on_host(self, layer: int) -> bool:
@@ -131,7 +131,7 @@ class OffloadPlan:
                 f"in micro-batches of {self.micro_batch_tokens} tokens; "
                 + (f"GPU {self.device_bytes / GIB:.2f} GiB, " if self.device_bytes else "")
                 + f"host {self.host_bytes / GIB:.3f} GiB"
-                + (f" ({self.load_host_bytes / GIB:.3f} GiB while loading: the model is built in host RAM)"
+                + (f" ({self.load_host_bytes / GIB:.3f} GiB at most while loading)"
                    if self.load_host_bytes > self.host_bytes else "")
                 + f"; predicted {self.predicted_tok_s:.1f} tok/s "
                 f"(decode step {self.step_seconds * 1e3:.1f} ms: io {self.io_seconds * 1e3:.1f} ms, "
@@ -360,7 +360,8 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
                        kv_bytes, int(device), int(host), tok_s, step, io, compute,
                        _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host),
                        kv_host_layers=kv_host, host_kv_bytes=batch * host_seq_kv, activation_bytes=activations,
-                       load_host_bytes=spec.weight_bytes + spec.layer_bytes)
+                       load_host_bytes=int(host) + 2 * spec.layer_bytes
+                       + (spec.device_bytes if hw.device == "cuda" else 0))
 
 
 def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host) -> str:

@@ -72,15 +72,17 @@ class Worker:
         self.all_reduce = ps.init_all_reduce(device, self.model_config.dtype, args.all_reduce)
         quant_config = QuantConfig(args.quantization, args.quantization_group_size)
         offload = offload_config is not None and offload_config.enabled
-        # An offloaded model is built in host memory; the mover then places each part.
+        self.max_num_batched_tokens = batched_tokens_for(args, device)
+        self.offload_plan = self.offload_mover = self.offload_hardware = self.offload_spec = None
+        placer = self._offload_placer(offload_config) if offload else None
+        # An offloaded model is built in host memory, and each layer goes to its tier as soon as
+        # it has loaded (the placer), so the whole model is never in RAM at once.
         model = model_loader.build_model(self.source, self.model_config, load_config,
                                          torch.device("cpu") if offload else device, progress=progress,
                                          quant_config=quant_config, keep_gguf_packed=not offload,
-                                         init_device=device if offload else None)
-        self.max_num_batched_tokens = batched_tokens_for(args, device)
-        self.offload_plan = self.offload_mover = self.offload_hardware = self.offload_spec = None
+                                         init_device=device if offload else None, layer_sink=placer)
         if offload:
-            self._offload(model, offload_config)
+            self._offload(model, placer)
         runner_args = (model, self.model_config, args.block_size, device, eos_token_ids, kv_format)
         if groups.tp_size * groups.pp_size == 1:
             plan = self.offload_plan
@@ -92,17 +94,24 @@ class Worker:
             self.runner = ParallelModelRunner(*runner_args)
         self.graphs = None
 
-    def _offload(self, model, offload_config: OffloadConfig) -> None:
-        """Search the offload policy and carry it out (runner/offload_loop.py). On a GPU the plan's
-        KV allotment becomes the KV cache, and (unless given) a step's token budget holds the
-        plan's whole batch of prompts, so each layer's weights cross PCIe once for all of them."""
+    def _offload_placer(self, offload_config: OffloadConfig):
+        """The loader's layer sink that searches the offload policy on the first finished layer
+        and puts each layer on its tier (runner/offload_loop.LayerPlacer)."""
         from strata.core.offload_policy import Workload
-        from strata.runner.offload_loop import offload_model
-        args, cfg, cache = self.args, self.model_config, self.cache_config
+        from strata.runner.offload_loop import LayerPlacer
+        args, cfg = self.args, self.model_config
         workload = Workload.from_max_model_len(args.max_model_len or cfg.max_position_embeddings,
                                                args.max_num_seqs)
-        self.offload_plan, self.offload_mover, self.offload_hardware, self.offload_spec = offload_model(
-            model, cfg, offload_config, self.device, workload, cache.gpu_memory_utilization)
+        return LayerPlacer(cfg, offload_config, self.device, workload, self.cache_config.gpu_memory_utilization)
+
+    def _offload(self, model, placer) -> None:
+        """Finish carrying out the plan (the parts outside the layers, the offload loop). On a GPU
+        the plan's KV allotment becomes the KV cache, and (unless given) a step's token budget
+        holds the plan's whole batch of prompts, so each layer's weights cross PCIe once for all
+        of them."""
+        args, cache = self.args, self.cache_config
+        workload = placer.workload
+        self.offload_plan, self.offload_mover, self.offload_hardware, self.offload_spec = placer.finish(model)
         plan = self.offload_plan
         if plan.kv_host_layers and resolve_kv_format(cache.kv_cache_dtype, self.device) is not None:
             raise ValueError(f"kv_cache_dtype={cache.kv_cache_dtype!r} with the KV cache of "

@@ -32,10 +32,10 @@ class AdoptionReport:
     copied: list[str] = field(default_factory=list)      # HF names copied and left as they were
 
 
-def adopt_hf_weights(model: nn.Module, hf_model: nn.Module) -> AdoptionReport:
+def adopt_hf_weights(model: nn.Module, hf_model: nn.Module, on_loaded=None) -> AdoptionReport:
     adopter = _Adopter(hf_model)
     with _weight_loaders_replaced(model, adopter.load):
-        model.load_weights(adopter.weights())
+        model.load_weights(adopter.weights(), on_loaded)
     return adopter.report
 
 

@@ -116,10 +116,12 @@ def resolve_dtype(dtype: str | torch.dtype, source: ModelSource, device: torch.d
 def build_model(source: ModelSource, model_config: ModelConfig, load_config: LoadConfig,
                 device: torch.device, progress: bool = False,
                 quant_config: QuantConfig | None = None, keep_gguf_packed: bool = True,
-                init_device: torch.device | None = None) -> nn.Module:
+                init_device: torch.device | None = None, layer_sink=None) -> nn.Module:
     """keep_gguf_packed=False dequantizes GGUF blocks to the model dtype (offloading streams
     float weights); init_device: where dummy weights are drawn (a GPU draws an offloaded
-    model's host weights much faster than the CPU, and the same values as a resident run)."""
+    model's host weights much faster than the CPU, and the same values as a resident run).
+    layer_sink(model, index, layer): each decoder layer, finished, as soon as it is loaded
+    (loader/layer_stream.py: offloading places it on its tier before the next one loads)."""
     cls = get_model_class(model_config.architecture)
     # GGUF and GPTQ checkpoints bring their own method; asking for int8/int4 on a GGUF file
     # re-quantizes its dequantized weights.
@@ -134,30 +136,41 @@ def build_model(source: ModelSource, model_config: ModelConfig, load_config: Loa
     # Counted as built, before checkpoints or quantized layers swap in packed codes (which are
     # not parameters: a GGUF layer's weight is a placeholder of the logical shape until then).
     model.num_parameters = sum(p.numel() for p in model.parameters())
+    # An offloaded model finishes (quantizes) its layers one by one as they load; the rest of
+    # the model after loading, as a resident one does.
+    process_device = init_device if device.type == "cpu" else None
+    stream = None
+    if layer_sink is not None:
+        from strata.loader.layer_stream import LayerStream
+        stream = LayerStream(model, layer_sink, lambda layer: finish_loading(layer, process_device))
+    filled = stream.filled if stream is not None else None
     if load_config.load_format == "dummy":
         from strata.loader.dummy import init_dummy_weights
-        init_dummy_weights(model, load_config.seed, init_device)
+        init_dummy_weights(model, load_config.seed, init_device, filled)
     elif source.kind == "hf_object":
         from strata.loader.hf_model import adopt_hf_weights
-        adopt_hf_weights(model, source.hf_model)
+        adopt_hf_weights(model, source.hf_model, filled)
     elif source.kind == "gguf":
         from strata.loader.gguf import gguf_weights
         packed = getattr(quant, "name", None) == "gguf"
         with one_thread():
             model.load_weights(_cast(gguf_weights(source.gguf, packed), model_config.dtype, progress,
-                                     len(source.gguf.tensors)))
+                                     len(source.gguf.tensors)), filled)
     else:
         from strata.loader.safetensors import iter_safetensors, safetensors_files
-        model.load_weights(iter_safetensors(safetensors_files(source.path), progress))
+        model.load_weights(iter_safetensors(safetensors_files(source.path), progress), filled)
+    if stream is not None:
+        stream.close()
+    done = model.layers if stream is not None else None   # finished as they loaded
     if getattr(quant, "name", None) == "gguf":
         from strata.quant.gguf import keep_vocab_packed
         with one_thread():   # unpacking GGML blocks is the same kind of small elementwise ops
-            finish_loading(model)
+            finish_loading(model, skip=done)
             vocab = keep_vocab_packed(model, source.gguf)
         model.quant_summary = f"{quant.summary()}; {vocab}"
     else:
         # An offloaded model built on the host quantizes on the device it will compute on.
-        finish_loading(model, init_device if device.type == "cpu" else None)
+        finish_loading(model, process_device, skip=done)
         model.lm_head_quantized = quantize_lm_head(model, quant)
     return model
 

@@ -100,7 +100,10 @@ def _iter_file(path: Path, bar) -> Iterator[tuple[str, torch.Tensor]]:
     finally:
         os.close(fd)
     try:
-        header, data_start = read_header(path, size, mm[: min(size, 8 + _MAX_HEADER)])
+        # Only the length and the header itself: a slice of the mapping is a copy, and the
+        # _MAX_HEADER bound once copied (and paged in) the first 100 MiB of every shard.
+        length = struct.unpack("<Q", mm[:8])[0] if size >= 8 else 0
+        header, data_start = read_header(path, size, mm[: min(size, 8 + min(length, _MAX_HEADER + 1))])
         # In file order, so pages are read sequentially.
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = (data_start + o for o in entry["data_offsets"])
@@ -121,8 +124,15 @@ def _iter_file(path: Path, bar) -> Iterator[tuple[str, torch.Tensor]]:
             pass   # a consumer kept a view; the mapping closes when that view goes
 
 
+# The kernel maps pages around a faulting one (fault-around, 64 KiB windows by default), so the
+# first read of a tensor also maps the end of the one before, already dropped: dropping from a
+# little before each tensor releases those too (they had kept ~15% of a checkpoint resident).
+_FAULT_AROUND = 1 << 20
+
+
 def _drop_pages(mm: mmap.mmap, begin: int, end: int) -> None:
     """The tensor has been copied into the model: release its resident pages."""
+    begin = max(0, begin - _FAULT_AROUND)
     start = begin - begin % mmap.PAGESIZE
     if end > start and hasattr(mm, "madvise"):
         mm.madvise(mmap.MADV_DONTNEED, start, end - start)

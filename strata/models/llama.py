@@ -160,8 +160,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_named_weights(self, weights, self.stacked_params_mapping, _llama_name)
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], on_loaded=None) -> set[str]:
+        return load_named_weights(self, weights, self.stacked_params_mapping, _llama_name, on_loaded)
 
     def checkpoint_target(self, name: str) -> tuple[str, object] | None:
         return checkpoint_target(name, self.stacked_params_mapping, _llama_name)

@@ -12,10 +12,12 @@ from strata.distributed.pipeline import on_other_stage
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                        stacked: list[tuple[str, str, object]],
-                       rename: Callable[[str], str | None]) -> set[str]:
+                       rename: Callable[[str], str | None],
+                       on_loaded: Callable[[str, object], None] | None = None) -> set[str]:
     """Load (checkpoint name, tensor) pairs through each parameter's weight_loader.
 
     Returns the set of parameter names that were filled; raises if a parameter stays empty.
+    on_loaded(name, shard id or None) is told of each as it is filled (loader/layer_stream.py).
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -41,6 +43,8 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
         else:
             loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
         loaded.add(name if shard_id is None else f"{name}#{shard_id}")
+        if on_loaded is not None:
+            on_loaded(name, shard_id)
     _check_complete(model, params, loaded, stacked, tied)
     return loaded
 

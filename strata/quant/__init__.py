@@ -84,15 +84,20 @@ def describe_checkpoint(checkpoint: dict | None) -> str | None:
     return str(checkpoint.get("quant_method"))
 
 
-def finish_loading(model: nn.Module, process_device: torch.device | None = None) -> None:
+def finish_loading(model: nn.Module, process_device: torch.device | None = None,
+                   skip: nn.Module | None = None) -> None:
     """Run every linear layer's process_after_loading (quantize, repack, free the originals).
 
     process_device: for a model built in host memory that will compute on a GPU (offloading),
     each int8/int4 layer is quantized there and keeps the form the GPU computes with (packed
     codes and scales, where the CPU keeps dequantized weights), then moves back to the host: its
-    offloaded layers then cross PCIe compressed, and the GPU computes straight from the codes."""
+    offloaded layers then cross PCIe compressed, and the GPU computes straight from the codes.
+    skip: a submodule finished already (the decoder layers, finished one by one as they loaded)."""
     on_device = process_device is not None and process_device.type != "cpu"
+    skipped = {id(m) for m in skip.modules()} if skip is not None else set()
     for module in model.modules():
+        if id(module) in skipped:
+            continue
         method = getattr(module, "quant_method", None)
         if method is None:
             continue

@@ -16,6 +16,8 @@ so a measured peak says what the tiers really hold.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import mmap
 import threading
@@ -62,8 +64,8 @@ def host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
     a warning naming its rounded size."""
     if nbytes <= 0:
         return torch.empty(max(nbytes, 0), dtype=torch.uint8)
-    if not pinned:
-        return torch.empty(nbytes, dtype=torch.uint8)
+    if not pinned:   # a mapping too: freed memory goes back to the OS, not to malloc's heap
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
     mapping = _Mapping(-1, nbytes)
     tensor = torch.frombuffer(mapping, dtype=torch.uint8)
     try:
@@ -94,3 +96,22 @@ def pinned_bytes() -> int:
 def pinned_buffers() -> int:
     with _lock:
         return _registered["buffers"]
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def return_freed_heap() -> None:
+    """Give the pages of freed malloc chunks back to the OS (glibc's malloc_trim). A model's
+    parameters are malloc'd when it is built; a layer placed on its tier frees its originals,
+    which glibc may keep inside its heap (resident) once its mmap threshold has grown. A no-op
+    elsewhere."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -180,9 +180,12 @@ def place_outside_layers(model: nn.Module, device: torch.device, embed_on_host: 
         model.embed_tokens = HostEmbedding(model.embed_tokens, device)
 
 
-def model_spec(model: nn.Module, cfg: ModelConfig, embed_on_host: bool) -> ModelSpec:
-    _, layer_bytes = layer_layout(model.layers[0])
-    layer_params = sum(p.numel() for p in model.layers[0].parameters())
+def model_spec(model: nn.Module, cfg: ModelConfig, embed_on_host: bool,
+               template: nn.Module | None = None) -> ModelSpec:
+    """template: a loaded, finished layer (its quantized form is what streams); default the first."""
+    template = template if template is not None else model.layers[0]
+    _, layer_bytes = layer_layout(template)
+    layer_params = sum(p.numel() for p in template.parameters())
     layer_ids = {id(p) for p in model.layers.parameters()}
     others = [(n, p) for n, p in model.named_parameters() if id(p) not in layer_ids]
     host = sum(p.numel() * p.element_size() for n, p in others if embed_on_host and n.startswith("embed_tokens"))
@@ -206,8 +209,11 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
         n = 512
         a = torch.randn(n, n, dtype=torch.float32)
         flops = 2 * n**3 / _median_s(lambda: a @ a)
-        buf = torch.empty(16 * 2**20, dtype=torch.uint8)
-        mem = 2 * buf.numel() / _median_s(lambda: buf.clone())
+        # Exact mappings, unmapped when done: clones from malloc stayed in its heap as RSS.
+        src, dst = host_buffer(16 * 2**20, False), host_buffer(16 * 2**20, False)
+        src.fill_(1)
+        mem = 2 * src.numel() / _median_s(lambda: dst.copy_(src))
+        del src, dst
         return Hardware("cpu", float("inf"), disk, flops, mem)
     # host_memory: freed for real when done (torch's pinned allocator would keep it cached)
     host = host_buffer(256 * 2**20, pinned=True)
@@ -327,47 +333,71 @@ def disk_read_rate(folder: str | None, nbytes: int, reads: int = 3, pinned: bool
 HOST_MEMORY_UTILIZATION = 0.7
 
 
-def host_memory_room(model: nn.Module, meminfo: str = "/proc/meminfo") -> int | None:
+def host_memory_room(held: int, meminfo: str = "/proc/meminfo") -> int | None:
     """Host RAM an offload plan may use without a cpu_memory_budget (GPU): a share of what is
-    available now plus the weights the model holds in RAM (the tiers take their place). Without
-    it a fast CPU attention let the policy grow a host KV cache past the machine's RAM (OPT-30B:
-    714 MiB of KV per 544-token sequence beside 60 GB of weights). None: RAM unknown."""
+    available now plus ``held``, the weight bytes loaded but not yet placed (the tiers take their
+    place). Without it a fast CPU attention let the policy grow a host KV cache past the
+    machine's RAM (OPT-30B: 714 MiB of KV per 544-token sequence beside 60 GB of weights).
+    None: RAM unknown."""
     try:
         with open(meminfo) as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
     except (OSError, ValueError, IndexError):
         return None
-    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
     return int((info.get("MemAvailable", 0) + held) * HOST_MEMORY_UTILIZATION)
 
 
-def offload_model(model: nn.Module, cfg: ModelConfig, offload, device: torch.device, workload,
-                  gpu_memory_utilization: float = 0.9):
-    """Pick the plan (core/offload_policy.search_policy, fed by measured rates) and carry it out:
-    the model (built on the host) ends with its resident parts on the device, its streamed layers
-    on their tiers, and the offload loop in place. `offload`: an OffloadConfig. Returns
-    (plan, mover, hardware, spec)."""
-    from strata.core.offload_policy import search_policy
-    if device.type != "cuda" and offload.gpu_memory_budget is not None:
-        raise ValueError(f"gpu_memory_budget ({offload.gpu_memory_budget} bytes) needs a CUDA device; "
-                         f"this engine runs on {device} (use cpu_memory_budget)")
-    embed_on_host = host_embedding_ok(model, device)
-    spec = model_spec(model, cfg, embed_on_host)
-    policy = offload.policy or {}
-    # One layer's read, as the mover reads it, when the disk tier may hold layers; else a probe.
-    disk_possible = offload.cpu_memory_budget is not None or policy.get("w_disk", 0) > 0
-    probe = min(max(spec.layer_bytes, 16 * 2**20), 2**30) if disk_possible else 16 * 2**20
-    hardware = measure_hardware(device, cfg.dtype, offload.offload_dir, probe, cfg)
-    gpu_budget = offload.gpu_memory_budget
-    if device.type == "cuda" and gpu_budget is None:
-        gpu_budget = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
-    cpu_budget = offload.cpu_memory_budget
-    if device.type == "cuda" and cpu_budget is None:
-        cpu_budget = host_memory_room(model)
-    plan = search_policy(spec, hardware, workload, gpu_budget, cpu_budget, offload.policy)
-    if offload.offload_dir is not None:
-        os.makedirs(offload.offload_dir, exist_ok=True)
-    mover = OffloadMover(model, plan, device, offload.offload_dir)
-    place_outside_layers(model, device, embed_on_host)
-    model.layer_loop = OffloadLayerLoop(mover, plan.micro_batch_tokens)
-    return plan, mover, hardware, spec
+class LayerPlacer:
+    """Carries out offloading while the model loads (build_model's layer_sink): the first
+    finished layer gives the layout the plan is searched with (core/offload_policy.search_policy,
+    fed by measured rates); it and every later one go to their tier at once, so host RAM holds
+    the tiers and the layers in flight, never the whole model. ``finish`` then places the rest
+    (embedding, norm, LM head) and puts the offload loop in place."""
+
+    def __init__(self, cfg: ModelConfig, offload, device: torch.device, workload,
+                 gpu_memory_utilization: float = 0.9):
+        if device.type != "cuda" and offload.gpu_memory_budget is not None:
+            raise ValueError(f"gpu_memory_budget ({offload.gpu_memory_budget} bytes) needs a CUDA device; "
+                             f"this engine runs on {device} (use cpu_memory_budget)")
+        self.cfg, self.offload, self.device, self.workload = cfg, offload, device, workload
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.plan = self.mover = self.hardware = self.spec = None
+        self.embed_on_host = False
+
+    def __call__(self, model: nn.Module, index: int, layer: nn.Module) -> None:
+        if self.mover is None:
+            # The weights in host RAM that the tiers will take the place of: this first layer.
+            self._plan(model, layer, held=sum(p.numel() * p.element_size() for p in layer.parameters()))
+        self.mover.place_layer(index, layer)
+
+    def _plan(self, model: nn.Module, template: nn.Module, held: int) -> None:
+        from strata.core.offload_policy import search_policy
+        offload, cfg, device = self.offload, self.cfg, self.device
+        self.embed_on_host = host_embedding_ok(model, device)
+        spec = self.spec = model_spec(model, cfg, self.embed_on_host, template)
+        policy = offload.policy or {}
+        # One layer's read, as the mover reads it, when the disk tier may hold layers; else a probe.
+        disk_possible = offload.cpu_memory_budget is not None or policy.get("w_disk", 0) > 0
+        probe = min(max(spec.layer_bytes, 16 * 2**20), 2**30) if disk_possible else 16 * 2**20
+        self.hardware = measure_hardware(device, cfg.dtype, offload.offload_dir, probe, cfg)
+        gpu_budget = offload.gpu_memory_budget
+        if device.type == "cuda" and gpu_budget is None:
+            gpu_budget = int(torch.cuda.mem_get_info(device)[0] * self.gpu_memory_utilization)
+        cpu_budget = offload.cpu_memory_budget
+        if device.type == "cuda" and cpu_budget is None:
+            cpu_budget = host_memory_room(held)
+        self.plan = search_policy(spec, self.hardware, self.workload, gpu_budget, cpu_budget, offload.policy)
+        if offload.offload_dir is not None:
+            os.makedirs(offload.offload_dir, exist_ok=True)
+        self.mover = OffloadMover(model, self.plan, device, offload.offload_dir, template=template, place=False)
+
+    def finish(self, model: nn.Module):
+        """After loading: the parts outside the layers to the device, the offload loop in place.
+        Returns (plan, mover, hardware, spec)."""
+        unplaced = sorted(set(range(len(model.layers))) - (self.mover.placed if self.mover else set()))
+        if unplaced:
+            raise RuntimeError(f"offload: layers {unplaced[:5]} were never placed")
+        place_outside_layers(model, self.device, self.embed_on_host)
+        model.layer_loop = OffloadLayerLoop(self.mover, self.plan.micro_batch_tokens)
+        return self.plan, self.mover, self.hardware, self.spec
+

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from strata.core.offload_policy import OffloadPlan
-from strata.runner.host_memory import host_buffer
+from strata.runner.host_memory import host_buffer, return_freed_heap
 
 ALIGN = 64
 SUPPORTED_QUANT = ("none", "int8", "int4")
@@ -94,16 +94,19 @@ def read_mapped(fd: int, mm: mmap.mmap, dst: torch.Tensor) -> None:
 
 class OffloadMover:
     def __init__(self, model: nn.Module, plan: OffloadPlan, device: torch.device,
-                 offload_dir: str | None = None, fetch_delay_s: float = 0.0, pin_host: bool | None = None):
+                 offload_dir: str | None = None, fetch_delay_s: float = 0.0, pin_host: bool | None = None,
+                 template: nn.Module | None = None, place: bool = True):
         """pin_host: page-lock the CPU tier and the disk staging (default: on a GPU; tests of
-        the host side set it on the CPU with host_memory's registration replaced)."""
+        the host side set it on the CPU with host_memory's registration replaced). template: a
+        loaded, finished layer whose layout all share (default: the first). place=False: the
+        caller places each layer with place_layer as loading completes it."""
         check_offloadable(model)
         self.plan = plan
         self.device = device
         self.on_cuda = device.type == "cuda"
         self.pin_host = self.on_cuda if pin_host is None else pin_host
         self.layers = list(model.layers)
-        self.entries, self.slot_bytes = layer_layout(self.layers[0])
+        self.entries, self.slot_bytes = layer_layout(template if template is not None else self.layers[0])
         self.order = plan.streamed                    # streamed layers in the order they run
         self.position = {layer: pos for pos, layer in enumerate(self.order)}
         self.depth = min(plan.prefetch_depth, len(self.order)) if self.order else 0
@@ -121,39 +124,53 @@ class OffloadMover:
         self._pending: dict[int, object] = {}        # position -> Future | CUDA event
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-offload") if plan.count("disk") else None
-        self._place(model)
+        self._prepare()
+        self.placed: set[int] = set()
+        if place:
+            for i, layer in enumerate(self.layers):
+                self.place_layer(i, layer)
 
     # ---- placement (once, at load) -------------------------------------------------------------
-    @torch.no_grad()   # not inference_mode: the worker thread writes into these buffers
-    def _place(self, model: nn.Module) -> None:
-        pin = self.pin_host
+    def _prepare(self) -> None:
         self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
                       for _ in range(self.depth)]
         # Disk -> host staging on a GPU machine (pinned, so the copy to the slot is asynchronous).
-        self.staging = [host_buffer(self.slot_bytes, pin)
+        self.staging = [host_buffer(self.slot_bytes, self.pin_host)
                         for _ in range(self.depth)] if self.on_cuda and self._pool else self.slots
         self._staging_ready: list[object] = [None] * self.depth
         if self.on_cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
-        moved: dict[int, torch.Tensor] = {}   # buffers shared by layers (rotary tables) move once
-        for i, layer in enumerate(self.layers):
-            for module in layer.modules():   # buffers stay on the device whatever the tier
-                for name, buf in list(module.named_buffers(recurse=False)):
-                    if id(buf) not in moved:
-                        moved[id(buf)] = buf.to(self.device)
-                    setattr(module, name, moved[id(buf)])
-            tier = self.plan.placement[i]
-            if tier == "resident":
-                for p in layer.parameters():
-                    p.data = p.data.to(self.device)
-                continue
-            # a disk layer's packed bytes only pass through on their way to its file: not pinned
-            packed = self._pack(layer, pin and tier == "cpu")
-            if tier == "cpu":
-                self._host[i] = packed
-            else:
-                self._files[i] = self._write(i, packed)
-            self._bind(layer, self.slots[self.position[i] % self.depth])
+        # buffers shared by layers (rotary tables) move once: id -> (original, moved)
+        self._moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()   # not inference_mode: the worker thread writes into these buffers
+    def place_layer(self, i: int, layer: nn.Module) -> None:
+        """Layer i (loaded and finished) onto its tier; its host copy is freed as its parameters
+        are rebound."""
+        if i in self.placed:
+            raise RuntimeError(f"offload: layer {i} placed twice")
+        self.placed.add(i)
+        for module in layer.modules():   # buffers stay on the device whatever the tier
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if id(buf) not in self._moved:   # the original kept: its id stays its own
+                    self._moved[id(buf)] = (buf, buf.to(self.device))
+                setattr(module, name, self._moved[id(buf)][1])
+        if len(self.placed) == len(self.layers):
+            self._moved.clear()
+        tier = self.plan.placement[i]
+        if tier == "resident":
+            for p in layer.parameters():
+                p.data = p.data.to(self.device)
+            return
+        # a disk layer's packed bytes only pass through on their way to its file: not pinned
+        packed = self._pack(layer, self.pin_host and tier == "cpu")
+        if tier == "cpu":
+            self._host[i] = packed
+        else:
+            self._files[i] = self._write(i, packed)
+        self._bind(layer, self.slots[self.position[i] % self.depth])
+        del packed
+        return_freed_heap()   # the layer's originals, freed by _bind
 
     def _pack(self, layer: nn.Module, pin: bool) -> torch.Tensor:
         """The layer's parameters as one buffer of exactly the packed size (host_memory: not

@@ -157,14 +157,14 @@ def test_disk_probe_reads_through_the_movers_path(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_host_memory_room_counts_the_models_weights(tmp_path):
-    """Without a cpu_memory_budget a GPU plan may fill 85% of the RAM available plus what the
-    model's weights hold in RAM now (the tiers take their place); unreadable: no limit."""
+def test_host_memory_room_counts_the_weights_held(tmp_path):
+    """Without a cpu_memory_budget a GPU plan may fill a share of the RAM available plus the
+    weights loaded and not yet placed (the tiers take their place); unreadable: no limit."""
     from strata.runner.offload_loop import HOST_MEMORY_UTILIZATION, host_memory_room
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       131072000 kB\nMemFree:         1000 kB\nMemAvailable:   100000000 kB\n")
-    model = nn.Linear(2048, 2048)
-    want = HOST_MEMORY_UTILIZATION * (100000000 * 1024 + (2048 * 2048 + 2048) * 4)
-    assert host_memory_room(model, str(meminfo)) == int(want)
-    assert host_memory_room(model, str(tmp_path / "missing")) is None
-    assert host_memory_room(model) > 0   # this machine's
+    held = (2048 * 2048 + 2048) * 4
+    want = HOST_MEMORY_UTILIZATION * (100000000 * 1024 + held)
+    assert host_memory_room(held, str(meminfo)) == int(want)
+    assert host_memory_room(held, str(tmp_path / "missing")) is None
+    assert host_memory_room(0) > 0   # this machine's
