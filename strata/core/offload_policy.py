@@ -258,6 +258,9 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
     for n_res, n_cpu, depth, mbt in _candidates(spec, hw, workload, cpu_budget, explicit):
         for kv_host in _kv_host_candidates(spec, hw, explicit):
             plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt, kv_host)
+            if plan is not None and explicit is None and plan.compute_seconds > plan.io_seconds:
+                plan = _knee(plan, lambda cap: _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res,
+                                                         n_cpu, depth, mbt, kv_host, cap))
             if plan is not None and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
                 best = plan
     if best is None:
@@ -266,6 +269,28 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
         return _with(best, explicit=True, reason="explicit offload_policy " + _fractions(explicit)
                      + "; " + best.reason)
     return best
+
+
+# A compute-bound auto plan's batch is lowered while its predicted throughput stays within this share
+# of the largest batch's: past the point where compute overtakes the weight stream, more sequences
+# add host KV and latency, not tokens/s (Llama-8B under 4 GiB on an H100: batch 96 predicted
+# 215.6 tok/s with the CPU attending over 6.4 GiB of host KV, at 56% of the PCIe bound).
+KNEE_TOLERANCE = 0.02
+
+
+def _knee(plan: OffloadPlan, at_batch) -> OffloadPlan:
+    """The smallest batch whose plan (at_batch(cap): the same placement with at most cap
+    sequences) predicts within KNEE_TOLERANCE of ``plan``'s throughput."""
+    floor = plan.predicted_tok_s * (1 - KNEE_TOLERANCE)
+    lo, hi = 1, plan.batch_size          # hi meets the floor; find the least batch that does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        candidate = at_batch(mid)
+        if candidate is not None and candidate.predicted_tok_s >= floor:
+            hi = mid
+        else:
+            lo = mid + 1
+    return plan if hi == plan.batch_size else at_batch(hi)
 
 
 def _kv_host_candidates(spec, hw, explicit) -> list[int]:
@@ -318,7 +343,7 @@ def _candidates(spec, hw, workload, cpu_budget, explicit):
 
 
 def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt,
-              kv_host: int = 0) -> OffloadPlan | None:
+              kv_host: int = 0, batch_cap: int | None = None) -> OffloadPlan | None:
     layers = spec.num_layers
     n_disk = layers - n_res - n_cpu
     streamed = n_cpu + n_disk
@@ -334,7 +359,9 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
         weights_on_device = spec.device_bytes + n_res * spec.layer_bytes + staging
         room = (gpu_budget * (1 - GPU_RESERVE) if gpu_budget is not None else float("inf")) - weights_on_device
         host_room = (cpu_budget if cpu_budget is not None else float("inf")) - host
-        batch = _largest_batch(spec, workload, room, mbt, seq_kv - host_seq_kv, host_seq_kv, host_room)
+        batch = largest = _largest_batch(spec, workload, room, mbt, seq_kv - host_seq_kv, host_seq_kv, host_room)
+        if batch_cap is not None:
+            batch = min(batch, batch_cap)
         if batch < 1:
             return None
         kv_bytes = batch * (seq_kv - host_seq_kv)
@@ -345,6 +372,7 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
         # On the CPU the budget covers the weights in RAM; the KV cache has its own (kv_cache_memory).
         host = spec.host_bytes + spec.device_bytes + n_res * spec.layer_bytes + staging
         batch, kv_bytes, device = workload.max_num_seqs, 0, 0
+        largest = batch
     if cpu_budget is not None and host > cpu_budget:
         return None
     ctx = batch * workload.max_model_len
@@ -358,19 +386,23 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     tok_s = batch * workload.gen_len / total
     return OffloadPlan(tuple(["resident"] * n_res + ["cpu"] * n_cpu + ["disk"] * n_disk), depth, batch, mbt,
                        kv_bytes, int(device), int(host), tok_s, step, io, compute,
-                       _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host),
+                       _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host, largest),
                        kv_host_layers=kv_host, host_kv_bytes=batch * host_seq_kv, activation_bytes=activations,
                        load_host_bytes=int(host) + 2 * spec.layer_bytes
                        + (spec.device_bytes if hw.device == "cuda" else 0))
 
 
-def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host) -> str:
+def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host, largest=None) -> str:
     bound = "I/O-bound" if io >= compute else "compute-bound"
     if hw.device == "cuda":
         where = "whose KV fits the GPU budget" if not kv_host else (
             f"whose KV (the device's share, and {kv_host} layers' in host RAM) and activations fit")
-        reason = (f"{bound} decode; batch {batch} is the most sequences of {workload.max_model_len} tokens "
+        most = largest if largest is not None else batch
+        reason = (f"{bound} decode; {most} is the most sequences of {workload.max_model_len} tokens "
                   f"{where} beside {n_res} resident layers and {depth} staging slots")
+        if batch < most:
+            reason += (f"; batch {batch}: more would add under {KNEE_TOLERANCE:.0%} tok/s "
+                       "(compute-bound past it: host KV and latency, not throughput)")
         if kv_host:
             reason += f"; CPU attention reads {hw.cpu_attn_bytes_per_s / GIB:.1f} GiB/s of KV"
     else:
