@@ -231,7 +231,9 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
 
         def stream_weights():
             with torch.cuda.stream(side):
-                for _ in range(24):   # ~0.1 s of copies at 50 GiB/s: longer than the timed calls
+                # ~0.6 s of copies at 50 GiB/s: longer than the timed calls (4 reads of the
+                # probe's 1 GiB at the 15-36 GiB/s hosts have measured)
+                for _ in range(128):
                     dev.copy_(host, non_blocking=True)
 
         cpu_attn = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, during=stream_weights)
@@ -241,15 +243,26 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
     return Hardware("cuda", h2d, disk, flops, mem, cpu_attn)
 
 
+# Host KV the CPU-attention probe reads per timed call: more than a host's last-level cache.
+CPU_ATTENTION_PROBE_BYTES = 1 << 30
+
+
 def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                        batch: int = 32, context: int = 512, block_size: int = 16, during=None) -> float:
-    """KV bytes/s the host reads when decode rows attend over a host cache: one layer, `batch`
+    """KV bytes/s the host reads when decode rows attend over a host cache: layers of `batch`
     rows of `context` tokens, through the host tier's own call (attention/host_tier.cpu_attend,
     with the threads its worker uses beside a GPU). during(): started after a warm-up call and
-    before the timed ones (the GPU caller queues weight copies there)."""
+    before the timed ones (the GPU caller queues weight copies there).
+
+    The layers' caches add up to CPU_ATTENTION_PROBE_BYTES, so that the reads come from memory
+    as a step's do: one 64 MiB layer read again and again stayed in a large last-level cache
+    (three H100 runs measured 3.9, 15.9 and 36.1 GiB/s, and the plan made of 36.1 ran at 0.60
+    of its prediction)."""
     from strata.attention.host_tier import attention_threads, cpu_attend
     blocks = context // block_size
-    cache = torch.randn(2, batch * blocks + 1, block_size, num_kv_heads, head_dim).to(dtype)
+    first = torch.randn(2, batch * blocks + 1, block_size, num_kv_heads, head_dim).to(dtype)
+    layer_bytes = batch * context * 2 * num_kv_heads * head_dim * first.element_size()
+    caches = [first] + [first.clone() for _ in range(-(-CPU_ATTENTION_PROBE_BYTES // layer_bytes) - 1)]
     tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
     q = torch.randn(batch, num_heads, head_dim)
     meta = AttentionMetadata(
@@ -261,13 +274,14 @@ def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: 
     threads = attention_threads(on_cuda=True)
 
     def attend():
-        return cpu_attend(q, cache, meta, head_dim ** -0.5, threads)
+        for cache in caches:
+            cpu_attend(q, cache, meta, head_dim ** -0.5, threads)
 
     attend()
     if during is not None:
         during()
     seconds = _median_s(attend, reps=3)
-    return batch * context * 2 * num_kv_heads * head_dim * cache.element_size() / seconds
+    return len(caches) * layer_bytes / seconds
 
 
 def _median_s(fn, reps: int = 5) -> float:
