@@ -110,11 +110,16 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     passes0, disk0 = mover.stats.passes, mover.stats.bytes_from_disk
+    from strata.attention import host_tier
+    host0 = dict(host_tier.worker().stats)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    # The host tier's worker during the timed run: the rate its attention reached in the steps,
+    # beside the startup probe's that the plan used.
+    host = {key: value - host0[key] for key, value in host_tier.worker().stats.items()}
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     workload = Workload(prompt_len + new_tokens, prompt_len, new_tokens, batch)
     predicted = predict_throughput(engine.offload_spec, engine.offload_hardware, plan, workload)
@@ -136,7 +141,8 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         gpu_reserved_gib=torch.cuda.max_memory_reserved() / GIB if args.device == "cuda" else 0.0,
         wait_s=mover.stats.wait_seconds, kv_host_layers=plan.kv_host_layers, plan_host_gib=plan.host_bytes / GIB,
         plan_disk_gib_s=engine.offload_hardware.disk_bytes_per_s / GIB,
-        plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB)
+        plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB,
+        host_attention=dict(host, gib_s=host["attend_bytes"] / GIB / max(host["attend_s"], 1e-9)))
     if short_new_tokens:
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -460,6 +466,11 @@ def report_main(r: dict, args, h2d: float, budget: int, results: dict, elapsed) 
           f"{r['gpu_peak_gib']:.2f} GiB allocated ({r['gpu_reserved_gib']:.2f} reserved), {within} the "
           f"{budget / GIB:.2f} GiB budget; KV of {r['kv_host_layers']} layers in host RAM (CPU attention "
           f"measured at {r['plan_cpu_attn_gib_s']:.1f} GiB/s); waited {r['wait_s']:.2f} s for fetches", flush=True)
+    h = r["host_attention"]
+    if h["attend_bytes"]:
+        print(f"  host tier in the run: attention {h['attend_bytes'] / GIB:.1f} GiB in {h['attend_s']:.2f} s = "
+              f"{h['gib_s']:.1f} GiB/s (the plan's probe: {r['plan_cpu_attn_gib_s']:.1f}); K/V writes "
+              f"{h['write_s']:.2f} s; waiting for the copies down {h['wait_s']:.2f} s", flush=True)
 
 
 def report_disk(d: dict, args, disk: float, results: dict, elapsed) -> None:

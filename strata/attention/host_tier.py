@@ -125,6 +125,9 @@ class HostAttentionWorker:
         self._tasks: deque[Future] = deque()
         self._streams: dict[int, torch.cuda.Stream] = {}
         self.tasks_run = 0
+        # Where the worker's time goes (benchmarks compare the rate it reached with the policy's
+        # startup probe): seconds waiting for the copies down, writing K/V, attending; KV bytes read.
+        self.stats = {"wait_s": 0.0, "write_s": 0.0, "attend_s": 0.0, "attend_bytes": 0}
         self._lock = threading.Lock()
 
     def start(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -190,12 +193,23 @@ class HostAttentionWorker:
         mode is per thread: the step's tensors and the cache may be inference tensors.)"""
         if self.delay_s:
             time.sleep(self.delay_s)
+        t0 = time.perf_counter()
         if arrived is not None:
             arrived.synchronize()
+        t1 = time.perf_counter()
         with torch.inference_mode():
             write_kv(kv_cache, sources[0], sources[1], slot_mapping, attention_threads(on_cuda))
+            t2 = time.perf_counter()
             if sub is not None:
                 out_host.copy_(cpu_attend(sources[2], kv_cache, sub, scale, threads=attention_threads(on_cuda)))
+        t3 = time.perf_counter()
+        stats = self.stats
+        stats["wait_s"] += t1 - t0
+        stats["write_s"] += t2 - t1
+        stats["attend_s"] += t3 - t2
+        if sub is not None:
+            token_bytes = 2 * kv_cache.shape[3] * kv_cache.shape[4] * kv_cache.element_size()
+            stats["attend_bytes"] += sum(sub.seq_lens_cpu) * token_bytes
         self.tasks_run += 1
 
     def _acquire(self, nbytes: int, pinned: bool) -> _Staging:
