@@ -68,6 +68,9 @@ class Hardware:
     # KV bytes/s the host reads while attending for decode rows (attention/host_tier.py); 0: not
     # measured, and the auto policy keeps the KV cache on the device.
     cpu_attn_bytes_per_s: float = 0.0
+    # Pinned host -> device while the host attends over its KV cache: both read host memory, and
+    # the copies slow down (0: not measured, taken as h2d_bytes_per_s).
+    h2d_contended_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,13 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
             host_layer += moved / hw.h2d_bytes_per_s
     k = max(1, micro_batches)
     copy_s = 0.0 if cpu_path else spec.layer_bytes / hw.h2d_bytes_per_s
+    # A decode step's host-KV layers copy their weights while the CPU attends: at the contended rate.
+    copy_kv_s = copy_s
+    if not cpu_path and kv_host_layers and not prefill and hw.h2d_contended_bytes_per_s > 0:
+        copy_kv_s = spec.layer_bytes / min(hw.h2d_contended_bytes_per_s, hw.h2d_bytes_per_s)
     disk_s = spec.layer_bytes / hw.disk_bytes_per_s
-    io = max((n_cpu + n_disk) * copy_s, n_disk * disk_s)
+    streamed_kv = min(n_cpu + n_disk, kv_host_layers)   # the host-KV layers are the last ones
+    io = max((n_cpu + n_disk - streamed_kv) * copy_s + streamed_kv * copy_kv_s, n_disk * disk_s)
     compute = resident = streamed = 0.0
     lead = []   # (copy, compute) of the first `depth` streamed layers
     for layer in range(layers):
@@ -184,7 +192,8 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
         if layer < n_res:
             resident += c
             continue
-        fetch = max(copy_s, disk_s) if layer >= n_res + n_cpu else copy_s
+        copy = copy_kv_s if layer >= layers - kv_host_layers else copy_s
+        fetch = max(copy, disk_s) if layer >= n_res + n_cpu else copy
         if depth < 2:
             streamed += fetch + c
         elif len(lead) < depth:
@@ -413,6 +422,8 @@ def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_ho
         reason += f"; {n_disk} read from disk at {hw.disk_bytes_per_s / GIB:.2f} GiB/s"
     if (n_cpu + n_disk) and hw.device == "cuda":
         reason += f"; PCIe {hw.h2d_bytes_per_s / GIB:.1f} GiB/s"
+        if kv_host and 0 < hw.h2d_contended_bytes_per_s < hw.h2d_bytes_per_s:
+            reason += f" ({hw.h2d_contended_bytes_per_s / GIB:.1f} while the CPU attends)"
     return reason
 
 

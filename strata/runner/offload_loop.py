@@ -224,23 +224,30 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
     a = torch.randn(n, n, dtype=dtype, device=device)
     flops = 2 * n**3 / _median_cuda_s(lambda: a @ a)
     del a
-    cpu_attn = 0.0
+    cpu_attn = contended = 0.0
     if cfg is not None:
-        # While the weight stream runs, as it does in a step: the copies read host memory too.
+        # While the weight stream runs, as it does in a step: the copies read host memory too,
+        # and the first 16 are timed: the copy rate while the host attends (on an H100 host the
+        # steps' copies ran well below the idle rate beside an attention at 29 GiB/s).
         side = torch.cuda.Stream(device)
+        first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
         def stream_weights():
             with torch.cuda.stream(side):
                 # ~0.6 s of copies at 50 GiB/s: longer than the timed calls (4 reads of the
                 # probe's 1 GiB at the 15-36 GiB/s hosts have measured)
-                for _ in range(128):
+                first.record(side)
+                for i in range(128):
                     dev.copy_(host, non_blocking=True)
+                    if i == 15:
+                        last.record(side)
 
         cpu_attn = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, during=stream_weights)
         side.synchronize()
+        contended = 16 * host.numel() / max(first.elapsed_time(last) / 1e3, 1e-9)
     del host, dev
     torch.cuda.empty_cache()
-    return Hardware("cuda", h2d, disk, flops, mem, cpu_attn)
+    return Hardware("cuda", h2d, disk, flops, mem, cpu_attn, contended)
 
 
 # Host KV the CPU-attention probe reads per timed call: more than a host's last-level cache.
