@@ -210,7 +210,7 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
         a = torch.randn(n, n, dtype=torch.float32)
         flops = 2 * n**3 / _median_s(lambda: a @ a)
         # Exact mappings, unmapped when done: clones from malloc stayed in its heap as RSS.
-        src, dst = host_buffer(16 * 2**20, False), host_buffer(16 * 2**20, False)
+        src, dst = host_buffer(8 * 2**20, False), host_buffer(8 * 2**20, False)
         src.fill_(1)
         mem = 2 * src.numel() / _median_s(lambda: dst.copy_(src))
         del src, dst
