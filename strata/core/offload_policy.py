@@ -179,9 +179,7 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     if not cpu_path and kv_host_layers and not prefill and hw.h2d_contended_bytes_per_s > 0:
         copy_kv_s = spec.layer_bytes / min(hw.h2d_contended_bytes_per_s, hw.h2d_bytes_per_s)
     disk_s = spec.layer_bytes / hw.disk_bytes_per_s
-    streamed_kv = min(n_cpu + n_disk, kv_host_layers)   # the host-KV layers are the last ones
-    io = max((n_cpu + n_disk - streamed_kv) * copy_s + streamed_kv * copy_kv_s, n_disk * disk_s)
-    compute = resident = streamed = 0.0
+    compute = resident = streamed = copies = 0.0
     lead = []   # (copy, compute) of the first `depth` streamed layers
     for layer in range(layers):
         if layer >= layers - kv_host_layers:
@@ -193,6 +191,7 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
             resident += c
             continue
         copy = copy_kv_s if layer >= layers - kv_host_layers else copy_s
+        copies += copy
         fetch = max(copy, disk_s) if layer >= n_res + n_cpu else copy
         if depth < 2:
             streamed += fetch + c
@@ -209,6 +208,7 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
         hidden = min(fetch, hidden_by)
         hidden_by -= hidden
         streamed += max(fetch - hidden, c)
+    io = max(copies, n_disk * disk_s)   # every streamed layer crosses PCIe; disk layers are read too
     overhead = (layers + kv_host_layers) * k * LAYER_OVERHEAD_S
     return io, compute, max(io, resident + head + streamed) + overhead
 
@@ -291,15 +291,15 @@ def _knee(plan: OffloadPlan, at_batch) -> OffloadPlan:
     """The smallest batch whose plan (at_batch(cap): the same placement with at most cap
     sequences) predicts within KNEE_TOLERANCE of ``plan``'s throughput."""
     floor = plan.predicted_tok_s * (1 - KNEE_TOLERANCE)
-    lo, hi = 1, plan.batch_size          # hi meets the floor; find the least batch that does
-    while lo < hi:
-        mid = (lo + hi) // 2
+    lo, best = 1, plan                   # best meets the floor; find the least batch that does
+    while lo < best.batch_size:
+        mid = (lo + best.batch_size) // 2
         candidate = at_batch(mid)
         if candidate is not None and candidate.predicted_tok_s >= floor:
-            hi = mid
+            best = candidate
         else:
             lo = mid + 1
-    return plan if hi == plan.batch_size else at_batch(hi)
+    return best
 
 
 def _kv_host_candidates(spec, hw, explicit) -> list[int]:
