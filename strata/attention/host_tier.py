@@ -31,6 +31,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 from strata.attention import torch_ref
 from strata.attention.backend import AttentionMetadata
@@ -137,14 +138,17 @@ class HostAttentionWorker:
         host = host_copies(meta)
         out = torch.empty_like(q)
         starts = meta.query_start_loc_cpu
-        rows = []
+        rows, fresh = [], []   # fresh: [first token, prompts, length] of runs of equal prompts
         for row, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
             if q_len > 1 and q_len == ctx_len:   # a fresh prompt: its context is on the device already
-                a, b = starts[row], starts[row + 1]
-                mask = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).tril()
-                out[a:b] = torch_ref._sdpa(q[a:b], k[a:b], v[a:b], mask, scale, q.shape[1] // k.shape[1])
+                if fresh and fresh[-1][2] == q_len and fresh[-1][0] + fresh[-1][1] * q_len == starts[row]:
+                    fresh[-1][1] += 1
+                else:
+                    fresh.append([starts[row], 1, q_len])
             else:
                 rows.append(row)
+        for a, n, length in fresh:
+            fresh_prompts_attention(q, k, v, out, a, n, length, scale)
         token_index = None
         if rows and rows != list(range(meta.num_seqs)):
             # through pinned memory: a pageable copy would wait for the GPU work queued so far
@@ -271,6 +275,22 @@ def attention_threads(on_cuda: bool) -> int:
     queueing GPU work meanwhile."""
     n = torch.get_num_threads()
     return max(1, n - 1) if on_cuda else n
+
+
+def fresh_prompts_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, a: int, n: int,
+                            length: int, scale: float) -> None:
+    """Causal attention of n consecutive fresh prompts of `length` tokens each, from token a of
+    q [tokens, heads, d] / k, v [tokens, kv_heads, d], into out: one batched call (a prefill
+    micro-batch of equal prompts is one kernel, where a call per prompt with a mask tensor kept
+    the host busier than the GPU: 22 of a layer's 60 ms at 94 x 512 tokens on an H100)."""
+    b, heads, kv_heads, d = a + n * length, q.shape[1], k.shape[1], q.shape[2]
+
+    def batched(t):
+        return t[a:b].reshape(n, length, t.shape[1], d).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(batched(q), batched(k), batched(v), scale=scale, is_causal=True,
+                                       enable_gqa=heads != kv_heads)
+    out[a:b] = o.transpose(1, 2).reshape(n * length, heads, d)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,

@@ -194,6 +194,21 @@ def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch
     engine.offload_mover.close()
 
 
+def test_equal_fresh_prompts_on_the_host_tier(model_dir, tmp_path, monkeypatch):
+    """Fresh prompts of one length attend as one batched call per run of them
+    (host_tier.fresh_prompts_attention): the resident run's tokens, with the batched call used."""
+    from strata.attention import host_tier
+    prompts = [list(range(10 + 9 * p, 19 + 9 * p)) for p in range(4)] + [[5, 6, 7, 8, 9]]
+    resident = run(make(model_dir), prompts, 4)
+    calls = []
+    real = host_tier.fresh_prompts_attention
+    monkeypatch.setattr(host_tier, "fresh_prompts_attention", lambda *a: calls.append(a[5]) or real(*a))
+    llm = make(model_dir, offload_dir=str(tmp_path), offload_policy="w_gpu=1,kv_cpu=1")
+    assert run(llm, prompts, 4) == resident
+    assert calls[:2] == [4, 1]   # layer 0: the four 9-token prompts together, then the last
+    llm.llm_engine.offload_mover.close()
+
+
 def test_host_tier_output_is_waited_for(model_dir, resident_tokens, tmp_path, monkeypatch):
     """The check above can fail: an o_proj that took the CPU rows' output without waiting for the
     (slow) worker reads a staging buffer not yet written, and the tokens change."""
