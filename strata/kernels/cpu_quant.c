@@ -271,6 +271,43 @@ w8_rows(const int ROWS, const float *x, int64_t k, const int8_t *q, const float 
     for (int i = 0; i < ROWS; i++) y[i * n_total] = hsum(acc[i]);
 }
 
+/* 8 weights of a w8 row as floats. */
+static inline __m256 w8_load8(const int8_t *q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
+
+/* One row of x (the LM head of a single stream): w8_rows' chain of FMAs through one partial sum
+ * per group is bound by the FMA's latency there, not by the FMA units. Two groups at a time,
+ * each in two partial sums, keep four independent chains in flight. */
+static void w8_one_row(const float *x, int64_t k, const int8_t *q, const float *scales, int64_t group, float *y) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const int64_t groups = k / group;
+    int64_t g = 0;
+    if (group % 16 == 0) {
+        for (; g + 2 <= groups; g += 2) {
+            const int8_t *qa = q + g * group, *qb = qa + group;
+            const float *xa = x + g * group, *xb = xa + group;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+            for (int64_t j = 0; j < group; j += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xa + j), w8_load8(qa + j), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xa + j + 8), w8_load8(qa + j + 8), a1);
+                b0 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + j), w8_load8(qb + j), b0);
+                b1 = _mm256_fmadd_ps(_mm256_loadu_ps(xb + j + 8), w8_load8(qb + j + 8), b1);
+            }
+            acc0 = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scales[g]), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), _mm256_set1_ps(scales[g + 1]), acc1);
+        }
+    }
+    for (; g < groups; g++) {
+        __m256 t = _mm256_setzero_ps();
+        for (int64_t j = g * group; j < (g + 1) * group; j += 8)
+            t = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), w8_load8(q + j), t);
+        acc0 = _mm256_fmadd_ps(t, _mm256_set1_ps(scales[g]), acc0);
+    }
+    *y = hsum(_mm256_add_ps(acc0, acc1));
+}
+
 static inline __attribute__((always_inline)) void
 f32_rows(const int ROWS, const float *x, int64_t k, const float *w, float *y, int64_t n_total) {
     __m256 acc[ROWS_PER_PASS];
@@ -299,7 +336,7 @@ static void f32_row(const float *x, int64_t rows, int64_t k, const float *w, flo
 static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, const float *scales,
                    int64_t group, float *y, int64_t n_total) {
     switch (rows) {
-    case 1: w8_rows(1, x, k, q, scales, group, y, n_total); break;
+    case 1: w8_one_row(x, k, q, scales, group, y); break;
     case 2: w8_rows(2, x, k, q, scales, group, y, n_total); break;
     case 3: w8_rows(3, x, k, q, scales, group, y, n_total); break;
     default: w8_rows(4, x, k, q, scales, group, y, n_total); break;
