@@ -30,6 +30,12 @@ GIB = 2**30
 GPU_RESERVE = 0.05
 # Host-side launch cost of one layer per micro-batch (Python, kernel launches, events).
 LAYER_OVERHEAD_S = 150e-6
+# Host time of one micro-batch in a layer whose KV cache is in host RAM, on a GPU: the split
+# forward, the host tier's start (staging, copies down, queuing the worker) and the resume (the
+# output's wait, o_proj and the MLP). 1.2-1.4 ms at 2,048 and 4,096 tokens, ~1.6 at a decode
+# step, on an H100's host (bench/offload_timeline.py). In a prefill of 24 micro-batches a layer
+# it is as long as the layer's matmuls and runs mostly beside them, not under them.
+HOST_KV_MICRO_BATCH_S = 1.3e-3
 MICRO_BATCH_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
 # Pinned staging buffers of the host KV tier (attention/host_tier.py): two micro-batches'
 # results in flight plus fresh prompts' KV writes.
@@ -159,7 +165,8 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     cache; a prefill's fresh prompts attend on the device and the CPU only writes their K and V),
     overlapped across micro-batches (runner/offload_loop._host_kv_layer): with K micro-batches
     the CPU works on one while the GPU computes another, so the layer takes the longer of the two
-    plus a K-th of the shorter (one micro-batch: their sum)."""
+    plus a K-th of the shorter (one micro-batch: their sum), plus the host's time per micro-batch
+    (HOST_KV_MICRO_BATCH_S; on a GPU it replaces LAYER_OVERHEAD_S for those layers)."""
     layers = spec.num_layers
     cpu_path = hw.device == "cpu"
     kv_layer = spec.kv_bytes_per_token / layers
@@ -173,6 +180,7 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
             moved = tokens * (kv_layer + (0 if prefill else 2 * spec.hidden_size * 4))
             host_layer += moved / hw.h2d_bytes_per_s
     k = max(1, micro_batches)
+    host_kv_launch = 0.0 if cpu_path else k * HOST_KV_MICRO_BATCH_S
     copy_s = 0.0 if cpu_path else spec.layer_bytes / hw.h2d_bytes_per_s
     # A decode step's host-KV layers copy their weights while the CPU attends: at the contended rate.
     copy_kv_s = copy_s
@@ -183,7 +191,7 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     lead = []   # (copy, compute) of the first `depth` streamed layers
     for layer in range(layers):
         if layer >= layers - kv_host_layers:
-            c = max(gpu_layer, host_layer) + min(gpu_layer, host_layer) / k
+            c = max(gpu_layer, host_layer) + min(gpu_layer, host_layer) / k + host_kv_launch
         else:
             c = gpu_layer + device_kv
         compute += c
@@ -209,7 +217,7 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
         hidden_by -= hidden
         streamed += max(fetch - hidden, c)
     io = max(copies, n_disk * disk_s)   # every streamed layer crosses PCIe; disk layers are read too
-    overhead = (layers + kv_host_layers) * k * LAYER_OVERHEAD_S
+    overhead = (layers + (kv_host_layers if cpu_path else -kv_host_layers)) * k * LAYER_OVERHEAD_S
     return io, compute, max(io, resident + head + streamed) + overhead
 
 
