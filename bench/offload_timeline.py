@@ -41,10 +41,14 @@ class Trace:
     def __init__(self):
         self.on = False
         self.events = []        # (kind, layer, mb, host start, host end) with host times
-        self.cuda = []          # (kind, layer, torch.cuda.Event)
+        self.cuda = []          # (kind, layer, torch.cuda.Event, host time it was queued)
         self.layer = -1
         self.mb = 0
         self.task_labels = []   # (layer, mb) of each started task, in order
+        self.arm = False        # trace the next pass
+        self.ref = None         # the traced pass's reference event, its host time, its length
+        self.t_ref = None
+        self.t_end = 0.0
 
     def add(self, kind, t0, t1, layer=None, mb=None):
         if self.on:
@@ -58,7 +62,6 @@ class Trace:
 
 
 T = Trace()
-T.t_ref = None
 
 
 def install() -> None:
@@ -173,7 +176,6 @@ def install() -> None:
         return out
 
     loop_cls.run = loop_run
-    T.arm = False
 
 
 def report(title: str) -> dict:

@@ -217,7 +217,9 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
         hidden_by -= hidden
         streamed += max(fetch - hidden, c)
     io = max(copies, n_disk * disk_s)   # every streamed layer crosses PCIe; disk layers are read too
-    overhead = (layers + (kv_host_layers if cpu_path else -kv_host_layers)) * k * LAYER_OVERHEAD_S
+    # A host-KV layer launches two halves per micro-batch; on a GPU their host time is in c already.
+    launched = layers + kv_host_layers if cpu_path else layers - kv_host_layers
+    overhead = launched * k * LAYER_OVERHEAD_S
     return io, compute, max(io, resident + head + streamed) + overhead
 
 

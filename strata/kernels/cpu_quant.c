@@ -221,6 +221,11 @@ static void w4_block_rows(const float *x, int64_t rows, int64_t k, const uint8_t
 }
 #define HAVE_W4_BLOCK 1
 
+/* 8 weights of a w8 row as floats. */
+static inline __m256 w8_load8(const int8_t *q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
+
 /* The same for grouped int8 (the LM head of a batch): w = q * scale dequantized once per 8 values,
  * one FMA per row of x. */
 static inline __attribute__((always_inline)) void
@@ -231,8 +236,7 @@ w8_block(const int ROWS, const float *x, int64_t k, const int8_t *q, const float
     for (int64_t g = 0; g < k / group; g++) {
         __m256 scale = _mm256_set1_ps(scales[g]);
         for (int64_t j = g * group; j < (g + 1) * group; j += 8) {
-            __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j)))),
-                                     scale);
+            __m256 w = _mm256_mul_ps(w8_load8(q + j), scale);
             for (int i = 0; i < ROWS; i++) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + j), w, acc[i]);
         }
     }
@@ -262,18 +266,13 @@ w8_rows(const int ROWS, const float *x, int64_t k, const int8_t *q, const float 
         __m256 t[ROWS_PER_PASS];
         for (int i = 0; i < ROWS; i++) t[i] = _mm256_setzero_ps();
         for (int64_t j = g * group; j < (g + 1) * group; j += 8) {
-            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + j))));
+            __m256 w = w8_load8(q + j);
             for (int i = 0; i < ROWS; i++) t[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + j), w, t[i]);
         }
         __m256 scale = _mm256_set1_ps(scales[g]);
         for (int i = 0; i < ROWS; i++) acc[i] = _mm256_fmadd_ps(t[i], scale, acc[i]);
     }
     for (int i = 0; i < ROWS; i++) y[i * n_total] = hsum(acc[i]);
-}
-
-/* 8 weights of a w8 row as floats. */
-static inline __m256 w8_load8(const int8_t *q) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
 }
 
 /* One row of x (the LM head of a single stream): w8_rows' chain of FMAs through one partial sum
