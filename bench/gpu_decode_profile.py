@@ -1,6 +1,6 @@
 """Where a batch-1 decode step of the 8B-shaped model spends its time (diagnostic, GPU only).
 
-    python bench/gpu_decode_profile.py [--batch 1] [--async-scheduling]
+    python bench/gpu_decode_profile.py [--batch 1] [--async-scheduling] [--quantization int4]
 
 Prints, for a decode step at ~200 tokens of context: the graph replay alone (the forward pass
 on the GPU), the LM head, one whole engine step measured from Python (scheduler, input
@@ -26,10 +26,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="decode rows")
     parser.add_argument("--async-scheduling", action="store_true",
                         help="the engine option: step N+1 prepared while the GPU computes step N")
+    parser.add_argument("--quantization", choices=["int8", "int4"],
+                        help="weights quantized at load (int4 in groups of 128)")
     args = parser.parse_args()
     from strata import LLM, SamplingParams
+    quant = dict(quantization=args.quantization) if args.quantization else {}
     llm = LLM(str(model_dir(False)), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-              max_model_len=4096, max_num_seqs=256, async_scheduling=args.async_scheduling)
+              max_model_len=4096, max_num_seqs=256, async_scheduling=args.async_scheduling, **quant)
     engine = llm.llm_engine
     runner = engine.executor.runner
     params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)

@@ -1,7 +1,7 @@
 """Quantized weights and KV cache on one NVIDIA GPU: Llama-3.1-8B's shape, random weights.
 
     python bench/gpu_quant.py [--formats bf16 int8 int4] [--kv auto int8] [--quick]
-                              [--int4-decode gemv|fma]
+                              [--int4-decode gemv|fma] [--pdl on off]
 
 Same process, one engine at a time (each freed before the next):
 1. ceilings: the device-to-device copy bandwidth (bytes read + written), as bench/gpu_llama8b.py.
@@ -9,7 +9,9 @@ Same process, one engine at a time (each freed before the next):
    batch 1, 128-token prompt, 256 new tokens, median of 3; the weight memory; and the fraction of
    the format's own roofline = tok/s / (copy bandwidth / bytes a decode step reads), the bytes
    being every weight but the embedding table (packed codes, scales and the bf16 LM head).
-   Ratios int8/bf16 and int4/bf16 (targets: 1.7x and 2.5x).
+   Ratios int8/bf16 and int4/bf16 (targets: 1.7x and 2.5x). With ``--pdl on off`` each format
+   runs with and without programmatic dependent launch in its captured graphs
+   (strata.kernels.pdl), a fresh engine each, for an A/B in the same process.
 3. kv (with --kv): the offline fixed set (1000 x 256 prompt / 256 new tokens, ignore_eos) with
    bf16 weights at the same KV memory budget for each KV dtype: total tok/s, the KV blocks and
    the most sequences the budget lets run at once.
@@ -46,31 +48,39 @@ def _free() -> None:
 
 
 def decode_part(path: Path, args, bw: float, results: dict) -> None:
+    for pdl_mode in args.pdl:
+        for name in args.formats:
+            decode_one(path, args, bw, results, name, pdl_mode)
+
+
+def decode_one(path: Path, args, bw: float, results: dict, name: str, pdl_mode: str) -> None:
     from strata import SamplingParams
-    for name in args.formats:
-        llm = _llm(path, args, **FORMATS[name])
-        engine = llm.llm_engine
-        print(engine.describe(), flush=True)
-        model = engine.executor.runner.model
-        read_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                         if "embed_tokens" not in n)
-        total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        prompt = random_prompts(1, 128, 128, 0, 0, 1, 128256)[0][0]
-        params = SamplingParams(max_tokens=args.decode_new, temperature=0.0, ignore_eos=True)
-        rates = []
-        for _ in range(3):
-            out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-            m = out.metrics
-            rates.append((len(out.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
-        tok_s = statistics.median(rates)
-        roofline = bw / read_bytes
-        results[name] = dict(decode_tok_s=tok_s, rates=rates, weight_gib=total_bytes / 2**30,
-                             read_bytes_per_token=read_bytes, roofline_tok_s=roofline,
-                             roofline_fraction=tok_s / roofline, startup=engine.describe())
-        print(f"{name}: decode {tok_s:.1f} tok/s {rates}, weights {total_bytes / 2**30:.2f} GiB, "
-              f"{tok_s / roofline:.0%} of its roofline {roofline:.0f} tok/s", flush=True)
-        del llm, engine, model, out      # the next engine needs the whole card
-        _free()
+    from strata.kernels import pdl
+    pdl.ENABLED = pdl_mode == "on"
+    key = name if pdl_mode == args.pdl[0] else f"{name} (pdl {pdl_mode})"
+    llm = _llm(path, args, **FORMATS[name])
+    engine = llm.llm_engine
+    print(engine.describe(), flush=True)
+    model = engine.executor.runner.model
+    read_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if "embed_tokens" not in n)
+    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    prompt = random_prompts(1, 128, 128, 0, 0, 1, 128256)[0][0]
+    params = SamplingParams(max_tokens=args.decode_new, temperature=0.0, ignore_eos=True)
+    rates = []
+    for _ in range(3):
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        m = out.metrics
+        rates.append((len(out.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
+    tok_s = statistics.median(rates)
+    roofline = bw / read_bytes
+    results[key] = dict(pdl=pdl_mode, decode_tok_s=tok_s, rates=rates, weight_gib=total_bytes / 2**30,
+                        read_bytes_per_token=read_bytes, roofline_tok_s=roofline,
+                        roofline_fraction=tok_s / roofline, startup=engine.describe())
+    print(f"{key}: decode {tok_s:.1f} tok/s {rates}, weights {total_bytes / 2**30:.2f} GiB, "
+          f"{tok_s / roofline:.0%} of its roofline {roofline:.0f} tok/s", flush=True)
+    del llm, engine, model, out      # the next engine needs the whole card
+    _free()
 
 
 def kv_part(path: Path, args, results: dict) -> None:
@@ -112,6 +122,9 @@ def main() -> None:
     ap.add_argument("--gemv-tuned", type=Path, metavar="FILE",
                     help="with --int4-decode gemv: per-shape tiles, JSON {\"N,K\": config} as "
                          "bench/gpu_int4_profile.py --split-sweep --tuned-out writes it")
+    ap.add_argument("--pdl", nargs="+", choices=["on", "off"], default=["on"],
+                    help="programmatic dependent launch in the captured graphs (sm_90+); "
+                         "'on off' runs both, the first named is the main row")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from strata.kernels import int4_gemv, quant_matmul
@@ -130,9 +143,11 @@ def main() -> None:
         kv_part(path, args, results)
     print("\n| weights | decode tok/s | vs bf16 | weights GiB | roofline fraction |")
     print("|---|---:|---:|---:|---:|")
-    base = results.get("bf16", {}).get("decode_tok_s")
-    for name in args.formats:
+    for name in results:
         r = results[name]
+        if not isinstance(r, dict) or "decode_tok_s" not in r:
+            continue
+        base = results.get("bf16" if r["pdl"] == args.pdl[0] else f"bf16 (pdl {r['pdl']})", {}).get("decode_tok_s")
         ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else ""
         print(f"| {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['weight_gib']:.2f} | {r['roofline_fraction']:.0%} |")
     if args.json:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from strata.kernels import pdl
+
 _BLOCK = 1024
 _NUM_WARPS = 4
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,7 +37,10 @@ _SILU_AND_MUL, _GELU, _GELU_TANH, _RELU = 0, 1, 2, 3
 
 
 @triton.jit
-def _act_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                USE_PDL: tl.constexpr = False):
+    pdl.trigger(USE_PDL)
+    pdl.wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -89,7 +94,8 @@ def _launch(x: torch.Tensor, out: torch.Tensor | None, out_shape: tuple, act: in
     if rows > 0 and n_cols > 0:
         grid = (rows, triton.cdiv(n_cols, _BLOCK))
         _act_kernel[grid](x2, out2, n_cols, x2.stride(0) if rows > 1 else 0,
-                          out2.stride(0) if rows > 1 else 0, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                          out2.stride(0) if rows > 1 else 0, ACT=act, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+                          **pdl.launch_options(x2))
     return out
 
 

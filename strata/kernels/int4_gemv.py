@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from strata.kernels import pdl
+
 # log2 of the scale that the products carry (module docstring).
 E_LOG2 = tl.constexpr(85)
 OUT_SCALE = tl.constexpr(2.0 ** 85)
@@ -190,10 +192,13 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
                     mn_stride_g, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
                     X_KIND: tl.constexpr, EVICT: tl.constexpr, BLOCK_N: tl.constexpr,
-                    KW: tl.constexpr):
+                    KW: tl.constexpr, USE_PDL: tl.constexpr = False):
     """y[n] for BLOCK_N rows over K slice program_id(1) of split_k (SPLIT: split_k > 1; a runtime
     value so that one build serves every slice count); steps of KW words (8 * KW weights) as a
-    [BLOCK_N, C, 4] tile, C = KW / 4 chunks of 32 weights. x_ptr: x's row as int32."""
+    [BLOCK_N, C, 4] tile, C = KW / 4 chunks of 32 weights. x_ptr: x's row as int32. USE_PDL
+    (strata.kernels.pdl): the first step's weights are loaded before waiting for the kernel that
+    wrote x."""
+    pdl.trigger(USE_PDL)
     C: tl.constexpr = KW // 4
     X_PER_WORD: tl.constexpr = 8 if X_KIND == 2 else 4        # int32 of x a word of weights
     pid_n = tl.program_id(0)
@@ -224,6 +229,7 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, mn_ptr, bias_ptr, out_ptr, ws_ptr, cnt_
     w, s, mn = _step_loads(q_tile, s_rows, mn_rows, w_start, n_mask, word_ct, offs_c, K,
                            s_stride_g, mn_stride_g, tl.arange(0, 1) < words_per_split, GROUP_SIZE,
                            EVEN_N, EVEN_K, EVICT)
+    pdl.wait(USE_PDL)                          # x, the workspace and out from here on
     for w_step in range(0, words_per_split, KW):         # make the 16-byte alignment visible;
         w0 = w_start + w_step                            # the masks stop the last slice at K
         w_next, s_next, mn_next = _step_loads(q_tile, s_rows, mn_rows, w0 + KW, n_mask, word_ct,
@@ -342,5 +348,5 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: 
         GROUP_SIZE=group_size, HAS_BIAS=bias is not None, EVEN_N=n % block_n == 0,
         EVEN_K=k == split_k * k_per_split, SPLIT=split_k > 1, EVICT="evict_first",
         X_KIND={torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype],
-        BLOCK_N=block_n, KW=kw, num_warps=config["num_warps"],
-        num_stages=config.get("num_stages", 1))
+        BLOCK_N=block_n, KW=kw, num_warps=config["num_warps"], num_stages=config.get("num_stages", 1),
+        **pdl.launch_options(x))

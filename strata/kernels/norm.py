@@ -39,6 +39,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from strata.kernels import pdl
+
 _MAX_SINGLE_PASS = 16384   # widest row kept whole in registers; wider rows are looped over
 _CHUNK = 4096              # slice width of the looped path
 _ELEMS_PER_THREAD = 8      # sets num_warps: 8 bf16 elements are one 16-byte vector load
@@ -72,7 +74,9 @@ def _load_add_residual(x_ptrs, res_ptrs, res_out_ptrs, mask, HAS_RES: tl.constex
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, inner, n_cols, eps,
                      xs0, xs1, rs0, rs1, os0, os1, ros0, ros1,
                      HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                     NUM_CHUNKS: tl.constexpr):
+                     NUM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl.trigger(USE_PDL)
+    pdl.wait(USE_PDL)
     # A [ROWS, BLOCK] tile: ROWS > 1 only for narrow rows (per-head norms), NUM_CHUNKS > 1 only
     # for rows wider than one block (then ROWS == 1).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -284,7 +288,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     grid, res, res_out, n_rows, inner, n_cols, strides, meta = _launch_args(x, residual, out, residual_out)
     if n_rows > 0 and n_cols > 0:
         _rms_norm_kernel[grid](x, res, weight, out, res_out, n_rows, inner, n_cols, float(eps), *strides,
-                                  HAS_RES=residual is not None, **meta)
+                                  HAS_RES=residual is not None, **meta, **pdl.launch_options(x))
     return out if residual is None else (out, residual_out)
 
 

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from strata.kernels import pdl
 from strata.kernels.paged_attention_checks import check_decode, check_prefill
 
 _LOG2E = 1.4426950408889634
@@ -116,8 +117,10 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_QUANT: tl.constexpr,
+    KV_QUANT: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl.trigger(USE_PDL)
+    pdl.wait(USE_PDL)
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -173,8 +176,10 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl.trigger(USE_PDL)
+    pdl.wait(USE_PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -379,11 +384,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), *s_strides,
         **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits,
-                       kv_scales is not None))
+                       kv_scales is not None), **pdl.launch_options(q))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(1),
-            **_reduce_meta(num_heads, head_dim, num_splits))
+            **_reduce_meta(num_heads, head_dim, num_splits), **pdl.launch_options(q))
     return out
 
 

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from strata.attention import torch_ref
+from strata.kernels import pdl
 from strata.quant.kv import qmax_of
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,7 +119,10 @@ def _rotary_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, cache_ptr,
                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                       WRITE_KV: tl.constexpr, KV_QUANT: tl.constexpr = False,
-                      QMAX: tl.constexpr = 127.0, INT_CODES: tl.constexpr = True):
+                      QMAX: tl.constexpr = 127.0, INT_CODES: tl.constexpr = True,
+                      USE_PDL: tl.constexpr = False):
+    pdl.trigger(USE_PDL)
+    pdl.wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     pos = tl.load(pos_ptr + t * pos_s).to(tl.int64)
@@ -316,7 +320,7 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     _rotary_kv_kernel[(num_tokens, blocks)](
         positions, q, k, v, cos_cache, sin_cache, cache, slots, scales, positions.stride(0),
         slots.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos_cache.stride(0), sin_cache.stride(0), *c_strides, s_plane, **meta)
+        cos_cache.stride(0), sin_cache.stride(0), *c_strides, s_plane, **meta, **pdl.launch_options(q))
     return q, k
 
 
