@@ -64,6 +64,7 @@ _MAX_BLOCK = 4096    # row slice per loop iteration of the first pass and the dr
 _SEARCH_BLOCK = 1024  # row slice per loop iteration of the search ([slice, pivots] accumulators)
 _SEARCH_UNROLL = 2    # search slices loaded together
 _NUM_WARPS = 8
+_ARGMAX_CHUNK = 4096  # vocab words a program of greedy_tokens reads
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -224,6 +225,40 @@ def _sample_kernel(logits_ptr, stride_row, temp_ptr, top_k_ptr, top_p_ptr, min_p
         tl.store(passes_ptr + row, num_passes)
 
 
+@triton.jit
+def _argmax_chunk_kernel(logits_ptr, stride_row, val_ptr, idx_ptr, nan_ptr, V, NUM_CHUNKS,
+                         CHUNK: tl.constexpr):
+    """Max, first index of it and first NaN index (V if none) of one CHUNK of one row."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(logits_ptr + row * stride_row + offs, mask=offs < V, other=float("-inf"))
+    is_nan = x != x
+    x = tl.where(is_nan, float("-inf"), x)
+    best = tl.max(x, axis=0)
+    slot = row * NUM_CHUNKS + chunk
+    tl.store(val_ptr + slot, best)
+    tl.store(idx_ptr + slot, tl.min(tl.where(x == best, offs, V), axis=0))
+    tl.store(nan_ptr + slot, tl.min(tl.where(is_nan, offs, V), axis=0))
+
+
+@triton.jit
+def _argmax_merge_kernel(val_ptr, idx_ptr, nan_ptr, out_ptr, V, NUM_CHUNKS,
+                         BLOCK_CHUNKS: tl.constexpr):
+    """The row's argmax from its chunks' (lowest index among equal maxima; a NaN wins, as in
+    torch.argmax; a row of -inf gives 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_CHUNKS)
+    ok = c < NUM_CHUNKS
+    val = tl.load(val_ptr + row * NUM_CHUNKS + c, mask=ok, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * NUM_CHUNKS + c, mask=ok, other=V)
+    first_nan = tl.min(tl.load(nan_ptr + row * NUM_CHUNKS + c, mask=ok, other=V), axis=0)
+    best = tl.max(val, axis=0)
+    arg = tl.min(tl.where(val == best, idx, V), axis=0)
+    arg = tl.where(first_nan < V, first_nan, arg)
+    tl.store(out_ptr + row, tl.where(arg < V, arg, 0).to(tl.int64))
+
+
 # ----------------------------------------------------------------------------------- wrapper
 
 def sample_tokens(
@@ -272,6 +307,30 @@ def sample_tokens(
         UNROLL=_SEARCH_UNROLL if search_block * _SEARCH_UNROLL <= vocab else 1, MAX_PASSES=_MAX_PASSES, COUNT_PASSES=passes_out is not None,
         num_warps=_NUM_WARPS if block >= 1024 else 4,
     )
+    return out
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:  # [num_rows] int64
+    """``logits.argmax(dim=-1)`` for [num_rows, vocab] float32 logits, the same ids (ties to the
+    lowest index, NaN wins, a row of -inf gives 0), read by many programs at once: torch's
+    reduction gives a row one block, 28 us for a 128256-word vocab on an H100 (of a 2.6 ms int4
+    decode step); here each 4096-word chunk has its own program and a second launch merges."""
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be 2-D float32, contiguous along the vocab, got "
+                         f"{tuple(logits.shape)} {logits.dtype} strides {logits.stride()}")
+    num_rows, vocab = logits.shape
+    out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0 or vocab == 0:
+        return out.zero_()
+    chunk = min(_ARGMAX_CHUNK, triton.next_power_of_2(vocab))
+    num_chunks = triton.cdiv(vocab, chunk)
+    val = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    nan = torch.empty_like(idx)
+    _argmax_chunk_kernel[(num_rows, num_chunks)](logits, logits.stride(0), val, idx, nan, vocab,
+                                                 num_chunks, CHUNK=chunk, num_warps=4)
+    _argmax_merge_kernel[(num_rows,)](val, idx, nan, out, vocab, num_chunks,
+                                      BLOCK_CHUNKS=triton.next_power_of_2(num_chunks), num_warps=1)
     return out
 
 

@@ -374,9 +374,13 @@ def sample(
     logits: torch.Tensor,  # [num_reqs, vocab] float32, after the logits processors
     metadata: SamplingMetadata,
 ) -> torch.Tensor:  # [num_reqs] int64
+    on_kernels = kernel_path(logits.device)
     if metadata.all_greedy:
+        if on_kernels:
+            from strata.kernels.sampling import greedy_tokens
+            return greedy_tokens(logits.contiguous())
         return logits.argmax(dim=-1)
-    if kernel_path(logits.device):
+    if on_kernels:
         from strata.kernels.sampling import sample_tokens
         if metadata.seeds is None:
             raise ValueError("metadata built for a device without the sampling kernel "

@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from strata.kernels.sampling import sample_tokens, sampling_reference
+from strata.kernels import sampling as sampling_mod
+from strata.kernels.sampling import greedy_tokens, sample_tokens, sampling_reference
 from strata.sample import sampler as sampler_mod
 from strata.sample.logits_processors import apply_logits_processors
 from strata.sample.sampler import Sampler, SamplingMetadata, SamplingRow, row_seed
@@ -62,6 +63,29 @@ def test_greedy_rows_take_the_argmax_lowest_index_on_ties():
     temperature, top_k, top_p, min_p = _params(6, temperature=0.0)
     out = sample_tokens(logits, temperature, top_k, top_p, min_p, torch.arange(6, device=DEVICE))
     assert out.tolist() == logits.argmax(dim=1).tolist()
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_greedy_tokens_equal_torch_argmax(chunk, monkeypatch):
+    """The chunked argmax of all-greedy batches: the same ids as torch.argmax, with the max in
+    any chunk, ties across chunks (lowest index), a NaN (it wins, as in torch), rows of -inf
+    and a vocab that is not a whole number of chunks (64-word chunks: 16 programs a row)."""
+    if chunk:
+        monkeypatch.setattr(sampling_mod, "_ARGMAX_CHUNK", chunk)
+    torch.manual_seed(1)
+    logits = torch.randn(7, 1000, device=DEVICE)
+    logits[1, [70, 700, 999]] = 50.0      # tied across chunks
+    logits[2] = 0.0
+    logits[3, :990] = float("-inf")
+    logits[4] = float("-inf")
+    logits[5, 999] = float("inf")
+    logits[6, [5, 600]] = float("nan")    # the first NaN wins over the larger values
+    logits[6, 3] = 1e30
+    assert greedy_tokens(logits).tolist() == logits.argmax(dim=1).tolist()
+    assert greedy_tokens(logits[:, :1]).tolist() == [0] * 7
+    assert greedy_tokens(logits[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="float32"):
+        greedy_tokens(logits.half())
 
 
 # ---------- truncation ----------
