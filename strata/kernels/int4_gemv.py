@@ -42,9 +42,11 @@ an H100 to 51-94% of the floor (gemv_config has the tiles) and batch-1 decode fr
 Split-K, one launch: a grid of (row blocks, SPLIT_K) programs, each a slice of K. Each stores its
 fp32 partial row to a workspace [SPLIT_K, N]; after a barrier one thread increments the row
 block's counter with acq_rel semantics at GPU scope (CUTLASS's serial split-K semaphore
-pattern, strata.kernels.workspace); the program that sees SPLIT_K - 1 (the last) sums the
-partials in split order (so the result does not depend on which program is last), adds the bias,
-writes y in x's dtype and resets the counter to 0.
+pattern); the program that sees SPLIT_K - 1 (the last) sums the partials in split order (so the
+result does not depend on which program is last), adds the bias, writes y in x's dtype and resets
+the counter to 0, so the buffers are reusable by the next launch and inside CUDA graphs. The
+workspace is one per device (``workspace``), so kernels that use it must run one after another
+(one stream, as the engine does).
 """
 
 from __future__ import annotations
@@ -53,11 +55,32 @@ import torch
 import triton
 import triton.language as tl
 
-from strata.kernels import pdl, workspace
+from strata.kernels import pdl
 
 # log2 of the scale that the products carry (module docstring).
 E_LOG2 = tl.constexpr(85)
 OUT_SCALE = tl.constexpr(2.0 ** 85)
+
+# The split-K workspace: partial sums (fp32) and one counter a row block, per device.
+WORKSPACE_FLOATS = 1 << 20
+WORKSPACE_COUNTERS = 1 << 12
+_workspaces: dict = {}
+
+
+def workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials [WORKSPACE_FLOATS] fp32, counters [WORKSPACE_COUNTERS] int32, zeroed) of this
+    device, allocated on first use. Not during a CUDA graph capture: the zeroing would happen
+    only when the graph replays (the engine runs every shape once eagerly before capturing)."""
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device()
+           if device.type == "cuda" else 0)
+    if key not in _workspaces:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("int4 split-K workspace: first use inside a CUDA graph capture; "
+                               "run the model once eagerly before capturing")
+        _workspaces[key] = (torch.zeros(WORKSPACE_FLOATS, dtype=torch.float32, device=device),
+                            torch.zeros(WORKSPACE_COUNTERS, dtype=torch.int32, device=device))
+    return _workspaces[key]
+
 
 # x's prescale 2**(149 - E - SHIFT_J) = 2**(64 - SHIFT_J) for nibble J (E = E_LOG2 = 85).
 XS0, XS1, XS2, XS3, XS4, XS5, XS6, XS7 = [tl.constexpr(2.0 ** (64 - shift))
@@ -311,13 +334,13 @@ def w4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: 
     block_n, kw = config["BLOCK_N"], config["KW"]
     words = qweight.view(torch.int32)                   # [N, K/8]: 8 nibbles a word
     split_k = config.get("SPLIT_K") or _split_k(n, k, block_n, kw, x.device)
-    if triton.cdiv(n, block_n) > workspace.COUNTERS:    # as many slices as the workspace holds
+    if triton.cdiv(n, block_n) > WORKSPACE_COUNTERS:    # as many slices as the workspace holds
         split_k = 1
-    split_k = max(1, min(split_k, workspace.PARTIAL_FLOATS // n))
+    split_k = max(1, min(split_k, WORKSPACE_FLOATS // n))
     step = 8 * kw
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
     split_k = triton.cdiv(k, k_per_split)
-    partials, counters = workspace.get(x.device) if split_k > 1 else (scales, scales)
+    partials, counters = workspace(x.device) if split_k > 1 else (scales, scales)
     grid = (triton.cdiv(n, block_n), split_k)
     _w4_gemv_kernel[grid](
         x.view(torch.int32), words, scales, mins, bias if bias is not None else scales, out, partials, counters,

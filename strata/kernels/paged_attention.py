@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from strata.kernels import pdl, workspace
+from strata.kernels import pdl
 from strata.kernels.paged_attention_checks import check_decode, check_prefill
 
 _LOG2E = 1.4426950408889634
@@ -71,7 +71,6 @@ _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 64
-MERGE_IN_KERNEL = True   # False: always merge the splits in a second launch (A/B, tests)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,14 +111,13 @@ def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, qk_scale
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, cnt_ptr, s_ptr,
-    qk_scale, stride_qb, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
+    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, s_ptr, qk_scale,
+    stride_qb, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
     stride_ob, stride_oh, stride_sv, stride_sb, stride_st,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr, MERGE: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_QUANT: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     pdl.trigger(USE_PDL)
     pdl.wait(USE_PDL)
@@ -172,39 +170,6 @@ def _decode_kernel(
         tl.store(ws_m_ptr + ml_off, m_i, mask=g < GROUP)
         tl.store(ws_l_ptr + ml_off, l_i, mask=g < GROUP)
         tl.store(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :], acc, mask=gd_mask)
-        if MERGE:
-            # The last of this (row, KV head)'s splits to finish merges them (strata.kernels.
-            # workspace's pattern): no second launch.
-            tl.debug_barrier()              # every thread's partial is written before the count
-            counter = cnt_ptr + row * (NUM_HEADS // GROUP) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                for i in tl.static_range(GROUP):
-                    _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, row, kv_head * GROUP + i,
-                                  stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
-                                  BLOCK_S)
-                tl.store(counter, 0)
-
-
-@triton.jit
-def _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, row, head, stride_ob, stride_oh,
-                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One head's output from its splits' partials: rescaled to a common max and summed. Loads
-    bypass L1 (.cg): in the merging program they were written by other programs of the launch."""
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = s < NUM_SPLITS
-    ml_off = (row * NUM_HEADS + head) * NUM_SPLITS + s
-    m = tl.load(ws_m_ptr + ml_off, mask=s_mask, other=_NEG_BIG, cache_modifier=".cg")
-    l = tl.load(ws_l_ptr + ml_off, mask=s_mask, other=0.0, cache_modifier=".cg")
-    # Empty splits carry m = _NEG_BIG and l = 0: their weight vanishes beside any real split.
-    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
-    denom = tl.sum(w * l, 0)
-    acc = tl.load(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :],
-                  mask=s_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0, cache_modifier=".cg")
-    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -215,8 +180,24 @@ def _decode_reduce_kernel(
 ):
     pdl.trigger(USE_PDL)
     pdl.wait(USE_PDL)
-    _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
-                  stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < NUM_SPLITS
+    ml_off = (row * NUM_HEADS + head) * NUM_SPLITS + s
+    m = tl.load(ws_m_ptr + ml_off, mask=s_mask, other=_NEG_BIG)
+    l = tl.load(ws_l_ptr + ml_off, mask=s_mask, other=0.0)
+    # Empty splits carry m = _NEG_BIG and l = 0: their weight vanishes beside any real split.
+    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
+    denom = tl.sum(w * l, 0)
+    # Only the splits that saw a key are read: under a CUDA graph the splits cover the longest
+    # allowed context, and a short row leaves most of them empty.
+    acc = tl.load(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :],
+                  mask=(s_mask & (l > 0))[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -315,8 +296,7 @@ def _decode_meta(num_heads: int, num_kv_heads: int, head_dim: int, block_size: i
     block_n = 32 if head_dim > 128 or dtype == torch.float32 else 64
     return dict(NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
                 HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_SIZE=block_size,
-                BLOCK_N=block_n, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-                DOT_PRECISION=_dot_precision(dtype),
+                BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(dtype),
                 KV_QUANT=kv_quant, num_warps=4, num_stages=3)
 
 
@@ -401,17 +381,13 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     else:
         ws_acc = ws_m = ws_l = out   # unused by the single-split path
     scales, s_strides = _scale_args(kv_cache, kv_scales)
-    # The splits merge inside the decode launch where the shared counters reach (one a row and
-    # KV head); a second launch otherwise.
-    merge = num_splits > 1 and batch * num_kv_heads <= workspace.COUNTERS and MERGE_IN_KERNEL
-    counters = workspace.get(q.device)[1] if merge else seq_lens    # unused without MERGE
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, counters, scales, scale * _LOG2E,
+        q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scales, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), *s_strides,
         **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits,
-                       kv_scales is not None), MERGE=merge, **pdl.launch_options(q))
-    if num_splits > 1 and not merge:
+                       kv_scales is not None), **pdl.launch_options(q))
+    if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(1),
             **_reduce_meta(num_heads, head_dim, num_splits), **pdl.launch_options(q))

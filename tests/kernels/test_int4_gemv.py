@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from sm90 import SASS_LOOP, V4_LOADS_BUILD, run_without_interpreter  # noqa: E402
 from test_quant_matmul import CUDA, DEVICE, _assert_close, _int4_weight  # noqa: E402
 
-from strata.kernels import int4_gemv, workspace  # noqa: E402
+from strata.kernels import int4_gemv  # noqa: E402
 from strata.kernels import quant_matmul as qm  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def test_split_k_workspace_is_reset_and_reused():
     x = torch.randn(1, 512, device=DEVICE).to(torch.bfloat16)
     weight = _int4_weight(40, 512, 128, torch.bfloat16)
     first = _check(x, weight, 128, config=gemv(split_k=4))
-    _, counters = workspace.get(x.device)
+    _, counters = int4_gemv.workspace(x.device)
     assert int(counters.abs().sum()) == 0
     _check(x[:, :256].contiguous(), _int4_weight(64, 256, 64, torch.bfloat16), 64,
            config=gemv(split_k=2))

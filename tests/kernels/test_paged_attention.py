@@ -166,30 +166,6 @@ def test_decode_num_splits(num_splits, dtype, gen):
     run_decode([1, 7, 0, 65, 151], HEADS["mqa"], 16, 4, dtype, gen, [num_splits])
 
 
-def test_decode_splits_merge_in_the_launch_or_a_second_one(gen, monkeypatch):
-    """The splits merged by the last program of each (row, KV head) give the same output, bit for
-    bit, as the second launch (one per row and head; also the path when the counters do not
-    reach), and leave the shared counters at zero for the next launch."""
-    import strata.kernels.paged_attention as pa
-    from strata.kernels import workspace
-    ctx_lens = [1, 7, 0, 65, 151, 40]
-    kv_cache, tables = make_cache_and_tables(ctx_lens, 4, 2, 32, torch.float32, gen)
-    q = _randn(len(ctx_lens), 4, 32, gen=gen)
-    seq_lens = _int32(ctx_lens)
-    outs = {}
-    for label, merge, counters in (("in kernel", True, None), ("second launch", False, None),
-                                   ("counters short", True, 2 * len(ctx_lens) - 1)):
-        monkeypatch.setattr(pa, "MERGE_IN_KERNEL", merge)
-        if counters:
-            monkeypatch.setattr(workspace, "COUNTERS", counters)
-        outs[label] = paged_decode(q, kv_cache, tables, seq_lens, 0.25, num_splits=5)
-        assert int(workspace.get(q.device)[1].abs().sum()) == 0, label
-    ref = paged_decode_ref(q, kv_cache, tables, seq_lens, 0.25)
-    assert_matches(outs["in kernel"], ref, torch.float32, "in kernel")
-    assert torch.equal(outs["in kernel"], outs["second launch"])
-    assert torch.equal(outs["in kernel"], outs["counters short"])
-
-
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_all_padding_rows_write_zeros(num_splits, gen):
     kv_cache, tables = make_cache_and_tables([5, 9], 4, 2, 32, torch.float32, gen)
@@ -391,12 +367,11 @@ def build(fn, meta, ptrs):
     return dict(shared=k.metadata.shared, wgmma="wgmma" in ptx,
                 cp_async_16b=len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx)))
 
-def decode(h, kvh, d, dt, splits, kv=None, merge=False):
+def decode(h, kvh, d, dt, splits, kv=None):
     t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
     ptrs = dict(q_ptr=t, kv_ptr=kv or t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32",
-                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", cnt_ptr="*i32", s_ptr="*fp32")
-    meta = dict(pa._decode_meta(h, kvh, d, 16, dt, splits, kv is not None), MERGE=merge)
-    return build(pa._decode_kernel, meta, ptrs)
+                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32")
+    return build(pa._decode_kernel, pa._decode_meta(h, kvh, d, 16, dt, splits, kv is not None), ptrs)
 
 def prefill(h, kvh, d, dt, kv=None):
     t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
@@ -407,7 +382,6 @@ def prefill(h, kvh, d, dt, kv=None):
 bf16, f32 = torch.bfloat16, torch.float32
 print(json.dumps({
     "decode": decode(32, 8, 128, bf16, 1), "decode_splits": decode(32, 8, 128, bf16, 8),
-    "decode_splits_merged": decode(32, 8, 128, bf16, 32, merge=True),
     "reduce": build(pa._decode_reduce_kernel, pa._reduce_meta(32, 128, 8),
                     dict(ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", out_ptr="*bf16")),
     "prefill": prefill(32, 8, 128, bf16),

@@ -69,8 +69,7 @@ hidden = torch.empty(1, 4096, dtype=torch.bfloat16)
 rot_types = dict(pos_ptr="*i64", q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", cos_ptr="*fp32",
                  sin_ptr="*fp32", cache_ptr="*bf16", slot_ptr="*i64", scale_ptr="*fp32")
 att_types = dict(q_ptr="*bf16", kv_ptr="*bf16", out_ptr="*bf16", bt_ptr="*i32", seq_lens_ptr="*i32",
-                 ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", cnt_ptr="*i32", s_ptr="*fp32",
-                 qk_scale="fp32")
+                 ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32", qk_scale="fp32")
 red_types = dict(ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", out_ptr="*bf16")
 print(json.dumps({
     "gemv": order(g._w4_gemv_kernel, gemv_meta, gemv_types),
@@ -79,8 +78,7 @@ print(json.dumps({
     "rotary": order(rotary._rotary_kv_kernel, rotary._rotary_meta(32, 8, 128, 128, True)[1], rot_types),
     "silu_and_mul": order(act._act_kernel, dict(ACT=act._SILU_AND_MUL, BLOCK=act._BLOCK,
                                                 num_warps=act._NUM_WARPS), dict(x_ptr="*bf16", out_ptr="*bf16")),
-    "decode": order(pa._decode_kernel, dict(pa._decode_meta(32, 8, 128, 16, torch.bfloat16, 4), MERGE=True),
-                    att_types),
+    "decode": order(pa._decode_kernel, pa._decode_meta(32, 8, 128, 16, torch.bfloat16, 4), att_types),
     "reduce": order(pa._decode_reduce_kernel, pa._reduce_meta(32, 128, 4), red_types),
 }))
 """
