@@ -2,6 +2,7 @@
 counters for each kernel on the Llama-3.1-8B decode shapes, next to cuBLAS on bf16 weights.
 
     python bench/gpu_int4_profile.py --time                  # timings only (CUDA graphs), no ncu
+    python bench/gpu_int4_profile.py --split-sweep [--shapes qkv down] [--tiles 2,256,1 ...]
     ncu --clock-control none --target-processes all --kernel-name regex:'_w4|w4_gemv|gemv|gemm|nvjet' \
         --metrics $(python bench/gpu_int4_profile.py --metrics) --csv --page raw \
         python bench/gpu_int4_profile.py --run > ncu.csv
@@ -139,9 +140,11 @@ def run(time_only: bool) -> None:
         torch.cuda.profiler.stop()
 
 
-def split_sweep(tuned_out: str | None) -> None:
-    """The word-wise kernel at many programs an SM (split over K): tiles x programs-per-SM x
-    stages, each shape's best against the element-wise tile, by CUDA-graph timing."""
+def split_sweep(tuned_out: str | None, shapes: list[str] | None = None,
+                tiles: list[tuple[int, int, int]] | None = None) -> None:
+    """The word-wise kernel at many programs an SM (split over K): tiles (rows, words a row a
+    step, warps) x programs-per-SM x stages, each shape's best against the element-wise tile, by
+    CUDA-graph timing."""
     import torch
 
     from strata.kernels import quant_matmul as qm
@@ -151,12 +154,15 @@ def split_sweep(tuned_out: str | None) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     # Long runs of words a row (KW = 32-128: 128-512 bytes a row a step): with KW = 8-16 a warp's
     # load touched 16 rows x 32-64 bytes and every tile ran at the same ~36% of the floor.
-    tiles = [(4, 64, 1), (8, 64, 1), (8, 64, 2), (16, 64, 2), (16, 64, 4), (32, 64, 4),
+    tiles = tiles or [(4, 64, 1), (8, 64, 1), (8, 64, 2), (16, 64, 2), (16, 64, 4), (32, 64, 4),
              (2, 128, 1), (4, 128, 2), (8, 128, 4), (16, 128, 4), (8, 32, 1), (16, 32, 1),
              (16, 32, 2), (32, 32, 4), (4, 128, 1), (8, 128, 1), (8, 128, 2)]
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs")
     tuned = {}
-    for name, (n, k) in {**SHAPES, "lm_head": (128256, 4096)}.items():
+    all_shapes = {**SHAPES, "lm_head": (128256, 4096)}
+    for name, (n, k) in all_shapes.items():
+        if shapes and name not in shapes:
+            continue
         weights = make(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         want = qm.w4a16_matmul_ref(x, *weights[0], GROUP).float()
@@ -219,6 +225,10 @@ def main() -> None:
     ap.add_argument("--split-sweep", action="store_true")
     ap.add_argument("--tuned-out", help="with --split-sweep: write each shape's best gemv tile, "
                                         "for bench/gpu_quant.py --gemv-tuned")
+    ap.add_argument("--shapes", nargs="+", choices=[*SHAPES, "lm_head"],
+                    help="with --split-sweep: only these matrices")
+    ap.add_argument("--tiles", nargs="+", metavar="ROWS,KW,WARPS",
+                    help="with --split-sweep: these tiles instead of the built-in list")
     ap.add_argument("--run", action="store_true")
     ap.add_argument("--metrics", action="store_true")
     ap.add_argument("--table")
@@ -226,7 +236,8 @@ def main() -> None:
     if args.metrics:
         print(",".join(METRICS))
     elif args.split_sweep:
-        split_sweep(args.tuned_out)
+        tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else None
+        split_sweep(args.tuned_out, args.shapes, tiles)
     elif args.table:
         table(args.table)
     else:

@@ -275,14 +275,15 @@ def _finish(y, bias_ptr, out_ptr, offs_n, n_mask, HAS_BIAS: tl.constexpr):
 
 
 # Measured best tiles of the Llama-3.1-8B matrices, (N, K): config (bench/gpu_int4_profile.py
-# --split-sweep --tuned-out on an H100, 2026-11-21 22:15 UTC; bench/gpu_quant.py --gemv-tuned
-# replaces them from such a file). Batch-1 decode of the 8B shape with them 382.1 tok/s, with
-# gemv_config's rule alone (the same tiles, one software-pipelining stage throughout) 356.5.
+# --split-sweep --tuned-out on an H100, 2026-11-21 22:15 UTC; q/k/v and o_proj again on
+# 2026-11-22 with wider steps, --tiles up to 512 words: 8.0 -> 7.0 and 6.2 -> 5.7 us, batch-1
+# decode 407.2 -> 418.9 tok/s. bench/gpu_quant.py --gemv-tuned replaces them from such a file).
+# (rows, words a row a step, split, warps, stages):
 GEMV_INT4_TUNED: dict[tuple[int, int], dict] = {
-    (n, k): dict(GEMV4=True, BLOCK_N=rows, KW=128, SPLIT_K=split, num_warps=1, num_stages=stages)
-    for n, k, rows, split, stages in ((6144, 4096, 2, 1, 2), (4096, 4096, 2, 1, 2),
-                                      (28672, 4096, 4, 1, 1), (4096, 14336, 4, 2, 1),
-                                      (128256, 4096, 8, 1, 2))}
+    (n, k): dict(GEMV4=True, BLOCK_N=rows, KW=kw, SPLIT_K=split, num_warps=warps, num_stages=stages)
+    for n, k, rows, kw, split, warps, stages in (
+        (6144, 4096, 4, 256, 1, 2, 2), (4096, 4096, 4, 512, 1, 4, 2), (28672, 4096, 4, 128, 1, 1, 1),
+        (4096, 14336, 4, 128, 2, 1, 1), (128256, 4096, 8, 128, 1, 1, 2))}
 
 
 def gemv_config(n: int, k: int) -> dict:

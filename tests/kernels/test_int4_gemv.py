@@ -90,7 +90,7 @@ def test_one_row_int4_takes_the_gemv_and_fma_on_request(monkeypatch):
     fma = qm.default_config(1, 4096, 4096, 4, torch.bfloat16, 128, "fma")
     assert not fma.get("GEMV4") and not fma["USE_DOT"]
     gemv = qm.default_config(1, 4096, 4096, 4, torch.bfloat16, 128, "gemv")
-    assert gemv["GEMV4"] and gemv["SPLIT_K"] == 1 and gemv["num_warps"] == 1
+    assert gemv["GEMV4"] and gemv["SPLIT_K"] == 1 and gemv == int4_gemv.GEMV_INT4_TUNED[(4096, 4096)]
     assert qm.default_config(1, 4096, 14336, 4, torch.bfloat16, 128, "gemv")["SPLIT_K"] == 2
     assert not qm.default_config(2, 4096, 4096, 4, torch.bfloat16, 128, "gemv").get("GEMV4")
     assert not qm.default_config(1, 4096, 4096, 8, torch.bfloat16, None, "gemv").get("GEMV4")
@@ -126,12 +126,13 @@ def test_gemv_config_errors_name_the_config():
             qm.w4a16_matmul(rows, *weight, 32, config=bad)
 
 
-# The default tile for the 8B shapes in the sm_90 build: the K loop's instructions a weight (a
-# thread's share of a step is BLOCK_N * KW * 8 / (32 * num_warps) weights) and its 16-byte weight
-# loads; fp16/fp32 x with odd N, a partial step, bias and split-K only need to compile.
+# The rule's one-warp tile (2 rows x 128 words: gemv_config of an untuned narrow matrix) in the
+# sm_90 build: the K loop's instructions a weight (a thread's share of a step is
+# BLOCK_N * KW * 8 / (32 * num_warps) weights) and its 16-byte weight loads; fp16/fp32 x with odd
+# N, a partial step, bias and split-K only need to compile.
 _SASS_SCRIPT = r"""
 from strata.kernels import int4_gemv as g, quant_matmul as qm
-cfg = g.gemv_config(4096, 4096)
+cfg = g.gemv_config(8192, 4096)
 meta = dict(GROUP_SIZE=128, HAS_BIAS=False, EVEN_N=True, EVEN_K=True, SPLIT=True, X_KIND=0,
             EVICT="evict_first", BLOCK_N=cfg["BLOCK_N"], KW=cfg["KW"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -155,7 +156,7 @@ print(json.dumps(res))
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests compile the kernels for real")
 def test_sm90_loop_instructions_per_weight():
-    """The default tile's K loop (2 rows x 128 words on one warp): x is loaded in the weights'
+    """The one-warp tile's K loop (2 rows x 128 words): x is loaded in the weights'
     layout and converted once for the rows a thread holds, so no layout conversion of x goes
     through shared memory (only the scales' and mins', one a step: at most 4 barriers); under 5.5
     SASS instructions a weight (4.95 now; 6.4 when each row converted x again, 7.4 for the
