@@ -80,7 +80,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from strata.kernels import int4_gemv
+from strata.kernels import int4_gemv, pdl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GROUP_SIZES = (32, 64, 128, 256)
@@ -174,24 +174,37 @@ def _store(acc, bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, out_stride,
 
 
 @triton.jit
+def _w8_step(acc, q, x_rows, offs_k, m_mask, K, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """acc += x[:, offs_k] @ dequantized(q)^T (without the per-row scale, applied at the end)."""
+    w = _int_to_f32(q.to(tl.int32), 128)
+    x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k < K)[None, :]
+    x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+    return _multiply_add(acc, x, w, USE_DOT, DOT_PRECISION)
+
+
+@triton.jit
 def _w8_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, x_stride, q_stride, s_stride,
                out_stride, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, EVEN_N: tl.constexpr,
                EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, EVICT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GROUP_M: tl.constexpr):
+               GROUP_M: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl.trigger(USE_PDL)
     offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m_mask, n_mask = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride
     q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride
     acc = _accumulator(BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT)
-    for k0 in range(0, K, BLOCK_K):
+    # The first weight tile is loaded before waiting for the kernel that wrote x (strata.kernels.
+    # pdl; the wait is a no-op without it), so its fetch overlaps that kernel's tail.
+    offs_k = tl.arange(0, BLOCK_K)
+    q = _load_weight(q_rows + offs_k[None, :], n_mask, offs_k < K, EVEN_N, EVEN_K, EVICT)
+    pdl.wait(USE_PDL)
+    acc = _w8_step(acc, q, x_rows, offs_k, m_mask, K, USE_DOT, EVEN_K, DOT_PRECISION)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        q = _load_weight(q_rows + offs_k[None, :], n_mask, k_mask, EVEN_N, EVEN_K, EVICT)
-        w = _int_to_f32(q.to(tl.int32), 128)
-        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-        acc = _multiply_add(acc, x, w, USE_DOT, DOT_PRECISION)
+        q = _load_weight(q_rows + offs_k[None, :], n_mask, offs_k < K, EVEN_N, EVEN_K, EVICT)
+        acc = _w8_step(acc, q, x_rows, offs_k, m_mask, K, USE_DOT, EVEN_K, DOT_PRECISION)
     acc = _reduced(acc, USE_DOT)
     scales = tl.load(s_ptr + offs_n * s_stride, mask=n_mask, other=0.0).to(tl.float32)
     _store(acc * scales[None, :], bias_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask, out_stride,
@@ -522,7 +535,8 @@ def w8a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     _check_float(op, "scales", scales, (n,), x.device)
     return _launch(op, _w8_kernel, x, out, n, x.shape[1], config, 8,
                    (x, qweight, scales, bias if bias is not None else scales),
-                   (qweight.stride(0), scales.stride(0)), HAS_BIAS=bias is not None)
+                   (qweight.stride(0), scales.stride(0)), HAS_BIAS=bias is not None,
+                   **pdl.launch_options(x))
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
