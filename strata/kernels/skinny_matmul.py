@@ -38,8 +38,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from strata.kernels import pdl
-
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Rows of x up to which matmuls take this kernel (beyond, cuBLAS's GEMMs are compute-efficient).
@@ -47,61 +45,38 @@ MAX_ROWS = 16
 
 
 @triton.jit
-def _load_w(w_rows, offs_k, n_mask, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """The [BLOCK_N, BLOCK_K] weight tile at offs_k (read once: evicted first)."""
-    if EVEN_N and EVEN_K:
-        return tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
-    elif EVEN_K:
-        return tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0,
-                       eviction_policy="evict_first")
-    else:
-        return tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < K)[None, :],
-                       other=0.0, eviction_policy="evict_first")
-
-
-@triton.jit
-def _step(acc, w, x_rows, offs_k, m_mask, K, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-          DOT_PRECISION: tl.constexpr):
-    """acc += x[:, offs_k] * w: a [BLOCK_M, BLOCK_N] dot, or the [BLOCK_M, BLOCK_N, BLOCK_K]
-    elementwise products (reduced after the loop)."""
-    x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k < K)[None, :]
-    x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-    if USE_DOT:
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    else:
-        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    return acc
-
-
-@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride,
                    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   USE_PDL: tl.constexpr = False):
-    pdl.trigger(USE_PDL)
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * w_stride
-    x_rows = x_ptr + offs_m[:, None] * x_stride
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    # The first weight tile is loaded before waiting for the kernel that wrote x (strata.kernels.
-    # pdl; the wait is a no-op without it), so its fetch overlaps that kernel's tail.
-    offs_k = tl.arange(0, BLOCK_K)
-    w = _load_w(w_rows, offs_k, n_mask, K, EVEN_N, EVEN_K)
-    pdl.wait(USE_PDL)
-    acc = _step(acc, w, x_rows, offs_k, m_mask, K, USE_DOT, EVEN_K, DOT_PRECISION)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = _load_w(w_rows, offs_k, n_mask, K, EVEN_N, EVEN_K)
-        acc = _step(acc, w, x_rows, offs_k, m_mask, K, USE_DOT, EVEN_K, DOT_PRECISION)
+        k_mask = offs_k < K
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+        elif EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0,
+                        eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :], mask=x_mask, other=0.0)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        else:
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
-        acc = tl.sum(acc, axis=2)
+        acc = tl.sum(acc3, axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * out_stride + offs_n[None, :]
@@ -164,8 +139,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None,
         EVEN_N=n % meta["BLOCK_N"] == 0, EVEN_K=k % meta["BLOCK_K"] == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta,
-        **pdl.launch_options(x))
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)
     return out
 
 

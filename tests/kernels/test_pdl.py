@@ -46,7 +46,7 @@ def test_graph_capture_on_hopper_launches_with_pdl():
 _PDL_SCRIPT = r"""
 import re
 from strata.kernels import activation as act, int4_gemv as g, norm, paged_attention as pa, rotary
-from strata.kernels import quant_matmul as qm, skinny_matmul as sk
+from strata.kernels import quant_matmul as qm
 
 def order(fn, meta, types):
     ptx = build(fn, dict(meta, USE_PDL=True), types, ptx=True)
@@ -74,15 +74,10 @@ att_types = dict(q_ptr="*bf16", kv_ptr="*bf16", out_ptr="*bf16", bt_ptr="*i32", 
 w8_meta = dict(qm.default_config(1, 4096, 4096, 8, torch.bfloat16), HAS_BIAS=False, EVEN_N=True,
                EVEN_K=True, DOT_PRECISION="tf32", EVICT="evict_first")
 w8_types = dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
-sk_types = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
-sk_meta = lambda m: dict(sk.default_config(m, 6144, 4096), HAS_BIAS=False, EVEN_N=True, EVEN_K=True,
-                         DOT_PRECISION="tf32")
 red_types = dict(ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", out_ptr="*bf16")
 print(json.dumps({
     "gemv": order(g._w4_gemv_kernel, gemv_meta, gemv_types),
     "w8": order(qm._w8_kernel, w8_meta, w8_types),
-    "skinny_fma": order(sk._skinny_kernel, sk_meta(1), sk_types),
-    "skinny_dot": order(sk._skinny_kernel, sk_meta(4), sk_types),
     "rms_norm": order(norm._rms_norm_kernel,
                       dict(norm._launch_args(hidden, hidden, hidden, hidden)[-1], HAS_RES=True), bf),
     "rotary": order(rotary._rotary_kv_kernel, rotary._rotary_meta(32, 8, 128, 128, True)[1], rot_types),
@@ -101,10 +96,9 @@ def test_hopper_builds_wait_before_reading_what_a_kernel_wrote():
         assert k["waits"] >= 1 and k["triggers"] >= 1, (name, k)
         assert k["stores_before"] == 0, (name, k)      # nothing written before the wait
         assert k["plain"] == 0, (name, k)               # USE_PDL=False compiles it away
-    # The matmuls load their first step's weights (int4: and scales and mins) before the wait
+    # The GEMVs load their first step's weights (int4: and scales and mins) before the wait
     # (they depend on nothing the step computes); the others load nothing before it.
     assert found["gemv"]["loads_before"] >= 3, found["gemv"]
-    for name in ("w8", "skinny_fma", "skinny_dot"):
-        assert found[name]["loads_before"] >= 1, (name, found[name])
+    assert found["w8"]["loads_before"] >= 1, found["w8"]
     for name in ("rms_norm", "rotary", "silu_and_mul", "decode", "reduce"):
         assert found[name]["loads_before"] == 0, (name, found[name])

@@ -97,7 +97,7 @@ types = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
 res = {}
 for m in (1, 4):
     meta = dict(sk.default_config(m, 6144, 4096))
-    meta.update(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, DOT_PRECISION="tf32", USE_PDL=False)
+    meta.update(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, DOT_PRECISION="tf32")
     ptx = build(sk._skinny_kernel, meta, types, ptx=True)
     res[m] = dict(v4=len(re.findall(r"ld\.global[^ ]*\.v4", ptx)),
                   cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)))
