@@ -106,6 +106,20 @@ def random_prompts(n: int, in_lo: int, in_hi: int, out_lo: int, out_hi: int, see
     return reqs
 
 
+def batch1_decode_rates(llm, new_tokens: int, vocab: int = 128256) -> list[float]:
+    """Batch-1 decode tok/s after the first token, three runs: a 128-token random prompt,
+    ``new_tokens`` greedy tokens with EOS ignored."""
+    from strata import SamplingParams
+    prompt = random_prompts(1, 128, 128, 0, 0, 1, vocab)[0][0]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    rates = []
+    for _ in range(3):
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        m = out.metrics
+        rates.append((len(out.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
+    return rates
+
+
 def strata_part(args, path: Path, results: dict, async_scheduling: bool = False) -> None:
     """Keys start with strata_ (synchronous scheduling) or strata_async_."""
     from strata import LLM, SamplingParams
@@ -129,13 +143,7 @@ def strata_part(args, path: Path, results: dict, async_scheduling: bool = False)
     results["weight_bytes_per_token"] = weight_bytes
 
     if "decode" in args.only:
-        prompt = random_prompts(1, 128, 128, 0, 0, 1, 128256)[0][0]
-        params = SamplingParams(max_tokens=args.decode_new, temperature=0.0, ignore_eos=True)
-        rates = []
-        for _ in range(3):
-            out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-            m = out.metrics
-            rates.append((len(out.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
+        rates = batch1_decode_rates(llm, args.decode_new)
         measured["decode_tok_s"] = statistics.median(rates)
         print(f"{prefix} batch-1 decode: {rates}", flush=True)
 

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_llama8b import LLAMA_31_8B, random_prompts
+from gpu_llama8b import LLAMA_31_8B, batch1_decode_rates, random_prompts
 from parallel_check import all_reduce_only, run_checks
 from parallel_check import report as report_checks
 
@@ -118,14 +118,7 @@ def start_engine(args, path: Path, tp: int, enforce_eager: bool, all_reduce: str
 
 def decode_rate(args, llm, label: str) -> float:
     """Batch-1 decode tok/s after the first token, median of 3."""
-    from strata import SamplingParams
-    prompt = random_prompts(1, 128, 128, 0, 0, 1, llm.llm_engine.model_config.vocab_size)[0][0]
-    params = SamplingParams(max_tokens=args.decode_new, temperature=0.0, ignore_eos=True)
-    rates = []
-    for _ in range(3):
-        res = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-        m = res.metrics
-        rates.append((len(res.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
+    rates = batch1_decode_rates(llm, args.decode_new, llm.llm_engine.model_config.vocab_size)
     print(f"{label} batch-1 decode tok/s: {[round(r, 1) for r in rates]}", flush=True)
     return statistics.median(rates)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_llama8b import copy_bandwidth, model_dir, random_prompts  # noqa: E402
+from gpu_llama8b import batch1_decode_rates, copy_bandwidth, model_dir, random_prompts  # noqa: E402
 
 FORMATS = {"bf16": {}, "int8": {"quantization": "int8"},
            "int4": {"quantization": "int4", "quantization_group_size": 128}}
@@ -54,7 +54,6 @@ def decode_part(path: Path, args, bw: float, results: dict) -> None:
 
 
 def decode_one(path: Path, args, bw: float, results: dict, name: str, pdl_mode: str) -> None:
-    from strata import SamplingParams
     from strata.kernels import pdl
     pdl.ENABLED = pdl_mode == "on"
     key = name if pdl_mode == args.pdl[0] else f"{name} (pdl {pdl_mode})"
@@ -65,13 +64,7 @@ def decode_one(path: Path, args, bw: float, results: dict, name: str, pdl_mode: 
     read_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                      if "embed_tokens" not in n)
     total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    prompt = random_prompts(1, 128, 128, 0, 0, 1, 128256)[0][0]
-    params = SamplingParams(max_tokens=args.decode_new, temperature=0.0, ignore_eos=True)
-    rates = []
-    for _ in range(3):
-        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-        m = out.metrics
-        rates.append((len(out.outputs[0].token_ids) - 1) / (m.last_token_time - m.first_token_time))
+    rates = batch1_decode_rates(llm, args.decode_new)
     tok_s = statistics.median(rates)
     roofline = bw / read_bytes
     results[key] = dict(pdl=pdl_mode, decode_tok_s=tok_s, rates=rates, weight_gib=total_bytes / 2**30,
@@ -79,7 +72,7 @@ def decode_one(path: Path, args, bw: float, results: dict, name: str, pdl_mode: 
                         roofline_fraction=tok_s / roofline, startup=engine.describe())
     print(f"{key}: decode {tok_s:.1f} tok/s {rates}, weights {total_bytes / 2**30:.2f} GiB, "
           f"{tok_s / roofline:.0%} of its roofline {roofline:.0f} tok/s", flush=True)
-    del llm, engine, model, out      # the next engine needs the whole card
+    del llm, engine, model      # the next engine needs the whole card
     _free()
 
 
