@@ -195,13 +195,17 @@ def _w8_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, x_stride, q_stri
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride
     q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride
     acc = _accumulator(BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT)
-    # The first weight tile is loaded before waiting for the kernel that wrote x (strata.kernels.
-    # pdl; the wait is a no-op without it), so its fetch overlaps that kernel's tail.
-    offs_k = tl.arange(0, BLOCK_K)
-    q = _load_weight(q_rows + offs_k[None, :], n_mask, offs_k < K, EVEN_N, EVEN_K, EVICT)
-    pdl.wait(USE_PDL)
-    acc = _w8_step(acc, q, x_rows, offs_k, m_mask, K, USE_DOT, EVEN_K, DOT_PRECISION)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    k_start = 0
+    if USE_PDL:
+        # The first weight tile is loaded before waiting for the kernel that wrote x (strata.
+        # kernels.pdl), so its fetch overlaps that kernel's tail. Only then: peeled off, the step
+        # would no longer be in the loop that Triton software-pipelines for the tensor-core tiles.
+        offs_k = tl.arange(0, BLOCK_K)
+        q = _load_weight(q_rows + offs_k[None, :], n_mask, offs_k < K, EVEN_N, EVEN_K, EVICT)
+        pdl.wait(USE_PDL)
+        acc = _w8_step(acc, q, x_rows, offs_k, m_mask, K, USE_DOT, EVEN_K, DOT_PRECISION)
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         q = _load_weight(q_rows + offs_k[None, :], n_mask, offs_k < K, EVEN_N, EVEN_K, EVICT)
         acc = _w8_step(acc, q, x_rows, offs_k, m_mask, K, USE_DOT, EVEN_K, DOT_PRECISION)
