@@ -47,6 +47,11 @@ def _free() -> None:
     torch.cuda.empty_cache()
 
 
+def _key(name: str, pdl_mode: str, args) -> str:
+    """A decode result's name: the format, marked with the PDL setting unless it is the main one."""
+    return name if pdl_mode == args.pdl[0] else f"{name} (pdl {pdl_mode})"
+
+
 def decode_part(path: Path, args, bw: float, results: dict) -> None:
     for pdl_mode in args.pdl:
         for name in args.formats:
@@ -56,7 +61,7 @@ def decode_part(path: Path, args, bw: float, results: dict) -> None:
 def decode_one(path: Path, args, bw: float, results: dict, name: str, pdl_mode: str) -> None:
     from strata.kernels import pdl
     pdl.ENABLED = pdl_mode == "on"
-    key = name if pdl_mode == args.pdl[0] else f"{name} (pdl {pdl_mode})"
+    key = _key(name, pdl_mode, args)
     llm = _llm(path, args, **FORMATS[name])
     engine = llm.llm_engine
     print(engine.describe(), flush=True)
@@ -140,7 +145,7 @@ def main() -> None:
         r = results[name]
         if not isinstance(r, dict) or "decode_tok_s" not in r:
             continue
-        base = results.get("bf16" if r["pdl"] == args.pdl[0] else f"bf16 (pdl {r['pdl']})", {}).get("decode_tok_s")
+        base = results.get(_key("bf16", r["pdl"], args), {}).get("decode_tok_s")
         ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else ""
         print(f"| {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['weight_gib']:.2f} | {r['roofline_fraction']:.0%} |")
     if args.json:
