@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from dataclasses import astuple, dataclass
 from typing import Callable
 
 
@@ -79,13 +80,34 @@ _LATENCY = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
             7.5, 10.0, 20.0, 40.0, 80.0, 160.0]
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """An engine's gauges at one moment (summed over data-parallel replicas)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks: int = 0
+    prefix_hits: int = 0       # blocks
+    prefix_queries: int = 0    # blocks
+    num_preemptions: int = 0
+
+    @staticmethod
+    def of(scheduler) -> "EngineStats":
+        pool = scheduler.kv.pool
+        return EngineStats(len(scheduler.running), len(scheduler.waiting),
+                           pool.num_blocks - pool.num_free_blocks, pool.num_blocks, pool.num_hits,
+                           pool.num_queries, scheduler.num_preemptions)
+
+    def __add__(self, other: "EngineStats") -> "EngineStats":
+        return EngineStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
 class EngineMetrics:
     """What the server exports. Request-level values are recorded when a request finishes;
-    engine-level gauges are read from the scheduler at scrape time."""
+    engine-level gauges are read through `stats` (an engine's ``stats`` method) at scrape time."""
 
-    def __init__(self, scheduler):
-        s = scheduler
-        pool = s.kv.pool
+    def __init__(self, stats: Callable[[], EngineStats]):
         self.ttft = Histogram("strata:time_to_first_token_seconds", "Time to first token.", _LATENCY)
         self.tpot = Histogram("strata:time_per_output_token_seconds", "Time per output token after the first.", _LATENCY)
         self.e2e = Histogram("strata:e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY)
@@ -96,12 +118,13 @@ class EngineMetrics:
         self.metrics: list[_Metric] = [
             self.ttft, self.tpot, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens,
             self.requests,
-            Gauge("strata:num_requests_running", "Sequences running on the engine.", lambda: len(s.running)),
-            Gauge("strata:num_requests_waiting", "Sequences waiting to be scheduled.", lambda: len(s.waiting)),
-            Gauge("strata:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", lambda: pool.usage),
+            Gauge("strata:num_requests_running", "Sequences running on the engine.", lambda: stats().num_running),
+            Gauge("strata:num_requests_waiting", "Sequences waiting to be scheduled.", lambda: stats().num_waiting),
+            Gauge("strata:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", lambda: _ratio(
+                stats().kv_blocks_used, stats().kv_blocks)),
             Gauge("strata:prefix_cache_hit_rate", "Prefix-cache hits over lookups, in blocks (0-1).",
-                  lambda: pool.num_hits / pool.num_queries if pool.num_queries else 0.0),
-            Gauge("strata:num_preemptions", "Preemptions since start.", lambda: s.num_preemptions),
+                  lambda: _ratio(stats().prefix_hits, stats().prefix_queries)),
+            Gauge("strata:num_preemptions", "Preemptions since start.", lambda: stats().num_preemptions),
         ]
 
     def record_finished(self, out) -> None:
@@ -125,3 +148,7 @@ class EngineMetrics:
         for metric in self.metrics:
             lines += metric.render()
         return "\n".join(lines) + "\n"
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0

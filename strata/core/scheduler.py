@@ -36,6 +36,21 @@ class StepUpdate:
     finished: bool
 
 
+def check_prompt_fits(num_prompt_tokens: int, max_model_len: int, block_size: int, num_blocks: int) -> None:
+    """Raise RequestRejected for a prompt no schedule could ever run."""
+    if num_prompt_tokens == 0:
+        raise RequestRejected("the prompt is empty: at least one token is needed")
+    if num_prompt_tokens >= max_model_len:
+        raise RequestRejected(
+            f"the prompt has {num_prompt_tokens} tokens, but the context holds {max_model_len} "
+            f"(max_model_len) including at least one generated token")
+    need = cdiv(num_prompt_tokens + 1, block_size)
+    if need > num_blocks:
+        raise RequestRejected(
+            f"the prompt needs {need} KV blocks ({num_prompt_tokens} tokens) but the cache "
+            f"has only {num_blocks} blocks of {block_size} tokens")
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
         self.config = config
@@ -56,18 +71,7 @@ class Scheduler:
 
     # ---- admission -------------------------------------------------------------------------
     def check_request(self, num_prompt_tokens: int) -> None:
-        limit = self.config.max_model_len
-        if num_prompt_tokens == 0:
-            raise RequestRejected("the prompt is empty: at least one token is needed")
-        if num_prompt_tokens >= limit:
-            raise RequestRejected(
-                f"the prompt has {num_prompt_tokens} tokens, but the context holds {limit} "
-                f"(max_model_len) including at least one generated token")
-        need = cdiv(num_prompt_tokens + 1, self.block_size)
-        if need > self.kv.num_blocks:
-            raise RequestRejected(
-                f"the prompt needs {need} KV blocks ({num_prompt_tokens} tokens) but the cache "
-                f"has only {self.kv.num_blocks} blocks of {self.block_size} tokens")
+        check_prompt_fits(num_prompt_tokens, self.config.max_model_len, self.block_size, self.kv.num_blocks)
 
     def add_request(self, siblings: list[Request]) -> None:
         """Admit the n samples of one user request. Sibling 0 computes the prompt; the others

@@ -6,8 +6,7 @@ goal, and say why (DeepSpeed-Inference's "inference-adapted parallelism").
   group the heads allow, up to the GPUs present.
 * throughput: all-reduces and the bubble of pipeline stages cost throughput; the fewest GPUs per
   copy of the model that leave room for a KV cache do best, and the remaining GPUs are better used
-  as data-parallel replicas. strata's engine runs one replica: the choice names how many
-  replicas the GPUs would hold (run one engine per group of GPUs behind a load balancer).
+  as data-parallel replicas (engine/data_parallel.py: a process each, requests spread over them).
 * A model too large for one node's tensor-parallel group adds pipeline stages.
 """
 
@@ -85,6 +84,5 @@ def choose_layout(cfg: ModelConfig, bytes_per_weight: float, num_gpus: int, gpu_
     why = (f"goal throughput, {size}: tensor parallel {tp}, the fewest GPUs that hold a copy with "
            f"at least half their memory left for the KV cache (no all-reduce or pipeline bubble beyond that)")
     if replicas > 1:
-        why += (f"; the GPUs would hold {replicas} data-parallel replicas, but this engine runs one: "
-                f"start {replicas} engines (CUDA_VISIBLE_DEVICES per group) behind a load balancer")
+        why += f"; the other GPUs hold copies of it: {replicas} data-parallel replicas"
     return Layout(tp, 1, replicas, why)

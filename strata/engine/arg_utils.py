@@ -48,8 +48,14 @@ HELP = {
                   "(always NCCL; STRATA_ALL_REDUCE=nccl does the same)",
     "pipeline_parallel_size": "stages to split the layers across (one process per stage and tensor "
                               "rank); each step is cut into micro-batches so the stages overlap",
-    "parallel": "auto: choose tensor_parallel_size and pipeline_parallel_size from the model's size, the "
-                "GPUs present and --goal, and print the choice and why (the sizes must then be left at 1)",
+    "data_parallel_size": "copies of the whole engine (model, scheduler, KV cache; each with its own "
+                          "tensor/pipeline ranks), each in a process of its own on its own GPUs (a "
+                          "share of the cores on the CPU); each request goes to the copy with the "
+                          "fewest unfinished requests. For throughput when the model fits on fewer "
+                          "GPUs than the machine has: no all-reduce between copies",
+    "parallel": "auto: choose tensor_parallel_size, pipeline_parallel_size and data_parallel_size from the "
+                "model's size, the GPUs present and --goal, and print the choice and why (the sizes "
+                "must then be left at 1)",
     "goal": "what parallel=auto optimises: latency (the widest tensor-parallel group: each GPU reads "
             "less of the weights per token) or throughput (the fewest GPUs per copy of the model, "
             "the rest as data-parallel replicas)",
@@ -113,6 +119,7 @@ class EngineArgs:
     quantization_group_size: int | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
     all_reduce: str = "auto"
     parallel: str | None = None          # None (the sizes as given) | "auto"
     goal: str = "latency"

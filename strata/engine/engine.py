@@ -16,6 +16,7 @@ from strata.engine.output_processor import OutputProcessor
 from strata.executor.executor import UniprocExecutor
 from strata.executor.worker import Worker, batched_tokens_for, cache_config_for, check_parallel_fit
 from strata.loader import model_loader
+from strata.metrics import EngineStats
 from strata.outputs import RequestOutput
 from strata.quant.kv import resolve_kv_format
 from strata.runner.model_runner import StepHandle
@@ -25,8 +26,11 @@ logger = logging.getLogger("strata")
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, hf_tokenizer=None, use_tqdm: bool = True):
+    def __init__(self, args: EngineArgs, hf_tokenizer=None, use_tqdm: bool = True, layout=None):
         t0 = time.perf_counter()
+        if args.data_parallel_size != 1:
+            raise ValueError(f"one LLMEngine is one replica; data_parallel_size={args.data_parallel_size} "
+                             "runs through create_engine (as LLM(...) and `strata serve` do)")
         self.args = args
         self.device = DeviceConfig.resolve(args.device).device
         # Before the load, so a bad cache option fails fast.
@@ -36,14 +40,10 @@ class LLMEngine:
         source = model_loader.resolve_model(args.model, load_config)
         dtype = model_loader.resolve_dtype(args.dtype, source, self.device)
         model_config = model_loader.model_config_for(source, dtype)
-        self.layout = None
         if args.parallel is not None:
-            self.layout = auto_layout(args, source, model_config, self.device)
-            args = self.args = dataclasses.replace(
-                args, parallel=None, tensor_parallel_size=self.layout.tensor_parallel_size,
-                pipeline_parallel_size=self.layout.pipeline_parallel_size)
-            logger.info(f"parallel=auto: tensor parallel {self.layout.tensor_parallel_size} x pipeline "
-                        f"parallel {self.layout.pipeline_parallel_size}, because {self.layout.reason}")
+            raise ValueError("parallel='auto' is resolved by create_engine (as LLM(...) and `strata serve` "
+                             "do), which may choose several replicas")
+        self.layout = layout    # parallel="auto"'s choice, made by create_engine
         self.parallel_config = parallel_config_for(args)
         self.tokenizer = None if args.skip_tokenizer_init else _load_tokenizer(args, source, hf_tokenizer)
         self.quant_config = QuantConfig(args.quantization, args.quantization_group_size)
@@ -118,41 +118,18 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> str:
-        params = (params or SamplingParams()).clone()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._tokenize(prompt)
-        self.scheduler.check_request(len(token_ids))
-        room = self.scheduler_config.max_model_len - len(token_ids)
-        params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        params.min_tokens = min(params.min_tokens, params.max_tokens)
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
-        params.check_token_ids(vocab)
+        text, token_ids, params = prepare_request(self.tokenizer, prompt, params,
+                                                  self.scheduler_config.max_model_len,
+                                                  self.model_config.vocab_size, self.scheduler.check_request)
         siblings = [Request(request_id if params.n == 1 else f"{request_id}#{i}", token_ids, params,
                             self.eos_token_ids, parent_id=request_id, sequence_index=i,
                             arrival_time=arrival_time) for i in range(params.n)]
         self.scheduler.add_request(siblings)
         self.output_processor.add(request_id, text, siblings)
         return request_id
-
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            prompt = prompt.get("prompt")
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        if not isinstance(prompt, str):
-            raise TypeError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}; "
-                            f"got {type(prompt).__name__}")
-        if self.tokenizer is None:
-            raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init=True): "
-                             "pass prompts as {'prompt_token_ids': [...]}")
-        return prompt, self.tokenizer.encode(prompt)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now; its KV blocks go back to the pool at once."""
@@ -180,6 +157,15 @@ class LLMEngine:
         updates = self.scheduler.update(sched, result)
         return self.output_processor.process(updates, result)
 
+    def stats(self) -> EngineStats:
+        """Running and waiting sequences, KV blocks in use, prefix-cache hits, preemptions."""
+        return EngineStats.of(self.scheduler)
+
+    @property
+    def facts(self):
+        """The model as loaded: parameters, weight bytes, KV block bytes, quantization."""
+        return self.executor.facts
+
     def shutdown(self) -> None:
         """Stop the worker processes (tensor/pipeline parallel); the engine runs no more steps."""
         self.executor.shutdown()
@@ -201,7 +187,7 @@ class LLMEngine:
                 f"max_model_len {self.scheduler_config.max_model_len} | "
                 f"{'async' if self.async_scheduling else 'sync'} scheduling | "
                 f"loaded in {self.load_seconds:.1f}s"
-                + self._describe_parallel() + self._describe_gpu()
+                + self.describe_parallel() + self._describe_gpu()
                 + (f" | {self.offload_plan.describe()}{self._describe_offload_host()}"
                    if self.offload_plan is not None else ""))
 
@@ -215,11 +201,9 @@ class LLMEngine:
         return (f" | placed: host tiers {mover.host_weight_bytes() / 2**30:.3f} GiB"
                 f" (pinned {pinned_bytes() / 2**30:.3f} GiB)")
 
-    def _describe_parallel(self) -> str:
+    def describe_parallel(self) -> str:
         p = self.parallel_config
         auto = f" chosen by parallel=auto, goal {self.args.goal}" if self.layout is not None else ""
-        if self.layout is not None and self.layout.data_parallel_replicas > 1:
-            auto += f" ({self.layout.data_parallel_replicas} data-parallel replicas would fit; this engine is one)"
         if p.world_size == 1:
             return f" | one process{auto}" if auto else ""
         samplers = ("every rank samples, rank 0 answers" if p.pipeline_parallel_size == 1
@@ -263,6 +247,61 @@ class LLMEngine:
         return text
 
 
+def prepare_request(tokenizer, prompt, params: SamplingParams | None, max_model_len: int, vocab_size: int,
+                    check_prompt) -> tuple[str | None, list[int], SamplingParams]:
+    """Tokenize a prompt and check it and its parameters as an engine admits them: (text, token
+    ids, a private copy of the parameters with max_tokens fitted to the context). Raises the
+    user's error; `check_prompt(num_tokens)` adds the cache's own limits."""
+    params = (params or SamplingParams()).clone()
+    text, token_ids = _tokenize(tokenizer, prompt)
+    check_prompt(len(token_ids))
+    room = max_model_len - len(token_ids)
+    params.max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+    params.min_tokens = min(params.min_tokens, params.max_tokens)
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
+    params.check_token_ids(vocab_size)
+    return text, token_ids, params
+
+
+def _tokenize(tokenizer, prompt) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+        prompt = prompt.get("prompt")
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return None, list(prompt)
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}; "
+                        f"got {type(prompt).__name__}")
+    if tokenizer is None:
+        raise ValueError("this engine runs without a tokenizer (skip_tokenizer_init=True): "
+                         "pass prompts as {'prompt_token_ids': [...]}")
+    return prompt, tokenizer.encode(prompt)
+
+
+def create_engine(args: EngineArgs, hf_tokenizer=None, use_tqdm: bool = True):
+    """The engine for these options: an LLMEngine, or a DataParallelEngine over several when
+    data_parallel_size > 1 (given, or chosen by parallel="auto" for the goal throughput)."""
+    layout = None
+    if args.parallel is not None:
+        device = DeviceConfig.resolve(args.device).device
+        source = model_loader.resolve_model(args.model, LoadConfig(args.load_format, args.seed))
+        cfg = model_loader.model_config_for(source, model_loader.resolve_dtype(args.dtype, source, device))
+        layout = auto_layout(args, source, cfg, device)
+        args = dataclasses.replace(args, parallel=None, tensor_parallel_size=layout.tensor_parallel_size,
+                                   pipeline_parallel_size=layout.pipeline_parallel_size,
+                                   data_parallel_size=layout.data_parallel_replicas)
+        logger.info(f"parallel=auto: tensor parallel {layout.tensor_parallel_size} x pipeline parallel "
+                    f"{layout.pipeline_parallel_size} x {layout.data_parallel_replicas} data-parallel "
+                    f"replica(s), because {layout.reason}")
+    if args.data_parallel_size != 1:
+        from strata.engine.data_parallel import DataParallelEngine
+        return DataParallelEngine(args, layout, hf_tokenizer, use_tqdm)
+    return LLMEngine(args, hf_tokenizer, use_tqdm, layout=layout)
+
+
 def parallel_config_for(args: EngineArgs) -> ParallelConfig:
     return ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,
                           worker_timeout_s=args.worker_timeout, step_timeout_s=args.step_timeout,
@@ -276,9 +315,9 @@ def auto_layout(args: EngineArgs, source, cfg, device):
     from strata.distributed.auto import choose_layout, estimate_weight_bytes
     if args.parallel != "auto":
         raise ValueError(f"parallel must be 'auto' (or None), got {args.parallel!r}")
-    if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
-        raise ValueError("parallel='auto' chooses tensor_parallel_size and pipeline_parallel_size: "
-                         "leave them at 1, or drop parallel='auto'")
+    if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1 or args.data_parallel_size != 1:
+        raise ValueError("parallel='auto' chooses tensor_parallel_size, pipeline_parallel_size and "
+                         "data_parallel_size: leave them at 1, or drop parallel='auto'")
     bytes_per_weight = torch.empty((), dtype=cfg.dtype).element_size()
     if args.quantization is not None:
         bytes_per_weight = {"int8": 1.0, "int4": 0.5625}[args.quantization]   # codes + scales

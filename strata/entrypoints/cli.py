@@ -252,7 +252,7 @@ def _perplexity(llm, args, text: str) -> int:
 def _info(llm) -> int:
     engine = llm.llm_engine
     cfg = engine.model_config
-    num_params, weight_bytes = engine.executor.facts.num_parameters, engine.executor.facts.weight_bytes
+    num_params, weight_bytes = engine.facts.num_parameters, engine.facts.weight_bytes
     kv_tokens = engine.num_blocks * engine.args.block_size
     rows = [
         ("model", engine.source.name),
@@ -280,8 +280,9 @@ def _info(llm) -> int:
                      f"{hw.mem_bytes_per_s / 2**30:.0f} GiB/s"
                      + (f", CPU attention over host KV {hw.cpu_attn_bytes_per_s / 2**30:.1f} GiB/s"
                         if hw.cpu_attn_bytes_per_s else "")))
-    if engine.parallel_config.world_size > 1:   # layout, who samples, how the ranks all-reduce
-        rows.append(("parallel", engine._describe_parallel().removeprefix(" | ")))
+    parallel = engine.describe_parallel()   # layout, who samples, how the ranks all-reduce, replicas
+    if parallel:
+        rows.append(("parallel", parallel.removeprefix(" | ")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -7,7 +7,7 @@ import sys
 from typing import Any, Sequence
 
 from strata.engine.arg_utils import EngineArgs
-from strata.engine.engine import LLMEngine
+from strata.engine.engine import create_engine
 from strata.outputs import RequestOutput
 from strata.sampling_params import RequestOutputKind, SamplingParams
 
@@ -43,7 +43,7 @@ class LLM:
         use_tqdm = kwargs.pop("use_tqdm_on_load", True)
         kwargs.pop("trust_remote_code", None)   # accepted for vLLM compatibility; strata runs no remote code
         args = EngineArgs.from_kwargs(model=model, tokenizer=tokenizer, **kwargs)
-        self.llm_engine = LLMEngine(args, hf_tokenizer=hf_tokenizer, use_tqdm=use_tqdm)
+        self.llm_engine = create_engine(args, hf_tokenizer=hf_tokenizer, use_tqdm=use_tqdm)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -64,7 +64,8 @@ def test_engine_prints_the_choice(tmp_path, capsys):
               use_tqdm_on_load=False)
     assert llm.llm_engine.parallel_config.world_size == 1
     assert "one process chosen by parallel=auto, goal throughput" in llm.llm_engine.describe()
-    assert "parallel=auto: tensor parallel 1 x pipeline parallel 1, because one process on the CPU" \
+    assert "parallel=auto: tensor parallel 1 x pipeline parallel 1 x 1 data-parallel replica(s), because one " \
+        "process on the CPU" \
         in capsys.readouterr().err
     with pytest.raises(ValueError, match="leave them at 1"):
         LLM(str(tmp_path), skip_tokenizer_init=True, parallel="auto", tensor_parallel_size=2)

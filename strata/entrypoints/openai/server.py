@@ -93,7 +93,7 @@ class APIKeyMiddleware:
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="strata", version=strata.__version__,
                   description="OpenAI-compatible API served by strata")
-    metrics = EngineMetrics(engine.engine.scheduler)
+    metrics = EngineMetrics(engine.engine.stats)
     serving = OpenAIServing(engine, model_name, metrics)
     app.state.engine = engine
     app.state.serving = serving
