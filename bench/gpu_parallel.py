@@ -2,6 +2,7 @@
 TP=1, 2 and 4, each engine measured in the same run, with the all-reduce time per step.
 
     cd bench && python gpu_parallel.py --tp 1 2 --num-requests 600   # 2 GPUs, ~6 min
+    cd bench && python gpu_parallel.py --tp 1 2 --auto-throughput    # + parallel="auto" for throughput
     cd bench && python gpu_parallel.py --tp 4 --num-requests 600     # 4 GPUs
     cd bench && python gpu_parallel.py --smoke                       # CPU, gloo, tiny shapes
     cd bench && python gpu_parallel.py --tp 2 4 --all-reduce-only    # the all-reduce alone, ~1 min
@@ -22,9 +23,10 @@ startup line printed for each engine says which). For each TP size, one engine a
    (2 per layer + 1 for the vocab-parallel embedding); per step, the time of the slowest rank.
 5. greedy check (parallel_check.py; ``--no-check`` skips it): on one random checkpoint (8B layer
    shape, 2 layers), TP=N vs TP=1 tokens in float32, and symmetric memory vs NCCL in bfloat16.
-Targets (8B): TP=2 batch-1 decode >= 1.7x TP=1; TP=2 offline throughput per GPU >= 85% of TP=1's
-(below that, data-parallel replicas of TP=1 give more per GPU: ``parallel="auto"`` with
-``goal="throughput"`` picks them).
+6. with ``--auto-throughput``: the engine ``parallel="auto", goal="throughput"`` builds on all the
+   GPUs (for the 8B on 2 GPUs: two data-parallel replicas of TP=1), steps 1-3 on it.
+Targets (8B): TP=2 batch-1 decode >= 1.7x TP=1; TP=2 offline throughput per GPU >= 85% of TP=1's,
+or data-parallel replicas where they win, chosen by ``parallel="auto"``.
 """
 
 from __future__ import annotations
@@ -57,23 +59,32 @@ def model_dir(smoke: bool) -> Path:
     return path
 
 
-def measure_or_retry(args, path: Path, tp: int) -> dict | None:
+# A configuration: a tensor-parallel size ("1", "2", ...) or "auto" (parallel="auto" with
+# goal="throughput": on GPUs that each hold the model, data-parallel replicas of TP=1).
+AUTO = "auto"
+
+
+def label(config: str) -> str:
+    return "parallel=auto (throughput)" if config == AUTO else f"TP={config}"
+
+
+def measure_or_retry(args, path: Path, config: str) -> dict | None:
     """A TP size that fails (CUDA graphs holding NCCL all-reduces are the new part) is retried
     eagerly once, so one failure does not cost the run its other figures."""
     try:
-        return measure(args, path, tp, args.enforce_eager)
+        return measure(args, path, config, args.enforce_eager)
     except Exception as e:   # reported, then the next attempt or TP size
-        print(f"TP={tp} failed: {type(e).__name__}: {e}", flush=True)
+        print(f"{label(config)} failed: {type(e).__name__}: {e}", flush=True)
     gc.collect()
-    if tp > 1 and not args.enforce_eager:
+    if config != "1" and not args.enforce_eager:
         try:
-            return measure(args, path, tp, True)
+            return measure(args, path, config, True)
         except Exception as e:
-            print(f"TP={tp} eager failed too: {type(e).__name__}: {e}", flush=True)
+            print(f"{label(config)} eager failed too: {type(e).__name__}: {e}", flush=True)
     return None
 
 
-def measure_in_child(tp: int) -> dict | None:
+def measure_in_child(config: str) -> dict | None:
     """One TP size in a process of its own: a TP=1 engine's KV cache (~110 GiB) still held by
     this process left rank 0 of the next engine no memory (seen on 2 x H200), so no engine
     shares a process with another."""
@@ -85,8 +96,8 @@ def measure_in_child(tp: int) -> dict | None:
     j = i + 1
     while j < len(argv) and not argv[j].startswith("--"):
         j += 1
-    argv[i:j] = ["--tp", str(tp)]
-    argv = [a for a in argv if a not in ("--check",)] + ["--no-check"]
+    del argv[i:j]
+    argv = [a for a in argv if a not in ("--check", "--auto-throughput")] + ["--no-check", "--only", config]
     if "--json" in argv:
         k = argv.index("--json")
         del argv[k:k + 2]
@@ -97,16 +108,18 @@ def measure_in_child(tp: int) -> dict | None:
         except json.JSONDecodeError:
             found = []
     if proc.returncode != 0 or not found:
-        print(f"TP={tp}: its process ended with {proc.returncode} and no result", flush=True)
+        print(f"{label(config)}: its process ended with {proc.returncode} and no result", flush=True)
         return None
     return found[0]
 
 
-def start_engine(args, path: Path, tp: int, enforce_eager: bool, all_reduce: str = "auto"):
+def start_engine(args, path: Path, config: str, enforce_eager: bool, all_reduce: str = "auto"):
     from strata import LLM, SamplingParams
     t0 = time.perf_counter()
+    layout = (dict(parallel="auto", goal="throughput") if config == AUTO
+              else dict(tensor_parallel_size=int(config)))
     llm = LLM(str(path), load_format="dummy", dtype="float32" if args.smoke else "bfloat16",
-              skip_tokenizer_init=True, tensor_parallel_size=tp, max_model_len=args.max_model_len,
+              skip_tokenizer_init=True, max_model_len=args.max_model_len, **layout,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enforce_eager=enforce_eager, async_scheduling=False if args.sync else None,
               all_reduce=all_reduce, step_timeout=args.step_timeout, startup_timeout=args.startup_timeout,
@@ -131,20 +144,30 @@ def shutdown(llm) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(args, path: Path, tp: int, enforce_eager: bool) -> dict:
+def gpus_used(engine) -> tuple[int, int]:
+    """(tensor-parallel size, GPUs) of an engine, data-parallel replicas included."""
+    tp = engine.parallel_config.tensor_parallel_size
+    replicas = len(getattr(engine, "replicas", [None]))
+    return tp, engine.parallel_config.world_size * replicas
+
+
+def measure(args, path: Path, config: str, enforce_eager: bool) -> dict:
     from strata import SamplingParams
-    out: dict = {"tp": tp, "eager": enforce_eager}
-    if tp > 1 and args.compare_nccl:   # first, so the default engine's figures follow its start line
+    name = label(config)
+    out: dict = {"config": config, "eager": enforce_eager}
+    if config not in ("1", AUTO) and args.compare_nccl:   # first: the default engine's figures follow its start line
         try:
-            llm, _ = start_engine(args, path, tp, enforce_eager, all_reduce="nccl")
-            out["decode_tok_s_nccl"] = decode_rate(args, llm, f"TP={tp} all_reduce=nccl")
+            llm, _ = start_engine(args, path, config, enforce_eager, all_reduce="nccl")
+            out["decode_tok_s_nccl"] = decode_rate(args, llm, f"{name} all_reduce=nccl")
             shutdown(llm)
         except Exception as e:   # the default engine's figures still come
-            print(f"TP={tp} all_reduce=nccl failed: {type(e).__name__}: {e}", flush=True)
-    llm, out["start_s"] = start_engine(args, path, tp, enforce_eager)
+            print(f"{name} all_reduce=nccl failed: {type(e).__name__}: {e}", flush=True)
+    llm, out["start_s"] = start_engine(args, path, config, enforce_eager)
     out["startup"] = llm.llm_engine.describe()
+    tp, gpus = gpus_used(llm.llm_engine)
+    out.update(tp=tp, gpus=gpus, replicas=gpus // tp)
     vocab = llm.llm_engine.model_config.vocab_size
-    out["decode_tok_s"] = decode_rate(args, llm, f"TP={tp}")
+    out["decode_tok_s"] = decode_rate(args, llm, name)
 
     reqs = random_prompts(args.num_requests, 256, 256, 256, 256, seed=7, vocab=vocab)
     t = time.perf_counter()
@@ -154,8 +177,9 @@ def measure(args, path: Path, tp: int, enforce_eager: bool) -> dict:
     elapsed = time.perf_counter() - t
     tokens = sum(len(p) for p, _ in reqs) + sum(len(o.outputs[0].token_ids) for o in outs)
     out["offline_tok_s"] = tokens / elapsed
-    out["offline_tok_s_per_gpu"] = tokens / elapsed / tp
-    print(f"TP={tp} offline: {len(reqs)} requests in {elapsed:.1f}s -> {tokens / elapsed:.0f} tok/s", flush=True)
+    out["offline_tok_s_per_gpu"] = tokens / elapsed / gpus
+    print(f"{name} ({out['replicas']} x TP={tp}) offline: {len(reqs)} requests in {elapsed:.1f}s -> "
+          f"{tokens / elapsed:.0f} tok/s", flush=True)
 
     if tp > 1:
         try:
@@ -188,21 +212,30 @@ def slowest(rows: list[dict]) -> dict:
 
 def report(results: list[dict], meta: dict) -> None:
     print(f"\n{meta}")
-    base = next((r for r in results if r["tp"] == 1), None)
-    print("| TP | start s | batch-1 decode tok/s | vs TP=1 | with NCCL all-reduce | offline tok/s | per GPU "
-          "| per GPU vs TP=1 |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = next((r for r in results if r["config"] == "1"), None)
+    print("| layout | GPUs | start s | batch-1 decode tok/s | vs TP=1 | with NCCL all-reduce | offline tok/s "
+          "| per GPU | per GPU vs TP=1 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
         thr = f"{r['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%}" if base else ""
         nccl = f"{r['decode_tok_s_nccl']:.1f}" if "decode_tok_s_nccl" in r else ""
-        print(f"| {r['tp']}{' (eager)' if r['eager'] else ''} | {r['start_s']:.0f} | {r['decode_tok_s']:.1f} | {dec} "
-              f"| {nccl} | {r['offline_tok_s']:.0f} | {r['offline_tok_s_per_gpu']:.0f} | {thr} |")
+        what = f"TP={r['tp']}" if r["replicas"] == 1 else f"{r['replicas']} data-parallel x TP={r['tp']}"
+        if r["config"] == AUTO:
+            what = f"parallel=auto, throughput: {what}"
+        print(f"| {what}{' (eager)' if r['eager'] else ''} | {r['gpus']} | {r['start_s']:.0f} "
+              f"| {r['decode_tok_s']:.1f} | {dec} | {nccl} | {r['offline_tok_s']:.0f} "
+              f"| {r['offline_tok_s_per_gpu']:.0f} | {thr} |")
     report_all_reduce(results)
-    two = next((r for r in results if r["tp"] == 2), None)
+    two = next((r for r in results if r["config"] == "2"), None)
+    auto = next((r for r in results if r["config"] == AUTO), None)
     if base and two:
         print(f"\ntargets: TP=2 decode {two['decode_tok_s'] / base['decode_tok_s']:.2f}x TP=1 (target >= 1.7x); "
               f"TP=2 offline per GPU {two['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%} "
               "of TP=1 (target >= 85%)")
+    if base and auto:
+        print(f"parallel=auto, goal throughput, on {auto['gpus']} GPUs: {auto['replicas']} replicas x TP={auto['tp']}, "
+              f"offline per GPU {auto['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%} of TP=1 "
+              "(target >= 85%)")
 
 
 def report_all_reduce(results: list[dict]) -> None:
@@ -249,6 +282,10 @@ def main() -> None:
                         help="an engine step longer than this ends the run (a hang is reported, not waited out)")
     parser.add_argument("--startup-timeout", type=float, default=240.0,
                         help="an engine start longer than this ends that TP size (a hang is reported)")
+    parser.add_argument("--auto-throughput", action="store_true",
+                        help="also measure the engine parallel='auto', goal='throughput' builds on all the "
+                             "GPUs (data-parallel replicas where the model fits one GPU)")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)   # one configuration, in a child
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.smoke:
@@ -270,12 +307,13 @@ def main() -> None:
         report_all_reduce(results)
         return
     path = model_dir(args.smoke)
+    configs = [args.only] if args.only else [str(tp) for tp in sorted(args.tp)] + ([AUTO] if args.auto_throughput else [])
     results = []
-    for tp in sorted(args.tp):
-        result = measure_or_retry(args, path, tp) if len(args.tp) == 1 else measure_in_child(tp)
+    for config in configs:
+        result = measure_or_retry(args, path, config) if len(configs) == 1 else measure_in_child(config)
         if result is not None:
             results.append(result)
-    checks = run_checks(sorted(args.tp), args.smoke) if args.check else []
+    checks = run_checks(sorted(args.tp), args.smoke) if args.check and not args.only else []
     report(results, meta)
     report_checks(checks) if checks else None
     if args.json:

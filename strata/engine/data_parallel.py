@@ -17,6 +17,7 @@ engine refuses further work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -49,7 +50,6 @@ class ReplicaSpec:
     index: int
     args: EngineArgs                 # data_parallel_size 1: the copy's own engine
     layout: object                   # parallel="auto"'s choice, for the copy's startup line
-    cuda_visible_devices: str | None
     num_threads: int
     progress: bool
 
@@ -104,11 +104,12 @@ class DataParallelEngine:
         ctx = mp.get_context("spawn")
         self.replicas: list[_Replica] = []
         for index, gpus in enumerate(groups):
-            spec = ReplicaSpec(index, replica_args, layout, gpus, threads, progress=use_tqdm and index == 0)
+            spec = ReplicaSpec(index, replica_args, layout, threads, progress=use_tqdm and index == 0)
             parent, child = ctx.Pipe()
             # Not a daemon: a copy with tensor/pipeline ranks starts processes of its own.
             proc = ctx.Process(target=replica_main, args=(spec, child), name=f"strata-dp{index}", daemon=False)
-            proc.start()
+            with _environment(CUDA_VISIBLE_DEVICES=gpus):   # what the child sees from its start
+                proc.start()
             child.close()
             self.replicas.append(_Replica(index, proc, parent, gpus))
         self._finalizer = weakref.finalize(self, _stop_replicas, list(self.replicas))
@@ -322,6 +323,21 @@ def _gpu_groups(size: int, per_replica: int, device) -> list[str | None]:
     return [",".join(ids[i * per_replica:(i + 1) * per_replica]) for i in range(size)]
 
 
+@contextlib.contextmanager
+def _environment(**values: str | None):
+    """Set (or, for None, leave alone) environment variables for the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _stop_replicas(replicas: list[_Replica]) -> None:
     for r in replicas:
         try:
@@ -339,8 +355,6 @@ def _stop_replicas(replicas: list[_Replica]) -> None:
 
 # ---- inside a copy's process ---------------------------------------------------------------------
 def replica_main(spec: ReplicaSpec, conn) -> None:
-    if spec.cuda_visible_devices is not None:   # before anything touches CUDA
-        os.environ["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
     import torch
     torch.set_num_threads(spec.num_threads)
     _setup_replica_logging(spec.index)
