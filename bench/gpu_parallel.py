@@ -96,7 +96,7 @@ def measure_in_child(config: str) -> dict | None:
     j = i + 1
     while j < len(argv) and not argv[j].startswith("--"):
         j += 1
-    del argv[i:j]
+    argv[i:j] = ["--tp", config if config != AUTO else "1"]   # the GPU count check
     argv = [a for a in argv if a not in ("--check", "--auto-throughput")] + ["--no-check", "--only", config]
     if "--json" in argv:
         k = argv.index("--json")
