@@ -124,7 +124,7 @@ class Worker:
                 blocks_per_seq = -(-workload.max_model_len // cache.block_size)
                 self.cache_config = dataclasses.replace(cache, num_gpu_blocks_override=plan.batch_size * blocks_per_seq)
             if args.max_num_batched_tokens is None:
-                self.max_num_batched_tokens = max(256, plan.batch_size * workload.max_model_len)
+                self.max_num_batched_tokens = placer.step_tokens()
 
     def facts(self) -> ModelFacts:
         model = self.runner.model

@@ -73,8 +73,13 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        if self.rotary_emb is not None:
-            q, k = self.rotary_emb(positions, q, k)
+        rope = self.rotary_emb
+        if rope is not None and use_triton(q):   # one kernel, as the device-cache layers rotate
+            from strata.kernels.rotary import rotary_write_kv
+            q = q.contiguous() if q.stride(-1) != 1 else q
+            q, k = rotary_write_kv(positions, q, k, v, rope.cos_cached, rope.sin_cached, None, None)
+        elif rope is not None:
+            q, k = rope(positions, q, k)
         return host_tier.worker().start(q, k, v, self.kv_cache, get_attn_metadata(), self.scale)
 
     def _forward_cpu(self, q, k, v, positions, meta) -> torch.Tensor:

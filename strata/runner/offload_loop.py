@@ -147,18 +147,45 @@ def _finish(model: nn.Module, parts: list) -> torch.Tensor:
 
 class HostEmbedding(nn.Module):
     """An untied token embedding kept in host RAM: a lookup reads num_tokens rows there and sends
-    only those to the device (Llama-3-8B's table is 1 GiB of bf16 that a GPU budget can spare)."""
+    only those to the device (Llama-3-8B's table is 1 GiB of bf16 that a GPU budget can spare).
 
-    def __init__(self, embedding: nn.Module, device: torch.device):
+    The rows are gathered straight into a page-locked buffer made once for the largest step
+    (``max_tokens``) and copied up from it asynchronously: pinning each step's rows instead cost
+    a 394 MB page-locked allocation (0.27 s on an H100 host) in the first large prefill, and a
+    second pass over the rows in every step."""
+
+    def __init__(self, embedding: nn.Module, device: torch.device, max_tokens: int = 0):
         super().__init__()
         self.inner = embedding
         self.device = device
+        self._rows: torch.Tensor | None = None   # [capacity, hidden], pinned
+        self._sent: torch.cuda.Event | None = None   # the last copy up has read _rows
+        if device.type == "cuda" and max_tokens > 0:
+            self._reserve(max_tokens)
+
+    def _reserve(self, num_tokens: int) -> None:
+        weight = self.inner.weight
+        if self._sent is not None:
+            self._sent.synchronize()   # the old buffer's last copy is done before it goes
+        self._rows = None
+        nbytes = num_tokens * weight.shape[1] * weight.element_size()
+        self._rows = host_buffer(nbytes, pinned=True).view(weight.dtype).view(num_tokens, weight.shape[1])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.inner(input_ids.to("cpu"))
-        if self.device.type == "cuda":
-            rows = rows.pin_memory()
-        return rows.to(self.device, non_blocking=True)
+        ids = input_ids.to("cpu")
+        if self.device.type != "cuda":
+            return self.inner(ids).to(self.device)
+        n = ids.numel()
+        if self._rows is None or self._rows.shape[0] < n:
+            self._reserve(n)
+        elif self._sent is not None:
+            self._sent.synchronize()   # the previous step's rows have left the buffer
+        rows = self._rows[:n]
+        torch.index_select(self.inner.weight, 0, ids, out=rows)
+        out = rows.to(self.device, non_blocking=True)
+        self._sent = torch.cuda.Event()
+        self._sent.record()
+        return out
 
 
 def host_embedding_ok(model: nn.Module, device: torch.device) -> bool:
@@ -170,14 +197,15 @@ def host_embedding_ok(model: nn.Module, device: torch.device) -> bool:
             and (head is None or getattr(head, "weight", None) is not emb.weight))   # a quantized head has none
 
 
-def place_outside_layers(model: nn.Module, device: torch.device, embed_on_host: bool) -> None:
-    """Everything but the decoder layers goes to the device (the embedding maybe kept on host)."""
+def place_outside_layers(model: nn.Module, device: torch.device, embed_on_host: bool, max_tokens: int = 0) -> None:
+    """Everything but the decoder layers goes to the device (the embedding maybe kept on host,
+    with a staging buffer for steps of up to max_tokens tokens)."""
     for name, child in model.named_children():
         if name == "layers" or (name == "embed_tokens" and embed_on_host):
             continue
         child.to(device)
     if embed_on_host:
-        model.embed_tokens = HostEmbedding(model.embed_tokens, device)
+        model.embed_tokens = HostEmbedding(model.embed_tokens, device, max_tokens)
 
 
 def model_spec(model: nn.Module, cfg: ModelConfig, embed_on_host: bool,
@@ -412,13 +440,18 @@ class LayerPlacer:
             os.makedirs(offload.offload_dir, exist_ok=True)
         self.mover = OffloadMover(model, self.plan, device, offload.offload_dir, template=template, place=False)
 
+    def step_tokens(self) -> int:
+        """A step's token budget under the plan: its whole batch of prompts at once, so each
+        layer's weights cross PCIe once for all of them."""
+        return max(256, self.plan.batch_size * self.workload.max_model_len)
+
     def finish(self, model: nn.Module):
         """After loading: the parts outside the layers to the device, the offload loop in place.
         Returns (plan, mover, hardware, spec)."""
         unplaced = sorted(set(range(len(model.layers))) - (self.mover.placed if self.mover else set()))
         if unplaced:
             raise RuntimeError(f"offload: layers {unplaced[:5]} were never placed")
-        place_outside_layers(model, self.device, self.embed_on_host)
+        place_outside_layers(model, self.device, self.embed_on_host, self.step_tokens())
         model.layer_loop = OffloadLayerLoop(self.mover, self.plan.micro_batch_tokens)
         return self.plan, self.mover, self.hardware, self.spec
 

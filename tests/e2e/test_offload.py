@@ -270,6 +270,27 @@ def test_quantized_weights_stream(tmp_path, method, group):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_offload_with_host_kv_matches_resident(model_dir):
+    """On a GPU in float32: layers streamed from pinned RAM, half of them with their KV cache in
+    host RAM (CPU attention, rotated by the same Triton kernel as the device-cache layers) and
+    the token embedding looked up into its pinned staging buffer give the resident run's tokens."""
+    from strata.runner.offload_loop import HostEmbedding
+    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_num_seqs=8, use_tqdm_on_load=False)
+    resident = LLM(str(model_dir), **kw)
+    want = run(resident)
+    del resident
+    gc.collect()
+    llm = LLM(str(model_dir), offload_policy="w_cpu=1,kv_cpu=0.5", **kw)
+    engine = llm.llm_engine
+    embed = engine.executor.runner.model.embed_tokens
+    assert isinstance(embed, HostEmbedding) and embed._rows.is_pinned()
+    assert engine.offload_plan.kv_host_layers > 0
+    assert run(llm) == want
+    assert run(llm, PROMPTS[::-1]) == want[::-1]     # the staging buffer reused step after step
+    engine.offload_mover.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_int4_layers_stream_packed_on_gpu(tmp_path):
     """On a GPU an offloaded int4 model is quantized on the device (quant.finish_loading's
     process_device): its streamed layers hold the packed codes the W4A16 kernel reads, so they
