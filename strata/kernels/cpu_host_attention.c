@@ -82,6 +82,25 @@ static inline const uint16_t *token_row(const half_view *v, const int32_t *table
 }
 
 #ifdef HOST_AVX2
+/* Keys ahead of the one in use whose rows are fetched into the cache: blocks lie at random
+ * addresses and a head's row is a few lines of a wider token row, so the hardware prefetcher
+ * does not see them coming (without it a key or value row took an L3/DRAM latency each). */
+enum { PREFETCH_KEYS = 4 };
+
+static inline void prefetch_row(const uint16_t *row, int64_t d) {
+    for (int64_t off = 0; off < d; off += 32) _mm_prefetch((const char *)(row + off), _MM_HINT_T0);
+}
+
+/* The row of key j + PREFETCH_KEYS (block base `base` holds n keys from j0; `next` is the next
+ * block's base, NULL at the end of the context). */
+static inline const uint16_t *row_ahead(const uint16_t *base, const uint16_t *next, int64_t j, int64_t n,
+                                        int64_t row, int64_t ctx_left) {
+    const int64_t a = j + PREFETCH_KEYS;
+    if (a < n) return base + a * row;
+    if (next == NULL || a - n >= ctx_left - n) return NULL;
+    return next + (a - n) * row;
+}
+
 /* The register paths below are written for a compile-time G (the switch in score_keys and
  * weigh_values inlines them with G = 1, 2, 4 or 8), so the accumulators stay in registers.
  * Keys are walked block by block: no division per key. */
@@ -91,10 +110,14 @@ static inline __attribute__((always_inline)) void score_keys_g(const half_view *
     const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
         const uint16_t *base = v->kv + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d;
+        const uint16_t *next = j0 + bs < ctx ? v->kv + ((int64_t)table[j0 / bs + 1] * bs * v->kv_heads + kvh) * d : NULL;
         const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
         int64_t j = 0;
         for (; j + 2 <= n; j += 2) {   /* two keys at once: twice the independent FMA chains */
             const uint16_t *k0 = base + j * row, *k1 = k0 + row;
+            const uint16_t *p0 = row_ahead(base, next, j, n, row, ctx - j0), *p1 = row_ahead(base, next, j + 1, n, row, ctx - j0);
+            if (p0) prefetch_row(p0, d);
+            if (p1) prefetch_row(p1, d);
             __m256 a0[8], a1[8];
             for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm256_setzero_ps();
             for (int64_t c = 0; c < d; c += 8) {
@@ -135,8 +158,14 @@ static inline __attribute__((always_inline)) void weigh_values_g(const half_view
         for (int64_t g = 0; g < G; g++) lo[g] = hi[g] = _mm256_setzero_ps();
         for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
             const uint16_t *base = v->kv + v->plane_stride + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d + c;
+            const uint16_t *next = c == 0 && j0 + bs < ctx
+                ? v->kv + v->plane_stride + ((int64_t)table[j0 / bs + 1] * bs * v->kv_heads + kvh) * d : NULL;
             const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
             for (int64_t j = 0; j < n; j++) {
+                if (c == 0) {   /* the first column pass brings the rows in; the others find them */
+                    const uint16_t *p = row_ahead(base, next, j, n, row, ctx - j0);
+                    if (p) prefetch_row(p, d);
+                }
                 __m256 x0 = load8(base + j * row, v->kind);
                 __m256 x1 = two ? load8(base + j * row + 8, v->kind) : _mm256_setzero_ps();
                 for (int64_t g = 0; g < G; g++) {
@@ -151,6 +180,138 @@ static inline __attribute__((always_inline)) void weigh_values_g(const half_view
             if (two) _mm256_storeu_ps(out + g * d + c + 8, hi[g]);
         }
     }
+}
+#endif
+
+/* bfloat16 keys and values without widening each 8 separately: one 256-bit load holds 16 values,
+ * lane i has value 2i in its low half and 2i + 1 in its high half, so a shift gives the even
+ * values as float32 and a mask the odd ones (a load and two ALU ops per 16, against two loads
+ * and four ops). The scores pair them with q permuted the same way (qp: per 16 columns, the 8
+ * even then the 8 odd values); the outputs come out even/odd and are interleaved once at the end.
+ * Two keys' G <= 4 scores are summed across lanes together (one transposed reduction instead of
+ * a horizontal sum per score). */
+#ifdef HOST_AVX2
+enum { BF16_MAX_D = 256 };
+
+static inline __m256 reduce8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6,
+                             __m256 v7) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline void bf16_even_odd(const uint16_t *p, __m256 *even, __m256 *odd) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+
+static inline __attribute__((always_inline)) void score_keys_bf16_g(const half_view *v, const int32_t *table,
+                                                                     int64_t ctx, int64_t kvh, const float *qp,
+                                                                     float *scores, const int64_t G) {
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    const __m256 scale = _mm256_set1_ps(v->scale);
+    for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
+        const uint16_t *base = v->kv + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d;
+        const uint16_t *next = j0 + bs < ctx ? v->kv + ((int64_t)table[j0 / bs + 1] * bs * v->kv_heads + kvh) * d : NULL;
+        const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
+        for (int64_t j = 0; j < n; j += 2) {
+            const int pair = j + 1 < n;
+            const uint16_t *k0 = base + j * row, *k1 = pair ? k0 + row : k0;
+            const uint16_t *p0 = row_ahead(base, next, j, n, row, ctx - j0), *p1 = row_ahead(base, next, j + 1, n, row, ctx - j0);
+            if (p0) prefetch_row(p0, d);
+            if (p1) prefetch_row(p1, d);
+            __m256 a0[4], a1[4];
+            for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < d; c += 16) {
+                __m256 e0, o0, e1, o1;
+                bf16_even_odd(k0 + c, &e0, &o0);
+                bf16_even_odd(k1 + c, &e1, &o1);
+                for (int64_t g = 0; g < G; g++) {
+                    const __m256 qe = _mm256_loadu_ps(qp + g * d + c), qo = _mm256_loadu_ps(qp + g * d + c + 8);
+                    a0[g] = _mm256_fmadd_ps(qe, e0, a0[g]);
+                    a1[g] = _mm256_fmadd_ps(qe, e1, a1[g]);
+                    a0[g] = _mm256_fmadd_ps(qo, o0, a0[g]);
+                    a1[g] = _mm256_fmadd_ps(qo, o1, a1[g]);
+                }
+            }
+            float sums[8];
+            if (G == 4) {
+                _mm256_storeu_ps(sums, _mm256_mul_ps(reduce8(a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3]),
+                                                     scale));
+            } else {
+                for (int64_t g = 0; g < G; g++) {
+                    sums[g] = sum8(a0[g]) * v->scale;
+                    sums[4 + g] = sum8(a1[g]) * v->scale;
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                scores[g * ctx + j0 + j] = sums[g];
+                if (pair) scores[g * ctx + j0 + j + 1] = sums[4 + g];
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void weigh_values_bf16_g(const half_view *v, const int32_t *table,
+                                                                       int64_t ctx, int64_t kvh, const float *w,
+                                                                       float *out, const int64_t G) {
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    for (int64_t c = 0; c < d; c += 16) {
+        __m256 even[4], odd[4];
+        for (int64_t g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
+        for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
+            const uint16_t *base = v->kv + v->plane_stride + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d;
+            const uint16_t *next = c == 0 && j0 + bs < ctx
+                ? v->kv + v->plane_stride + ((int64_t)table[j0 / bs + 1] * bs * v->kv_heads + kvh) * d : NULL;
+            const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
+            for (int64_t j = 0; j < n; j++) {
+                if (c == 0) {   /* the first column pass brings the rows in; the others find them */
+                    const uint16_t *p = row_ahead(base, next, j, n, row, ctx - j0);
+                    if (p) prefetch_row(p, d);
+                }
+                __m256 e, o;
+                bf16_even_odd(base + j * row + c, &e, &o);
+                for (int64_t g = 0; g < G; g++) {
+                    const __m256 wg = _mm256_broadcast_ss(w + g * ctx + j0 + j);
+                    even[g] = _mm256_fmadd_ps(wg, e, even[g]);
+                    odd[g] = _mm256_fmadd_ps(wg, o, odd[g]);
+                }
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {   /* lanes (2i, 2i + 1) back in column order */
+            const __m256 lo = _mm256_unpacklo_ps(even[g], odd[g]), hi = _mm256_unpackhi_ps(even[g], odd[g]);
+            _mm256_storeu_ps(out + g * d + c, _mm256_permute2f128_ps(lo, hi, 0x20));
+            _mm256_storeu_ps(out + g * d + c + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
+    }
+}
+
+/* The bfloat16 register path for G = 1, 2 or 4 query heads per KV head, d a multiple of 16 up to
+ * BF16_MAX_D; returns 0 where it does not apply. */
+static int attend_bf16(const half_view *v, const int32_t *table, int64_t ctx, int64_t kvh, const float *q,
+                       float *scores, float *out) {
+    const int64_t d = v->head_dim, G = v->groups;
+    if (v->kind != KV_BF16 || d % 16 != 0 || d > BF16_MAX_D || (G != 1 && G != 2 && G != 4)) return 0;
+    float qp[4 * BF16_MAX_D];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < d; c += 16)
+            for (int64_t i = 0; i < 8; i++) {
+                qp[g * d + c + i] = q[g * d + c + 2 * i];
+                qp[g * d + c + 8 + i] = q[g * d + c + 2 * i + 1];
+            }
+    switch (G) {
+        case 1: score_keys_bf16_g(v, table, ctx, kvh, qp, scores, 1); break;
+        case 2: score_keys_bf16_g(v, table, ctx, kvh, qp, scores, 2); break;
+        default: score_keys_bf16_g(v, table, ctx, kvh, qp, scores, 4); break;
+    }
+    for (int64_t g = 0; g < G; g++) strata_softmax_row(scores + g * ctx, ctx);
+    switch (G) {
+        case 1: weigh_values_bf16_g(v, table, ctx, kvh, scores, out, 1); break;
+        case 2: weigh_values_bf16_g(v, table, ctx, kvh, scores, out, 2); break;
+        default: weigh_values_bf16_g(v, table, ctx, kvh, scores, out, 4); break;
+    }
+    return 1;
 }
 #endif
 
@@ -219,6 +380,11 @@ static void half_attention_item(const void *arg, int64_t t, int64_t s, int64_t c
     const half_attention *a = arg;
     const int64_t groups = a->view.groups, d = a->view.head_dim;
     const int32_t *table = a->view.block_tables + s * a->view.bt_stride;
+#ifdef HOST_AVX2
+    if (attend_bf16(&a->view, table, ctx, kvh, a->q + t * a->q_stride + kvh * groups * d, scores,
+                    a->out + (t * a->heads + kvh * groups) * d))
+        return;
+#endif
     score_keys(&a->view, table, ctx, kvh, a->q + t * a->q_stride + kvh * groups * d, scores);
     for (int64_t g = 0; g < groups; g++) strata_softmax_row(scores + g * ctx, ctx);
     weigh_values(&a->view, table, ctx, kvh, scores, a->out + (t * a->heads + kvh * groups) * d);

@@ -106,12 +106,15 @@ def test_paged_attention_matches_torch(seqs, heads, kv_heads, d):
     [(37, 1), (5, 1), (16, 1), (1, 1)],                 # decodes
     [(30, 7), (9, 9), (33, 1)],                          # prompt chunks after a cached prefix, a decode
 ])
-@pytest.mark.parametrize("heads, kv_heads, d", [(8, 2, 64), (3, 3, 20), (4, 1, 16), (14, 2, 32), (24, 2, 16)])
+@pytest.mark.parametrize("heads, kv_heads, d", [(8, 2, 64), (3, 3, 20), (4, 1, 16), (14, 2, 32), (24, 2, 16),
+                                                (4, 4, 32), (6, 3, 48), (2, 1, 272)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_host_paged_attention_reads_16_bit_caches(seqs, heads, kv_heads, d, dtype):
     """Offloading's host tier: the cache stays in bfloat16 / float16 and is converted as it is
     read; the reference attends in float32 over the same (rounded) values. d=20: the scalar tail;
-    7 query heads per KV head: the register path with a run-time group count; 12: the scalar one."""
+    7 query heads per KV head: the register path with a run-time group count; 12: the scalar one.
+    bfloat16 with 1, 2 or 4 query heads per KV head and d a multiple of 16 up to 256: the
+    even/odd-lane path (d=272: past it, the 8-wide one)."""
     block_size = 8
     meta = _metadata(seqs, block_size, 64)
     cache = torch.randn(2, 64, block_size, kv_heads, d).to(dtype)
@@ -136,7 +139,7 @@ def test_half_conversion_covers_special_values():
     specials = {torch.float16: [6e-8, -float("inf"), 1e-5, 0.0, -0.0, 65504.0, 3.14159, -2.5],
                 torch.bfloat16: [1e-38, -3e38, 2.0**-130, 0.0, 1.5, -7.0, 100.0, 0.1]}
     for dtype, values in specials.items():
-        for d in (8, 11):
+        for d in (8, 11, 16):   # 16: bfloat16's even/odd-lane path
             cache = torch.zeros(2, 1, 1, 1, d, dtype=dtype)
             cache[1, 0, 0, 0] = torch.tensor((values * 2)[:d], dtype=dtype)
             one = torch.ones(1, dtype=torch.int32)
