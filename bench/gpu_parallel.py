@@ -3,6 +3,7 @@ TP=1, 2 and 4, each engine measured in the same run, with the all-reduce time pe
 
     cd bench && python gpu_parallel.py --tp 1 2 --num-requests 600   # 2 GPUs, ~6 min
     cd bench && python gpu_parallel.py --tp 1 2 --auto-throughput    # + parallel="auto" for throughput
+    cd bench && python gpu_parallel.py --shape 70b --tp 2 4          # Llama-3.1-70B's shape, 4 GPUs
     cd bench && python gpu_parallel.py --tp 4 --num-requests 600     # 4 GPUs
     cd bench && python gpu_parallel.py --smoke                       # CPU, gloo, tiny shapes
     cd bench && python gpu_parallel.py --tp 2 4 --all-reduce-only    # the all-reduce alone, ~1 min
@@ -48,9 +49,15 @@ from parallel_check import report as report_checks
 AR_TOKENS = (1, 64, 256, 2048)
 
 
-def model_dir(smoke: bool) -> Path:
+# Llama-3.1-70B's shape (the "70B-shape model at TP=4"): 80 layers of hidden 8192.
+LLAMA_70B = dict(LLAMA_31_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                 num_attention_heads=64, num_key_value_heads=8)
+SHAPES = {"8b": LLAMA_31_8B, "70b": LLAMA_70B}
+
+
+def model_dir(smoke: bool, shape: str = "8b") -> Path:
     import tempfile
-    cfg = dict(LLAMA_31_8B)
+    cfg = dict(SHAPES[shape])
     if smoke:   # tiny but TP-shaped: heads and vocab split over 4 ranks
         cfg.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
                    num_key_value_heads=4, vocab_size=4096, max_position_embeddings=2048)
@@ -261,6 +268,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4], help="tensor-parallel sizes to measure")
     parser.add_argument("--smoke", action="store_true", help="CPU (gloo), tiny shapes, few requests")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b",
+                        help="Llama-3.1-8B's shape, or 70B's (141 GB of bf16: TP=2 at least on H200s)")
     parser.add_argument("--num-requests", type=int, default=1000, help="requests of the offline set")
     parser.add_argument("--decode-new", type=int, default=256, help="new tokens of the batch-1 decode")
     parser.add_argument("--max-model-len", type=int, default=4096)
@@ -294,7 +303,7 @@ def main() -> None:
         args.tp = [t for t in args.tp if t <= 2]
     elif torch.cuda.device_count() < max(args.tp):
         raise SystemExit(f"--tp {args.tp} needs {max(args.tp)} GPUs; {torch.cuda.device_count()} visible")
-    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    meta = {"shape": args.shape, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpus": torch.cuda.device_count(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.all_reduce_only:
@@ -306,7 +315,7 @@ def main() -> None:
         print(f"\n{meta}")
         report_all_reduce(results)
         return
-    path = model_dir(args.smoke)
+    path = model_dir(args.smoke, args.shape)
     configs = [args.only] if args.only else [str(tp) for tp in sorted(args.tp)] + ([AUTO] if args.auto_throughput else [])
     results = []
     for config in configs:
