@@ -101,6 +101,22 @@ static inline const uint16_t *row_ahead(const uint16_t *base, const uint16_t *ne
     return next + (a - n) * row;
 }
 
+/* The row of head kvh of the block holding key j0 (its first key), in the K (plane 0) or V
+ * (plane 1) half of the cache; NULL past the context. */
+static inline const uint16_t *block_rows(const half_view *v, const int32_t *table, int64_t j0, int64_t ctx,
+                                         int64_t kvh, int plane) {
+    if (j0 >= ctx) return NULL;
+    return v->kv + plane * v->plane_stride
+        + ((int64_t)table[j0 / v->block_size] * v->block_size * v->kv_heads + kvh) * v->head_dim;
+}
+
+/* Fetch the row PREFETCH_KEYS keys after key j of the block at base (n keys from j0). */
+static inline void prefetch_ahead(const uint16_t *base, const uint16_t *next, int64_t j, int64_t n, int64_t row,
+                                  int64_t ctx_left, int64_t d) {
+    const uint16_t *p = row_ahead(base, next, j, n, row, ctx_left);
+    if (p) prefetch_row(p, d);
+}
+
 /* The register paths below are written for a compile-time G (the switch in score_keys and
  * weigh_values inlines them with G = 1, 2, 4 or 8), so the accumulators stay in registers.
  * Keys are walked block by block: no division per key. */
@@ -109,15 +125,13 @@ static inline __attribute__((always_inline)) void score_keys_g(const half_view *
                                                                 float *scores, const int64_t G) {
     const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
-        const uint16_t *base = v->kv + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d;
-        const uint16_t *next = j0 + bs < ctx ? v->kv + ((int64_t)table[j0 / bs + 1] * bs * v->kv_heads + kvh) * d : NULL;
+        const uint16_t *base = block_rows(v, table, j0, ctx, kvh, 0), *next = block_rows(v, table, j0 + bs, ctx, kvh, 0);
         const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
         int64_t j = 0;
         for (; j + 2 <= n; j += 2) {   /* two keys at once: twice the independent FMA chains */
             const uint16_t *k0 = base + j * row, *k1 = k0 + row;
-            const uint16_t *p0 = row_ahead(base, next, j, n, row, ctx - j0), *p1 = row_ahead(base, next, j + 1, n, row, ctx - j0);
-            if (p0) prefetch_row(p0, d);
-            if (p1) prefetch_row(p1, d);
+            prefetch_ahead(base, next, j, n, row, ctx - j0, d);
+            prefetch_ahead(base, next, j + 1, n, row, ctx - j0, d);
             __m256 a0[8], a1[8];
             for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm256_setzero_ps();
             for (int64_t c = 0; c < d; c += 8) {
@@ -157,15 +171,12 @@ static inline __attribute__((always_inline)) void weigh_values_g(const half_view
         __m256 lo[8], hi[8];
         for (int64_t g = 0; g < G; g++) lo[g] = hi[g] = _mm256_setzero_ps();
         for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
-            const uint16_t *base = v->kv + v->plane_stride + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d + c;
-            const uint16_t *next = c == 0 && j0 + bs < ctx
-                ? v->kv + v->plane_stride + ((int64_t)table[j0 / bs + 1] * bs * v->kv_heads + kvh) * d : NULL;
+            const uint16_t *base = block_rows(v, table, j0, ctx, kvh, 1) + c;
+            const uint16_t *next = c == 0 ? block_rows(v, table, j0 + bs, ctx, kvh, 1) : NULL;
             const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
             for (int64_t j = 0; j < n; j++) {
-                if (c == 0) {   /* the first column pass brings the rows in; the others find them */
-                    const uint16_t *p = row_ahead(base, next, j, n, row, ctx - j0);
-                    if (p) prefetch_row(p, d);
-                }
+                if (c == 0)   /* the first column pass brings the rows in; the others find them */
+                    prefetch_ahead(base, next, j, n, row, ctx - j0, d);
                 __m256 x0 = load8(base + j * row, v->kind);
                 __m256 x1 = two ? load8(base + j * row + 8, v->kind) : _mm256_setzero_ps();
                 for (int64_t g = 0; g < G; g++) {
@@ -212,15 +223,13 @@ static inline __attribute__((always_inline)) void score_keys_bf16_g(const half_v
     const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
     const __m256 scale = _mm256_set1_ps(v->scale);
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
-        const uint16_t *base = v->kv + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d;
-        const uint16_t *next = j0 + bs < ctx ? v->kv + ((int64_t)table[j0 / bs + 1] * bs * v->kv_heads + kvh) * d : NULL;
+        const uint16_t *base = block_rows(v, table, j0, ctx, kvh, 0), *next = block_rows(v, table, j0 + bs, ctx, kvh, 0);
         const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
         for (int64_t j = 0; j < n; j += 2) {
             const int pair = j + 1 < n;
             const uint16_t *k0 = base + j * row, *k1 = pair ? k0 + row : k0;
-            const uint16_t *p0 = row_ahead(base, next, j, n, row, ctx - j0), *p1 = row_ahead(base, next, j + 1, n, row, ctx - j0);
-            if (p0) prefetch_row(p0, d);
-            if (p1) prefetch_row(p1, d);
+            prefetch_ahead(base, next, j, n, row, ctx - j0, d);
+            prefetch_ahead(base, next, j + 1, n, row, ctx - j0, d);
             __m256 a0[4], a1[4];
             for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm256_setzero_ps();
             for (int64_t c = 0; c < d; c += 16) {
@@ -261,15 +270,12 @@ static inline __attribute__((always_inline)) void weigh_values_bf16_g(const half
         __m256 even[4], odd[4];
         for (int64_t g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
         for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
-            const uint16_t *base = v->kv + v->plane_stride + ((int64_t)table[j0 / bs] * bs * v->kv_heads + kvh) * d;
-            const uint16_t *next = c == 0 && j0 + bs < ctx
-                ? v->kv + v->plane_stride + ((int64_t)table[j0 / bs + 1] * bs * v->kv_heads + kvh) * d : NULL;
+            const uint16_t *base = block_rows(v, table, j0, ctx, kvh, 1);
+            const uint16_t *next = c == 0 ? block_rows(v, table, j0 + bs, ctx, kvh, 1) : NULL;
             const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
             for (int64_t j = 0; j < n; j++) {
-                if (c == 0) {   /* the first column pass brings the rows in; the others find them */
-                    const uint16_t *p = row_ahead(base, next, j, n, row, ctx - j0);
-                    if (p) prefetch_row(p, d);
-                }
+                if (c == 0)   /* the first column pass brings the rows in; the others find them */
+                    prefetch_ahead(base, next, j, n, row, ctx - j0, d);
                 __m256 e, o;
                 bf16_even_odd(base + j * row + c, &e, &o);
                 for (int64_t g = 0; g < G; g++) {
