@@ -1,7 +1,7 @@
 """The engines of bench/cpu_vs_llamacpp.py, one per child process: strata, llama.cpp (through
 llama-cpp-python's C API, run by the Python of its own venv) and HF transformers.
 
-    python bench/cpu_peers.py --engine strata|strata-reference|llamacpp|hf --model X.gguf --threads N
+    python bench/cpu_peers.py --engine strata|strata-dp|strata-reference|llamacpp|hf --model X.gguf --threads N
 
 A worker loads its model once, prints {"ready": ...} and then answers one JSON task per line on
 stdin with one JSON line on stdout, timing only the engine's own work:
@@ -28,16 +28,20 @@ import time
 
 
 class StrataEngine:
+    data_parallel = False
+
     def __init__(self, model: str, threads: int, max_seqs: int, max_len: int):
         import torch
 
         from strata import LLM, SamplingParams
         torch.set_num_threads(threads)
         self.params = SamplingParams
+        # data_parallel: a replica per core, one thread each (the engine splits the cores).
+        extra = {"data_parallel_size": threads} if self.data_parallel and threads > 1 else {}
         # No prefix caching: every timed prompt is computed again, as llama.cpp does after a clear.
         self.llm = LLM(model, max_num_seqs=max_seqs, max_model_len=max_len, enable_prefix_caching=False,
-                       use_tqdm_on_load=False)
-        self.info = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+                       use_tqdm_on_load=False, **extra)
+        self.info = {"threads": torch.get_num_threads(), "torch": torch.__version__, **extra}
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
         params = self.params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -144,11 +148,17 @@ class LlamaCppEngine:
         return picks
 
 
-ENGINES = {"strata": StrataEngine, "strata-reference": StrataEngine, "hf": HFEngine, "llamacpp": LlamaCppEngine}
+class StrataDataParallelEngine(StrataEngine):
+    """strata with data_parallel_size = threads: a process of one thread per core, each with its
+    own scheduler, requests spread over them (for batched throughput)."""
+    data_parallel = True
 
 
-def serve(engine) -> None:
-    """Answer tasks on stdin until it closes."""
+ENGINES = {"strata": StrataEngine, "strata-dp": StrataDataParallelEngine, "strata-reference": StrataEngine, "hf": HFEngine, "llamacpp": LlamaCppEngine}
+
+
+def serve(engine, out) -> None:
+    """Answer tasks on stdin until it closes, on `out`."""
     for line in sys.stdin:
         task = json.loads(line)
         if task["task"] == "generate":
@@ -159,7 +169,7 @@ def serve(engine) -> None:
             seconds, tokens = 0.0, engine.llm.get_tokenizer().encode(task["text"])
         else:
             raise ValueError(f"unknown task {task['task']!r}")
-        print(json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+        print(json.dumps({"seconds": seconds, "tokens": tokens}), file=out, flush=True)
 
 
 def main() -> None:
@@ -173,13 +183,15 @@ def main() -> None:
     if args.engine == "strata-reference":
         # strata's fp32 reference path: every weight dequantized at load, only torch ops.
         os.environ["STRATA_QUANT_REFERENCE"] = os.environ["STRATA_DISABLE_CPU_KERNELS"] = "1"
-    # Engines' own prints (strata's startup line) go to stderr: stdout carries the answers.
-    real_stdout, sys.stdout = sys.stdout, sys.stderr
+    # stdout carries the answers: a private copy of it; file descriptor 1 itself now points at
+    # stderr, so engines' own prints (strata's startup line, processes they start) go there.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     t0 = time.perf_counter()
     engine = ENGINES[args.engine](args.model, args.threads, args.max_seqs, args.max_len)
-    sys.stdout = real_stdout
-    print(json.dumps({"ready": True, "load_s": time.perf_counter() - t0, **engine.info}), flush=True)
-    serve(engine)
+    print(json.dumps({"ready": True, "load_s": time.perf_counter() - t0, **engine.info}), file=answers, flush=True)
+    serve(engine, answers)
 
 
 if __name__ == "__main__":

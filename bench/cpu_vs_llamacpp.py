@@ -71,10 +71,12 @@ def default_gguf() -> Path:
 # --- workers ----------------------------------------------------------------------------------
 
 class Worker:
-    """One engine in a child process (bench/cpu_peers.py), driven one task at a time."""
+    """One engine in a child process (bench/cpu_peers.py), driven one task at a time. `batched_only`:
+    it runs the batched-decode metrics alone."""
 
-    def __init__(self, name: str, engine: str, python: Path | str, args, log_dir: Path):
+    def __init__(self, name: str, engine: str, python: Path | str, args, log_dir: Path, batched_only: bool = False):
         self.name = name
+        self.batched_only = batched_only
         self.log = open(log_dir / f"{engine}.log", "w")
         cmd = [str(python), str(HERE / "cpu_peers.py"), "--engine", engine, "--model", str(args.model),
                "--threads", str(args.threads), "--max-seqs", str(max(args.batch_sizes)),
@@ -106,14 +108,27 @@ class Worker:
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """(busy CPU seconds of the machine, CPU seconds of process pid) from /proc."""
+    """(busy CPU seconds of the machine, CPU seconds of process pid and its descendants, such as
+    a data-parallel engine's replicas) from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as f:
         fields = list(map(int, f.readline().split()[1:9]))
     busy = sum(fields) - fields[3] - fields[4]          # all but idle and iowait
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read().rsplit(")", 1)[1].split()
-    return busy / ticks, (int(stat[11]) + int(stat[12])) / ticks
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stats[int(entry)] = f.read().rsplit(")", 1)[1].split()
+            except OSError:   # gone meanwhile
+                pass
+    tree, grew = {pid}, True
+    while grew:
+        children = {p for p, st in stats.items() if int(st[1]) in tree} - tree
+        tree |= children
+        grew = bool(children)
+    own = sum(int(stats[p][11]) + int(stats[p][12]) for p in tree if p in stats)
+    return busy / ticks, own / ticks
 
 
 # --- the measurements -------------------------------------------------------------------------
@@ -139,20 +154,28 @@ def measure(workers: dict[str, Worker], tasks: dict, runs: int) -> dict:
     """results[metric][engine] = list of (tok/s, other CPU, tokens); engines alternate, the first
     rotating each round. Before the rounds each engine runs every task once at 4 new tokens,
     uncounted: first-use work (llama.cpp's contexts, strata's fused layers, page faults)."""
-    results = {metric: {name: [] for name in workers} for metric in tasks}
+    def runs_it(name: str, metric: str) -> bool:
+        return not workers[name].batched_only or _batched(metric)
+
+    results = {metric: {name: [] for name in workers if runs_it(name, metric)} for metric in tasks}
     names = list(workers)
     for metric, (task, _) in tasks.items():
         for name in names:
-            workers[name].run(dict(task, max_tokens=min(4, task.get("max_tokens", 1))))
+            if runs_it(name, metric):
+                workers[name].run(dict(task, max_tokens=min(4, task.get("max_tokens", 1))))
     for r in range(runs):
         order = names[r % len(names):] + names[: r % len(names)]
         for metric, (task, counted) in tasks.items():
-            for name in order:
+            for name in filter(lambda n: runs_it(n, metric), order):
                 answer = workers[name].run(task)
                 results[metric][name].append((counted / answer["seconds"], answer["other_cpu"], answer["tokens"]))
                 print(f"  round {r + 1} {metric:>22} {name:>10}: {counted / answer['seconds']:8.1f} tok/s "
                       f"(other CPU {answer['other_cpu']:.2f} cores, load {os.getloadavg()[0]:.2f})", flush=True)
     return results
+
+
+def _batched(metric: str) -> bool:
+    return metric.endswith(" sequences")
 
 
 def greedy_check(args, tasks: dict, results: dict, log_dir: Path) -> list[str]:
@@ -164,11 +187,12 @@ def greedy_check(args, tasks: dict, results: dict, log_dir: Path) -> list[str]:
             if task["task"] != "generate":
                 continue
             ref = reference.run(task)["tokens"]
-            ours = results[metric]["strata"][0][2]
-            same = sum(a == b for a, b in zip(ours, ref))
-            lines.append(f"{metric}: {same}/{len(ref)} sequences identical to the fp32 reference"
-                         + ("" if same == len(ref) else f" (first difference at token "
-                            f"{min(_first_diff(a, b) for a, b in zip(ours, ref) if a != b)})"))
+            for name in (n for n in ("strata", "strata-dp") if n in results[metric]):
+                ours = results[metric][name][0][2]
+                same = sum(a == b for a, b in zip(ours, ref))
+                lines.append(f"{metric}, {name}: {same}/{len(ref)} sequences identical to the fp32 reference"
+                             + ("" if same == len(ref) else f" (first difference at token "
+                                f"{min(_first_diff(a, b) for a, b in zip(ours, ref) if a != b)})"))
     finally:
         reference.close()
     return lines
@@ -180,23 +204,31 @@ def _first_diff(a: list[int], b: list[int]) -> int:
 
 def report(args, workers: dict, tasks: dict, results: dict, greedy: list[str], loads: list) -> None:
     names = list(workers)
-    peers = [n for n in names if n != "strata"]
+    strata_names = [n for n in names if n.startswith("strata")]
+    peers = [n for n in names if n not in strata_names]
     targets = {"prompt processing": 2.0, "decode, 1 sequence": 1.2, "decode, 32 sequences": 3.0}
     print(f"\n{_cpu_name()}, {os.cpu_count()} cores, {args.threads} threads per engine, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average at start / end "
           f"{loads[0]:.2f} / {loads[1]:.2f}; median of {args.runs} runs")
     print(f"model {args.model}; llama-cpp-python {workers['llamacpp'].info.get('llama_cpp_python')}: "
           f"{workers['llamacpp'].info.get('system_info', '').strip()}")
-    head = " | ".join(f"strata/{p}" for p in peers)
-    print(f"\n| metric (tok/s) | {' | '.join(names)} | {head} | target vs llama.cpp | other CPU (cores, max) |")
-    print("|---|" + "---:|" * (len(names) + len(peers)) + "---|---:|")
+    if "strata-dp" in workers:
+        print(f"strata-dp: data_parallel_size={workers['strata-dp'].info.get('data_parallel_size', 1)} (a process "
+              "of one thread per core), batched metrics only")
+    head = " | ".join(f"{s}/{p}" for s in strata_names for p in peers)
+    print(f"\n| metric (tok/s) | {' | '.join(names)} | {head} | target vs llama.cpp (best strata) "
+          "| other CPU (cores, max) |")
+    print("|---|" + "---:|" * (len(names) + len(strata_names) * len(peers)) + "---|---:|")
     for metric in tasks:
-        med = {n: statistics.median(r[0] for r in results[metric][n]) for n in names}
-        other = max(r[1] for n in names for r in results[metric][n])
-        ratios = " | ".join(f"{med['strata'] / med[p]:.2f}x" for p in peers)
+        med = {n: statistics.median(r[0] for r in results[metric][n]) for n in results[metric]}
+        other = max(r[1] for n in results[metric] for r in results[metric][n])
+        ratios = " | ".join(f"{med[s] / med[p]:.2f}x" if s in med else "" for s in strata_names for p in peers)
         target = targets.get(metric)
-        met = "" if target is None else f"{target}x: {'met' if med['strata'] / med['llamacpp'] >= target else 'not met'}"
-        print(f"| {metric} | {' | '.join(f'{med[n]:.1f}' for n in names)} | {ratios} | {met} | {other:.2f} |")
+        best = max((n for n in strata_names if n in med), key=lambda n: med[n])
+        met = "" if target is None else (f"{target}x: {'met' if med[best] / med['llamacpp'] >= target else 'not met'}"
+                                         f" ({best} {med[best] / med['llamacpp']:.2f}x)")
+        cells = " | ".join(f"{med[n]:.1f}" if n in med else "" for n in names)
+        print(f"| {metric} | {cells} | {ratios} | {met} | {other:.2f} |")
     print("\nGreedy check, strata vs its fp32 reference path (STRATA_QUANT_REFERENCE=1 STRATA_DISABLE_CPU_KERNELS=1):")
     for line in greedy:
         print(f"- {line}")
@@ -222,6 +254,9 @@ def main() -> None:
     ap.add_argument("--batch-prompt-tokens", type=int, default=16, help="prompt length of each batched sequence")
     ap.add_argument("--batch-decode-tokens", type=int, default=128, help="tokens generated per batched sequence")
     ap.add_argument("--no-hf", action="store_true", help="leave out the HF transformers peer")
+    ap.add_argument("--no-strata-dp", action="store_true",
+                    help="leave out strata with data_parallel_size = threads (a one-thread replica per core; "
+                         "measured on the batched metrics)")
     ap.add_argument("--llamacpp-version", default=LLAMACPP_VERSION, help="llama-cpp-python version to install")
     ap.add_argument("--llamacpp-python", type=Path, default=None,
                     help="a python that already imports llama_cpp (skips the venv)")
@@ -241,6 +276,8 @@ def main() -> None:
     loads = [os.getloadavg()[0]]
     workers = {"strata": Worker("strata", "strata", sys.executable, args, args.log_dir),
                "llamacpp": Worker("llama.cpp", "llamacpp", py, args, args.log_dir)}
+    if not args.no_strata_dp and args.threads > 1:
+        workers["strata-dp"] = Worker("strata-dp", "strata-dp", sys.executable, args, args.log_dir, batched_only=True)
     if not args.no_hf:
         workers["hf"] = Worker("HF fp32", "hf", sys.executable, args, args.log_dir)
     try:
