@@ -60,11 +60,11 @@ HELP = {
             "less of the weights per token) or throughput (the fewest GPUs per copy of the model, "
             "the rest as data-parallel replicas)",
     "worker_timeout": "seconds a worker process may stop responding (no heartbeat) before the engine "
-                      "stops every rank with an error naming it (tensor/pipeline parallel only)",
+                      "stops every rank with an error naming it (tensor/pipeline ranks and data-parallel replicas)",
     "startup_timeout": "seconds the worker processes may take to load the model, plan the KV cache and "
-                       "capture CUDA graphs (tensor/pipeline parallel only)",
+                       "capture CUDA graphs (tensor/pipeline ranks and data-parallel replicas)",
     "step_timeout": "seconds one step may take across the ranks before the engine gives up on it "
-                    "(tensor/pipeline parallel only)",
+                    "(tensor/pipeline ranks and data-parallel replicas)",
     "enforce_eager": "run every step eagerly: no CUDA graphs for decode steps (GPU only; slower "
                      "decode, faster start)",
     "max_waiting": "most requests allowed to wait (server admission control); default unbounded",

@@ -10,9 +10,10 @@ The front (this process) has the tokenizer and the limits of the copies: it toke
 each request as one engine would, so a bad request fails at ``add_request`` and never reaches a
 copy, then sends it to the copy with the fewest unfinished sequences (round robin among equals).
 Copies step on their own and send each step's outputs as they come; ``step()`` returns whatever
-has arrived (waiting a little when nothing has). A copy that exits, fails or takes longer than
-``step_timeout`` over one step stops every copy and raises ``WorkerFailure`` naming it; the
-engine refuses further work.
+has arrived (waiting a little when nothing has). A copy that exits, fails, stops beating (a
+heartbeat thread stamps shared memory; silent for ``worker_timeout``: stopped or wedged) or takes
+longer than ``step_timeout`` over one step stops every copy and raises ``WorkerFailure`` naming
+it; the engine refuses further work.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from strata.core.scheduler import QueueFull, check_prompt_fits
 from strata.engine.arg_utils import EngineArgs
 from strata.engine.engine import LLMEngine, _load_tokenizer, prepare_request
 from strata.executor.executor import WorkerFailure
+from strata.executor.multiproc import heartbeat
 from strata.loader import model_loader
 from strata.metrics import EngineStats
 from strata.outputs import RequestOutput
@@ -102,12 +104,16 @@ class DataParallelEngine:
         threads = self._threads = max(1, torch.get_num_threads() // size)
         replica_args = dataclasses.replace(args, data_parallel_size=1, parallel=None, max_waiting=None)
         ctx = mp.get_context("spawn")
+        # Each replica stamps its slot every HEARTBEAT_S from a thread: a stale stamp means the
+        # process is stopped or wedged (it still beats during a long step).
+        self.heartbeats = ctx.Array("d", size, lock=False)
         self.replicas: list[_Replica] = []
         for index, gpus in enumerate(groups):
             spec = ReplicaSpec(index, replica_args, layout, threads, progress=use_tqdm and index == 0)
             parent, child = ctx.Pipe()
             # Not a daemon: a copy with tensor/pipeline ranks starts processes of its own.
-            proc = ctx.Process(target=replica_main, args=(spec, child), name=f"strata-dp{index}", daemon=False)
+            proc = ctx.Process(target=replica_main, args=(spec, child, self.heartbeats), name=f"strata-dp{index}",
+                               daemon=False)
             with _environment(CUDA_VISIBLE_DEVICES=gpus):   # what the child sees from its start
                 proc.start()
             child.close()
@@ -138,6 +144,7 @@ class DataParallelEngine:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._fail(waiting[0], f"did not finish loading within startup_timeout={timeout_s:g}s")
+            self._check_heartbeats(waiting)
             for conn in connection.wait([r.conn for r in waiting], timeout=min(left, 1.0)):
                 replica = next(r for r in waiting if r.conn is conn)
                 kind, payload = self._receive(replica, "while loading")
@@ -246,6 +253,14 @@ class DataParallelEngine:
                 self._fail(replica, f"exited with code {replica.proc.exitcode}")
             if now - replica.step_started > self.args.step_timeout:
                 self._fail(replica, f"did not finish a step within step_timeout={self.args.step_timeout:g}s")
+        self._check_heartbeats(busy)
+
+    def _check_heartbeats(self, replicas: list[_Replica]) -> None:
+        now, limit = time.monotonic(), self.args.worker_timeout
+        for replica in replicas:
+            beat = self.heartbeats[replica.index]
+            if beat and now - beat > limit:
+                self._fail(replica, f"has not responded for more than worker_timeout={limit:g}s (hung or stopped)")
 
     def _send(self, replica: _Replica, message) -> None:
         try:
@@ -262,6 +277,8 @@ class DataParallelEngine:
 
     def _fail(self, replica: _Replica, what: str):
         self.failure = WorkerFailure(f"{replica.name()} {what}; every replica is stopped")
+        if replica.proc.exitcode is None:   # it failed: no orderly stop to wait for
+            replica.proc.kill()
         self._owner.clear()
         for r in self.replicas:
             r.unfinished = r.waiting = 0
@@ -354,8 +371,11 @@ def _stop_replicas(replicas: list[_Replica]) -> None:
 
 
 # ---- inside a copy's process ---------------------------------------------------------------------
-def replica_main(spec: ReplicaSpec, conn) -> None:
+def replica_main(spec: ReplicaSpec, conn, heartbeats) -> None:
+    import threading
+
     import torch
+    threading.Thread(target=heartbeat, args=(heartbeats, spec.index), daemon=True).start()
     torch.set_num_threads(spec.num_threads)
     _setup_replica_logging(spec.index)
     try:

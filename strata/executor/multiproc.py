@@ -302,7 +302,7 @@ def _free_port() -> int:
 def worker_main(spec: WorkerSpec, conn, heartbeats) -> None:
     if spec.device_type == "cuda":
         os.environ.update(CUDA_SAFE_ENV)
-    beat = threading.Thread(target=_heartbeat, args=(heartbeats, spec.rank), daemon=True)
+    beat = threading.Thread(target=heartbeat, args=(heartbeats, spec.rank), daemon=True)
     beat.start()
     try:
         worker = _start_worker(spec)
@@ -318,7 +318,8 @@ def worker_main(spec: WorkerSpec, conn, heartbeats) -> None:
     os._exit(0)
 
 
-def _heartbeat(heartbeats, rank: int) -> None:
+def heartbeat(heartbeats, rank: int) -> None:
+    """Stamp heartbeats[rank] every HEARTBEAT_S (a daemon thread of a worker or replica process)."""
     while True:
         heartbeats[rank] = time.monotonic()
         time.sleep(HEARTBEAT_S)

@@ -156,6 +156,28 @@ def test_a_replica_that_dies_ends_the_engine_naming_it(llama):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], greedy(), use_tqdm=False)
 
 
+def test_a_replica_that_stops_responding_is_named_within_worker_timeout(llama):
+    llm = LLM(str(llama), data_parallel_size=2, worker_timeout=2.0, **ENGINE)
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    for p in PROMPTS[:4]:
+        engine.add_request(None, {"prompt_token_ids": p}, params)
+    engine.step()
+    victim = engine.replicas[0]
+    os.kill(victim.proc.pid, signal.SIGSTOP)   # alive but silent: no exit, no EOF
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerFailure, match="data-parallel replica 0 .* has not responded for more than "
+                                                "worker_timeout=2s"):
+            while True:
+                engine.step()
+        assert time.monotonic() - start < 2.0 + 5
+        assert all(r.proc.exitcode is not None for r in engine.replicas)
+    finally:
+        if victim.proc.exitcode is None:
+            os.kill(victim.proc.pid, signal.SIGKILL)
+
+
 def test_openai_server_on_replicas(tmp_path):
     import httpx
     from server_fixture import LiveServer
