@@ -145,14 +145,16 @@ def install() -> None:
         return r
 
     LlamaForCausalLM.split_layer_forward = split_layer_forward
-    real_resume = offload_loop._resume
+    pipeline_cls = offload_loop._HostKVPipeline
+    real_take = pipeline_cls._take
 
-    def resume(parts, k, handle, fn):
+    def take(self):
         t0 = now()
-        real_resume(parts, k, handle, fn)
-        T.add("resume", t0, now(), getattr(handle, "_label", (None, None))[0])
+        label = getattr(self.pending[2], "_label", (None, None))
+        real_take(self)
+        T.add("resume", t0, now(), label[0])
 
-    offload_loop._resume = resume
+    pipeline_cls._take = take
 
     loop_cls = offload_loop.OffloadLayerLoop
     real_loop = loop_cls.run

@@ -163,7 +163,7 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
 
     A host-KV layer's compute is its GPU work and the CPU's (decode rows attending over the host
     cache; a prefill's fresh prompts attend on the device and the CPU only writes their K and V),
-    overlapped across micro-batches (runner/offload_loop._host_kv_layer): with K micro-batches
+    overlapped across micro-batches (runner/offload_loop._HostKVPipeline): with K micro-batches
     the CPU works on one while the GPU computes another, so the layer takes the longer of the two
     plus a K-th of the shorter (one micro-batch: their sum), plus the host's time per micro-batch
     (HOST_KV_MICRO_BATCH_S; on a GPU it replaces LAYER_OVERHEAD_S for those layers)."""
@@ -395,8 +395,13 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     if cpu_budget is not None and host > cpu_budget:
         return None
     ctx = batch * workload.max_model_len
-    # A decode row is one token: the step's micro-batches are ceil(batch / mbt).
-    io, compute, step = step_costs(spec, hw, n_res, n_cpu, n_disk, batch, ctx, -(-batch // mbt), depth, kv_host)
+    # A decode row is one token: the step's micro-batches are ceil(batch / mbt); on a GPU with
+    # host-KV layers a step of one is cut in two, so the CPU attends for one half while the GPU
+    # computes the other (runner/offload_loop.OffloadLayerLoop.split_single_part).
+    decode_micro = -(-batch // mbt)
+    if decode_micro == 1 and kv_host and hw.device == "cuda" and batch > 1:
+        decode_micro = 2
+    io, compute, step = step_costs(spec, hw, n_res, n_cpu, n_disk, batch, ctx, decode_micro, depth, kv_host)
     prefill_tokens = batch * workload.prompt_len
     micro = max(1, -(-prefill_tokens // mbt))
     _, _, prefill = step_costs(spec, hw, n_res, n_cpu, n_disk, prefill_tokens, prefill_tokens, micro, depth,

@@ -31,9 +31,14 @@ from strata.sample.sampler import host_to_device
 
 
 class OffloadLayerLoop:
-    def __init__(self, mover: OffloadMover, micro_batch_tokens: int):
+    """split_single_part: cut a step that fits one micro-batch into two when layers keep their KV
+    cache in host RAM, so that the CPU attends for one half while the GPU computes the other's
+    projections (on a GPU; on the CPU both halves would compete for the same cores)."""
+
+    def __init__(self, mover: OffloadMover, micro_batch_tokens: int, split_single_part: bool = False):
         self.mover = mover
         self.micro_batch_tokens = micro_batch_tokens
+        self.split_single_part = split_single_part
 
     def run(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
             intermediate: Carry | None = None) -> torch.Tensor:
@@ -41,6 +46,9 @@ class OffloadLayerLoop:
             raise RuntimeError("offloading runs the whole model in one process (no pipeline stages)")
         meta = get_attn_metadata()
         spans = micro_batch_spans(meta.query_lens_cpu, self.micro_batch_tokens)
+        if len(spans) == 1 and meta.num_seqs > 1 and self.split_single_part and \
+                any(_kv_on_host(model, layer) for layer in model.layers):
+            spans = [(0, meta.num_seqs // 2), (meta.num_seqs // 2, meta.num_seqs)]
         carry = model.embed(input_ids, positions)
         if len(spans) == 1:
             parts = [(meta, positions, carry)]
@@ -53,15 +61,18 @@ class OffloadLayerLoop:
         mover = self.mover
         try:
             mover.begin_pass()
+            pipeline = _HostKVPipeline(model, parts, mover)
             for index, layer in enumerate(model.layers):
                 mover.before_layer(index)
                 if _kv_on_host(model, layer):
-                    _host_kv_layer(model, layer, parts)
-                else:
-                    for k, (part_meta, part_pos, part_carry) in enumerate(parts):
-                        with set_forward_context(part_meta):
-                            parts[k] = (part_meta, part_pos, model.layer_forward(layer, part_pos, part_carry))
+                    pipeline.layer(index, layer)   # its after_layer comes with its last output
+                    continue
+                pipeline.flush()
+                for k, (part_meta, part_pos, part_carry) in enumerate(parts):
+                    with set_forward_context(part_meta):
+                        parts[k] = (part_meta, part_pos, model.layer_forward(layer, part_pos, part_carry))
                 mover.after_layer(index)
+            pipeline.flush()
             host_tier.worker().drain()   # the last host-cache writes are done and none failed
         except BaseException:
             mover.reset()
@@ -75,30 +86,49 @@ def _kv_on_host(model: nn.Module, layer: nn.Module) -> bool:
     return getattr(attn, "kv_on_host", False) and hasattr(model, "split_layer_forward")
 
 
-def _host_kv_layer(model: nn.Module, layer: nn.Module, parts: list) -> None:
-    """A layer whose KV cache is in host RAM, FlexGen's CPU delegation overlapped: micro-batch
-    k+1's q/k/v are computed and its host side queued (attention/host_tier.py: copies down on a
-    side stream, the CPU attends in a worker thread) before micro-batch k's output is taken, so
-    the CPU attends for one micro-batch while the GPU computes the next one's projections and this
-    one's MLP, and the copy stream brings the next layers' weights. Each output is taken with
-    result(), which queues its copy up before the o_proj that reads it (no use before arrival)."""
-    pending = None   # (part index, PendingAttention, resume)
-    for k, (part_meta, part_pos, part_carry) in enumerate(parts):
+class _HostKVPipeline:
+    """Layers whose KV cache is in host RAM, FlexGen's CPU delegation overlapped: each part's
+    q/k/v are computed and its host side queued (attention/host_tier.py: copies down on a side
+    stream, the CPU attends in a worker thread) before the previous part's output is taken, so the
+    CPU attends for one part while the GPU computes the next one's projections and the previous
+    one's MLP, and the copy stream brings the next layers' weights. The overlap runs on across
+    consecutive host-KV layers: part 0 of layer i+1 starts before the last part of layer i is
+    taken, so the worker always has the next task queued (the slot of layer i is released, by
+    after_layer, once its last part is done). A part is never started before its own previous
+    layer's output is taken. Each output is taken with result(), which queues its copy up before
+    the o_proj that reads it (no use before arrival)."""
+
+    def __init__(self, model: nn.Module, parts: list, mover: OffloadMover):
+        self.model, self.parts, self.mover = model, parts, mover
+        self.pending = None   # (layer index, part index, PendingAttention, resume)
+
+    def layer(self, index: int, layer: nn.Module) -> None:
+        parts = self.parts
+        for k, (part_meta, part_pos, part_carry) in enumerate(parts):
+            if self.pending is not None and self.pending[1] == k:
+                self._take()   # this part's input is the output still pending
+                part_carry = parts[k][2]
+            with set_forward_context(part_meta):
+                attn, (q, key, value), resume = self.model.split_layer_forward(layer, part_pos, part_carry)
+                started = (index, k, attn.start(q, key, value, part_pos), resume)
+            parts[k] = (part_meta, part_pos, None)   # resume holds what it needs of the carry
+            del q, key, value, part_carry
+            if self.pending is not None:
+                self._take()
+            self.pending = started
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self._take()
+
+    def _take(self) -> None:
+        index, k, handle, resume = self.pending
+        self.pending = None
+        part_meta, part_pos, _ = self.parts[k]
         with set_forward_context(part_meta):
-            attn, (q, key, value), resume = model.split_layer_forward(layer, part_pos, part_carry)
-            started = (k, attn.start(q, key, value, part_pos), resume)
-        parts[k] = (part_meta, part_pos, None)   # resume holds what it needs of the carry
-        del q, key, value, part_carry
-        if pending is not None:
-            _resume(parts, *pending)
-        pending = started
-    _resume(parts, *pending)
-
-
-def _resume(parts: list, k: int, handle, resume) -> None:
-    part_meta, part_pos, _ = parts[k]
-    with set_forward_context(part_meta):
-        parts[k] = (part_meta, part_pos, resume(handle.result().flatten(1)))
+            self.parts[k] = (part_meta, part_pos, resume(handle.result().flatten(1)))
+        if k == len(self.parts) - 1:   # the layer's last output: its weights are free
+            self.mover.after_layer(index)
 
 
 def micro_batch_spans(query_lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
@@ -452,6 +482,7 @@ class LayerPlacer:
         if unplaced:
             raise RuntimeError(f"offload: layers {unplaced[:5]} were never placed")
         place_outside_layers(model, self.device, self.embed_on_host, self.step_tokens())
-        model.layer_loop = OffloadLayerLoop(self.mover, self.plan.micro_batch_tokens)
+        model.layer_loop = OffloadLayerLoop(self.mover, self.plan.micro_batch_tokens,
+                                            split_single_part=self.device.type == "cuda")
         return self.plan, self.mover, self.hardware, self.spec
 

@@ -169,7 +169,7 @@ def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch
     cached part) attend on the host over the host cache, fresh prompts on the device; the same
     tokens as the resident run. With chunk: prompts arrive in chunks of 16 tokens. With several
     micro-batches, micro-batch k+1's host side is queued before k's output is taken (the
-    overlapped schedule, runner/offload_loop._host_kv_layer); delay_s slows every host task."""
+    overlapped schedule, runner/offload_loop._HostKVPipeline); delay_s slows every host task."""
     from strata.attention import host_tier
     calls = {"host": 0, "rows": 0}
     real = host_tier.cpu_attend
@@ -191,6 +191,24 @@ def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch
     assert calls["rows"] >= host_layers * len(PROMPTS) * 7     # every decode step of every host layer
     if delay_s:
         assert calls["host"] >= 3 * host_layers * 7             # several micro-batches per decode step
+    engine.offload_mover.close()
+
+
+def test_decode_cut_in_two_for_the_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch):
+    """A GPU engine cuts a step that fits one micro-batch in two when layers keep their KV in host
+    RAM (split_single_part), and the overlap runs on from one host-KV layer to the next: forced on
+    here, with a slow worker, the resident run's tokens, two host tasks per layer and step."""
+    from strata.attention import host_tier
+    monkeypatch.setattr(host_tier.worker(), "delay_s", 0.001)
+    llm = make(model_dir, offload_dir=str(tmp_path), offload_policy="w_gpu=1,kv_cpu=0.5")
+    engine = llm.llm_engine
+    loop = engine.executor.runner.model.layer_loop
+    assert not loop.split_single_part   # on the CPU both halves would share the same cores
+    loop.split_single_part = True
+    tasks = host_tier.worker().tasks_run
+    assert run(llm) == resident_tokens
+    # 12 host layers x 2 halves x 7 decode steps (5 sequences each), besides the prefill's tasks
+    assert host_tier.worker().tasks_run - tasks >= 12 * 2 * 7
     engine.offload_mover.close()
 
 
@@ -325,8 +343,9 @@ def test_host_tier_split_layers_of_other_models(tmp_path, monkeypatch, name):
     resident = run(LLM(str(tmp_path / "m"), **kw), prompts, 6)
     from strata.runner import offload_loop
     split_calls = []
-    real_split = offload_loop._host_kv_layer
-    monkeypatch.setattr(offload_loop, "_host_kv_layer", lambda *a: split_calls.append(1) or real_split(*a))
+    real_split = offload_loop._HostKVPipeline.layer
+    monkeypatch.setattr(offload_loop._HostKVPipeline, "layer",
+                        lambda *a: split_calls.append(1) or real_split(*a))
     monkeypatch.setattr(host_tier.worker(), "delay_s", 0.001)
     llm = LLM(str(tmp_path / "m"), offload_policy="w_gpu=1,kv_cpu=1,micro_batch_tokens=2", **kw)
     assert llm.llm_engine.offload_plan.kv_host_layers == 2
