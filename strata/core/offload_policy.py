@@ -227,8 +227,9 @@ def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int,
                      max_query_len: int, host_kv: bool = False) -> int:
     """Device memory of a step's activations (runner/offload_loop.py's block schedule):
     - the carry between layers for every token of the step: hidden state and residual of every
-      micro-batch, plus the embedding output until layer 0 has replaced it (3 copies; the final
-      norm then frees the carries part by part, so it never holds more);
+      micro-batch (2 copies; each micro-batch embeds its own tokens, so its embedding output goes
+      when layer 0 has replaced it: one micro-batch's more; the final norm then frees the carries
+      part by part, so it never holds more);
     - one micro-batch's intermediates inside a layer (q/k/v, attention, the MLP's widest tensors,
       1.5x for what the kernels allocate beside them). A sequence is never cut, so a micro-batch
       holds up to max(micro_batch_tokens, the longest query) tokens;
@@ -237,8 +238,8 @@ def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int,
       (its q, k, v, and the float32 queries and output that cross PCIe).
     tests/runner/test_offload_activations.py checks these against the live tensors of a step."""
     h, i, e = spec.hidden_size, spec.intermediate_size, spec.dtype_bytes
-    carry = 3 * step_tokens * h * e
     inside_tokens = min(step_tokens, max(micro_batch_tokens, max_query_len))
+    carry = (2 * step_tokens + inside_tokens) * h * e
     inside = int(1.5 * inside_tokens * (6 * h + 3 * i) * e)
     logits = batch * spec.vocab_size * (e + 4 * 4)
     kv_dim = spec.kv_bytes_per_token // (2 * spec.num_layers * e)

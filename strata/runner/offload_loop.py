@@ -49,15 +49,17 @@ class OffloadLayerLoop:
         if len(spans) == 1 and meta.num_seqs > 1 and self.split_single_part and \
                 any(_kv_on_host(model, layer) for layer in model.layers):
             spans = [(0, meta.num_seqs // 2), (meta.num_seqs // 2, meta.num_seqs)]
-        carry = model.embed(input_ids, positions)
+        # Each part embeds its own tokens: its embedding output is freed as soon as layer 0 has
+        # replaced it, where views of one step-wide output kept it all alive through layer 0 (a
+        # third copy of the step's hidden states at its end; core/offload_policy.activation_bytes).
         if len(spans) == 1:
-            parts = [(meta, positions, carry)]
+            parts = [(meta, positions, model.embed(input_ids, positions))]
         else:
-            parts = [(split_metadata(meta, a, b, positions.device), _slice(positions, meta, a, b),
-                      tuple(_slice(t, meta, a, b) for t in carry)) for a, b in spans]
-        # The parts' views keep the embedding output alive only until layer 0 has replaced them
-        # (the policy counts three carries of the step's tokens: core/offload_policy.activation_bytes).
-        del carry
+            parts = []
+            for a, b in spans:
+                part_pos = _slice(positions, meta, a, b)
+                parts.append((split_metadata(meta, a, b, positions.device), part_pos,
+                              model.embed(_slice(input_ids, meta, a, b), part_pos)))
         mover = self.mover
         try:
             mover.begin_pass()
@@ -189,7 +191,8 @@ class HostEmbedding(nn.Module):
         self.inner = embedding
         self.device = device
         self._rows: torch.Tensor | None = None   # [capacity, hidden], pinned
-        self._sent: torch.cuda.Event | None = None   # the last copy up has read _rows
+        self._next = 0                           # where the next lookup writes
+        self._sent: torch.cuda.Event | None = None   # the last copy up has read its rows
         if device.type == "cuda" and max_tokens > 0:
             self._reserve(max_tokens)
 
@@ -197,7 +200,7 @@ class HostEmbedding(nn.Module):
         weight = self.inner.weight
         if self._sent is not None:
             self._sent.synchronize()   # the old buffer's last copy is done before it goes
-        self._rows = None
+        self._rows, self._next = None, 0
         nbytes = num_tokens * weight.shape[1] * weight.element_size()
         self._rows = host_buffer(nbytes, pinned=True).view(weight.dtype).view(num_tokens, weight.shape[1])
 
@@ -208,9 +211,13 @@ class HostEmbedding(nn.Module):
         n = ids.numel()
         if self._rows is None or self._rows.shape[0] < n:
             self._reserve(n)
-        elif self._sent is not None:
-            self._sent.synchronize()   # the previous step's rows have left the buffer
-        rows = self._rows[:n]
+        if self._next + n > self._rows.shape[0]:
+            # Back to the start: every copy up so far (one stream, in order) must have read its rows.
+            if self._sent is not None:
+                self._sent.synchronize()
+            self._next = 0
+        rows = self._rows[self._next: self._next + n]
+        self._next += n   # a step's parts, looked up one after another, take successive regions
         torch.index_select(self.inner.weight, 0, ids, out=rows)
         out = rows.to(self.device, non_blocking=True)
         self._sent = torch.cuda.Event()

@@ -152,7 +152,13 @@ def test_block_schedule_and_mixed_tiers(model_dir, resident_tokens, tmp_path):
                offload_policy="w_gpu=0.33,w_disk=0.67,micro_batch_tokens=16,prefetch_depth=3")
     plan = llm.llm_engine.offload_plan
     assert plan.micro_batch_tokens == 16 and plan.prefetch_depth == 3 and plan.count("resident") == 8
+    model = llm.llm_engine.executor.runner.model
+    embedded = []   # tokens of each embed call: one per micro-batch, so each one's output goes
+    real_embed = model.embed   # when layer 0 has replaced it (no step-wide tensor kept alive)
+    model.embed = lambda ids, pos: embedded.append(ids.numel()) or real_embed(ids, pos)
     assert run(llm) == resident_tokens
+    prefill = sum(len(p) for p in PROMPTS)
+    assert sum(embedded[:-7]) == prefill and max(embedded) <= max(16, max(map(len, PROMPTS)))
     llm.llm_engine.offload_mover.close()
 
 
