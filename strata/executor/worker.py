@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +18,8 @@ from strata.engine.arg_utils import EngineArgs
 from strata.loader import model_loader
 from strata.quant.kv import resolve_kv_format
 from strata.runner.model_runner import ModelRunner
+
+logger = logging.getLogger("strata")
 
 DEFAULT_CPU_KV_BYTES = 4 * 2**30
 DEFAULT_CPU_BATCHED_TOKENS = 2048
@@ -74,6 +78,8 @@ class Worker:
         offload = offload_config is not None and offload_config.enabled
         self.max_num_batched_tokens = batched_tokens_for(args, device)
         self.offload_plan = self.offload_mover = self.offload_hardware = self.offload_spec = None
+        if offload and device.type == "cuda":
+            _grow_in_place(device)
         placer = self._offload_placer(offload_config) if offload else None
         # An offloaded model is built in host memory, and each layer goes to its tier as soon as
         # it has loaded (the placer), so the whole model is never in RAM at once.
@@ -237,3 +243,18 @@ def _gpu_kv_budget(args: EngineArgs, device: torch.device, runner: ModelRunner, 
             "outside_torch": outside_torch, "graph_reserve": graphs,
             "profiled_tokens": max_num_batched_tokens}
     return budget, plan
+
+
+def _grow_in_place(device: torch.device) -> None:
+    """Offloading under gpu_memory_budget: let torch's caching allocator grow and shrink its
+    segments in place (expandable segments) unless PYTORCH_CUDA_ALLOC_CONF says otherwise. With
+    fixed segments, the block schedule's tensors of many sizes left 4.05 GiB reserved for a 3.20
+    GiB allocated peak under a 4 GiB budget (H100, 8B, batch 133): the budget holds what the
+    process takes from the GPU, not only what its tensors hold."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError) as e:   # an older torch, or a platform without them
+        logger.warning(f"offloading: torch's expandable segments are unavailable ({e}); reserved GPU "
+                       "memory may exceed what the plan allocates")
