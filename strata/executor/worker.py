@@ -253,8 +253,11 @@ def _grow_in_place(device: torch.device) -> None:
     process takes from the GPU, not only what its tensors hold."""
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return
+    import warnings
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        with warnings.catch_warnings():   # newer torch names the setting's public home; same effect
+            warnings.simplefilter("ignore")
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
     except (AttributeError, RuntimeError) as e:   # an older torch, or a platform without them
         logger.warning(f"offloading: torch's expandable segments are unavailable ({e}); reserved GPU "
                        "memory may exceed what the plan allocates")
