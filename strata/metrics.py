@@ -102,6 +102,14 @@ class EngineStats:
     def __add__(self, other: "EngineStats") -> "EngineStats":
         return EngineStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks if self.kv_blocks else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
 
 class EngineMetrics:
     """What the server exports. Request-level values are recorded when a request finishes;
@@ -120,10 +128,9 @@ class EngineMetrics:
             self.requests,
             Gauge("strata:num_requests_running", "Sequences running on the engine.", lambda: stats().num_running),
             Gauge("strata:num_requests_waiting", "Sequences waiting to be scheduled.", lambda: stats().num_waiting),
-            Gauge("strata:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", lambda: _ratio(
-                stats().kv_blocks_used, stats().kv_blocks)),
+            Gauge("strata:kv_cache_usage_perc", "Share of KV-cache blocks in use (0-1).", lambda: stats().kv_usage),
             Gauge("strata:prefix_cache_hit_rate", "Prefix-cache hits over lookups, in blocks (0-1).",
-                  lambda: _ratio(stats().prefix_hits, stats().prefix_queries)),
+                  lambda: stats().prefix_hit_rate),
             Gauge("strata:num_preemptions", "Preemptions since start.", lambda: stats().num_preemptions),
         ]
 
@@ -149,6 +156,3 @@ class EngineMetrics:
             lines += metric.render()
         return "\n".join(lines) + "\n"
 
-
-def _ratio(part: int, whole: int) -> float:
-    return part / whole if whole else 0.0

@@ -88,14 +88,14 @@ class _Replica:
 class DataParallelEngine:
     """The LLMEngine interface (add_request, abort_request, step, ...) over N engine copies."""
 
-    def __init__(self, args: EngineArgs, layout=None, hf_tokenizer=None, use_tqdm: bool = True):
+    def __init__(self, args: EngineArgs, layout=None, hf_tokenizer=None, use_tqdm: bool = True, source=None):
         import torch
         import torch.multiprocessing as mp
         t0 = time.perf_counter()
         self.args, self.layout = args, layout
         size = args.data_parallel_size
         self.device = DeviceConfig.resolve(args.device).device
-        self.source = model_loader.resolve_model(args.model, LoadConfig(args.load_format, args.seed))
+        self.source = source or model_loader.resolve_model(args.model, LoadConfig(args.load_format, args.seed))
         _check_data_parallel(args, self.source, self.device)
         self.model_config = model_loader.model_config_for(
             self.source, model_loader.resolve_dtype(args.dtype, self.source, self.device))
@@ -280,8 +280,6 @@ class DataParallelEngine:
         if replica.proc.exitcode is None:   # it failed: no orderly stop to wait for
             replica.proc.kill()
         self._owner.clear()
-        for r in self.replicas:
-            r.unfinished = r.waiting = 0
         self._finalizer()
         raise self.failure
 

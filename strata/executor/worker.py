@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -79,7 +80,7 @@ class Worker:
         self.max_num_batched_tokens = batched_tokens_for(args, device)
         self.offload_plan = self.offload_mover = self.offload_hardware = self.offload_spec = None
         if offload and device.type == "cuda":
-            _grow_in_place(device)
+            _grow_in_place()
         placer = self._offload_placer(offload_config) if offload else None
         # An offloaded model is built in host memory, and each layer goes to its tier as soon as
         # it has loaded (the placer), so the whole model is never in RAM at once.
@@ -245,7 +246,7 @@ def _gpu_kv_budget(args: EngineArgs, device: torch.device, runner: ModelRunner, 
     return budget, plan
 
 
-def _grow_in_place(device: torch.device) -> None:
+def _grow_in_place() -> None:
     """Offloading under gpu_memory_budget: let torch's caching allocator grow and shrink its
     segments in place (expandable segments) unless PYTORCH_CUDA_ALLOC_CONF says otherwise. With
     fixed segments, the block schedule's tensors of many sizes left 4.05 GiB reserved for a 3.20
@@ -253,7 +254,6 @@ def _grow_in_place(device: torch.device) -> None:
     process takes from the GPU, not only what its tensors hold."""
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return
-    import warnings
     try:
         with warnings.catch_warnings():   # newer torch names the setting's public home; same effect
             warnings.simplefilter("ignore")
