@@ -26,7 +26,7 @@ logger = logging.getLogger("strata")
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, hf_tokenizer=None, use_tqdm: bool = True, layout=None):
+    def __init__(self, args: EngineArgs, hf_tokenizer=None, use_tqdm: bool = True, layout=None, source=None):
         t0 = time.perf_counter()
         if args.data_parallel_size != 1:
             raise ValueError(f"one LLMEngine is one replica; data_parallel_size={args.data_parallel_size} "
@@ -37,7 +37,7 @@ class LLMEngine:
         cache_config = cache_config_for(args)
         self.kv_format = resolve_kv_format(cache_config.kv_cache_dtype, self.device)
         load_config = LoadConfig(args.load_format, args.seed)
-        source = model_loader.resolve_model(args.model, load_config)
+        source = source or model_loader.resolve_model(args.model, load_config)
         dtype = model_loader.resolve_dtype(args.dtype, source, self.device)
         model_config = model_loader.model_config_for(source, dtype)
         if args.parallel is not None:
@@ -284,7 +284,7 @@ def _tokenize(tokenizer, prompt) -> tuple[str | None, list[int]]:
 def create_engine(args: EngineArgs, hf_tokenizer=None, use_tqdm: bool = True):
     """The engine for these options: an LLMEngine, or a DataParallelEngine over several when
     data_parallel_size > 1 (given, or chosen by parallel="auto" for the goal throughput)."""
-    layout = None
+    layout = source = None   # source: resolved here for parallel="auto", then not again
     if args.parallel is not None:
         device = DeviceConfig.resolve(args.device).device
         source = model_loader.resolve_model(args.model, LoadConfig(args.load_format, args.seed))
@@ -298,8 +298,8 @@ def create_engine(args: EngineArgs, hf_tokenizer=None, use_tqdm: bool = True):
                     f"replica(s), because {layout.reason}")
     if args.data_parallel_size != 1:
         from strata.engine.data_parallel import DataParallelEngine
-        return DataParallelEngine(args, layout, hf_tokenizer, use_tqdm)
-    return LLMEngine(args, hf_tokenizer, use_tqdm, layout=layout)
+        return DataParallelEngine(args, layout, hf_tokenizer, use_tqdm, source=source)
+    return LLMEngine(args, hf_tokenizer, use_tqdm, layout=layout, source=source)
 
 
 def parallel_config_for(args: EngineArgs) -> ParallelConfig:
