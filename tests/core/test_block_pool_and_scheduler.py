@@ -49,6 +49,25 @@ def test_block_pool_refcounts_and_lru_eviction():
         pool.allocate(1)
 
 
+def test_freed_blocks_without_hash_are_reused_first():
+    # Caching off: a freed request's blocks come back before any never-used block (their cache
+    # memory is already touched), in the request's order.
+    pool = BlockPool(8, enable_caching=False)
+    first = pool.allocate(3)
+    pool.free(list(reversed(first)))               # tail first, as the manager frees
+    assert [b.block_id for b in pool.allocate(3)] == [b.block_id for b in first]
+
+    # Caching on: a block with no hash is handed out before cached content is evicted.
+    pool = BlockPool(3, enable_caching=True)
+    a, b, c = pool.allocate(3)
+    h = hash_block_tokens(None, [1, 2])
+    pool.cache_block(a, h)
+    pool.free([a])                                 # cached: tail of the queue
+    pool.free([b])                                 # no hash: head
+    assert pool.allocate(1) == [b]
+    assert pool.get_cached_block(h) is a           # still revivable
+
+
 def test_double_free_is_caught():
     pool = BlockPool(2, enable_caching=False)
     (a,) = pool.allocate(1)
