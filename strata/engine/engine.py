@@ -187,7 +187,7 @@ class LLMEngine:
                 f"max_model_len {self.scheduler_config.max_model_len} | "
                 f"{'async' if self.async_scheduling else 'sync'} scheduling | "
                 f"loaded in {self.load_seconds:.1f}s"
-                + self.describe_parallel() + self._describe_gpu()
+                + self.describe_parallel() + self._describe_gpu() + self._describe_cpu()
                 + (f" | {self.offload_plan.describe()}{self._describe_offload_host()}"
                    if self.offload_plan is not None else ""))
 
@@ -226,6 +226,14 @@ class LLMEngine:
         group = f", groups of {q.group_size}" if q.group_size else ", per channel"
         head = self.executor.facts.lm_head_quantized
         return f"; quantized at load: {q.method}{group}, LM head {'quantized' if head else 'float'}"
+
+    def _describe_cpu(self) -> str:
+        if self.device.type != "cpu" or self.parallel_config.world_size > 1:
+            return ""
+        import torch
+
+        from strata.kernels import cpu_quant
+        return f" | {cpu_quant.describe()}, {torch.get_num_threads()} threads"
 
     def _describe_gpu(self) -> str:
         if self.device.type != "cuda":

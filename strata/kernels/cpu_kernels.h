@@ -23,6 +23,12 @@ void strata_w8_range(const float *x, int64_t m, int64_t k, const int8_t *q, cons
 void strata_f32_range(const float *x, int64_t m, int64_t k, const float *w, float *y, int64_t ldy,
                       int64_t r0, int64_t r1);
 
+/* y[i][0..15] (accumulate: +=) sum over p < k of x[i * ldx + p] * b[p * ldb + 0..15], for rows
+ * i < rows <= GEMM_TILE_ROWS (cpu_gemm.c). */
+#define GEMM_TILE_ROWS 6
+void strata_gemm_tile(int rows, const float *x, int64_t ldx, const float *b, int64_t ldb, int64_t k,
+                      float *y, int64_t ldy, int accumulate);
+
 /* One row of RMSNorm (r = x + residual_in into residual_out first, when residual_in is given). */
 void strata_rms_norm_row(const float *x, const float *residual_in, float *residual_out, const float *w,
                          float *out, int64_t d, float eps);

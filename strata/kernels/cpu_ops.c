@@ -362,3 +362,160 @@ int strata_paged_attention(const float *q, int64_t q_stride, float *out, const f
     return strata_attention_items(seq_lens, query_start_loc, num_seqs, kv_heads, groups, 4, nthreads,
                                   float_attention_item, &a);
 }
+
+/* ---- attention for long query chunks (prefill), as GEMM tiles -----------------------------------
+ * The same attention as strata_paged_attention, organised for many query tokens per sequence:
+ * each (sequence, KV head) has its keys gathered once into panels of 16 keys laid out
+ * [head_dim][16] and its values into rows [keys][head_dim] (zero past the context), then each
+ * tile of GEMM_TILE_ROWS query tokens of one query head takes its scores against the keys it
+ * may see as GEMM tiles (strata_gemm_tile), a softmax per row (scaled scores, max subtracted),
+ * and its output as GEMM tiles of the probabilities times 16 columns of the values. A causal
+ * tile reads only the key panels up to its last token. head_dim must be a multiple of 16.
+ * A sequence with fewer than TILED_MIN_QUERY query tokens (a decode beside a prompt) is not
+ * gathered: its tokens attend as in strata_paged_attention (one item per token and KV head), as
+ * gathering a whole context for one row costs about what attending over it does. */
+#define TILED_MIN_QUERY 16
+typedef struct {
+    const float *q;
+    float *out, *packed;            /* packed: the window's gathered keys and values */
+    const int64_t *packed_at;
+    int64_t packed_from;            /* packed_at of the window's first sequence */
+    int64_t q_stride, heads, groups, head_dim, max_ctx16;
+    const int32_t *seq_lens, *query_start_loc;
+    float scale;
+} tiled_attention;
+
+static inline int64_t query_len(const int32_t *query_start_loc, int64_t s) {
+    return query_start_loc[s + 1] - query_start_loc[s];
+}
+
+static inline int64_t round16(int64_t n) {
+    return (n + 15) / 16 * 16;
+}
+
+/* The end of the window of sequences from s0: those whose gathered keys and values fit
+ * max_floats together, one at least. */
+static int64_t window_end(const int64_t *packed_at, int64_t num_seqs, int64_t s0, int64_t max_floats) {
+    int64_t s1 = s0 + 1;
+    while (s1 < num_seqs && packed_at[s1 + 1] - packed_at[s0] <= max_floats) s1++;
+    return s1;
+}
+
+static void gather_keys_values(const strata_cache_view *cv, int64_t s, int64_t kvh, int64_t ctx, float *kp, float *vr) {
+    const int64_t d = cv->head_dim, ctx16 = round16(ctx);
+    row_walk keys = walk_start(cv, cv->block_tables + s * cv->bt_stride, kvh, 0);
+    row_walk values = walk_start(cv, cv->block_tables + s * cv->bt_stride, kvh, cv->plane_stride);
+    for (int64_t j = 0; j < ctx; j++) {
+        const float *key = walk_next(&keys);
+        float *panel = kp + (j / 16) * 16 * d + j % 16;
+        for (int64_t c = 0; c < d; c++) panel[16 * c] = key[c];
+        memcpy(vr + j * d, walk_next(&values), sizeof(float) * (size_t)d);
+    }
+    for (int64_t j = ctx; j < ctx16; j++) {
+        float *panel = kp + (j / 16) * 16 * d + j % 16;
+        for (int64_t c = 0; c < d; c++) panel[16 * c] = 0.f;
+        memset(vr + j * d, 0, sizeof(float) * (size_t)d);
+    }
+}
+
+static void attention_tile(const tiled_attention *a, int64_t s, int64_t head, int64_t t0, float *scores) {
+    const int64_t d = a->head_dim, kvh = head / a->groups;
+    const int64_t first = a->query_start_loc[s], q_len = query_len(a->query_start_loc, s);
+    const int64_t ctx = a->seq_lens[s], past = ctx - q_len;
+    const int rows = (int)(q_len - t0 < GEMM_TILE_ROWS ? q_len - t0 : GEMM_TILE_ROWS);
+    const int64_t seen16 = round16(past + t0 + rows), lds = a->max_ctx16, ctx16 = round16(ctx);
+    const float *kp = a->packed + (a->packed_at[s] - a->packed_from) + kvh * 2 * ctx16 * d, *vr = kp + ctx16 * d;
+    const float *q = a->q + (first + t0) * a->q_stride + head * d;
+    for (int64_t j = 0; j < seen16; j += 16)
+        strata_gemm_tile(rows, q, a->q_stride, kp + j * d, 16, d, scores + j, lds, 0);
+    for (int i = 0; i < rows; i++) {
+        float *row = scores + i * lds;
+        const int64_t visible = past + t0 + i + 1;
+        for (int64_t j = 0; j < visible; j++) row[j] *= a->scale;
+        strata_softmax_row(row, visible);
+        memset(row + visible, 0, sizeof(float) * (size_t)(seen16 - visible));
+    }
+    float *out = a->out + ((first + t0) * a->heads + head) * d;
+    for (int64_t c = 0; c < d; c += 16)
+        strata_gemm_tile(rows, scores, lds, vr + c, d, seen16, out + c, a->heads * d, 0);
+}
+
+int strata_tiled_attention(const float *q, int64_t q_stride, float *out, const float *kv_cache, int64_t plane_stride,
+                           int64_t block_size, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                           const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
+                           const int32_t *query_start_loc, int64_t num_seqs, float scale, int nthreads,
+                           int64_t max_packed_floats) {
+    const int64_t groups = heads / kv_heads, d = head_dim;
+    if (d % 16) return 2;
+    const strata_cache_view cv = {kv_cache, plane_stride, block_size, kv_heads, d, groups, bt_stride, block_tables, scale};
+    /* packed_at[s]: sequence s's gathered keys and values (none for a short query); tile_at[s]:
+     * its first work item (heads x tiles, or tokens x KV heads for a short query). */
+    int64_t *packed_at = malloc(sizeof(int64_t) * (size_t)(2 * num_seqs + 2));
+    if (packed_at == NULL) return 1;
+    int64_t *tile_at = packed_at + num_seqs + 1;
+    int64_t max_ctx16 = 16;
+    packed_at[0] = tile_at[0] = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t ctx16 = round16(seq_lens[s]), q_len = query_len(query_start_loc, s);
+        const int tiled = q_len >= TILED_MIN_QUERY;
+        max_ctx16 = ctx16 > max_ctx16 ? ctx16 : max_ctx16;
+        packed_at[s + 1] = packed_at[s] + (tiled ? kv_heads * 2 * ctx16 * d : 0);
+        tile_at[s + 1] = tile_at[s] + (tiled ? heads * ((q_len + GEMM_TILE_ROWS - 1) / GEMM_TILE_ROWS) : q_len * kv_heads);
+    }
+    /* Sequences go in windows whose gathered keys and values fit max_packed_floats (at least one
+     * sequence a window), so a step of many long contexts does not gather all of them at once. */
+    int64_t window = 1;
+    for (int64_t s0 = 0, s1; s0 < num_seqs; s0 = s1) {
+        s1 = window_end(packed_at, num_seqs, s0, max_packed_floats);
+        window = packed_at[s1] - packed_at[s0] > window ? packed_at[s1] - packed_at[s0] : window;
+    }
+    float *packed = malloc(sizeof(float) * (size_t)window);
+    if (packed == NULL) {
+        free(packed_at);
+        return 1;
+    }
+    int failed = 0;
+    for (int64_t s0 = 0, s1; s0 < num_seqs && !failed; s0 = s1) {
+        s1 = window_end(packed_at, num_seqs, s0, max_packed_floats);
+        tiled_attention a = {q, out, packed, packed_at, packed_at[s0], q_stride, heads, groups, d, max_ctx16,
+                             seq_lens, query_start_loc, scale};
+        #pragma omp parallel num_threads(nthreads)
+        {
+            #pragma omp for schedule(static)
+            for (int64_t it = s0 * kv_heads; it < s1 * kv_heads; it++) {
+                const int64_t s = it / kv_heads, kvh = it % kv_heads, ctx = seq_lens[s], ctx16 = round16(ctx);
+                if (query_len(query_start_loc, s) < TILED_MIN_QUERY) continue;
+                float *kp = packed + (packed_at[s] - packed_at[s0]) + kvh * 2 * ctx16 * d;
+                gather_keys_values(&cv, s, kvh, ctx, kp, kp + ctx16 * d);
+            }
+            const int64_t rows = GEMM_TILE_ROWS > groups ? GEMM_TILE_ROWS : groups;
+            float *scores = malloc(sizeof(float) * (size_t)(rows * max_ctx16));
+            if (scores == NULL) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+            /* Last tiles first: under the causal mask they see the most keys. */
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t it = tile_at[s1] - 1; it >= tile_at[s0]; it--) {
+                if (scores == NULL) continue;
+                int64_t s = s0, hi = s1 - 1;   /* the sequence whose items hold item it */
+                while (s < hi) {
+                    const int64_t mid = (s + hi + 1) / 2;
+                    if (tile_at[mid] <= it) s = mid; else hi = mid - 1;
+                }
+                const int64_t local = it - tile_at[s], q_len = query_len(query_start_loc, s);
+                if (q_len >= TILED_MIN_QUERY) {
+                    attention_tile(&a, s, local % heads, (local / heads) * GEMM_TILE_ROWS, scores);
+                } else {
+                    const int64_t t = query_start_loc[s] + local / kv_heads, kvh = local % kv_heads;
+                    strata_attend(&cv, q + t * q_stride + kvh * groups * d, out + (t * heads + kvh * groups) * d, s,
+                                  seq_lens[s] - q_len + local / kv_heads + 1, kvh, scores);
+                }
+            }
+            free(scores);
+        }
+    }
+    free(packed);
+    free(packed_at);
+    return failed;
+}

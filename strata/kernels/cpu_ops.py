@@ -29,6 +29,7 @@ def _configured(lib: ctypes.CDLL) -> ctypes.CDLL:
                                          i64, ptr, i64, ptr, cint]
     lib.strata_paged_attention.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
                                            i64, f32, cint]
+    lib.strata_tiled_attention.argtypes = [*lib.strata_paged_attention.argtypes, i64]
     # The fused decoder layer (cpu_decoder.c; descriptors built by strata/layers/cpu_decoder.py).
     lib.strata_decoder_layer.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint]
     lib.strata_decoder_stack.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, cint]
@@ -130,6 +131,22 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         raise ValueError(f"paged_attention: the cache must be contiguous float32, got {kv_cache.dtype}")
     return _attend(op, library().strata_paged_attention, q, kv_cache, block_tables, seq_lens, query_start_loc,
                    scale, num_threads or torch.get_num_threads())
+
+
+def tiled_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float, num_threads: int | None = None,
+                    max_gather_bytes: int = 128 << 20) -> torch.Tensor:
+    """paged_attention for long query chunks (prefill): the same inputs and result, computed as
+    GEMM tiles over keys and values gathered once per sequence and KV head (cpu_ops.c), a window
+    of sequences at a time whose gathered keys and values fit max_gather_bytes (at least one
+    sequence a window). head_dim must be a multiple of 16."""
+    op = "tiled_attention"
+    _check_query(op, q, kv_cache)
+    if kv_cache.dtype != torch.float32 or not kv_cache.is_contiguous() or q.shape[2] % 16:
+        raise ValueError(f"tiled_attention: the cache must be contiguous float32 with head_dim a multiple of 16, "
+                         f"got {kv_cache.dtype} head_dim {q.shape[2]}")
+    return _attend(op, library().strata_tiled_attention, q, kv_cache, block_tables, seq_lens, query_start_loc,
+                   scale, num_threads or torch.get_num_threads(), max(1, max_gather_bytes // 4))
 
 
 _HALF_KINDS = {torch.bfloat16: 1, torch.float16: 2}

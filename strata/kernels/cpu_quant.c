@@ -22,6 +22,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_kernels.h"
 
@@ -103,6 +104,47 @@ static inline __m256i w4_tail_codes(__m256i v, int s) {
                             _mm256_set1_epi32(0x0F));
 }
 
+/* The pieces of the row kernels below, shared so that every 4-bit row kernel computes a row's
+ * dot product with the same operations in the same order. */
+
+/* Nibble n of every word of v masked in place: code * 16^n as a float, exactly (nibble 7 is
+ * shifted down instead: in place it would reach the sign bit of the int32 conversion). */
+static inline __m256 w4_masked(__m256i v, int n) {
+    return _mm256_cvtepi32_ps(n == 7 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(v, _mm256_set1_epi32(0x0F << (4 * n))));
+}
+
+/* A last odd group's 32 codes, shifted down, as 4 vectors of 8 (q: its 16 bytes). */
+static inline void w4_tail_group(const uint8_t *q, __m256 c[4]) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
+    for (int n = 0; n < 4; n++) c[n] = _mm256_cvtepi32_ps(w4_tail_codes(v, 2 * n));
+}
+
+/* acc + (x . c over one group of 32, in two chains) * scale; x0..x3: the group's 32 values of x. */
+static inline __m256 w4_group(__m256 acc, __m256 x0, __m256 x1, __m256 x2, __m256 x3, const __m256 c[4],
+                              __m256 scale) {
+    __m256 t0 = _mm256_mul_ps(x0, c[0]), t1 = _mm256_mul_ps(x1, c[1]);
+    t0 = _mm256_fmadd_ps(x2, c[2], t0);
+    t1 = _mm256_fmadd_ps(x3, c[3], t1);
+    return _mm256_fmadd_ps(_mm256_add_ps(t0, t1), scale, acc);
+}
+
+static inline __m256 w4_group_at(__m256 acc, const float *xg, const __m256 c[4], __m256 scale) {
+    return w4_group(acc, _mm256_loadu_ps(xg), _mm256_loadu_ps(xg + 8), _mm256_loadu_ps(xg + 16),
+                    _mm256_loadu_ps(xg + 24), c, scale);
+}
+
+/* The row's sum: acc plus its min terms, (scale, min) pairs against (0, group sum of x) pairs. */
+static inline float w4_row_sum(__m256 acc, const float *sm, const float *xsum, int64_t pairs) {
+    const int64_t tail = pairs % 8;
+    int64_t c = 0;
+    for (; c + 8 <= pairs; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(sm + c), _mm256_loadu_ps(xsum + c), acc);
+    if (tail) {
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        acc = _mm256_fmadd_ps(_mm256_maskload_ps(sm + c, mask), _mm256_maskload_ps(xsum + c, mask), acc);
+    }
+    return hsum(acc);
+}
+
 /* ROWS is a constant at every call (w4_row's switch), so the loops over it unroll and the
  * accumulators stay in registers. xs: x scaled as strata_w4_prepare does; codes masked in place
  * (nibble s: code * 16^s as a float, exactly) times xs are exactly code * x. */
@@ -115,44 +157,19 @@ w4_rows(const int ROWS, const float *xs, const float *xsum, int64_t k, const uin
     for (int64_t blk = 0; blk < blocks; blk++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
         __m256 c[8];
-        for (int n = 0; n < 7; n++) c[n] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0F << (4 * n))));
-        c[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+        for (int n = 0; n < 8; n++) c[n] = w4_masked(v, n);
         for (int h = 0; h < 2; h++) {   /* the block's two groups */
             __m256 scale = _mm256_set1_ps(sm[4 * blk + 2 * h]);
-            for (int i = 0; i < ROWS; i++) {
-                const float *xg = xs + i * k + 64 * blk + 32 * h;
-                __m256 t0 = _mm256_mul_ps(_mm256_loadu_ps(xg), c[4 * h]);
-                __m256 t1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), c[4 * h + 1]);
-                t0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), c[4 * h + 2], t0);
-                t1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), c[4 * h + 3], t1);
-                acc[i] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), scale, acc[i]);
-            }
+            for (int i = 0; i < ROWS; i++) acc[i] = w4_group_at(acc[i], xs + i * k + 64 * blk + 32 * h, c + 4 * h, scale);
         }
     }
     if (groups % 2) {   /* the last group of an odd count: codes shifted down, xs unscaled there */
-        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + 32 * blocks)));
         __m256 c[4];
-        for (int n = 0; n < 4; n++) c[n] = _mm256_cvtepi32_ps(w4_tail_codes(v, 2 * n));
+        w4_tail_group(q + 32 * blocks, c);
         __m256 scale = _mm256_set1_ps(sm[2 * (groups - 1)]);
-        for (int i = 0; i < ROWS; i++) {
-            const float *xg = xs + i * k + 64 * blocks;
-            __m256 t0 = _mm256_mul_ps(_mm256_loadu_ps(xg), c[0]);
-            __m256 t1 = _mm256_mul_ps(_mm256_loadu_ps(xg + 8), c[1]);
-            t0 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 16), c[2], t0);
-            t1 = _mm256_fmadd_ps(_mm256_loadu_ps(xg + 24), c[3], t1);
-            acc[i] = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), scale, acc[i]);
-        }
+        for (int i = 0; i < ROWS; i++) acc[i] = w4_group_at(acc[i], xs + i * k + 64 * blocks, c, scale);
     }
-    /* the min terms: (scale, min) pairs against (0, group sum of x) pairs */
-    const int64_t pairs = 2 * groups, tail = pairs % 8;
-    const __m256i tail_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    for (int i = 0; i < ROWS; i++) {
-        const float *xp = xsum + i * pairs;
-        int64_t c = 0;
-        for (; c + 8 <= pairs; c += 8) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(sm + c), _mm256_loadu_ps(xp + c), acc[i]);
-        if (tail) acc[i] = _mm256_fmadd_ps(_mm256_maskload_ps(sm + c, tail_mask), _mm256_maskload_ps(xp + c, tail_mask), acc[i]);
-        y[i * n_total] = hsum(acc[i]);
-    }
+    for (int i = 0; i < ROWS; i++) y[i * n_total] = w4_row_sum(acc[i], sm, xsum + i * 2 * groups, 2 * groups);
 }
 
 static void w4_row(const float *xs, const float *xsum, int64_t rows, int64_t k, const uint8_t *q,
@@ -163,6 +180,40 @@ static void w4_row(const float *xs, const float *xsum, int64_t rows, int64_t k, 
     default: w4_rows(3, xs, xsum, k, q, sm, y, n_total); break;
     }
 }
+
+/* One row of x against two rows of W (a single stream's step): each load of x serves both rows,
+ * and each row's arithmetic is w4_rows(1)'s. q, sm: the first row's. */
+static void w4_one_row_pair(const float *xs, const float *xsum, int64_t k, const uint8_t *q, const float *sm,
+                            float *y) {
+    const int64_t groups = k / 32, blocks = k / 64, half = k / 2;
+    const float *sm1 = sm + k / 16;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(q + half + 32 * blk));
+        #pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const float *xg = xs + 64 * blk + 32 * h;
+            const __m256 x0 = _mm256_loadu_ps(xg), x1 = _mm256_loadu_ps(xg + 8);
+            const __m256 x2 = _mm256_loadu_ps(xg + 16), x3 = _mm256_loadu_ps(xg + 24);
+            __m256 c[4];
+            for (int n = 0; n < 4; n++) c[n] = w4_masked(v0, 4 * h + n);
+            acc0 = w4_group(acc0, x0, x1, x2, x3, c, _mm256_set1_ps(sm[4 * blk + 2 * h]));
+            for (int n = 0; n < 4; n++) c[n] = w4_masked(v1, 4 * h + n);
+            acc1 = w4_group(acc1, x0, x1, x2, x3, c, _mm256_set1_ps(sm1[4 * blk + 2 * h]));
+        }
+    }
+    if (groups % 2) {   /* the last group of an odd count, as in w4_rows */
+        __m256 c[4];
+        w4_tail_group(q + 32 * blocks, c);
+        acc0 = w4_group_at(acc0, xs + 64 * blocks, c, _mm256_set1_ps(sm[2 * (groups - 1)]));
+        w4_tail_group(q + half + 32 * blocks, c);
+        acc1 = w4_group_at(acc1, xs + 64 * blocks, c, _mm256_set1_ps(sm1[2 * (groups - 1)]));
+    }
+    y[0] = w4_row_sum(acc0, sm, xsum, 2 * groups);
+    y[1] = w4_row_sum(acc1, sm1, xsum, 2 * groups);
+}
+#define HAVE_W4_ONE_ROW_PAIR 1
 
 /* 8 dequantized weights: codes (as int32) * scale, then + min, as the reference rounds them. */
 static inline __m256 w4_dequant8(__m256i codes, __m256 scale, __m256 min) {
@@ -187,6 +238,7 @@ w4_block(const int ROWS, const float *x, int64_t k, const uint8_t *q, const floa
     for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
+        #pragma GCC unroll 8   /* constant shifts and group offsets: GCC kept n as a loop counter */
         for (int n = 0; n < 8; n++) {
             const float *params = sm + 4 * blk + 2 * (n / 4);
             __m256 w = w4_dequant8(w4_nibble(v, n), _mm256_set1_ps(params[0]), _mm256_set1_ps(params[1]));
@@ -392,6 +444,133 @@ static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, con
  * than 8 rows thrash it. So W's rows go in tiles: within a tile, each block of x's rows runs
  * over the tile's consecutive r (stores along a row of y), and the tile stays in cache for the
  * next block. The order of the arithmetic for each output is unchanged. */
+#ifdef STRATA_AVX2
+/* ---- many rows of x: W dequantized into panels for the GEMM tile ------------------------------
+ * From W4_GEMM_MIN_ROWS or W8_GEMM_MIN_ROWS rows of x (prefill, decode batches) a thread's rows
+ * of W are taken 16 at a time: dequantized exactly as the reference (q * scale, then + min;
+ * q * scale for int8), 8 rows x 8 values at a time through an 8 x 8 transpose, into a panel
+ * [k][16] that the GEMM tile (cpu_gemm.c) multiplies by 6 rows of x at a time: 8 loads per 96
+ * multiply-adds, where the blocked kernels load x once per 8. Rows of W past the range are
+ * zeros in the panel.
+ * Thresholds measured on SmolLM2's shapes, 2 threads, 30 layers' weights streaming from memory
+ * (docs/cpu_speed.md): against the blocked kernel, the 4-bit layers take 1.3x the time at 16
+ * rows, the same at 24-32 and 0.8x at 48; the int8 LM head 0.9x at 48. */
+#ifndef W4_GEMM_MIN_ROWS
+#define W4_GEMM_MIN_ROWS 40
+#endif
+#ifndef W8_GEMM_MIN_ROWS
+#define W8_GEMM_MIN_ROWS 48
+#endif
+#define HAVE_GEMM 1
+
+/* r[c] <- (r[0][c], ..., r[7][c]): column c of the 8 x 8 block. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* Values j0..j0+7 of 8 rows (8 floats each in v) go to panel rows j0..j0+7, columns c0..c0+7. */
+static inline void panel_store8(__m256 v[8], float *panel, int64_t j0, int c0) {
+    transpose8(v);
+    for (int c = 0; c < 8; c++) _mm256_storeu_ps(panel + 16 * (j0 + c) + c0, v[c]);
+}
+
+static void w4_fill_panel(const uint8_t *q, const float *sm, int64_t k, int64_t width, float *panel) {
+    const int64_t blocks = k / 64, groups = k / 32;
+    for (int c0 = 0; c0 < 16; c0 += 8) {
+        for (int64_t blk = 0; blk < blocks; blk++)
+            for (int n = 0; n < 8; n++) {
+                __m256 v[8];
+                for (int i = 0; i < 8; i++) {
+                    const int64_t r = c0 + i;
+                    if (r >= width) { v[i] = _mm256_setzero_ps(); continue; }
+                    const __m256i words = _mm256_loadu_si256((const __m256i *)(q + r * (k / 2) + 32 * blk));
+                    const float *params = sm + r * (k / 16) + 4 * blk + 2 * (n / 4);
+                    v[i] = w4_dequant8(w4_nibble(words, n), _mm256_set1_ps(params[0]), _mm256_set1_ps(params[1]));
+                }
+                panel_store8(v, panel, 64 * blk + 8 * n, c0);
+            }
+        if (groups % 2)
+            for (int n = 0; n < 4; n++) {
+                __m256 v[8];
+                for (int i = 0; i < 8; i++) {
+                    const int64_t r = c0 + i;
+                    if (r >= width) { v[i] = _mm256_setzero_ps(); continue; }
+                    const __m256i words = _mm256_broadcastsi128_si256(
+                        _mm_loadu_si128((const __m128i *)(q + r * (k / 2) + 32 * blocks)));
+                    const float *params = sm + r * (k / 16) + 2 * (groups - 1);
+                    v[i] = w4_dequant8(w4_tail_codes(words, 2 * n), _mm256_set1_ps(params[0]), _mm256_set1_ps(params[1]));
+                }
+                panel_store8(v, panel, 64 * blocks + 8 * n, c0);
+            }
+    }
+}
+
+static void w8_fill_panel(const int8_t *q, const float *scales, int64_t group, int64_t k, int64_t width,
+                          float *panel) {
+    for (int c0 = 0; c0 < 16; c0 += 8)
+        for (int64_t j = 0; j < k; j += 8) {
+            __m256 v[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t r = c0 + i;
+                v[i] = r < width ? _mm256_mul_ps(w8_load8(q + r * k + j), _mm256_set1_ps(scales[r * (k / group) + j / group]))
+                                 : _mm256_setzero_ps();
+            }
+            panel_store8(v, panel, j, c0);
+        }
+}
+
+/* Rows [r0, r1) of y = x @ W^T for all m rows of x, a panel of 16 rows of W at a time (fill:
+ * w4 or w8). Returns nonzero when out of memory (nothing written then). */
+typedef struct {
+    const uint8_t *q4;
+    const int8_t *q8;
+    const float *params;   /* w4: scale_min [n, k/32, 2]; w8: scales [n, k/group] */
+    int64_t group;         /* w8 */
+} packed_weight;
+
+static int gemm_rows(const float *x, int64_t m, int64_t k, const packed_weight *w, float *y, int64_t ldy,
+                     int64_t r0, int64_t r1) {
+    float *panel = malloc(sizeof(float) * (size_t)(16 * k)), *edge = malloc(sizeof(float) * (size_t)(16 * m));
+    if (panel == NULL || edge == NULL) {
+        free(panel);
+        free(edge);
+        return 1;
+    }
+    for (int64_t p = r0; p < r1; p += 16) {
+        const int64_t width = r1 - p < 16 ? r1 - p : 16;
+        if (w->q4 != NULL)
+            w4_fill_panel(w->q4 + p * (k / 2), w->params + p * (k / 16), k, width, panel);
+        else
+            w8_fill_panel(w->q8 + p * k, w->params + p * (k / w->group), w->group, k, width, panel);
+        float *out = width == 16 ? y + p : edge;
+        const int64_t ldo = width == 16 ? ldy : 16;
+        for (int64_t i = 0; i < m; i += GEMM_TILE_ROWS) {
+            const int tile = (int)(m - i < GEMM_TILE_ROWS ? m - i : GEMM_TILE_ROWS);
+            strata_gemm_tile(tile, x + i * k, k, panel, 16, k, out + i * ldo, ldo, 0);
+        }
+        if (width < 16)
+            for (int64_t i = 0; i < m; i++) memcpy(y + i * ldy + p, edge + i * 16, sizeof(float) * (size_t)width);
+    }
+    free(panel);
+    free(edge);
+    return 0;
+}
+#endif
+
 #define W_TILE_ROWS 64
 
 #define FOR_TILES(BLOCK, BODY)                                                               \
@@ -406,6 +585,10 @@ static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, con
 void strata_w4_range(const float *x, const float *prep, int64_t m, int64_t k, const uint8_t *q,
                      const float *scale_min, float *y, int64_t ldy, int64_t r0, int64_t r1) {
     const float *xsum = prep;
+#ifdef HAVE_GEMM
+    const packed_weight w = {q, NULL, scale_min, 0};
+    if (m >= W4_GEMM_MIN_ROWS && gemm_rows(x, m, k, &w, y, ldy, r0, r1) == 0) return;
+#endif
 #ifdef HAVE_W4_BLOCK
     if (m >= W4_BLOCK_MIN_ROWS) {
         FOR_TILES(BLOCK_ROWS, w4_block_rows(x + i0 * k, rows, k, q + r * (k / 2), scale_min + r * (k / 16),
@@ -418,12 +601,24 @@ void strata_w4_range(const float *x, const float *prep, int64_t m, int64_t k, co
     const float *xr = x;
     const int per_pass = ROWS_PER_PASS;
 #endif
+#ifdef HAVE_W4_ONE_ROW_PAIR
+    if (m == 1) {
+        int64_t r = r0;
+        for (; r + 2 <= r1; r += 2) w4_one_row_pair(xr, xsum, k, q + r * (k / 2), scale_min + r * (k / 16), y + r);
+        if (r < r1) w4_row(xr, xsum, 1, k, q + r * (k / 2), scale_min + r * (k / 16), y + r, ldy);
+        return;
+    }
+#endif
     FOR_TILES(per_pass, w4_row(xr + i0 * k, xsum + i0 * (k / 16), rows, k, q + r * (k / 2),
                                scale_min + r * (k / 16), y + i0 * ldy + r, ldy))
 }
 
 void strata_w8_range(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,
                      int64_t group, float *y, int64_t ldy, int64_t r0, int64_t r1) {
+#ifdef HAVE_GEMM
+    const packed_weight w = {NULL, q, scales, group};
+    if (m >= W8_GEMM_MIN_ROWS && gemm_rows(x, m, k, &w, y, ldy, r0, r1) == 0) return;
+#endif
 #ifdef HAVE_W4_BLOCK
     if (m >= W8_BLOCK_MIN_ROWS) {
         FOR_TILES(BLOCK_ROWS, w8_block_rows(x + i0 * k, rows, k, q + r * k, scales + r * (k / group), group,
@@ -457,6 +652,16 @@ int strata_w4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *q, con
     }
     free(prep);
     return 0;
+}
+
+/* Whether the matmuls run long steps as GEMM tiles (0: a build without AVX2): the Python side
+ * sends prefill-sized x to them only then. */
+int strata_has_gemm_tiles(void) {
+#ifdef HAVE_GEMM
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 int strata_w8_matmul(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,

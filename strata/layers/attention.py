@@ -21,7 +21,11 @@ from strata.forward_context import get_attn_metadata
 from strata.kernels import cpu_ops, use_triton
 from strata.layers.rotary import RotaryEmbedding
 
-C_ATTENTION_MAX_QUERY = 64   # query tokens per sequence up to which the CPU attends with cpu_ops
+# Query tokens of the longest sequence in a step from which the CPU attends as GEMM tiles
+# (cpu_ops.tiled_attention, head_dim a multiple of 16), and up to which, without those, its
+# row-by-row kernel beats torch's flash SDPA (measured on SmolLM2's shapes, docs/cpu_speed.md).
+TILED_ATTENTION_MIN_QUERY = 16
+C_ATTENTION_MAX_QUERY = 64
 
 
 class Attention(nn.Module):
@@ -86,9 +90,12 @@ class Attention(nn.Module):
         rope = self.rotary_emb
         q = cpu_ops.rope_write_kv(q, k, v, positions, rope.cos_cached if rope else None,
                                   rope.sin_cached if rope else None, self.kv_cache, meta.slot_mapping)
+        if meta.max_query_len >= TILED_ATTENTION_MIN_QUERY and self.head_dim % 16 == 0:
+            # Prompt chunks: GEMM tiles over keys gathered once (a 512-token prompt of SmolLM2:
+            # 4.1 ms a layer, against 7.4 for torch's flash SDPA and 8.4 for the row kernel).
+            return cpu_ops.tiled_attention(q, self.kv_cache, meta.block_tables, meta.seq_lens,
+                                           meta.query_start_loc, self.scale)
         if meta.max_query_len > C_ATTENTION_MAX_QUERY:
-            # Long prompt chunks: torch's flash SDPA (blocked, GEMM-like) beats the C kernel's
-            # loop over keys, which took a quarter of a 512-token prefill.
             return torch_ref.paged_attention(q, self.kv_cache, meta, self.scale)
         return cpu_ops.paged_attention(q, self.kv_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, self.scale)

@@ -110,7 +110,7 @@ def test_packed_matmul_equals_dequantized_linear(type_name, c_kernels):
     rows = ggml_rows(type_name, 48, 768, np.random.default_rng(3))
     layer, _ = packed_layer(RowParallelLinear, [(None, rows)], in_features=768, out_features=48)
     w = reference(rows)
-    for m in (1, 3, 4, 5, 16, 17, 40):     # decode-sized (the C matmul) and prefill-sized (tiles)
+    for m in (1, 3, 4, 5, 16, 17, 40, 100):     # decode-sized (the C matmuls) and prefill-sized (GEMM tiles)
         x = torch.randn(m, 768)
         expected = F.linear(x, w)
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
@@ -138,7 +138,8 @@ def test_torch_reference_of_the_c_kernels(bits):
 def test_w4_layout_and_kernels_on_odd_group_counts(k, c_kernels):
     """pack_w4's layout (blocks of 64 codes, a last odd group of 32 on its own) round-trips, the C
     dequantizer equals the torch one bit for bit, and the C matmul (row kernels up to 3 rows of x,
-    blocked from 4, rows of W split over threads) equals dequantize-then-matmul."""
+    blocked from 4, GEMM tiles on panels of 16 rows of W past MAX_GEMV_ROWS, a partial last panel
+    here, rows of W split over threads) equals dequantize-then-matmul."""
     torch.manual_seed(k)
     n = 37
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
@@ -147,10 +148,25 @@ def test_w4_layout_and_kernels_on_odd_group_counts(k, c_kernels):
     w = (codes.float().view(n, k // 32, 32) * params[..., :1] + params[..., 1:]).view(n, k)
     assert torch.equal(cpu_quant.w4_dequantize(q, params), w)
     assert torch.equal(cpu_quant.w4_dequantize(q, params, cpu_quant.library()), w)
-    for m in (1, 2, 3, 4, 7, 9, 17):
+    for m in (1, 2, 3, 4, 7, 9, 17, cpu_quant.MAX_GEMV_ROWS + 1, 131):
         x = torch.randn(m, k) * torch.logspace(-3, 2, k)     # activations of very different sizes
         expected = F.linear(x, w)
         torch.testing.assert_close(cpu_quant.w4_matmul(x, q, params, cpu_quant.library()), expected,
+                                   rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("group", [32, 16])
+def test_w8_kernels_on_every_path(group, c_kernels):
+    """The grouped int8 matmul (the LM head of a Q8_0 file) on each of its paths, a partial last
+    panel of 16 rows of W included: row kernels, blocked from 8 rows of x, GEMM tiles from 48."""
+    torch.manual_seed(group)
+    n, k = 37, 96
+    q, scales = torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.randn(n, k // group)
+    w = cpu_quant.w8_dequantize(q, scales)
+    for m in (1, 3, 8, 47, 48, 70, 131):
+        x = torch.randn(m, k)
+        expected = F.linear(x, w)
+        torch.testing.assert_close(cpu_quant.w8_matmul(x, q, scales, cpu_quant.library()), expected,
                                    rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
@@ -245,9 +261,12 @@ def test_default_model_packed_equals_reference(monkeypatch):
     packed, line = _greedy(None, prompts, 16)
     assert "gguf Q4_1 x210 kept packed; token embedding Q8_0 kept packed, the LM head tied to it" in line
     assert "weights 0.10 GiB" in line                 # 0.50 GiB dequantized to float32
+    assert "strata's C kernels, AVX2 + FMA with GEMM tiles" in line or "plain C" in line
     monkeypatch.setenv("STRATA_QUANT_REFERENCE", "1")
+    monkeypatch.setenv("STRATA_DISABLE_CPU_KERNELS", "1")
     reference_tokens, reference_line = _greedy(None, prompts, 16)
     assert reference_tokens == packed and "kept packed" not in reference_line
+    assert "CPU kernels off (STRATA_DISABLE_CPU_KERNELS=1): torch ops" in reference_line
 
 
 VOCAB, HIDDEN, FFN, HEADS, KV_HEADS = 96, 256, 512, 4, 2
