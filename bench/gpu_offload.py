@@ -87,9 +87,10 @@ def make_model_dir(config: dict) -> Path:
     return path
 
 
-def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_tokens=None, **offload):
+def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_tokens=None, waves=1, **offload):
     """Load, warm up, generate once; returns a dict of figures (and the batch the plan chose).
-    short_new_tokens: then time the same prompts with that many new tokens (result["short"])."""
+    short_new_tokens: then time the same prompts with that many new tokens (result["short"]).
+    waves: submit waves * batch prompts at once (a stream: the engine keeps the batch full)."""
     from strata import LLM, SamplingParams
     from strata.core.offload_policy import Workload, predict_throughput
     t0 = time.perf_counter()
@@ -103,8 +104,16 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = [{"prompt_token_ids": torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()}
-               for _ in range(batch)]
+               for _ in range(batch * waves)]
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    steps = []   # (tokens scheduled, sequences) per engine step of the timed run
+    scheduler = engine.scheduler
+    schedule = scheduler.schedule
+
+    def counted_schedule():
+        out = schedule()
+        steps.append((out.total_num_scheduled_tokens, len(out.num_scheduled_tokens)))
+        return out
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -112,8 +121,10 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
     passes0, disk0 = mover.stats.passes, mover.stats.bytes_from_disk
     from strata.attention import host_tier
     host0 = dict(host_tier.worker().stats)
+    scheduler.schedule = counted_schedule
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
+    scheduler.schedule = schedule
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -139,6 +150,8 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         plan=plan.describe(),
         gpu_peak_gib=torch.cuda.max_memory_allocated() / GIB if args.device == "cuda" else 0.0,
         gpu_reserved_gib=torch.cuda.max_memory_reserved() / GIB if args.device == "cuda" else 0.0,
+        waves=waves, steps=len(steps), mean_step_seqs=statistics.mean(n for _, n in steps) if steps else 0,
+        mean_step_tokens=statistics.mean(t for t, _ in steps) if steps else 0,
         wait_s=mover.stats.wait_seconds, kv_host_layers=plan.kv_host_layers, plan_host_gib=plan.host_bytes / GIB,
         plan_disk_gib_s=engine.offload_hardware.disk_bytes_per_s / GIB,
         plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB,
@@ -331,6 +344,12 @@ def parse_args():
                     help="strata's batch in every part (default: each run's policy's); HF is also timed at it")
     ap.add_argument("--disk-new-tokens", type=int, default=4)
     ap.add_argument("--max-num-seqs", type=int, default=256, help="most sequences the policy (and HF's probe) may batch")
+    ap.add_argument("--stream-waves", type=int, default=0,
+                    help="part 2b: submit this many times the plan's batch of prompts at once, a stream the engine "
+                         "keeps its batch full from (0: skip)")
+    ap.add_argument("--stream-step-tokens", type=int, default=2700,
+                    help="part 2b's max_num_batched_tokens: the batch's decodes plus the whole prompts that replace "
+                         "the sequences finishing each step (prompts are not chunked)")
     ap.add_argument("--skip-main", action="store_true", help="skip part 2 (parts 3 and 4 then need --hf-batch)")
     ap.add_argument("--skip-hf", action="store_true", help="skip part 3")
     ap.add_argument("--skip-disk", action="store_true", help="skip part 4")
@@ -389,6 +408,11 @@ def main() -> None:
             raise SystemExit(f"strata's main run failed: {r['error']}")
         batch = batch or r["batch"]
         report_main(r, args, h2d, budget, results, elapsed)
+    if args.stream_waves:
+        r = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                     batch=args.hf_batch, waves=args.stream_waves, offload_policy=args.offload_policy,
+                     max_num_batched_tokens=args.stream_step_tokens, enable_chunked_prefill=False, **main_budget)
+        report_stream(r, args, h2d, results, elapsed)
     if args.int4:
         q = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                      offload_policy=args.offload_policy, quantization="int4", quantization_group_size=args.int4_group,
@@ -472,6 +496,28 @@ def report_main(r: dict, args, h2d: float, budget: int, results: dict, elapsed) 
         print(f"  host tier in the run: attention {h['attend_bytes'] / GIB:.1f} GiB in {h['attend_s']:.2f} s = "
               f"{h['gib_s']:.1f} GiB/s (the plan's probe: {r['plan_cpu_attn_gib_s']:.1f}); K/V writes "
               f"{h['write_s']:.2f} s; waiting for the copies down {h['wait_s']:.2f} s", flush=True)
+
+
+def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
+    """A stream of prompts: each pass of the weights yields at most one token for each of the
+    plan's batch of sequences, so tok/s <= batch / (streamed bytes / bandwidth)."""
+    if "error" in r:
+        print(f"{elapsed()} strata stream: {r['error']}", flush=True)
+        return
+    bound = r["batch"] / (r["streamed_bytes"] / h2d) if args.device == "cuda" else float("nan")
+    results["stream"] = dict(r, bound_tok_s=bound)
+    print(f"plan: {r['plan']}")
+    print(f"{elapsed()} strata stream: {r['waves']} x batch {r['batch']} prompts of {args.prompt_len}+{args.new_tokens}, "
+          f"step budget {args.stream_step_tokens} tokens: {r['tok_s']:.1f} tok/s ({r['generated']} tokens in "
+          f"{r['seconds']:.2f} s, {r['steps']} steps of {r['mean_step_seqs']:.1f} sequences / "
+          f"{r['mean_step_tokens']:.0f} tokens on average); PCIe bound at the batch {bound:.1f} tok/s -> "
+          f"{r['tok_s'] / bound:.0%} of it; GPU peak {r['gpu_peak_gib']:.2f} GiB allocated "
+          f"({r['gpu_reserved_gib']:.2f} reserved)", flush=True)
+    h = r["host_attention"]
+    if h["attend_bytes"]:
+        print(f"  host tier in the run: attention {h['attend_bytes'] / GIB:.1f} GiB in {h['attend_s']:.2f} s = "
+              f"{h['gib_s']:.1f} GiB/s; K/V writes {h['write_s']:.2f} s; waiting for the copies down "
+              f"{h['wait_s']:.2f} s", flush=True)
 
 
 def report_disk(d: dict, args, disk: float, results: dict, elapsed) -> None:

@@ -278,6 +278,7 @@ def main() -> None:
             import pstats
             profile.disable()
             pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+            pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
         what = "decode" if decode else f"prefill of {meta.num_tokens} tokens"
         passes["times"].append((what, time.perf_counter() - t0))
         if T.t_ref is not None:

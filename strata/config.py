@@ -233,7 +233,9 @@ class DeviceConfig:
 
 # Keys of an explicit offload_policy: fractions of the decoder layers' weights per tier, of the
 # KV cache per tier, and the block schedule's micro-batches (FlexGen's "percent" vector).
-OFFLOAD_POLICY_KEYS = ("w_gpu", "w_cpu", "w_disk", "kv_gpu", "kv_cpu", "micro_batch_tokens", "prefetch_depth")
+OFFLOAD_POLICY_KEYS = ("w_gpu", "w_cpu", "w_disk", "kv_gpu", "kv_cpu", "micro_batch_tokens", "prefetch_depth",
+                       "prefill_waves")
+_INT_POLICY_KEYS = ("micro_batch_tokens", "prefetch_depth", "prefill_waves")
 
 
 def parse_offload_policy(policy: str | dict | None) -> dict | None:
@@ -256,7 +258,7 @@ def parse_offload_policy(policy: str | dict | None) -> dict | None:
     out: dict = {}
     for key, value in policy.items():
         try:
-            out[key] = int(value) if key in ("micro_batch_tokens", "prefetch_depth") else float(value)
+            out[key] = int(value) if key in _INT_POLICY_KEYS else float(value)
         except (TypeError, ValueError):
             raise ValueError(f"offload_policy {key} must be a number, got {value!r}") from None
     for key in ("w_gpu", "w_cpu", "w_disk", "kv_gpu", "kv_cpu"):
@@ -279,6 +281,9 @@ def parse_offload_policy(policy: str | dict | None) -> dict | None:
     if "micro_batch_tokens" in out:
         _require(out["micro_batch_tokens"] >= 1,
                  f"offload_policy micro_batch_tokens must be >= 1, got {out['micro_batch_tokens']}")
+    if "prefill_waves" in out:
+        _require(1 <= out["prefill_waves"] <= 64,
+                 f"offload_policy prefill_waves must be in [1, 64], got {out['prefill_waves']}")
     if "prefetch_depth" in out:
         _require(1 <= out["prefetch_depth"] <= 8,
                  f"offload_policy prefetch_depth must be in [1, 8], got {out['prefetch_depth']}")

@@ -19,6 +19,12 @@ Cost of one decode step at batch B (seconds; step_costs has the details):
               hidden behind the resident compute), at least every copy's time, + overhead
 A prefill pass is the same with B * prompt_len tokens. Throughput = B * gen_len / (prefill +
 (gen_len - 1) decode steps): the prefill samples each sequence's first token.
+
+Prefill waves: the batch's prompts may be prefilled over W steps of B / W prompts (each step also
+decodes the waves before it), so a step's hidden states, which stay on the device through every
+layer, are a W-th as large and leave room for larger micro-batches: fewer of them a layer, less
+host time per layer (HOST_KV_MICRO_BATCH_S each), at the price of W - 1 more passes of the
+weights. Then prefill = W passes of B / W prompts; the decode steps are the same.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ LAYER_OVERHEAD_S = 150e-6
 # it is as long as the layer's matmuls and runs mostly beside them, not under them.
 HOST_KV_MICRO_BATCH_S = 1.3e-3
 MICRO_BATCH_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
+PREFILL_WAVES = (1, 2, 4)
 # Pinned staging buffers of the host KV tier (attention/host_tier.py): two micro-batches'
 # results in flight plus fresh prompts' KV writes.
 HOST_STAGING_BUFFERS = 4
@@ -119,6 +126,9 @@ class OffloadPlan:
     # layer_stream.py), so loading holds the plan's host share, a layer in flight and its packed
     # copy, and (GPU) the parts outside the layers until they move to the device.
     load_host_bytes: int = 0
+    # The batch's prompts are prefilled over this many steps (a W-th of them each): the engine's
+    # token budget holds one wave (step_tokens).
+    prefill_waves: int = 1
 
     def kv_on_host(self, layer: int) -> bool:
         return layer >= len(self.placement) - self.kv_host_layers
@@ -137,7 +147,8 @@ class OffloadPlan:
                 + (f"KV cache of {self.kv_host_layers}/{n} layers in host RAM ({self.host_kv_bytes / GIB:.2f} GiB, "
                    "CPU attention), " if self.kv_host_layers else "")
                 + f"batch {self.batch_size} "
-                f"in micro-batches of {self.micro_batch_tokens} tokens; "
+                + (f"prefilled in {self.prefill_waves} waves " if self.prefill_waves > 1 else "")
+                + f"in micro-batches of {self.micro_batch_tokens} tokens; "
                 + (f"GPU {self.device_bytes / GIB:.2f} GiB, " if self.device_bytes else "")
                 + f"host {self.host_bytes / GIB:.3f} GiB"
                 + (f" ({self.load_host_bytes / GIB:.3f} GiB at most while loading)"
@@ -275,12 +286,15 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
     user's fractions (config.parse_offload_policy), checked against the budgets the same way."""
     _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget)
     best: OffloadPlan | None = None
-    for n_res, n_cpu, depth, mbt in _candidates(spec, hw, workload, cpu_budget, explicit):
+    for n_res, n_cpu, depth, mbt, waves in _candidates(spec, hw, workload, cpu_budget, explicit):
         for kv_host in _kv_host_candidates(spec, hw, explicit):
-            plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt, kv_host)
-            if plan is not None and explicit is None and plan.compute_seconds > plan.io_seconds:
+            plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt, kv_host,
+                             waves=waves)
+            # (on a GPU: a CPU-only plan's batch is max_num_seqs, its KV cache outside the budget)
+            if plan is not None and explicit is None and hw.device == "cuda" and \
+                    plan.compute_seconds > plan.io_seconds:
                 plan = _knee(plan, lambda cap: _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res,
-                                                         n_cpu, depth, mbt, kv_host, cap))
+                                                         n_cpu, depth, mbt, kv_host, cap, waves))
             if plan is not None and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
                 best = plan
     if best is None:
@@ -306,6 +320,8 @@ def _knee(plan: OffloadPlan, at_batch) -> OffloadPlan:
     while lo < best.batch_size:
         mid = (lo + best.batch_size) // 2
         candidate = at_batch(mid)
+        if candidate is not None and candidate.batch_size >= best.batch_size:
+            break   # the cap did not lower the batch: nothing smaller to find
         if candidate is not None and candidate.predicted_tok_s >= floor:
             best = candidate
         else:
@@ -331,6 +347,11 @@ def _candidates(spec, hw, workload, cpu_budget, explicit):
     # which the cost model can favour when I/O dominates, but its copies then wait on compute.
     depths = (2, 3, 4)
     mbts = MICRO_BATCH_TOKENS
+    # Waves only pay on a GPU, where the step's hidden states share the budget with the
+    # micro-batches (a CPU-only machine's activations live in RAM outside the budget).
+    waves_options = PREFILL_WAVES if hw.device == "cuda" else (1,)
+    if explicit is not None and "prefill_waves" in explicit:
+        waves_options = (explicit["prefill_waves"],)
     if explicit is not None:
         n_res = round(explicit["w_gpu"] * layers)
         n_cpu = round(explicit["w_cpu"] * layers) if hw.device == "cuda" else 0
@@ -343,7 +364,8 @@ def _candidates(spec, hw, workload, cpu_budget, explicit):
             mbts = (explicit["micro_batch_tokens"],)
         for depth in depths:
             for mbt in mbts:
-                yield n_res, n_cpu, depth, mbt
+                for waves in waves_options:
+                    yield n_res, n_cpu, depth, mbt, waves
         return
     for n_res in range(layers, -1, -1):   # most resident first: ties keep the least I/O
         streamed = layers - n_res
@@ -359,11 +381,12 @@ def _candidates(spec, hw, workload, cpu_budget, explicit):
                 if n_cpu < streamed:
                     n_cpu = int(max(0, min(streamed, (room - disk_staging) // spec.layer_bytes)))
             for mbt in mbts:
-                yield n_res, n_cpu, depth, mbt
+                for waves in waves_options:
+                    yield n_res, n_cpu, depth, mbt, waves
 
 
 def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt,
-              kv_host: int = 0, batch_cap: int | None = None) -> OffloadPlan | None:
+              kv_host: int = 0, batch_cap: int | None = None, waves: int = 1) -> OffloadPlan | None:
     layers = spec.num_layers
     n_disk = layers - n_res - n_cpu
     streamed = n_cpu + n_disk
@@ -379,15 +402,16 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
         weights_on_device = spec.device_bytes + n_res * spec.layer_bytes + staging
         room = (gpu_budget * (1 - GPU_RESERVE) if gpu_budget is not None else float("inf")) - weights_on_device
         host_room = (cpu_budget if cpu_budget is not None else float("inf")) - host
-        batch = largest = _largest_batch(spec, workload, room, mbt, seq_kv - host_seq_kv, host_seq_kv, host_room)
+        batch = largest = _largest_batch(spec, workload, room, mbt, seq_kv - host_seq_kv, host_seq_kv, host_room,
+                                         waves)
         if batch_cap is not None:
             batch = min(batch, batch_cap)
         if batch < 1:
             return None
         kv_bytes = batch * (seq_kv - host_seq_kv)
-        activations = _step_activations(spec, workload, mbt, batch, host_seq_kv > 0)
+        activations = _step_activations(spec, workload, mbt, batch, host_seq_kv > 0, waves)
         device = weights_on_device + kv_bytes + activations
-        host += batch * host_seq_kv + _step_host_bytes(spec, workload, mbt, batch, host_seq_kv > 0)
+        host += batch * host_seq_kv + _step_host_bytes(spec, workload, mbt, batch, host_seq_kv > 0, waves)
     else:
         # On the CPU the budget covers the weights in RAM; the KV cache has its own (kv_cache_memory).
         host = spec.host_bytes + spec.device_bytes + n_res * spec.layer_bytes + staging
@@ -403,18 +427,23 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     if decode_micro == 1 and kv_host and hw.device == "cuda" and batch > 1:
         decode_micro = 2
     io, compute, step = step_costs(spec, hw, n_res, n_cpu, n_disk, batch, ctx, decode_micro, depth, kv_host)
-    prefill_tokens = batch * workload.prompt_len
+    waves = max(1, min(waves, batch))
+    if waves > 1 and wave_prompts(batch, waves) * waves - batch >= wave_prompts(batch, waves):
+        return None   # fewer waves would do: the last one would be empty
+    prefill_tokens = wave_prompts(batch, waves) * workload.prompt_len
     micro = max(1, -(-prefill_tokens // mbt))
     _, _, prefill = step_costs(spec, hw, n_res, n_cpu, n_disk, prefill_tokens, prefill_tokens, micro, depth,
                                kv_host, prefill=True)
-    total = prefill + (workload.gen_len - 1) * step   # the prefill samples the first token
+    # Each wave's prefill samples its sequences' first token; the decodes of the waves before it
+    # ride along in its pass, so the decode-only steps are gen_len - 1 as with one wave.
+    total = waves * prefill + (workload.gen_len - 1) * step
     tok_s = batch * workload.gen_len / total
     return OffloadPlan(tuple(["resident"] * n_res + ["cpu"] * n_cpu + ["disk"] * n_disk), depth, batch, mbt,
                        kv_bytes, int(device), int(host), tok_s, step, io, compute,
                        _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host, largest),
                        kv_host_layers=kv_host, host_kv_bytes=batch * host_seq_kv, activation_bytes=activations,
                        load_host_bytes=int(host) + 2 * spec.layer_bytes
-                       + (spec.device_bytes if hw.device == "cuda" else 0))
+                       + (spec.device_bytes if hw.device == "cuda" else 0), prefill_waves=waves)
 
 
 def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_host, largest=None) -> str:
@@ -443,7 +472,8 @@ def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_ho
     return reason
 
 
-def _largest_batch(spec, workload, room, mbt, device_seq_kv, host_seq_kv=0, host_room=float("inf")) -> int:
+def _largest_batch(spec, workload, room, mbt, device_seq_kv, host_seq_kv=0, host_room=float("inf"),
+                   waves: int = 1) -> int:
     """Most sequences whose KV cache (max_model_len tokens each: device_seq_kv bytes on the
     device, host_seq_kv in host RAM) and activations fit in room, and whose host KV and the
     step's host buffers (host_step_bytes) fit in host_room."""
@@ -452,20 +482,34 @@ def _largest_batch(spec, workload, room, mbt, device_seq_kv, host_seq_kv=0, host
         hi = int(min(hi, max(0, host_room) // host_seq_kv))
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        need = mid * device_seq_kv + _step_activations(spec, workload, mbt, mid, host_seq_kv > 0)
-        host_need = mid * host_seq_kv + _step_host_bytes(spec, workload, mbt, mid, host_seq_kv > 0)
+        need = mid * device_seq_kv + _step_activations(spec, workload, mbt, mid, host_seq_kv > 0, waves)
+        host_need = mid * host_seq_kv + _step_host_bytes(spec, workload, mbt, mid, host_seq_kv > 0, waves)
         lo, hi = (mid, hi) if need <= room and host_need <= host_room else (lo, mid - 1)
     return lo
 
 
-def _step_host_bytes(spec, workload, mbt, batch, host_kv: bool = False) -> int:
-    return host_step_bytes(spec, batch * workload.max_model_len, mbt, workload.max_model_len, host_kv)
+def wave_prompts(batch: int, waves: int) -> int:
+    """Prompts of one prefill wave (the last may have fewer)."""
+    return -(-batch // max(1, waves))
 
 
-def _step_activations(spec, workload, mbt, batch, host_kv: bool = False) -> int:
-    """The largest step of a batch: the engine's token budget holds every sequence at
-    max_model_len (engine._offload), so a step may carry that many tokens."""
-    return activation_bytes(spec, batch * workload.max_model_len, mbt, batch, workload.max_model_len, host_kv)
+def step_tokens(batch: int, waves: int, max_model_len: int) -> int:
+    """The engine's token budget under a plan (the largest step it may run): one wave of prompts
+    at max_model_len, and with several waves the decodes of the sequences outside it."""
+    wave = wave_prompts(batch, waves)
+    return max(256, wave * max_model_len + (batch - wave if waves > 1 else 0))
+
+
+def _step_host_bytes(spec, workload, mbt, batch, host_kv: bool = False, waves: int = 1) -> int:
+    return host_step_bytes(spec, step_tokens(batch, waves, workload.max_model_len), mbt, workload.max_model_len,
+                           host_kv)
+
+
+def _step_activations(spec, workload, mbt, batch, host_kv: bool = False, waves: int = 1) -> int:
+    """The largest step of a batch: the engine's token budget (step_tokens) holds a wave of
+    sequences at max_model_len (engine._offload), so a step may carry that many tokens."""
+    return activation_bytes(spec, step_tokens(batch, waves, workload.max_model_len), mbt, batch,
+                            workload.max_model_len, host_kv)
 
 
 def _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget) -> None:
@@ -515,7 +559,7 @@ def predict_throughput(spec: ModelSpec, hw: Hardware, plan: OffloadPlan, workloa
     e.g. to set a prediction beside a measured run."""
     n_res, n_cpu = plan.count("resident"), plan.count("cpu")
     result = _evaluate(spec, hw, workload, None, None, n_res, n_cpu, max(plan.prefetch_depth, 0),
-                       plan.micro_batch_tokens, plan.kv_host_layers)
+                       plan.micro_batch_tokens, plan.kv_host_layers, waves=plan.prefill_waves)
     if result is None:
         raise ValueError("the plan does not run this workload")
     return result

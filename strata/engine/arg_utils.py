@@ -85,10 +85,11 @@ HELP = {
                    "default: a temporary folder removed at exit",
     "offload_policy": "offloading: 'auto' (a cost model fed by measured bandwidths and CPU attention "
                       "speed picks the placement, KV tier and batch) or fractions "
-                      "'w_gpu=F,w_cpu=F,w_disk=F[,kv_cpu=F][,micro_batch_tokens=N][,prefetch_depth=N]': "
-                      "shares of the decoder layers' weights per tier, share of the layers whose KV "
-                      "cache stays in host RAM (their decode attention runs on the CPU), tokens per "
-                      "micro-batch of the block schedule, layers fetched ahead",
+                      "'w_gpu=F,w_cpu=F,w_disk=F[,kv_cpu=F][,micro_batch_tokens=N][,prefetch_depth=N]"
+                      "[,prefill_waves=N]': shares of the decoder layers' weights per tier, share of the "
+                      "layers whose KV cache stays in host RAM (their decode attention runs on the CPU), "
+                      "tokens per micro-batch of the block schedule, layers fetched ahead, steps the "
+                      "batch's prompts are prefilled over",
 }
 
 

@@ -59,6 +59,7 @@ class LLMEngine:
         self.graphs = None
         self.offload_plan = self.offload_mover = None
         max_num_batched_tokens = batched_tokens_for(args, self.device)
+        chunked_prefill = args.enable_chunked_prefill
         if self.parallel_config.world_size == 1:
             worker = Worker(args, self.device, self.eos_token_ids, progress=use_tqdm, source=source,
                             offload_config=self.offload_config)
@@ -68,6 +69,7 @@ class LLMEngine:
             self.executor = UniprocExecutor(worker.runner, worker.facts())
             # Offloading sets its own KV allotment and token budget (a batch of whole prompts).
             cache_config, max_num_batched_tokens = worker.cache_config, worker.max_num_batched_tokens
+            chunked_prefill = worker.enable_chunked_prefill
             if worker.offload_plan is not None:
                 self.offload_plan, self.offload_mover = worker.offload_plan, worker.offload_mover
                 self.offload_hardware, self.offload_spec = worker.offload_hardware, worker.offload_spec
@@ -97,7 +99,7 @@ class LLMEngine:
         num_blocks, max_model_len = plan.num_blocks, plan.max_model_len
         self.scheduler_config = SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-            max_model_len=max_model_len, enable_chunked_prefill=args.enable_chunked_prefill,
+            max_model_len=max_model_len, enable_chunked_prefill=chunked_prefill,
             max_waiting=args.max_waiting)
         self.scheduler = Scheduler(self.scheduler_config, cache_config, num_blocks)
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)

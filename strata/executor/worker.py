@@ -78,6 +78,7 @@ class Worker:
         quant_config = QuantConfig(args.quantization, args.quantization_group_size)
         offload = offload_config is not None and offload_config.enabled
         self.max_num_batched_tokens = batched_tokens_for(args, device)
+        self.enable_chunked_prefill = args.enable_chunked_prefill
         self.offload_plan = self.offload_mover = self.offload_hardware = self.offload_spec = None
         if offload and device.type == "cuda":
             _grow_in_place()
@@ -132,6 +133,10 @@ class Worker:
                 self.cache_config = dataclasses.replace(cache, num_gpu_blocks_override=plan.batch_size * blocks_per_seq)
             if args.max_num_batched_tokens is None:
                 self.max_num_batched_tokens = placer.step_tokens()
+                if plan.prefill_waves > 1:
+                    # Prompts whole, one wave a step: a chunk after a cached prefix would attend
+                    # on the CPU over the host cache (torch's path past C_MAX_QUERY tokens: slow).
+                    self.enable_chunked_prefill = False
 
     def facts(self) -> ModelFacts:
         model = self.runner.model

@@ -479,8 +479,10 @@ class LayerPlacer:
 
     def step_tokens(self) -> int:
         """A step's token budget under the plan: its whole batch of prompts at once, so each
-        layer's weights cross PCIe once for all of them."""
-        return max(256, self.plan.batch_size * self.workload.max_model_len)
+        layer's weights cross PCIe once for all of them, or one prefill wave of them and the
+        others' decodes (core/offload_policy.step_tokens)."""
+        from strata.core.offload_policy import step_tokens
+        return step_tokens(self.plan.batch_size, self.plan.prefill_waves, self.workload.max_model_len)
 
     def finish(self, model: nn.Module):
         """After loading: the parts outside the layers to the device, the offload loop in place.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from strata.config import parse_offload_policy
-from strata.core.offload_policy import GPU_RESERVE, Hardware, ModelSpec, Workload, search_policy
+from strata.core.offload_policy import GPU_RESERVE, KNEE_TOLERANCE, Hardware, ModelSpec, Workload, search_policy
 
 GIB = 2**30
 H100 = Hardware("cuda", h2d_bytes_per_s=25e9, disk_bytes_per_s=2e9, flops=600e12, mem_bytes_per_s=2.5e12)
@@ -180,11 +180,12 @@ def test_host_bytes_count_the_steps_host_buffers():
     host tier's pinned staging, the host embedding's pinned rows): the sum the startup line
     prints, and the one the budget bounds (a budget that leaves no room for those buffers gets
     a smaller batch)."""
-    from strata.core.offload_policy import host_step_bytes
+    from strata.core.offload_policy import host_step_bytes, step_tokens
     spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
     plan = search_policy(spec, H100_HOST_ATTN, workload, 4 * GIB, 40 * GIB)
     assert plan.kv_host_layers > 0
-    step = host_step_bytes(spec, plan.batch_size * 544, plan.micro_batch_tokens, 544, True)
+    step = host_step_bytes(spec, step_tokens(plan.batch_size, plan.prefill_waves, 544), plan.micro_batch_tokens,
+                           544, True)
     weights = spec.host_bytes + plan.count("cpu") * spec.layer_bytes
     assert step > 0 and plan.host_bytes == weights + plan.host_kv_bytes + step
     assert plan.host_bytes <= 40 * GIB
@@ -204,7 +205,7 @@ def test_compute_bound_batch_stops_at_the_knee():
     host KV and latency but no throughput: the auto plan takes the smallest batch predicting
     within KNEE_TOLERANCE of the largest one's (the rates measured on an H100 host), and says so;
     an explicit policy keeps the largest batch that fits."""
-    from strata.core.offload_policy import KNEE_TOLERANCE, _evaluate
+    from strata.core.offload_policy import _evaluate
     spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
     hw = Hardware("cuda", h2d_bytes_per_s=51 * GIB, disk_bytes_per_s=1.2 * GIB, flops=700e12,
                   mem_bytes_per_s=2.9e12, cpu_attn_bytes_per_s=15.9 * GIB)
@@ -213,7 +214,7 @@ def test_compute_bound_batch_stops_at_the_knee():
 
     def at(cap):
         return _evaluate(spec, hw, workload, 4 * GIB, 40 * GIB, n_res, n_cpu, plan.prefetch_depth,
-                         plan.micro_batch_tokens, plan.kv_host_layers, cap)
+                         plan.micro_batch_tokens, plan.kv_host_layers, cap, plan.prefill_waves)
     largest = at(None)
     assert largest.batch_size > plan.batch_size and largest.compute_seconds > largest.io_seconds
     assert plan.predicted_tok_s >= (1 - KNEE_TOLERANCE) * largest.predicted_tok_s
@@ -221,5 +222,34 @@ def test_compute_bound_batch_stops_at_the_knee():
     assert f"batch {plan.batch_size}: more would add under" in plan.reason
     assert plan.host_kv_bytes < largest.host_kv_bytes
     explicit = search_policy(spec, hw, workload, 4 * GIB, 40 * GIB,
-                             parse_offload_policy(f"w_cpu=1,kv_cpu={plan.kv_host_layers / 32}"))
+                             parse_offload_policy(f"w_cpu=1,kv_cpu={plan.kv_host_layers / 32},"
+                                                  f"prefill_waves={plan.prefill_waves}"))
     assert explicit.batch_size == largest.batch_size
+
+
+def test_prefill_waves_shrink_the_step_and_cost_a_pass_each():
+    """A plan prefilling its batch in W waves budgets a step of one wave (its prompts at
+    max_model_len and the other sequences' decodes), so its activations shrink and the batch
+    may grow; its prediction counts W prefill passes of a W-th of the prompts."""
+    from strata.core.offload_policy import step_costs, step_tokens
+    assert step_tokens(123, 1, 544) == 123 * 544
+    assert step_tokens(123, 2, 544) == 62 * 544 + 61
+    assert step_tokens(123, 4, 544) == 31 * 544 + 92
+    spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
+    plans = {w: search_policy(spec, H100_HOST_ATTN, workload, 4 * GIB, 60 * GIB,
+                              parse_offload_policy(f"w_cpu=1,kv_cpu=1,micro_batch_tokens=4096,prefill_waves={w}"))
+             for w in (1, 2, 4)}
+    assert plans[1].batch_size < plans[2].batch_size < plans[4].batch_size
+    assert "prefilled in" not in plans[1].describe() and "prefilled in 4 waves" in plans[4].describe()
+    for w, plan in plans.items():
+        assert plan.prefill_waves == w and plan.device_bytes <= 4 * GIB * (1 - GPU_RESERVE)
+        wave_tokens = -(-plan.batch_size // w) * 512
+        _, _, prefill = step_costs(spec, H100_HOST_ATTN, 0, 32, 0, wave_tokens, wave_tokens, -(-wave_tokens // 4096),
+                                   plan.prefetch_depth, 32, prefill=True)
+        total = w * prefill + 31 * plan.step_seconds
+        assert plan.predicted_tok_s == pytest.approx(plan.batch_size * 32 / total)
+    # The auto search weighs waves too, and only on a GPU.
+    auto = search_policy(spec, H100_HOST_ATTN, workload, 4 * GIB, 60 * GIB)
+    assert auto.predicted_tok_s >= max(p.predicted_tok_s for p in plans.values()) * (1 - KNEE_TOLERANCE)
+    cpu = search_policy(MODELS["smol-135m"], CPU, workload, None, 0.2 * GIB)
+    assert cpu.prefill_waves == 1

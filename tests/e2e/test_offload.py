@@ -272,6 +272,8 @@ def test_budget_below_one_layer_is_an_error(model_dir):
     (dict(offload_policy="kv_cpu=1.5"), "kv_cpu must be in"),
     (dict(offload_policy="kv_cpu=1", kv_cache_dtype="int8"), "host tier stores the model dtype"),
     (dict(offload_policy="speed=9"), "unknown key"),
+    (dict(offload_policy="prefill_waves=0"), "prefill_waves must be in"),
+    (dict(offload_policy="prefill_waves=two"), "prefill_waves must be a number"),
 ])
 def test_bad_offload_options(model_dir, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -311,6 +313,28 @@ def test_gpu_offload_with_host_kv_matches_resident(model_dir):
     assert engine.offload_plan.kv_host_layers > 0
     assert run(llm) == want
     assert run(llm, PROMPTS[::-1]) == want[::-1]     # the staging buffer reused step after step
+    engine.offload_mover.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_prefill_waves_match_resident(model_dir):
+    """A plan that prefills its batch in waves: the engine's token budget holds one wave (whole
+    prompts: chunking is off), the later waves' prompts run beside the earlier ones' decodes, and
+    the tokens are the resident run's."""
+    from strata.core.offload_policy import step_tokens
+    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_num_seqs=8, use_tqdm_on_load=False)
+    resident = LLM(str(model_dir), **kw)
+    want = run(resident)
+    del resident
+    gc.collect()
+    llm = LLM(str(model_dir), offload_policy="w_cpu=1,kv_cpu=0.5,prefill_waves=2", **kw)
+    engine = llm.llm_engine
+    plan = engine.offload_plan
+    assert plan.prefill_waves == 2 and "prefilled in 2 waves" in plan.describe()
+    config = engine.scheduler_config
+    assert not config.enable_chunked_prefill
+    assert config.max_num_batched_tokens == step_tokens(plan.batch_size, 2, config.max_model_len)
+    assert run(llm) == want
     engine.offload_mover.close()
 
 
