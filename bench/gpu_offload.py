@@ -491,6 +491,11 @@ def report_main(r: dict, args, h2d: float, budget: int, results: dict, elapsed) 
           f"{r['gpu_peak_gib']:.2f} GiB allocated ({r['gpu_reserved_gib']:.2f} reserved), {within} the "
           f"{budget / GIB:.2f} GiB budget; KV of {r['kv_host_layers']} layers in host RAM (CPU attention "
           f"measured at {r['plan_cpu_attn_gib_s']:.1f} GiB/s); waited {r['wait_s']:.2f} s for fetches", flush=True)
+    report_host_tier(r)
+
+
+def report_host_tier(r: dict) -> None:
+    """The host tier's worker in the timed run, beside the rate the plan's startup probe measured."""
     h = r["host_attention"]
     if h["attend_bytes"]:
         print(f"  host tier in the run: attention {h['attend_bytes'] / GIB:.1f} GiB in {h['attend_s']:.2f} s = "
@@ -513,11 +518,7 @@ def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
           f"{r['mean_step_tokens']:.0f} tokens on average); PCIe bound at the batch {bound:.1f} tok/s -> "
           f"{r['tok_s'] / bound:.0%} of it; GPU peak {r['gpu_peak_gib']:.2f} GiB allocated "
           f"({r['gpu_reserved_gib']:.2f} reserved)", flush=True)
-    h = r["host_attention"]
-    if h["attend_bytes"]:
-        print(f"  host tier in the run: attention {h['attend_bytes'] / GIB:.1f} GiB in {h['attend_s']:.2f} s = "
-              f"{h['gib_s']:.1f} GiB/s; K/V writes {h['write_s']:.2f} s; waiting for the copies down "
-              f"{h['wait_s']:.2f} s", flush=True)
+    report_host_tier(r)
 
 
 def report_disk(d: dict, args, disk: float, results: dict, elapsed) -> None:

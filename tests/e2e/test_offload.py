@@ -295,18 +295,24 @@ def test_quantized_weights_stream(tmp_path, method, group):
     llm.llm_engine.offload_mover.close()
 
 
+def _gpu_resident(model_dir):
+    """The engine options of the GPU tests (float32) and the resident engine's tokens under them."""
+    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_num_seqs=8, use_tqdm_on_load=False)
+    resident = LLM(str(model_dir), **kw)
+    want = run(resident)
+    del resident
+    gc.collect()
+    return kw, want
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_offload_with_host_kv_matches_resident(model_dir):
     """On a GPU in float32: layers streamed from pinned RAM, half of them with their KV cache in
     host RAM (CPU attention, rotated by the same Triton kernel as the device-cache layers) and
     the token embedding looked up into its pinned staging buffer give the resident run's tokens."""
     from strata.runner.offload_loop import HostEmbedding
-    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_num_seqs=8, use_tqdm_on_load=False)
-    resident = LLM(str(model_dir), **kw)
-    want = run(resident)
-    del resident
-    gc.collect()
-    llm = LLM(str(model_dir), offload_policy="w_cpu=1,kv_cpu=0.5", **kw)
+    kw, want = _gpu_resident(model_dir)
+    llm = LLM(str(model_dir), offload_policy="w_cpu=1,kv_cpu=0.5,prefill_waves=1", **kw)
     engine = llm.llm_engine
     embed = engine.executor.runner.model.embed_tokens
     assert isinstance(embed, HostEmbedding) and embed._rows.is_pinned()
@@ -322,11 +328,7 @@ def test_gpu_prefill_waves_match_resident(model_dir):
     prompts: chunking is off), the later waves' prompts run beside the earlier ones' decodes, and
     the tokens are the resident run's."""
     from strata.core.offload_policy import step_tokens
-    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_num_seqs=8, use_tqdm_on_load=False)
-    resident = LLM(str(model_dir), **kw)
-    want = run(resident)
-    del resident
-    gc.collect()
+    kw, want = _gpu_resident(model_dir)
     llm = LLM(str(model_dir), offload_policy="w_cpu=1,kv_cpu=0.5,prefill_waves=2", **kw)
     engine = llm.llm_engine
     plan = engine.offload_plan
