@@ -290,9 +290,7 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
         for kv_host in _kv_host_candidates(spec, hw, explicit):
             plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt, kv_host,
                              waves=waves)
-            # (on a GPU: a CPU-only plan's batch is max_num_seqs, its KV cache outside the budget)
-            if plan is not None and explicit is None and hw.device == "cuda" and \
-                    plan.compute_seconds > plan.io_seconds:
+            if plan is not None and explicit is None and plan.compute_seconds > plan.io_seconds:
                 plan = _knee(plan, lambda cap: _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res,
                                                          n_cpu, depth, mbt, kv_host, cap, waves))
             if plan is not None and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
@@ -321,7 +319,7 @@ def _knee(plan: OffloadPlan, at_batch) -> OffloadPlan:
         mid = (lo + best.batch_size) // 2
         candidate = at_batch(mid)
         if candidate is not None and candidate.batch_size >= best.batch_size:
-            break   # the cap did not lower the batch: nothing smaller to find
+            break   # the cap did not lower the batch (a CPU-only plan's is max_num_seqs): nothing smaller
         if candidate is not None and candidate.predicted_tok_s >= floor:
             best = candidate
         else:

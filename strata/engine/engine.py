@@ -67,7 +67,8 @@ class LLMEngine:
             worker.allocate(plan.num_blocks, plan.max_model_len)
             self.graphs = worker.graphs
             self.executor = UniprocExecutor(worker.runner, worker.facts())
-            # Offloading sets its own KV allotment and token budget (a batch of whole prompts).
+            # Offloading sets its own KV allotment and token budget (a batch or a prefill wave of
+            # whole prompts: with waves, chunked prefill off).
             cache_config, max_num_batched_tokens = worker.cache_config, worker.max_num_batched_tokens
             chunked_prefill = worker.enable_chunked_prefill
             if worker.offload_plan is not None:

@@ -116,7 +116,7 @@ class Worker:
         """Finish carrying out the plan (the parts outside the layers, the offload loop). On a GPU
         the plan's KV allotment becomes the KV cache, and (unless given) a step's token budget
         holds the plan's whole batch of prompts, so each layer's weights cross PCIe once for all
-        of them."""
+        of them, or one prefill wave of them (whole prompts: chunked prefill off)."""
         args, cache = self.args, self.cache_config
         workload = placer.workload
         self.offload_plan, self.offload_mover, self.offload_hardware, self.offload_spec = placer.finish(model)
