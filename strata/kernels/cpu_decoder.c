@@ -85,7 +85,7 @@ static int64_t layer_kmax(const strata_layer *L) {
 int64_t strata_decoder_workspace(const strata_layer *L, int64_t m, int nthreads) {
     int64_t kmax = layer_kmax(L);
     return m * (L->hidden + L->qkv.n + 2 * L->heads * L->head_dim + L->gate_up.n + L->intermediate)
-           + (int64_t)nthreads * (strata_w4_prep_floats(m, kmax) + 1);
+           + (int64_t)nthreads * (strata_w4_prep_floats(m, kmax) + 16);
 }
 
 /* What the stages of a step share, set up once per call (for every layer of a stack). */
@@ -126,7 +126,7 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
      * attention output [m, q_size] | gate_up [m, 2I] | act [m, I] | per thread: w4 prep */
     float *h = work, *qkv = h + m * H, *qr = qkv + m * qkv_n, *attn = qr + m * q_size;
     float *gu = attn + m * q_size, *act = gu + m * L->gate_up.n, *sums_base = act + m * I;
-    float *prep = sums_base + (int64_t)tid * (strata_w4_prep_floats(m, kmax) + 1);
+    float *prep = sums_base + (int64_t)tid * (strata_w4_prep_floats(m, kmax) + 16);
     strata_cache_view cv = {kv_cache, S->plane_stride, S->block_size, L->kv_heads, d, groups, S->bt_stride,
                             S->block_tables, L->scale};
     for (int64_t t = tid; t < m; t += nt)

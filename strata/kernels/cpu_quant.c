@@ -64,15 +64,22 @@ static inline int w4_scaled_slot(int64_t k, int64_t j) {
     return j < k - k % 64 && nibble < 7 ? nibble : 0;
 }
 
+/* Where the scaled x starts in prep: on a 64-byte boundary (from an aligned prep), so that no
+ * 32-byte load of it straddles two cache lines. */
+static inline int64_t w4_xs_at(int64_t m, int64_t k) {
+    return (m * (k / 16) + 15) / 16 * 16;
+}
+
+/* prep's size in floats, a multiple of 16 (so per-thread buffers laid end to end stay aligned). */
 int64_t strata_w4_prep_floats(int64_t m, int64_t k) {
-    return m * (k / 16) + (m < W4_BLOCK_MIN_ROWS ? m * k : 0);
+    return (w4_xs_at(m, k) + (m < W4_BLOCK_MIN_ROWS ? m * k : 0) + 15) / 16 * 16;
 }
 
 /* What the w4 row kernels need besides x, for x [m, k]: the sum of each group of 32 of x at the
  * odd places of [m, k/16] (zeros at the even ones: one dot product with a row's (scale, min)
- * pairs gives its min term), then x scaled by 16^-s for the nibble s it meets ([m, k]): an exact
- * power-of-two scaling. prep holds strata_w4_prep_floats(m, k) floats; the blocked kernels
- * (m >= W4_BLOCK_MIN_ROWS) need none of it. */
+ * pairs gives its min term), then, from w4_xs_at(m, k), x scaled by 16^-s for the nibble s it
+ * meets ([m, k]): an exact power-of-two scaling. prep holds strata_w4_prep_floats(m, k) floats;
+ * the blocked kernels (m >= W4_BLOCK_MIN_ROWS) need none of it. */
 void strata_w4_prepare(const float *x, int64_t m, int64_t k, float *prep) {
     static const float pow16[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.f};
     if (m >= W4_BLOCK_MIN_ROWS) return;
@@ -83,7 +90,7 @@ void strata_w4_prepare(const float *x, int64_t m, int64_t k, float *prep) {
             prep[i * (k / 16) + 2 * g] = 0.f;
             prep[i * (k / 16) + 2 * g + 1] = s;
         }
-    float *xs = prep + m * (k / 16);
+    float *xs = prep + w4_xs_at(m, k);
     for (int64_t j = 0; j < k; j++) {
         float f = pow16[w4_scaled_slot(k, j)];
         for (int64_t i = 0; i < m; i++) xs[i * k + j] = x[i * k + j] * f;
@@ -91,6 +98,17 @@ void strata_w4_prepare(const float *x, int64_t m, int64_t k, float *prep) {
 }
 
 #ifdef STRATA_AVX2
+/* The one-row kernels (a single stream's step) stream W from memory and do little work per byte,
+ * so the hardware prefetcher alone leaves them waiting on memory at each new stretch of rows: they
+ * ask for the bytes this far ahead of the ones they read. The stretch past a thread's share (or the
+ * array's end) is harmless: a prefetch never faults. */
+#ifndef STREAM_PREFETCH
+#define STREAM_PREFETCH 1024
+#endif
+static inline void prefetch_ahead(const void *p) {
+    _mm_prefetch((const char *)p + STREAM_PREFETCH, _MM_HINT_T0);
+}
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -155,6 +173,8 @@ w4_rows(const int ROWS, const float *xs, const float *xsum, int64_t k, const uin
     __m256 acc[ROWS_PER_PASS];
     for (int i = 0; i < ROWS; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
+        prefetch_ahead(q + 32 * blk);
+        if (blk % 4 == 0) prefetch_ahead(sm + 4 * blk);
         __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
         __m256 c[8];
         for (int n = 0; n < 8; n++) c[n] = w4_masked(v, n);
@@ -189,6 +209,9 @@ static void w4_one_row_pair(const float *xs, const float *xsum, int64_t k, const
     const float *sm1 = sm + k / 16;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     for (int64_t blk = 0; blk < blocks; blk++) {
+        prefetch_ahead(q + 32 * blk);
+        prefetch_ahead(q + half + 32 * blk);
+        if (blk % 4 == 0) prefetch_ahead(sm + 4 * blk);
         const __m256i v0 = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
         const __m256i v1 = _mm256_loadu_si256((const __m256i *)(q + half + 32 * blk));
         #pragma GCC unroll 2
@@ -595,7 +618,7 @@ void strata_w4_range(const float *x, const float *prep, int64_t m, int64_t k, co
                                             y + i0 * ldy + r, ldy))
         return;
     }
-    const float *xr = prep + m * (k / 16);   /* x scaled for the in-place codes */
+    const float *xr = prep + w4_xs_at(m, k);   /* x scaled for the in-place codes */
     const int per_pass = W4_BLOCK_MIN_ROWS - 1;
 #else
     const float *xr = x;
@@ -642,7 +665,7 @@ void strata_f32_range(const float *x, int64_t m, int64_t k, const float *w, floa
 
 int strata_w4_matmul(const float *x, int64_t m, int64_t k, const uint8_t *q, const float *scale_min,
                      float *y, int64_t n, int nthreads) {
-    float *prep = malloc(sizeof(float) * (size_t)(strata_w4_prep_floats(m, k) + 1));
+    float *prep = aligned_alloc(64, sizeof(float) * (size_t)(strata_w4_prep_floats(m, k) + 16));
     if (prep == NULL) return 1;
     strata_w4_prepare(x, m, k, prep);
     #pragma omp parallel num_threads(nthreads)
