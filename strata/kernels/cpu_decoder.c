@@ -93,6 +93,7 @@ typedef struct {
     int64_t *seq_of;                 /* [m]: the sequence of each token */
     float *scores;                   /* [nthreads, max_ctx * groups]: attention scores */
     int64_t max_ctx;
+    int decode_only;                 /* every sequence has one query token this step */
 } step_scratch;
 
 static int scratch_init(const strata_layer *L, const strata_step *S, int nthreads, step_scratch *sc) {
@@ -108,8 +109,11 @@ static int scratch_init(const strata_layer *L, const strata_step *S, int nthread
         free(sc->scores);
         return 2;
     }
-    for (int64_t s = 0; s < S->num_seqs; s++)
+    sc->decode_only = 1;
+    for (int64_t s = 0; s < S->num_seqs; s++) {
         for (int64_t t = S->query_start_loc[s]; t < S->query_start_loc[s + 1]; t++) sc->seq_of[t] = s;
+        sc->decode_only &= S->query_start_loc[s + 1] - S->query_start_loc[s] == 1;
+    }
     return 0;
 }
 
@@ -137,18 +141,31 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
     #pragma omp barrier
     linear_share(&L->qkv, h, m, qkv, prep);
     #pragma omp barrier
-    for (int64_t t = tid; t < m; t += nt) {
-        const float *row = qkv + t * qkv_n;
-        int64_t pos = S->positions[t];
-        strata_rope_token(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
-                          L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
-                          L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, L->heads, L->kv_heads, d,
-                          L->rot_dim, kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
+    /* Rotation and cache write: a step of decodes does each KV head's part in its attention item
+     * (a token attends only to its own sequence's keys, its own the last), the rest in a stage of
+     * its own, since a prompt's tokens attend to each other's keys. */
+    if (!sc->decode_only) {
+        for (int64_t t = tid; t < m; t += nt) {
+            const float *row = qkv + t * qkv_n;
+            int64_t pos = S->positions[t];
+            strata_rope_token(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
+                              L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
+                              L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, L->heads, L->kv_heads, d,
+                              L->rot_dim, kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
+        }
+        #pragma omp barrier
     }
-    #pragma omp barrier
     #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < m * L->kv_heads; item++) {
         int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = sc->seq_of[t];
+        if (sc->decode_only) {
+            const float *row = qkv + t * qkv_n;
+            int64_t pos = S->positions[t];
+            strata_rope_kv_head(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
+                                L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
+                                L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, kvh, groups, d, L->rot_dim,
+                                kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
+        }
         int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
         int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
         strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,

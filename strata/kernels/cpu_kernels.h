@@ -34,6 +34,11 @@ void strata_rms_norm_row(const float *x, const float *residual_in, float *residu
                          float *out, int64_t d, float eps);
 /* silu(g[j]) * u[j] for j < n. */
 void strata_silu_mul_span(const float *g, const float *u, float *out, int64_t n);
+/* The part of a token's rotation and cache write that belongs to KV head kvh: its `groups` query
+ * heads, its key and its value (the same values strata_rope_token gives them). */
+void strata_rope_kv_head(const float *q, float *q_out, const float *k, const float *v, const float *c,
+                         const float *s, int64_t kvh, int64_t groups, int64_t head_dim, int64_t rot_dim,
+                         float *kv_slot, int64_t plane_stride);
 /* Token t's rotation and cache write (see strata_rope_write_kv). */
 void strata_rope_token(const float *q, float *q_out, const float *k, const float *v, const float *c,
                        const float *s, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t rot_dim,

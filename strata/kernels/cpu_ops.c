@@ -149,21 +149,26 @@ static void rotate(const float *restrict src, float *restrict dst, const float *
     memcpy(dst + rot_dim, src + rot_dim, sizeof(float) * (size_t)(head_dim - rot_dim));
 }
 
+/* One head: rotated (or copied, without rotary dims) from src to dst. */
+static void rope_head(const float *src, float *dst, const float *c, const float *s, int64_t head_dim, int64_t rot_dim) {
+    if (rot_dim > 0) rotate(src, dst, c, s, head_dim, rot_dim);
+    else memcpy(dst, src, sizeof(float) * (size_t)head_dim);
+}
+
+void strata_rope_kv_head(const float *q, float *q_out, const float *k, const float *v, const float *c,
+                         const float *s, int64_t kvh, int64_t groups, int64_t head_dim, int64_t rot_dim,
+                         float *kc, int64_t plane_stride) {
+    for (int64_t h = kvh * groups; h < (kvh + 1) * groups; h++)
+        rope_head(q + h * head_dim, q_out + h * head_dim, c, s, head_dim, rot_dim);
+    rope_head(k + kvh * head_dim, kc + kvh * head_dim, c, s, head_dim, rot_dim);
+    memcpy(kc + plane_stride + kvh * head_dim, v + kvh * head_dim, sizeof(float) * (size_t)head_dim);
+}
+
 void strata_rope_token(const float *q, float *q_out, const float *k, const float *v, const float *c,
                        const float *s, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t rot_dim,
                        float *kc, int64_t plane_stride) {
-    for (int64_t h = 0; h < heads; h++) {
-        const float *qh = q + h * head_dim;
-        float *qo = q_out + h * head_dim;
-        if (rot_dim > 0) rotate(qh, qo, c, s, head_dim, rot_dim);
-        else memcpy(qo, qh, sizeof(float) * (size_t)head_dim);
-    }
-    for (int64_t h = 0; h < kv_heads; h++) {
-        const float *kh = k + h * head_dim;
-        if (rot_dim > 0) rotate(kh, kc + h * head_dim, c, s, head_dim, rot_dim);
-        else memcpy(kc + h * head_dim, kh, sizeof(float) * (size_t)head_dim);
-    }
-    memcpy(kc + plane_stride, v, sizeof(float) * (size_t)(kv_heads * head_dim));
+    for (int64_t kvh = 0; kvh < kv_heads; kvh++)
+        strata_rope_kv_head(q, q_out, k, v, c, s, kvh, heads / kv_heads, head_dim, rot_dim, kc, plane_stride);
 }
 
 int strata_rope_write_kv(const float *q, int64_t q_stride, float *q_out, const float *k, int64_t k_stride,
