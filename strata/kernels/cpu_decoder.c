@@ -117,13 +117,26 @@ static int scratch_init(const strata_layer *L, const strata_step *S, int nthread
     return 0;
 }
 
+/* Token t's rotation and cache write for KV heads [kvh0, kvh1): their query heads into qr, their
+ * keys (rotated) and values into the cache slot (strata_rope_kv_head; all heads: strata_rope_token). */
+static void rope_heads(const strata_layer *L, const strata_step *S, const float *qkv, float *qr, float *kv_cache,
+                       int64_t t, int64_t kvh0, int64_t kvh1) {
+    const int64_t d = L->head_dim, q_size = L->heads * d, kv_size = L->kv_heads * d, pos = S->positions[t];
+    const float *row = qkv + t * L->qkv.n;
+    for (int64_t kvh = kvh0; kvh < kvh1; kvh++)
+        strata_rope_kv_head(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
+                            L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
+                            L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, kvh, L->heads / L->kv_heads, d,
+                            L->rot_dim, kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
+}
+
 /* One layer, run by every thread of the enclosing parallel region; no barrier after the last
  * stage (the caller's). x may be out (x is read by the first stage only) and res_in res_out
  * (each value is read, then written, by one thread). */
 static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_cache, const float *x,
                          const float *res_in, float *res_out, float *out, float *work, const step_scratch *sc) {
     const int64_t m = S->m, H = L->hidden, d = L->head_dim, qkv_n = L->qkv.n, I = L->intermediate;
-    const int64_t q_size = L->heads * d, kv_size = L->kv_heads * d, groups = L->heads / L->kv_heads;
+    const int64_t q_size = L->heads * d, groups = L->heads / L->kv_heads;
     const int64_t kmax = layer_kmax(L);
     const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
     /* workspace: h [m, H] | qkv [m, qkv_n] (later the second norm's output) | q rotated [m, q_size] |
@@ -145,27 +158,13 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
      * (a token attends only to its own sequence's keys, its own the last), the rest in a stage of
      * its own, since a prompt's tokens attend to each other's keys. */
     if (!sc->decode_only) {
-        for (int64_t t = tid; t < m; t += nt) {
-            const float *row = qkv + t * qkv_n;
-            int64_t pos = S->positions[t];
-            strata_rope_token(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
-                              L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
-                              L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, L->heads, L->kv_heads, d,
-                              L->rot_dim, kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
-        }
+        for (int64_t t = tid; t < m; t += nt) rope_heads(L, S, qkv, qr, kv_cache, t, 0, L->kv_heads);
         #pragma omp barrier
     }
     #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < m * L->kv_heads; item++) {
         int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = sc->seq_of[t];
-        if (sc->decode_only) {
-            const float *row = qkv + t * qkv_n;
-            int64_t pos = S->positions[t];
-            strata_rope_kv_head(row, qr + t * q_size, row + q_size, row + q_size + kv_size,
-                                L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
-                                L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, kvh, groups, d, L->rot_dim,
-                                kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
-        }
+        if (sc->decode_only) rope_heads(L, S, qkv, qr, kv_cache, t, kvh, kvh + 1);
         int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
         int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
         strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,
