@@ -296,6 +296,76 @@ static void w4_block_rows(const float *x, int64_t rows, int64_t k, const uint8_t
 }
 #define HAVE_W4_BLOCK 1
 
+#ifdef __AVX512VL__
+/* Two rows of W at once (decode batches; prefill below the GEMM): each dequantized vector of W
+ * meets up to BLOCK_ROWS rows of x, and each load of x both rows of W, so a pass loads half as
+ * much x per FMA as w4_block, which at 8 rows of x is bound by its loads (and at K = 1536 by
+ * loads from L2: x's 8 rows outgrow L1). Every output's arithmetic is w4_block's (the same chain
+ * of FMAs, the same reduction), so the results are identical. It needs AVX-512VL's 32 vector
+ * registers (16 accumulators, both rows' vectors and scales): with AVX2's 16 it spills and loses
+ * to w4_block. Measured on SmolLM2's shapes, one thread (docs/cpu_speed.md, step 14): 1.17x
+ * w4_block's rate at 16 and 24 rows of x, 1.2x at 12, even at 8. */
+#define HAVE_W4_BLOCK_PAIR 1
+#ifndef W4_PAIR_MIN_ROWS
+#define W4_PAIR_MIN_ROWS 9
+#endif
+static inline __attribute__((always_inline)) void
+w4_block_pair(const int ROWS, const float *x, int64_t k, const uint8_t *q, const float *sm, float *y,
+              int64_t n_total) {
+    const int64_t groups = k / 32, blocks = k / 64, half = k / 2;
+    const float *sm1 = sm + k / 16;
+    __m256 acc0[BLOCK_ROWS], acc1[BLOCK_ROWS];
+    for (int i = 0; i < ROWS; i++) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(q + 32 * blk));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(q + half + 32 * blk));
+        #pragma GCC unroll 8
+        for (int n = 0; n < 8; n++) {
+            const float *p0 = sm + 4 * blk + 2 * (n / 4), *p1 = sm1 + 4 * blk + 2 * (n / 4);
+            const __m256 w0 = w4_dequant8(w4_nibble(v0, n), _mm256_set1_ps(p0[0]), _mm256_set1_ps(p0[1]));
+            const __m256 w1 = w4_dequant8(w4_nibble(v1, n), _mm256_set1_ps(p1[0]), _mm256_set1_ps(p1[1]));
+            for (int i = 0; i < ROWS; i++) {
+                const __m256 xv = _mm256_loadu_ps(x + i * k + 64 * blk + 8 * n);
+                acc0[i] = _mm256_fmadd_ps(xv, w0, acc0[i]);
+                acc1[i] = _mm256_fmadd_ps(xv, w1, acc1[i]);
+            }
+        }
+    }
+    if (groups % 2) {
+        const __m256i v0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + 32 * blocks)));
+        const __m256i v1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(q + half + 32 * blocks)));
+        const float *p0 = sm + 2 * (groups - 1), *p1 = sm1 + 2 * (groups - 1);
+        for (int n = 0; n < 4; n++) {
+            const __m256 w0 = w4_dequant8(w4_tail_codes(v0, 2 * n), _mm256_set1_ps(p0[0]), _mm256_set1_ps(p0[1]));
+            const __m256 w1 = w4_dequant8(w4_tail_codes(v1, 2 * n), _mm256_set1_ps(p1[0]), _mm256_set1_ps(p1[1]));
+            for (int i = 0; i < ROWS; i++) {
+                const __m256 xv = _mm256_loadu_ps(x + i * k + 64 * blocks + 8 * n);
+                acc0[i] = _mm256_fmadd_ps(xv, w0, acc0[i]);
+                acc1[i] = _mm256_fmadd_ps(xv, w1, acc1[i]);
+            }
+        }
+    }
+    for (int i = 0; i < ROWS; i++) {
+        y[i * n_total] = hsum(acc0[i]);
+        y[i * n_total + 1] = hsum(acc1[i]);
+    }
+}
+
+static void w4_block_pair_rows(const float *x, int64_t rows, int64_t k, const uint8_t *q, const float *sm,
+                               float *y, int64_t n_total) {
+    switch (rows) {
+    case 1: w4_block_pair(1, x, k, q, sm, y, n_total); break;
+    case 2: w4_block_pair(2, x, k, q, sm, y, n_total); break;
+    case 3: w4_block_pair(3, x, k, q, sm, y, n_total); break;
+    case 4: w4_block_pair(4, x, k, q, sm, y, n_total); break;
+    case 5: w4_block_pair(5, x, k, q, sm, y, n_total); break;
+    case 6: w4_block_pair(6, x, k, q, sm, y, n_total); break;
+    case 7: w4_block_pair(7, x, k, q, sm, y, n_total); break;
+    default: w4_block_pair(8, x, k, q, sm, y, n_total); break;
+    }
+}
+#endif
+
 /* 8 weights of a w8 row as floats. */
 static inline __m256 w8_load8(const int8_t *q) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
@@ -479,7 +549,11 @@ static void w8_row(const float *x, int64_t rows, int64_t k, const int8_t *q, con
  * (docs/cpu_speed.md): against the blocked kernel, the 4-bit layers take 1.3x the time at 16
  * rows, the same at 24-32 and 0.8x at 48; the int8 LM head 0.9x at 48. */
 #ifndef W4_GEMM_MIN_ROWS
+#ifdef __AVX512VL__
+#define W4_GEMM_MIN_ROWS 48   /* w4_block_pair below: 1.04x the GEMM at 40 rows, 0.95x at 48 */
+#else
 #define W4_GEMM_MIN_ROWS 40
+#endif
 #endif
 #ifndef W8_GEMM_MIN_ROWS
 #define W8_GEMM_MIN_ROWS 48
@@ -611,6 +685,23 @@ void strata_w4_range(const float *x, const float *prep, int64_t m, int64_t k, co
 #ifdef HAVE_GEMM
     const packed_weight w = {q, NULL, scale_min, 0};
     if (m >= W4_GEMM_MIN_ROWS && gemm_rows(x, m, k, &w, y, ldy, r0, r1) == 0) return;
+#endif
+#ifdef HAVE_W4_BLOCK_PAIR
+    if (m >= W4_PAIR_MIN_ROWS) {   /* FOR_TILES' order, W's rows two at a time */
+        for (int64_t t0 = r0; t0 < r1; t0 += W_TILE_ROWS) {
+            const int64_t t1 = t0 + W_TILE_ROWS < r1 ? t0 + W_TILE_ROWS : r1;
+            for (int64_t i0 = 0; i0 < m; i0 += BLOCK_ROWS) {
+                const int64_t rows = m - i0 < BLOCK_ROWS ? m - i0 : BLOCK_ROWS;
+                const float *xi = x + i0 * k;
+                float *yi = y + i0 * ldy;
+                int64_t r = t0;
+                for (; r + 2 <= t1; r += 2)
+                    w4_block_pair_rows(xi, rows, k, q + r * (k / 2), scale_min + r * (k / 16), yi + r, ldy);
+                if (r < t1) w4_block_rows(xi, rows, k, q + r * (k / 2), scale_min + r * (k / 16), yi + r, ldy);
+            }
+        }
+        return;
+    }
 #endif
 #ifdef HAVE_W4_BLOCK
     if (m >= W4_BLOCK_MIN_ROWS) {
