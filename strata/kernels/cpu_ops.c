@@ -249,16 +249,55 @@ static inline __m256 hsum8x8(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-/* scores[j] = q . key_j * scale for 8 keys (head_dim a multiple of 8): one accumulator per key,
- * reduced together, where a dot product per key spent a horizontal sum on each. */
-static void scores8(const float *q, const float *const keys[8], int64_t d, float scale, float *scores) {
-    __m256 acc[8];
-    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+/* Query heads sharing a KV head that take each key (and value) vector together: 3 with AVX-512VL's
+ * 32 vector registers (24 accumulators), 1 with AVX2's 16. */
+#ifdef __AVX512VL__
+#define HEADS_PER_PASS 3
+#else
+#define HEADS_PER_PASS 1
+#endif
+
+/* scores[g * ctx + j] = q_g . key_j * scale for 8 keys and NG <= 3 query heads (head_dim a
+ * multiple of 8): one accumulator per key and head, each key's vectors loaded once for all NG
+ * heads, the 8 keys of a head reduced together (a horizontal sum per key cost as much again). */
+static inline __attribute__((always_inline)) void
+scores8(const int NG, const float *q, int64_t d, const float *const keys[8], float scale, float *scores,
+        int64_t ctx) {
+    __m256 acc[3][8];
+    for (int g = 0; g < NG; g++)
+        for (int j = 0; j < 8; j++) acc[g][j] = _mm256_setzero_ps();
     for (int64_t c = 0; c < d; c += 8) {
-        __m256 qc = _mm256_loadu_ps(q + c);
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(keys[j] + c), acc[j]);
+        __m256 qc[3];
+        for (int g = 0; g < NG; g++) qc[g] = _mm256_loadu_ps(q + g * d + c);
+        for (int j = 0; j < 8; j++) {
+            const __m256 kj = _mm256_loadu_ps(keys[j] + c);
+            for (int g = 0; g < NG; g++) acc[g][j] = _mm256_fmadd_ps(qc[g], kj, acc[g][j]);
+        }
     }
-    _mm256_storeu_ps(scores, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+    for (int g = 0; g < NG; g++)
+        _mm256_storeu_ps(scores + g * ctx, _mm256_mul_ps(hsum8x8(acc[g]), _mm256_set1_ps(scale)));
+}
+
+/* out[g] = sum_i p[g * ctx + i] value_i for NG <= 3 query heads of head_dim 8 * VECS (NG * VECS
+ * <= 24 accumulators, with AVX-512VL's 32 registers): each value row is read once for all NG.
+ * Per head the same chain of FMAs over i as one head at a time. */
+static inline __attribute__((always_inline)) void
+values_heads(const int NG, const int VECS, const strata_cache_view *cv, const int32_t *table, int64_t kvh,
+             const float *p, int64_t ctx, float *out) {
+    __m256 acc[24];
+    for (int a = 0; a < NG * VECS; a++) acc[a] = _mm256_setzero_ps();
+    row_walk values = walk_start(cv, table, kvh, cv->plane_stride);
+    for (int64_t i = 0; i < ctx; i++) {
+        const float *value = walk_next(&values);
+        __m256 pg[3];
+        for (int g = 0; g < NG; g++) pg[g] = _mm256_set1_ps(p[g * ctx + i]);
+        for (int c = 0; c < VECS; c++) {
+            const __m256 v = _mm256_loadu_ps(value + 8 * c);
+            for (int g = 0; g < NG; g++) acc[g * VECS + c] = _mm256_fmadd_ps(pg[g], v, acc[g * VECS + c]);
+        }
+    }
+    for (int g = 0; g < NG; g++)
+        for (int c = 0; c < VECS; c++) _mm256_storeu_ps(out + g * cv->head_dim + 8 * c, acc[g * VECS + c]);
 }
 #endif
 
@@ -273,7 +312,13 @@ void strata_attend(const strata_cache_view *cv, const float *q, float *out, int6
         for (; j + 8 <= ctx; j += 8) {
             const float *keys[8];
             for (int i = 0; i < 8; i++) keys[i] = walk_next(&keys_walk);
-            for (int64_t g = 0; g < G; g++) scores8(q + g * d, keys, d, cv->scale, scores + g * ctx + j);
+            for (int64_t g = 0; g < G; g += HEADS_PER_PASS) {
+                const float *qg = q + g * d;
+                float *sg = scores + g * ctx + j;
+                if (HEADS_PER_PASS == 3 && G - g >= 3) scores8(3, qg, d, keys, cv->scale, sg, ctx);
+                else if (HEADS_PER_PASS == 3 && G - g == 2) scores8(2, qg, d, keys, cv->scale, sg, ctx);
+                else scores8(1, qg, d, keys, cv->scale, sg, ctx);
+            }
         }
 #endif
     for (; j < ctx; j++) {
@@ -287,6 +332,16 @@ void strata_attend(const strata_cache_view *cv, const float *q, float *out, int6
         for (int64_t i = 0; i < ctx; i++) sg[i] *= inv;
     }
 #ifdef STRATA_AVX2
+#if HEADS_PER_PASS == 3
+    if (d == 64) {   /* three query heads' outputs in registers at a time */
+        for (int64_t g = 0; g < G; g += 3) {
+            if (G - g >= 3) values_heads(3, 8, cv, table, kvh, scores + g * ctx, ctx, out + g * d);
+            else if (G - g == 2) values_heads(2, 8, cv, table, kvh, scores + g * ctx, ctx, out + g * d);
+            else values_heads(1, 8, cv, table, kvh, scores + g * ctx, ctx, out + g * d);
+        }
+        return;
+    }
+#endif
     if (d % 8 == 0 && d <= 128) {   /* a head's output in registers over all values */
         const int64_t vecs = d / 8;
         for (int64_t g = 0; g < G; g++) {

@@ -110,8 +110,10 @@ def _check_attention(kernel, seqs, heads, kv_heads, d, block_size, atol):
     [(40, 40)], [(30, 7), (9, 9)],                     # prompts, one with a cached prefix
     [(33, 1), (20, 20), (17, 1), (50, 3)],             # mixed
 ])
-# d=20: the scalar dot products; d=136: 8-key score blocks, values through the scalar path.
-@pytest.mark.parametrize("heads, kv_heads, d", [(9, 3, 64), (4, 4, 24), (2, 1, 20), (2, 2, 136)])
+# d=20: the scalar dot products; d=136: 8-key score blocks, values through the scalar path;
+# d=64 with 3, 4 and 5 query heads a KV head: three heads a pass, then a last pass of 1 or 2.
+@pytest.mark.parametrize("heads, kv_heads, d", [(9, 3, 64), (8, 2, 64), (10, 2, 64), (4, 4, 24), (2, 1, 20),
+                                                (2, 2, 136)])
 def test_paged_attention_matches_torch(seqs, heads, kv_heads, d):
     _check_attention(cpu_ops.paged_attention, seqs, heads, kv_heads, d, block_size=8, atol=4e-6)
 
