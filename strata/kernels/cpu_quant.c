@@ -810,15 +810,20 @@ static void w4_dequantize_row(const uint8_t *q, const float *sm, int64_t k, floa
 #endif
 }
 
+/* The dequantizers serve whole matrices (loading, prefill) and single rows (the embedding lookup
+ * of a decode step, a few hundred floats): a parallel region for those would cost more than the
+ * row, waking threads that sleep between steps, so small calls stay on the caller's thread. */
+#define DEQUANTIZE_PARALLEL_MIN 65536   /* weights */
+
 void strata_w4_dequantize(const uint8_t *q, const float *scale_min, int64_t n, int64_t k, float *out,
                           int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * k >= DEQUANTIZE_PARALLEL_MIN)
     for (int64_t r = 0; r < n; r++) w4_dequantize_row(q + r * (k / 2), scale_min + r * (k / 16), k, out + r * k);
 }
 
 void strata_w8_dequantize(const int8_t *q, const float *scales, int64_t group, int64_t n, int64_t k,
                           float *out, int nthreads) {
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * k >= DEQUANTIZE_PARALLEL_MIN)
     for (int64_t r = 0; r < n; r++)
         for (int64_t j = 0; j < k; j++) out[r * k + j] = (float)q[r * k + j] * scales[r * (k / group) + j / group];
 }
