@@ -778,6 +778,16 @@ int strata_has_gemm_tiles(void) {
 #endif
 }
 
+/* Whether the build has the paths that need AVX-512VL's 32 vector registers (w4_block_pair here,
+ * three query heads per attention pass in cpu_ops.c), for the startup line. */
+int strata_has_avx512_paths(void) {
+#ifdef __AVX512VL__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int strata_w8_matmul(const float *x, int64_t m, int64_t k, const int8_t *q, const float *scales,
                      int64_t group, float *y, int64_t n, int nthreads) {
     #pragma omp parallel num_threads(nthreads)

@@ -48,6 +48,9 @@ _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"]
 # STRATA_CPU_KERNELS_PORTABLE=1: no -march=native, so no AVX2 paths: the plain C every kernel falls
 # back to on other CPUs (ARM, old x86), which the tests run this way (tests/kernels/test_portable_build.py).
 _PORTABLE_FLAG_SETS = _FLAG_SETS[1:]
+# STRATA_CPU_KERNELS_NO_AVX512=1: -march=native without AVX-512, so an AVX-512 machine builds the
+# AVX2 paths a CPU without it runs (tests/kernels/test_portable_build.py runs the tests that way).
+_NO_AVX512_FLAG_SETS = (["-O3", "-march=native", "-mno-avx512f", "-fopenmp"], *_FLAG_SETS[1:])
 _COMMON_FLAGS = ["-std=c11", "-shared", "-fPIC", "-ffp-contract=off"]
 _LIBS = ["-lm"]
 
@@ -66,8 +69,10 @@ def describe() -> str:
     lib = library()
     if lib is None:
         return "CPU kernels not built (no working C compiler): torch ops, slower"
-    return "strata's C kernels, " + ("AVX2 + FMA with GEMM tiles" if lib.strata_has_gemm_tiles()
-                                     else "plain C (built without AVX2)")
+    if not lib.strata_has_gemm_tiles():
+        return "strata's C kernels, plain C (built without AVX2)"
+    wide = " and AVX-512VL registers" if lib.strata_has_avx512_paths() else ""
+    return f"strata's C kernels, AVX2 + FMA with GEMM tiles{wide}"
 
 
 @functools.cache
@@ -82,6 +87,8 @@ def _load() -> ctypes.CDLL | None:
     lib.strata_w4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, cint]
     lib.strata_has_gemm_tiles.argtypes = []
     lib.strata_has_gemm_tiles.restype = cint
+    lib.strata_has_avx512_paths.argtypes = []
+    lib.strata_has_avx512_paths.restype = cint
     lib.strata_w8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, cint]
     lib.strata_w4_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, cint]
     lib.strata_w8_dequantize.argtypes = [ptr, ptr, i64, i64, i64, ptr, cint]
@@ -98,8 +105,13 @@ def _build() -> Path:
     cache = Path(os.environ.get("STRATA_CACHE_DIR") or Path.home() / ".cache" / "strata") / "kernels"
     cache.mkdir(parents=True, exist_ok=True)
     errors = []
-    portable = os.environ.get("STRATA_CPU_KERNELS_PORTABLE") == "1"
-    for flags in _PORTABLE_FLAG_SETS if portable else _FLAG_SETS:
+    if os.environ.get("STRATA_CPU_KERNELS_PORTABLE") == "1":
+        flag_sets = _PORTABLE_FLAG_SETS
+    elif os.environ.get("STRATA_CPU_KERNELS_NO_AVX512") == "1":
+        flag_sets = _NO_AVX512_FLAG_SETS
+    else:
+        flag_sets = _FLAG_SETS
+    for flags in flag_sets:
         sources = [src.read_bytes() for src in (*_SOURCES, _HEADER)]
         key = hashlib.sha256(b" ".join([*sources, cc.encode(), *map(str.encode, flags),
                                         _cpu_signature()])).hexdigest()[:16]
