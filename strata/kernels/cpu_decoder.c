@@ -94,7 +94,31 @@ typedef struct {
     float *scores;                   /* [nthreads, max_ctx * groups]: attention scores */
     int64_t max_ctx;
     int decode_only;                 /* every sequence has one query token this step */
+    int64_t *items_from;             /* decode_only: thread i's attention items, [items_from[i], [i + 1]) */
+    int split_threads;               /* the team size items_from was made for (0: none) */
 } step_scratch;
+
+/* A decode step's attention items (token t, KV head kvh at t * kv_heads + kvh) in nthreads
+ * contiguous runs of about equal cost (the keys each reads, plus a fixed part), so that every
+ * thread knows its own items before the layer starts: it asks for the cache rows it will write
+ * while the qkv matmul runs (decode_prefetch_rows). A cache row written cold costs a read of
+ * its lines from memory first, and 32 sequences' writes inside the attention took ~100 us a
+ * layer of a ~550 us stage (docs/cpu_speed.md, step 15). */
+static void split_decode_items(const strata_step *S, int64_t kv_heads, int nthreads, int64_t *from) {
+    int64_t total = 0;   /* (a decode step: token t is sequence t) */
+    for (int64_t t = 0; t < S->m; t++) total += S->seq_lens[t] + 16;
+    total *= kv_heads;
+    int64_t item = 0, cost = 0;
+    from[0] = 0;
+    for (int i = 1; i < nthreads; i++) {   /* thread i starts at the first item past i/nthreads of the cost */
+        while (item < S->m * kv_heads && cost + (S->seq_lens[item / kv_heads] + 16) <= total * i / nthreads)
+            cost += S->seq_lens[item++ / kv_heads] + 16;
+        from[i] = item;
+    }
+    from[nthreads] = S->m * kv_heads;
+}
+
+static void scratch_free(step_scratch *sc);
 
 static int scratch_init(const strata_layer *L, const strata_step *S, int nthreads, step_scratch *sc) {
     const int64_t m = S->m, groups = L->heads / L->kv_heads;
@@ -102,19 +126,26 @@ static int scratch_init(const strata_layer *L, const strata_step *S, int nthread
         if (L->rot_dim > 0 && (S->positions[t] < 0 || S->positions[t] >= L->max_position)) return 1;
     sc->max_ctx = 1;
     for (int64_t s = 0; s < S->num_seqs; s++) sc->max_ctx = S->seq_lens[s] > sc->max_ctx ? S->seq_lens[s] : sc->max_ctx;
-    sc->seq_of = malloc(sizeof(int64_t) * (size_t)m);
+    sc->seq_of = malloc(sizeof(int64_t) * (size_t)(m + nthreads + 1));
     sc->scores = malloc(sizeof(float) * (size_t)(nthreads * sc->max_ctx * groups));
     if (sc->seq_of == NULL || sc->scores == NULL) {
-        free(sc->seq_of);
-        free(sc->scores);
+        scratch_free(sc);
         return 2;
     }
+    sc->items_from = sc->seq_of + m;
     sc->decode_only = 1;
     for (int64_t s = 0; s < S->num_seqs; s++) {
         for (int64_t t = S->query_start_loc[s]; t < S->query_start_loc[s + 1]; t++) sc->seq_of[t] = s;
         sc->decode_only &= S->query_start_loc[s + 1] - S->query_start_loc[s] == 1;
     }
+    sc->split_threads = sc->decode_only ? nthreads : 0;
+    if (sc->decode_only) split_decode_items(S, L->kv_heads, nthreads, sc->items_from);
     return 0;
+}
+
+static void scratch_free(step_scratch *sc) {
+    free(sc->seq_of);
+    free(sc->scores);
 }
 
 /* Token t's rotation and cache write for KV heads [kvh0, kvh1): their query heads into qr, their
@@ -128,6 +159,21 @@ static void rope_heads(const strata_layer *L, const strata_step *S, const float 
                             L->rot_dim ? L->cos_table + pos * L->rot_dim : NULL,
                             L->rot_dim ? L->sin_table + pos * L->rot_dim : NULL, kvh, L->heads / L->kv_heads, d,
                             L->rot_dim, kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
+}
+
+/* Ask for the K and V cache rows this thread's decode items write (split_decode_items) with the
+ * intent to write them, so that their lines are on their way while the qkv matmul runs. */
+static void decode_prefetch_rows(const strata_layer *L, const strata_step *S, const float *kv_cache,
+                                 const step_scratch *sc, int tid) {
+    const int64_t d = L->head_dim, kv_size = L->kv_heads * d, row_bytes = d * (int64_t)sizeof(float);
+    for (int64_t item = sc->items_from[tid]; item < sc->items_from[tid + 1]; item++) {
+        const char *k = (const char *)(kv_cache + S->slot_mapping[item / L->kv_heads] * kv_size + item % L->kv_heads * d);
+        const char *v = k + S->plane_stride * (int64_t)sizeof(float);
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+            __builtin_prefetch(k + b, 1, 3);
+            __builtin_prefetch(v + b, 1, 3);
+        }
+    }
 }
 
 /* One layer, run by every thread of the enclosing parallel region; no barrier after the last
@@ -146,6 +192,10 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
     float *prep = sums_base + (int64_t)tid * (strata_w4_prep_floats(m, kmax) + 16);
     strata_cache_view cv = {kv_cache, S->plane_stride, S->block_size, L->kv_heads, d, groups, S->bt_stride,
                             S->block_tables, L->scale};
+    /* The split is for the team asked for; a smaller one (OpenMP may give fewer threads) shares
+     * the items out as they come. */
+    const int own_items = sc->split_threads == nt;
+    if (own_items) decode_prefetch_rows(L, S, kv_cache, sc, tid);
     for (int64_t t = tid; t < m; t += nt)
         strata_rms_norm_row(x + t * H, res_in ? res_in + t * H : NULL, res_in ? res_out + t * H : NULL,
                             L->norm1, h + t * H, H, L->eps1);
@@ -155,21 +205,33 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
     linear_share(&L->qkv, h, m, qkv, prep);
     #pragma omp barrier
     /* Rotation and cache write: a step of decodes does each KV head's part in its attention item
-     * (a token attends only to its own sequence's keys, its own the last), the rest in a stage of
-     * its own, since a prompt's tokens attend to each other's keys. */
-    if (!sc->decode_only) {
-        for (int64_t t = tid; t < m; t += nt) rope_heads(L, S, qkv, qr, kv_cache, t, 0, L->kv_heads);
+     * (a token attends only to its own sequence's keys, its own the last), on the thread whose
+     * items split_decode_items gave it; a step with a prompt in a stage of its own, since a
+     * prompt's tokens attend to each other's keys, and its items shared out as they come. */
+    float *scores = sc->scores + (int64_t)tid * sc->max_ctx * groups;
+    if (own_items) {
+        for (int64_t item = sc->items_from[tid]; item < sc->items_from[tid + 1]; item++) {
+            const int64_t t = item / L->kv_heads, kvh = item % L->kv_heads;
+            rope_heads(L, S, qkv, qr, kv_cache, t, kvh, kvh + 1);
+            strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, t,
+                          S->seq_lens[t], kvh, scores);
+        }
         #pragma omp barrier
+    } else {
+        if (!sc->decode_only) {
+            for (int64_t t = tid; t < m; t += nt) rope_heads(L, S, qkv, qr, kv_cache, t, 0, L->kv_heads);
+            #pragma omp barrier
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < m * L->kv_heads; item++) {
+            int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = sc->seq_of[t];
+            if (sc->decode_only) rope_heads(L, S, qkv, qr, kv_cache, t, kvh, kvh + 1);
+            int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
+            int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
+            strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,
+                          kvh, scores);
+        }   /* implicit barrier */
     }
-    #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < m * L->kv_heads; item++) {
-        int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = sc->seq_of[t];
-        if (sc->decode_only) rope_heads(L, S, qkv, qr, kv_cache, t, kvh, kvh + 1);
-        int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
-        int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
-        strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,
-                      kvh, sc->scores + (int64_t)tid * sc->max_ctx * groups);
-    }   /* implicit barrier */
     linear_share(&L->o, attn, m, h, prep);
     #pragma omp barrier
     for (int64_t t = tid; t < m; t += nt)
@@ -197,8 +259,7 @@ int strata_decoder_layer(const strata_layer *L, const strata_step *S, const floa
     if (status) return status;
     #pragma omp parallel num_threads(nthreads)
     layer_stages(L, S, S->kv_cache, x, res_in, res_out, out, work, &sc);
-    free(sc.seq_of);
-    free(sc.scores);
+    scratch_free(&sc);
     return 0;
 }
 
@@ -220,7 +281,6 @@ int strata_decoder_stack(const strata_layer *const *layers, int64_t n_layers, co
                      hidden, work, &sc);
         #pragma omp barrier
     }
-    free(sc.seq_of);
-    free(sc.scores);
+    scratch_free(&sc);
     return 0;
 }

@@ -6,6 +6,11 @@ prompt chunks with decodes, and single-sequence runs cover batch-1 decode."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from strata import LLM, SamplingParams
@@ -83,3 +88,19 @@ def test_a_forward_hook_on_a_layer_module_still_runs():
     assert len(calls) == 3 and hooked == plain     # once per step: the prompt and two decodes
     llm.generate([PROMPTS[0]], params, use_tqdm=False)
     assert len(calls) == 3
+
+
+def test_decode_steps_on_a_smaller_thread_team_than_asked(reference):
+    """A decode step's attention items are split among the threads asked for before the layers
+    run; where OpenMP gives fewer (OMP_THREAD_LIMIT here), the items are shared out as they come
+    instead, and the text is unchanged."""
+    script = ("import json, torch; torch.set_num_threads(2)\n"
+              "from strata import LLM, SamplingParams\n"
+              "llm = LLM(kv_cache_memory=1 << 26, use_tqdm_on_load=False, enable_prefix_caching=False)\n"
+              f"params = SamplingParams(temperature=0, max_tokens={MAX_TOKENS}, ignore_eos=True)\n"
+              f"outs = llm.generate({PROMPTS[:3]!r}, params, use_tqdm=False)\n"
+              "print(json.dumps([o.outputs[0].token_ids for o in outs]))\n")
+    run = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, OMP_THREAD_LIMIT="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == reference[:3]
