@@ -253,6 +253,20 @@ static inline __m256i w4_nibble(__m256i v, int n) {
  * four FMAs per row per group, against five operations and a scalar min term per row per group
  * in w4_rows. A different summation order from w4_rows, so the two agree to rounding. */
 #define BLOCK_ROWS 8
+
+/* The blocked kernels take their count of x rows (1..BLOCK_ROWS) as a constant, so that their
+ * loops over it unroll and the accumulators stay in registers: one call per count. */
+#define CALL_WITH_ROWS(rows, KERNEL, ...)                            \
+    switch (rows) {                                                  \
+    case 1: KERNEL(1, __VA_ARGS__); break;                           \
+    case 2: KERNEL(2, __VA_ARGS__); break;                           \
+    case 3: KERNEL(3, __VA_ARGS__); break;                           \
+    case 4: KERNEL(4, __VA_ARGS__); break;                           \
+    case 5: KERNEL(5, __VA_ARGS__); break;                           \
+    case 6: KERNEL(6, __VA_ARGS__); break;                           \
+    case 7: KERNEL(7, __VA_ARGS__); break;                           \
+    default: KERNEL(BLOCK_ROWS, __VA_ARGS__); break;                 \
+    }
 static inline __attribute__((always_inline)) void
 w4_block(const int ROWS, const float *x, int64_t k, const uint8_t *q, const float *sm, float *y,
          int64_t n_total) {
@@ -283,16 +297,7 @@ w4_block(const int ROWS, const float *x, int64_t k, const uint8_t *q, const floa
 
 static void w4_block_rows(const float *x, int64_t rows, int64_t k, const uint8_t *q, const float *sm,
                           float *y, int64_t n_total) {
-    switch (rows) {
-    case 1: w4_block(1, x, k, q, sm, y, n_total); break;
-    case 2: w4_block(2, x, k, q, sm, y, n_total); break;
-    case 3: w4_block(3, x, k, q, sm, y, n_total); break;
-    case 4: w4_block(4, x, k, q, sm, y, n_total); break;
-    case 5: w4_block(5, x, k, q, sm, y, n_total); break;
-    case 6: w4_block(6, x, k, q, sm, y, n_total); break;
-    case 7: w4_block(7, x, k, q, sm, y, n_total); break;
-    default: w4_block(8, x, k, q, sm, y, n_total); break;
-    }
+    CALL_WITH_ROWS(rows, w4_block, x, k, q, sm, y, n_total)
 }
 #define HAVE_W4_BLOCK 1
 
@@ -353,16 +358,7 @@ w4_block_pair(const int ROWS, const float *x, int64_t k, const uint8_t *q, const
 
 static void w4_block_pair_rows(const float *x, int64_t rows, int64_t k, const uint8_t *q, const float *sm,
                                float *y, int64_t n_total) {
-    switch (rows) {
-    case 1: w4_block_pair(1, x, k, q, sm, y, n_total); break;
-    case 2: w4_block_pair(2, x, k, q, sm, y, n_total); break;
-    case 3: w4_block_pair(3, x, k, q, sm, y, n_total); break;
-    case 4: w4_block_pair(4, x, k, q, sm, y, n_total); break;
-    case 5: w4_block_pair(5, x, k, q, sm, y, n_total); break;
-    case 6: w4_block_pair(6, x, k, q, sm, y, n_total); break;
-    case 7: w4_block_pair(7, x, k, q, sm, y, n_total); break;
-    default: w4_block_pair(8, x, k, q, sm, y, n_total); break;
-    }
+    CALL_WITH_ROWS(rows, w4_block_pair, x, k, q, sm, y, n_total)
 }
 #endif
 
@@ -390,16 +386,7 @@ w8_block(const int ROWS, const float *x, int64_t k, const int8_t *q, const float
 
 static void w8_block_rows(const float *x, int64_t rows, int64_t k, const int8_t *q, const float *scales,
                           int64_t group, float *y, int64_t n_total) {
-    switch (rows) {
-    case 1: w8_block(1, x, k, q, scales, group, y, n_total); break;
-    case 2: w8_block(2, x, k, q, scales, group, y, n_total); break;
-    case 3: w8_block(3, x, k, q, scales, group, y, n_total); break;
-    case 4: w8_block(4, x, k, q, scales, group, y, n_total); break;
-    case 5: w8_block(5, x, k, q, scales, group, y, n_total); break;
-    case 6: w8_block(6, x, k, q, scales, group, y, n_total); break;
-    case 7: w8_block(7, x, k, q, scales, group, y, n_total); break;
-    default: w8_block(8, x, k, q, scales, group, y, n_total); break;
-    }
+    CALL_WITH_ROWS(rows, w8_block, x, k, q, scales, group, y, n_total)
 }
 
 static inline __attribute__((always_inline)) void
