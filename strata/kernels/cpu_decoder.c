@@ -102,11 +102,11 @@ typedef struct {
  * contiguous runs of about equal cost (the keys each reads, plus a fixed part), so that every
  * thread knows its own items before the layer starts: it asks for the cache rows it will write
  * while the qkv matmul runs (decode_prefetch_rows). A cache row written cold costs a read of
- * its lines from memory first, and 32 sequences' writes inside the attention took ~100 us a
- * layer of a ~550 us stage (docs/cpu_speed.md, step 15). */
+ * its lines from memory first: at 32 sequences the writes inside the attention were 150-300 us
+ * of a 450-600 us stage a layer (docs/cpu_speed.md, step 15). */
 static void split_decode_items(const strata_step *S, int64_t kv_heads, int nthreads, int64_t *from) {
-    int64_t total = 0;   /* (a decode step: token t is sequence t) */
-    for (int64_t t = 0; t < S->m; t++) total += S->seq_lens[t] + 16;
+    int64_t total = 0;
+    for (int64_t t = 0; t < S->m; t++) total += S->seq_lens[t] + 16;   /* a decode step: token t is sequence t */
     total *= kv_heads;
     int64_t item = 0, cost = 0;
     from[0] = 0;
