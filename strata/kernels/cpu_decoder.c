@@ -161,6 +161,20 @@ static void rope_heads(const strata_layer *L, const strata_step *S, const float 
                             L->rot_dim, kv_cache + S->slot_mapping[t] * kv_size, S->plane_stride);
 }
 
+/* Attention item `item` (token t = item / kv_heads, KV head kvh = item % kv_heads): in a step of
+ * decodes with its rotation and cache write first (a token attends only to its own sequence's
+ * keys, its own the last). */
+static void attention_item(const strata_layer *L, const strata_step *S, const step_scratch *sc,
+                           const strata_cache_view *cv, const float *qkv, float *qr, float *attn, float *kv_cache,
+                           int64_t item, float *scores) {
+    const int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = sc->seq_of[t];
+    const int64_t d = L->head_dim, q_size = L->heads * d, groups = L->heads / L->kv_heads;
+    if (sc->decode_only) rope_heads(L, S, qkv, qr, kv_cache, t, kvh, kvh + 1);
+    const int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
+    const int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
+    strata_attend(cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx, kvh, scores);
+}
+
 /* Ask for the K and V cache rows this thread's decode items write (split_decode_items) with the
  * intent to write them, so that their lines are on their way while the qkv matmul runs. */
 static void decode_prefetch_rows(const strata_layer *L, const strata_step *S, const float *kv_cache,
@@ -205,17 +219,13 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
     linear_share(&L->qkv, h, m, qkv, prep);
     #pragma omp barrier
     /* Rotation and cache write: a step of decodes does each KV head's part in its attention item
-     * (a token attends only to its own sequence's keys, its own the last), on the thread whose
-     * items split_decode_items gave it; a step with a prompt in a stage of its own, since a
-     * prompt's tokens attend to each other's keys, and its items shared out as they come. */
+     * (attention_item), on the thread whose items split_decode_items gave it; a step with a prompt
+     * in a stage of its own, since a prompt's tokens attend to each other's keys, and its items
+     * shared out as they come. */
     float *scores = sc->scores + (int64_t)tid * sc->max_ctx * groups;
     if (own_items) {
-        for (int64_t item = sc->items_from[tid]; item < sc->items_from[tid + 1]; item++) {
-            const int64_t t = item / L->kv_heads, kvh = item % L->kv_heads;
-            rope_heads(L, S, qkv, qr, kv_cache, t, kvh, kvh + 1);
-            strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, t,
-                          S->seq_lens[t], kvh, scores);
-        }
+        for (int64_t item = sc->items_from[tid]; item < sc->items_from[tid + 1]; item++)
+            attention_item(L, S, sc, &cv, qkv, qr, attn, kv_cache, item, scores);
         #pragma omp barrier
     } else {
         if (!sc->decode_only) {
@@ -223,14 +233,9 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
             #pragma omp barrier
         }
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < m * L->kv_heads; item++) {
-            int64_t t = item / L->kv_heads, kvh = item % L->kv_heads, s = sc->seq_of[t];
-            if (sc->decode_only) rope_heads(L, S, qkv, qr, kv_cache, t, kvh, kvh + 1);
-            int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
-            int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
-            strata_attend(&cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx,
-                          kvh, scores);
-        }   /* implicit barrier */
+        for (int64_t item = 0; item < m * L->kv_heads; item++)
+            attention_item(L, S, sc, &cv, qkv, qr, attn, kv_cache, item, scores);
+        /* implicit barrier */
     }
     linear_share(&L->o, attn, m, h, prep);
     #pragma omp barrier
