@@ -38,6 +38,7 @@ def _configured(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.strata_paged_attention_half.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
                                                 i64, f32, cint, cint]
     lib.strata_scatter_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, cint]
+    lib.strata_argmax_rows.argtypes = [ptr, i64, i64, ptr]
     return lib
 
 
@@ -78,6 +79,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     lib.strata_rms_norm(x.data_ptr(), residual.data_ptr(), new_residual.data_ptr(), weight.data_ptr(),
                         out.data_ptr(), n, d, eps, torch.get_num_threads())
     return out, new_residual
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, n] float32 -> [rows] int64: torch.argmax(x, dim=-1), ties and NaNs included."""
+    x = _rows(x, "argmax x")
+    if x.dim() != 2:
+        raise ValueError(f"argmax: expected [rows, n], got {tuple(x.shape)}")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().strata_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ from strata.layers.attention import Attention
 from strata.quant.kv import SCALE_DTYPE, KVCacheFormat, kv_cache_bytes_per_slot
 from strata.runner.cuda_graph import CudaGraphRunner
 from strata.runner.input_batch import CachedRequestState, StepInputs, build_step_inputs, dummy_prefill_inputs
-from strata.sample.sampler import (HostCopy, HostSamplerOutput, Sampler, SamplingMetadata, SamplingRow,
-                                   host_to_device, make_generator, pack_ranked, unpack_ranked)
+from strata.sample.sampler import (HostCopy, HostSamplerOutput, MetadataCache, Sampler, SamplingMetadata,
+                                   SamplingRow, host_to_device, make_generator, pack_ranked, unpack_ranked)
 
 # Prompt positions whose logits are computed at once for prompt logprobs.
 PROMPT_LOGPROB_ROWS = 256
@@ -49,6 +49,7 @@ class ModelRunner:
         self.kv_host_layers = kv_host_layers
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
+        self._sampling_metadata = MetadataCache()
         self.states: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -251,7 +252,7 @@ class ModelRunner:
                 mask = set(self.eos_token_ids) | set(params.stop_token_ids or ())
             rows.append(SamplingRow(params, state.prompt_token_ids, state.output_token_ids, generator, mask,
                                     device_token=inputs.placeholder_slot.get(row)))
-        metadata = SamplingMetadata.from_rows(rows, logits.shape[-1], logits.device, placeholders)
+        metadata = self._sampling_metadata.get(rows, logits.shape[-1], logits.device, placeholders)
         result = self.sampler(logits, metadata)
         handle.sampled = result.to_host()   # the copy starts now; finish() waits for it
         self._last_sampled, self._last_step = result.sampled_token_ids, handle.step_id

@@ -196,6 +196,22 @@ def test_write_kv_rows_matches_index_copy(dtype):
     assert torch.equal(cache, want)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 49152])
+def test_argmax_is_torchs_with_ties_nans_and_infinities(n):
+    rows = torch.randn(8, n)
+    rows[1] = (rows[1] * 2).round()                    # many ties: the first of them wins
+    rows[2, torch.randint(0, n, (2,))] = float("nan")  # NaN counts as the largest
+    rows[3] = float("-inf")
+    rows[4, -1] = float("inf")
+    rows[5] = 0.0
+    rows[5, n // 2:] = -0.0                             # -0.0 == 0.0: still the first
+    rows[6, -1] = rows[6].max() + 1                     # the tail past the last vector of 8
+    for row in rows:
+        assert cpu_ops.argmax(row[None]).item() == row.argmax().item()
+    assert torch.equal(cpu_ops.argmax(rows), rows.argmax(-1))
+    assert cpu_ops.argmax(rows[:, :1].t().contiguous()).dtype == torch.int64
+
+
 def test_wrappers_reject_wrong_inputs():
     with pytest.raises(ValueError, match="float32"):
         cpu_ops.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8), 1e-5)

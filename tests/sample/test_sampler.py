@@ -6,6 +6,7 @@ import torch
 
 from strata.sample.logits_processors import apply_logits_processors
 from strata.sample.sampler import (
+    MetadataCache,
     Sampler,
     SamplingMetadata,
     SamplingRow,
@@ -369,6 +370,42 @@ def test_metadata_empty_batch_and_empty_token_lists():
     assert torch.equal(apply_logits_processors(logits, md), logits)
     md = SamplingMetadata.from_rows([], vocab_size=VOCAB, device="cpu")
     assert md.temperature.shape == (0,) and md.all_greedy
+
+
+def _fields(md):
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in vars(md).items()}
+
+
+def test_metadata_cache_reuses_only_what_cannot_change():
+    cache = MetadataCache()
+    greedy, hot = SamplingParams(temperature=0.0, logit_bias={3: 1.0}), SamplingParams(temperature=0.7, top_p=0.9)
+    banned = SamplingParams(temperature=0.0, min_tokens=4)
+
+    def get(params, outputs=None, masks=None, generators=None):
+        n = len(params)
+        rows = [SamplingRow(p, [1, 2], out, gen, mask) for p, out, gen, mask in
+                zip(params, outputs or [[5]] * n, generators or [None] * n, masks or [None] * n)]
+        md = cache.get(rows, VOCAB, "cpu")
+        assert _fields(md) == _fields(SamplingMetadata.from_rows(rows, VOCAB, "cpu"))
+        return md
+
+    first = get([greedy, hot])
+    assert get([greedy, hot], outputs=[[5, 6], [7]]) is first            # a steady batch: no rebuild
+    assert get([hot, greedy]) is not first                               # rows reordered
+    equal_twin = SamplingParams(temperature=0.0, logit_bias={3: 1.0})
+    assert get([equal_twin, hot]) is not get([greedy, hot])              # another request's params
+    masked = get([banned], masks=[{0}])
+    assert masked.min_tokens_index.tolist() == [0]
+    assert get([banned], masks=[{0}]) is masked
+    assert get([banned]).min_tokens_index is None                        # min_tokens reached
+    penalised = SamplingParams(temperature=0.0, frequency_penalty=0.5)
+    a = get([penalised], outputs=[[5]])
+    b = get([penalised], outputs=[[5, 9]])                               # seen tokens grow: rebuilt
+    assert a is not b and b.output_token_index.tolist() == [5, 9]
+    seeded = SamplingParams(temperature=0.8, seed=1)
+    c = get([seeded], generators=[make_generator(1, 0, 1)])
+    d = get([seeded], generators=[make_generator(1, 0, 2)])              # a new draw per position
+    assert c is not d and d.generators[0].initial_seed() == row_seed(1, 0, 2)
 
 
 def test_to_lists_is_one_copy_of_everything():
