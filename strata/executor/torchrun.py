@@ -76,6 +76,7 @@ def run_follower(args: EngineArgs, parallel: ParallelConfig, device: torch.devic
         dist.broadcast_object_list(box, src=0, group=group)
         message = box[0]
         if message[0] == "shutdown":
+            dist.barrier(group=group)   # see TorchrunExecutor.shutdown
             break
         if message[0] == "step":
             runner.apply_sampled(message[2])
@@ -146,11 +147,14 @@ class TorchrunExecutor:
         if self._closed:
             return
         self._closed = True
+        import torch.distributed as dist
         if self.failure is None:
             try:
                 self._broadcast(("shutdown",))
+                # Every rank has the message before any tears its group down: a peer's sockets
+                # closing under a rank still in the broadcast aborted that rank at exit.
+                dist.barrier(group=ps.get_groups().world_group)
             except Exception:
                 pass
-        import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
