@@ -268,23 +268,62 @@ int strata_decoder_layer(const strata_layer *L, const strata_step *S, const floa
     return 0;
 }
 
+/* A whole model's step around the stack, for a model whose every decoder layer is in it: the
+ * first hidden states are rows of the token table (as the embedding module's lookup dequantizes
+ * them) and the last layer's output goes through the final norm, so that Python is not called
+ * between them. */
+typedef struct {
+    strata_segment table;            /* the token table [vocab, hidden]: w4, w8 or f32 rows */
+    const int64_t *input_ids;        /* [m] */
+    const float *final_norm;         /* [hidden] */
+    float final_eps;
+} strata_model_ends;
+
+static void table_row(const strata_segment *T, int64_t id, int64_t H, float *out) {
+    if (T->kind == SEG_W4)
+        strata_w4_dequantize_row((const uint8_t *)T->q + id * (H / 2), T->s + id * (H / 16), H, out);
+    else if (T->kind == SEG_W8)
+        strata_w8_dequantize_row((const int8_t *)T->q + id * H, T->s + id * (H / T->group), T->group, H, out);
+    else
+        memcpy(out, (const float *)T->q + id * H, sizeof(float) * (size_t)H);
+}
+
 /* Layers [0, n_layers) in one parallel region: at decode a layer's arithmetic is tens of
  * microseconds, and a Python call per layer (and a parallel region per layer, whose worker
  * threads wait for the main thread meanwhile) about as much again. hidden [m, H] is the first
  * layer's input and the last one's output; residual [m, H] likewise (has_residual 0: the first
  * layer starts without one, as LlamaDecoderLayer does). Every layer has the same shapes (the
- * caller checks) and its own KV cache, kv_caches[i]. */
+ * caller checks) and its own KV cache, kv_caches[i].
+ *
+ * ends (NULL: none): hidden's first value is looked up from ends->input_ids (has_residual must be
+ * 0), and on return hidden holds rmsnorm(last output + residual) * final_norm and residual that
+ * sum. Returns 3 (nothing computed) for a token id outside the table. */
 int strata_decoder_stack(const strata_layer *const *layers, int64_t n_layers, const strata_step *S,
                          float *const *kv_caches, float *hidden, float *residual, int has_residual, float *work,
-                         int nthreads) {
+                         int nthreads, const strata_model_ends *ends) {
+    const int64_t H = layers[0]->hidden, m = S->m;
+    if (ends != NULL)
+        for (int64_t t = 0; t < m; t++)
+            if (ends->input_ids[t] < 0 || ends->input_ids[t] >= ends->table.n) return 3;
     step_scratch sc;
     int status = scratch_init(layers[0], S, nthreads, &sc);
     if (status) return status;
     #pragma omp parallel num_threads(nthreads)
-    for (int64_t i = 0; i < n_layers; i++) {
-        layer_stages(layers[i], S, kv_caches[i], hidden, (i > 0 || has_residual) ? residual : NULL, residual,
-                     hidden, work, &sc);
-        #pragma omp barrier
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        if (ends != NULL) {
+            for (int64_t t = tid; t < m; t += nt) table_row(&ends->table, ends->input_ids[t], H, hidden + t * H);
+            #pragma omp barrier
+        }
+        for (int64_t i = 0; i < n_layers; i++) {
+            layer_stages(layers[i], S, kv_caches[i], hidden, (i > 0 || has_residual) ? residual : NULL, residual,
+                         hidden, work, &sc);
+            #pragma omp barrier
+        }
+        if (ends != NULL)
+            for (int64_t t = tid; t < m; t += nt)
+                strata_rms_norm_row(hidden + t * H, residual + t * H, residual + t * H, ends->final_norm,
+                                    hidden + t * H, H, ends->final_eps);
     }
     scratch_free(&sc);
     return 0;

@@ -23,6 +23,11 @@ void strata_w8_range(const float *x, int64_t m, int64_t k, const int8_t *q, cons
 void strata_f32_range(const float *x, int64_t m, int64_t k, const float *w, float *y, int64_t ldy,
                       int64_t r0, int64_t r1);
 
+/* One row of W in float32 (an embedding lookup): 4-bit codes (q [k/2], scale_min [k/32, 2]) or
+ * grouped int8 (q [k], scales [k/group]). */
+void strata_w4_dequantize_row(const uint8_t *q, const float *scale_min, int64_t k, float *out);
+void strata_w8_dequantize_row(const int8_t *q, const float *scales, int64_t group, int64_t k, float *out);
+
 /* y[i][0..15] (accumulate: +=) sum over p < k of x[i * ldx + p] * b[p * ldb + 0..15], for rows
  * i < rows <= GEMM_TILE_ROWS (cpu_gemm.c). */
 #define GEMM_TILE_ROWS 6

@@ -32,7 +32,7 @@ def _configured(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.strata_tiled_attention.argtypes = [*lib.strata_paged_attention.argtypes, i64]
     # The fused decoder layer (cpu_decoder.c; descriptors built by strata/layers/cpu_decoder.py).
     lib.strata_decoder_layer.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint]
-    lib.strata_decoder_stack.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, cint]
+    lib.strata_decoder_stack.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, cint, ptr, cint, ptr]
     lib.strata_decoder_workspace.argtypes = [ptr, i64, cint]
     lib.strata_decoder_workspace.restype = i64
     lib.strata_paged_attention_half.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,

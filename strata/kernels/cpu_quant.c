@@ -786,7 +786,7 @@ int strata_w8_matmul(const float *x, int64_t m, int64_t k, const int8_t *q, cons
 }
 
 /* Row r of W, q * scale + min: a multiply, then an add (as the reference). */
-static void w4_dequantize_row(const uint8_t *q, const float *sm, int64_t k, float *out) {
+void strata_w4_dequantize_row(const uint8_t *q, const float *sm, int64_t k, float *out) {
     int64_t j = 0;
 #ifdef STRATA_AVX2
     for (int64_t blk = 0; blk < k / 64; blk++, j += 64) {
@@ -815,12 +815,15 @@ static void w4_dequantize_row(const uint8_t *q, const float *sm, int64_t k, floa
 void strata_w4_dequantize(const uint8_t *q, const float *scale_min, int64_t n, int64_t k, float *out,
                           int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * k >= DEQUANTIZE_PARALLEL_MIN)
-    for (int64_t r = 0; r < n; r++) w4_dequantize_row(q + r * (k / 2), scale_min + r * (k / 16), k, out + r * k);
+    for (int64_t r = 0; r < n; r++) strata_w4_dequantize_row(q + r * (k / 2), scale_min + r * (k / 16), k, out + r * k);
+}
+
+void strata_w8_dequantize_row(const int8_t *q, const float *scales, int64_t group, int64_t k, float *out) {
+    for (int64_t j = 0; j < k; j++) out[j] = (float)q[j] * scales[j / group];
 }
 
 void strata_w8_dequantize(const int8_t *q, const float *scales, int64_t group, int64_t n, int64_t k,
                           float *out, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * k >= DEQUANTIZE_PARALLEL_MIN)
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t j = 0; j < k; j++) out[r * k + j] = (float)q[r * k + j] * scales[r * (k / group) + j / group];
+    for (int64_t r = 0; r < n; r++) strata_w8_dequantize_row(q + r * k, scales + r * (k / group), group, k, out + r * k);
 }

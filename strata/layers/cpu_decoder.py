@@ -42,6 +42,10 @@ class _Layer(ctypes.Structure):
                 ("sin_table", _ptr), ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear)]
 
 
+class _Ends(ctypes.Structure):
+    _fields_ = [("table", _Segment), ("input_ids", _ptr), ("final_norm", _ptr), ("final_eps", _f32)]
+
+
 class _Step(ctypes.Structure):
     _fields_ = [("m", _i64), ("num_seqs", _i64), ("plane_stride", _i64), ("block_size", _i64),
                 ("bt_stride", _i64), ("positions", _ptr), ("slot_mapping", _ptr), ("kv_cache", _ptr),
@@ -111,9 +115,7 @@ class FusedDecoderLayer:
     def hooked(self) -> bool:
         """Whether a forward hook waits on one of the layer's modules (GPTQ calibration's input
         capture, say): the fused call would skip it, so the module path runs instead."""
-        from torch.nn.modules import module as nn_module
-        return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
-                    or any(m._forward_pre_hooks or m._forward_hooks for m in self.modules))
+        return _hooked(self.modules)
 
     def takes_cache(self) -> bool:
         cache = self.attn.kv_cache
@@ -163,6 +165,7 @@ class FusedDecoderStack:
         self._hook_dicts = [d for f in layers for m in f.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
         self._descs = (ctypes.c_void_p * len(layers))(*[ctypes.addressof(f.desc) for f in layers])
         self._caches = (ctypes.c_void_p * len(layers))()
+        self._checked_caches: list = []   # the caches _caches points into, held
 
     @classmethod
     def build(cls, layers: list) -> FusedDecoderStack | None:
@@ -184,44 +187,148 @@ class FusedDecoderStack:
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """(hidden, residual) after every layer of the stack, or None where a layer's cache does
         not fit the stack (the caller then runs the layers one by one)."""
-        first = self.layers[0]
-        caches = [f.attn.kv_cache for f in self.layers]
-        if not all(f.takes_cache() for f in self.layers) or any(
-                c.stride(0) != caches[0].stride(0) or c.shape[2] != caches[0].shape[2] for c in caches):
+        step = self._step(positions, hidden.shape[0])
+        if step is None:
             return None
-        meta = get_attn_metadata()
-        step = _step_state(meta, positions, hidden.shape[0], first, self.lib)
-        for i, c in enumerate(caches):
-            self._caches[i] = c.data_ptr()
-        step.desc.kv_cache, step.desc.plane_stride, step.desc.block_size = None, caches[0].stride(0), caches[0].shape[2]
         hidden = hidden.contiguous().clone()     # the stack writes its output over its input
         residual_out = torch.empty_like(hidden) if residual is None else residual.contiguous().clone()
+        self._run(step, hidden, residual_out, residual is not None, None)
+        return hidden, residual_out
+
+    def run_model(self, ends: ModelEnds, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """A whole model's step, ids to final norm (see ModelEnds), or None as __call__."""
+        m = input_ids.shape[0]
+        step = self._step(positions, m)
+        if step is None:
+            return None
+        ids = input_ids if input_ids.dtype == torch.int64 and input_ids.is_contiguous() else \
+            input_ids.to(torch.int64).contiguous()
+        ends.desc.input_ids = ids.data_ptr()
+        hidden, residual = torch.empty(m, self.layers[0].hidden), torch.empty(m, self.layers[0].hidden)
+        if self._run(step, hidden, residual, False, ends.desc) == 3:
+            raise IndexError(f"a token id is outside the embedding's {ends.desc.table.n} rows")
+        return hidden
+
+    def _step(self, positions: torch.Tensor, m: int) -> _StepState | None:
+        """The step descriptor with this stack's caches in it, or None where one does not fit."""
+        caches = [f.attn.kv_cache for f in self.layers]
+        if not _same_objects(caches, self._checked_caches):
+            # The caches change only when the runner allocates them: checked once per allocation.
+            first = caches[0]
+            if not all(f.takes_cache() for f in self.layers) or any(
+                    c.stride(0) != first.stride(0) or c.shape[2] != first.shape[2] for c in caches):
+                return None
+            for i, c in enumerate(caches):
+                self._caches[i] = c.data_ptr()
+            self._checked_caches = caches
+        step = _step_state(get_attn_metadata(), positions, m, self.layers[0], self.lib)
+        first = caches[0]
+        step.desc.kv_cache, step.desc.plane_stride, step.desc.block_size = None, first.stride(0), first.shape[2]
+        return step
+
+    def _run(self, step: _StepState, hidden: torch.Tensor, residual: torch.Tensor, has_residual: bool, ends) -> int:
+        first = self.layers[0]
         work = torch.empty(first._workspace_size(hidden.shape[0], step.threads))
         status = self.lib.strata_decoder_stack(
             self._descs, len(self.layers), ctypes.byref(step.desc), self._caches, hidden.data_ptr(),
-            residual_out.data_ptr(), residual is not None, work.data_ptr(), step.threads)
+            residual.data_ptr(), has_residual, work.data_ptr(), step.threads,
+            None if ends is None else ctypes.byref(ends))
         if status == 1:
             raise IndexError(f"a position is outside the rotary tables' {first.desc.max_position} positions")
-        if status:
+        if status == 2:
             raise MemoryError("fused decoder stack: no memory for the attention buffers")
-        return hidden, residual_out
+        return status
+
+
+class ModelEnds:
+    """What a whole-model step adds around the stack (strata_decoder_stack's ends): the token
+    table the first hidden states are looked up in, and the final RMSNorm. Built once per model
+    where the embedding and the norm have forms the C code knows (a float32, 4-bit or grouped
+    int8 table at tensor parallel size 1; a float32 RMSNorm), so that a decode step runs no
+    Python between the ids and the final hidden states: in a CPU step whose weights have pushed
+    the interpreter's data out of the caches, the embedding lookup and the final norm cost ~130
+    and ~150 us of Python each."""
+
+    def __init__(self, desc: _Ends, keep: list, modules: list):
+        self.desc, self._keep, self.modules = desc, keep, modules
+
+    @classmethod
+    def build(cls, embedding, norm) -> ModelEnds | None:
+        from strata.layers.norm import RMSNorm
+        from strata.quant.gguf import Int4Segment, Int8Segment
+        keep: list[torch.Tensor] = []
+        try:
+            _require(type(norm) is RMSNorm and norm.weight.dtype == torch.float32)
+            _require(embedding.tp_size == 1 and embedding.dtype == torch.float32)
+            table, hidden = embedding.packed, norm.weight.shape[0]
+            if table is None:
+                rows, q, s, group, kind = embedding.weight.shape[0], embedding.weight, None, 0, _F32
+                _require(embedding.weight.dtype == torch.float32)
+            elif isinstance(table, Int4Segment) and not table.on_triton:
+                rows, q, s, group, kind = table.qweight.shape[0], table.qweight, table.scale_min, 32, _W4
+            elif isinstance(table, Int8Segment) and not table.on_triton:
+                rows, q, s, kind = table.qweight.shape[0], table.qweight, table.scales, _W8
+                group = hidden // table.scales.shape[1]
+            else:
+                raise _Unsupported
+            _require(q.shape[-1] * (2 if kind == _W4 else 1) == hidden)
+            desc = _Ends(table=_Segment(kind=kind, n=rows, group=group, q=_ptr_of(q, keep),
+                                        s=_ptr_of(s, keep) if s is not None else None),
+                         final_norm=_ptr_of(norm.weight, keep), final_eps=norm.eps)
+        except _Unsupported:
+            return None
+        return cls(desc, keep, [*embedding.modules(), *norm.modules()])
 
 
 def fused_cpu_stack(model, layers, positions: torch.Tensor, carry) -> tuple | None:
     """The carry after ``layers`` (a model's consecutive LlamaDecoderLayers) as one C call, or None
     where the step or a layer does not take the fused path (the layers then run one by one)."""
     hidden, residual = carry
-    if (hidden.device.type != "cpu" or hidden.dtype != torch.float32 or hidden.shape[0] > MAX_FUSED_TOKENS
-            or not layers or use_triton(hidden)):
+    if hidden.dtype != torch.float32 or not _takes_step(hidden, layers):
         return None
+    stack = _stack(model, layers)
+    return None if stack is None else stack(positions, hidden, residual)
+
+
+def fused_cpu_model(model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """The final hidden states of a step through the whole model (``model.embed_tokens``, every
+    layer of ``model.layers``, ``model.norm``) as one C call, or None where the step, a layer, the
+    embedding or the norm does not take it (the model then runs its parts one by one)."""
+    layers = model.layers
+    if not _takes_step(input_ids, layers):
+        return None
+    ends = model.__dict__.get("_cpu_model_ends")
+    if ends is None:
+        ends = model.__dict__["_cpu_model_ends"] = ModelEnds.build(model.embed_tokens, model.norm) or False
+    stack = _stack(model, layers) if ends is not False else None
+    if stack is None or _hooked(ends.modules):
+        return None
+    return stack.run_model(ends, input_ids, positions)
+
+
+def _takes_step(x: torch.Tensor, layers) -> bool:
+    return (x.device.type == "cpu" and x.shape[0] <= MAX_FUSED_TOKENS and len(layers) > 0
+            and not use_triton(x))   # STRATA_FORCE_TRITON: the Triton kernels under the interpreter
+
+
+def _stack(model, layers) -> FusedDecoderStack | None:
+    """The model's stack for these layers (built once), or None where it has none or a hook waits."""
     key = (id(layers[0]), len(layers))
     stacks = model.__dict__.setdefault("_cpu_fused_stacks", {})
     stack = stacks.get(key)
     if stack is None:
         stack = stacks[key] = FusedDecoderStack.build(list(layers)) or False
-    if stack is False or stack.hooked():
-        return None
-    return stack(positions, hidden, residual)
+    return None if stack is False or stack.hooked() else stack
+
+
+def _hooked(modules) -> bool:
+    from torch.nn.modules import module as nn_module
+    return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
+                or any(m._forward_pre_hooks or m._forward_hooks for m in modules))
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _shape(desc: _Layer) -> tuple:

@@ -22,8 +22,13 @@ class LayerLoop:
         """With pipeline stages the model holds layers [start_layer, end_layer): a later stage
         starts from the carry the stage before returned, a stage before the last returns its own."""
         start, end = getattr(model, "start_layer", 0), getattr(model, "end_layer", len(model.layers))
+        whole = getattr(model, "fused_forward", None)
+        if whole is not None and intermediate is None and start == 0 and end == len(model.layers):
+            hidden = whole(input_ids, positions)   # Llama's CPU decode steps: ids to final norm in C
+            if hidden is not None:
+                return hidden
         carry = model.embed(input_ids, positions) if intermediate is None else intermediate
-        # A model may run all its layers at once (Llama's CPU decode steps: one C call).
+        # A model may run all its layers at once (one C call on the CPU).
         # (Slicing a ModuleList builds a new one, module by module: skipped for the whole list.)
         layers = model.layers if start == 0 and end == len(model.layers) else model.layers[start:end]
         fused = getattr(model, "fused_layers_forward", None)

@@ -13,7 +13,7 @@ from strata.config import ModelConfig
 from strata.distributed.pipeline import make_layers, stage_holds_vocab
 from strata.layers.activation import SiluAndMul
 from strata.layers.attention import Attention
-from strata.layers.cpu_decoder import fused_cpu_layer, fused_cpu_stack
+from strata.layers.cpu_decoder import fused_cpu_layer, fused_cpu_model, fused_cpu_stack
 from strata.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from strata.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from strata.layers.norm import RMSNorm
@@ -138,6 +138,11 @@ class LlamaForCausalLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> Carry:
         return self.embed_tokens(input_ids), None      # hidden, residual
+
+    def fused_forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The whole forward as one C call on the CPU (embedding, layers, final norm), or None
+        where that does not apply."""
+        return fused_cpu_model(self, input_ids, positions)
 
     def fused_layers_forward(self, layers, positions: torch.Tensor, carry: Carry) -> Carry | None:
         """The carry after ``layers`` as one C call on the CPU, or None where that does not apply."""

@@ -64,7 +64,8 @@ def test_fused_layer_is_bit_identical_to_the_module_path(monkeypatch):
     fused = llm.generate(prompts, params, use_tqdm=False)
     model = llm.llm_engine.executor.runner.model
     assert isinstance(model.layers[0].__dict__.get("_cpu_fused"), cpu_decoder.FusedDecoderLayer)
-    # All layers ran as one C call (strata_decoder_stack).
+    # All layers ran as one C call (strata_decoder_stack), the embedding and final norm with them.
+    assert isinstance(model.__dict__["_cpu_model_ends"], cpu_decoder.ModelEnds)
     assert any(isinstance(s, cpu_decoder.FusedDecoderStack) for s in model.__dict__["_cpu_fused_stacks"].values())
     monkeypatch.setattr(cpu_decoder, "MAX_FUSED_TOKENS", 0)
     modules = llm.generate(prompts, params, use_tqdm=False)
@@ -88,6 +89,13 @@ def test_a_forward_hook_on_a_layer_module_still_runs():
     assert len(calls) == 3 and hooked == plain     # once per step: the prompt and two decodes
     llm.generate([PROMPTS[0]], params, use_tqdm=False)
     assert len(calls) == 3
+    # The whole-model step also looks up the embedding and runs the final norm in C.
+    for module in (model.embed_tokens, model.norm):
+        calls.clear()
+        handle = module.register_forward_hook(lambda *args: calls.append(1))
+        hooked = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+        handle.remove()
+        assert len(calls) == 3 and hooked == plain
 
 
 def test_decode_steps_on_a_smaller_thread_team_than_asked(reference):

@@ -380,3 +380,31 @@ def test_tiny_llama_on_the_triton_kernels_equals_reference(tmp_path, monkeypatch
     assert "kept packed" in line and "dequantized at load" not in line
     monkeypatch.setenv("STRATA_QUANT_REFERENCE", "1")
     assert _greedy(path, prompts, 8, skip_tokenizer_init=True, dtype="float32")[0] == packed
+
+
+@pytest.mark.parametrize("embedding,kind", [("F32", "f32"), ("Q8_0", "w8"), ("Q4_1", "w4"), ("Q4_K", "w4")])
+def test_whole_model_step_in_c_is_bit_identical_to_the_modules(tmp_path, monkeypatch, embedding, kind, c_kernels):
+    """A decode step from token ids to the final norm as one C call (the table's rows looked up
+    in C, the final norm after the last layer) computes exactly what the embedding module, the
+    layer stack and the norm module compute: the same tokens and logprobs to the last bit, for
+    each form the token table takes (float32, grouped int8, 4-bit)."""
+    from strata.layers import cpu_decoder
+    from strata.models.llama import LlamaForCausalLM
+    path = tiny_llama_gguf(tmp_path / "tiny.gguf", dict.fromkeys(LINEARS, "Q4_0"), embedding)
+    prompts = [{"prompt_token_ids": p} for p in ([5, 17, 33, 61, 7], [9] * 13 + [44])]
+    llm = LLM(str(path), kv_cache_memory=1 << 26, use_tqdm_on_load=False, skip_tokenizer_init=True,
+              enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    whole = llm.generate(prompts, params, use_tqdm=False)
+    model = llm.llm_engine.executor.runner.model
+    ends = model.__dict__["_cpu_model_ends"]
+    assert isinstance(ends, cpu_decoder.ModelEnds)
+    assert ends.desc.table.kind == {"w4": cpu_decoder._W4, "w8": cpu_decoder._W8, "f32": cpu_decoder._F32}[kind]
+    model.__dict__["_cpu_model_ends"] = False      # as for a model without ends: the modules run them
+    calls, embed = [], LlamaForCausalLM.embed
+    monkeypatch.setattr(LlamaForCausalLM, "embed", lambda self, *a: calls.append(1) or embed(self, *a))
+    parts = llm.generate(prompts, params, use_tqdm=False)
+    assert len(calls) == 8                          # every step looked its rows up in the module
+    for a, b in zip(whole, parts):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
