@@ -14,6 +14,7 @@ KV cache is float32. Anything else runs the module path unchanged.
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
@@ -165,7 +166,7 @@ class FusedDecoderStack:
         self._hook_dicts = [d for f in layers for m in f.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
         self._descs = (ctypes.c_void_p * len(layers))(*[ctypes.addressof(f.desc) for f in layers])
         self._caches = (ctypes.c_void_p * len(layers))()
-        self._checked_caches: list = []   # the caches _caches points into, held
+        self._checked_caches: list = []   # weak references to the caches _caches points into
 
     @classmethod
     def build(cls, layers: list) -> FusedDecoderStack | None:
@@ -212,7 +213,8 @@ class FusedDecoderStack:
     def _step(self, positions: torch.Tensor, m: int) -> _StepState | None:
         """The step descriptor with this stack's caches in it, or None where one does not fit."""
         caches = [f.attn.kv_cache for f in self.layers]
-        if not _same_objects(caches, self._checked_caches):
+        checked = self._checked_caches
+        if not (len(caches) == len(checked) and all(r() is c for r, c in zip(checked, caches))):
             # The caches change only when the runner allocates them: checked once per allocation.
             first = caches[0]
             if not all(f.takes_cache() for f in self.layers) or any(
@@ -220,7 +222,7 @@ class FusedDecoderStack:
                 return None
             for i, c in enumerate(caches):
                 self._caches[i] = c.data_ptr()
-            self._checked_caches = caches
+            self._checked_caches = [weakref.ref(c) for c in caches]
         step = _step_state(get_attn_metadata(), positions, m, self.layers[0], self.lib)
         first = caches[0]
         step.desc.kv_cache, step.desc.plane_stride, step.desc.block_size = None, first.stride(0), first.shape[2]
@@ -325,10 +327,6 @@ def _hooked(modules) -> bool:
     from torch.nn.modules import module as nn_module
     return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
                 or any(m._forward_pre_hooks or m._forward_hooks for m in modules))
-
-
-def _same_objects(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _shape(desc: _Layer) -> tuple:

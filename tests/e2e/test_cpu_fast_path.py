@@ -112,3 +112,19 @@ def test_decode_steps_on_a_smaller_thread_team_than_asked(reference):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == reference[:3]
+
+
+def test_the_stack_follows_a_reallocated_kv_cache(reference):
+    """The stack checks its layers' caches once per allocation and keeps their addresses: a new
+    allocation (new tensors) is checked and bound again, not read through the old addresses."""
+    llm = LLM(kv_cache_memory=1 << 26, use_tqdm_on_load=False, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids == reference[0]
+    runner = llm.llm_engine.executor.runner
+    old = runner.kv_caches[0]
+    runner.allocate_kv_cache(runner.num_blocks)
+    assert runner.kv_caches[0] is not old
+    del old
+    assert llm.generate(PROMPTS[:1], params, use_tqdm=False)[0].outputs[0].token_ids == reference[0]
+    stack = next(iter(runner.model.__dict__["_cpu_fused_stacks"].values()))
+    assert stack._caches[0] == runner.kv_caches[0].data_ptr()
