@@ -256,12 +256,14 @@ class ModelEnds:
 
     @classmethod
     def build(cls, embedding, norm) -> ModelEnds | None:
+        from strata.layers.embedding import VocabParallelEmbedding
         from strata.layers.norm import RMSNorm
         from strata.quant.gguf import Int4Segment, Int8Segment
         keep: list[torch.Tensor] = []
         try:
             _require(type(norm) is RMSNorm and norm.weight.dtype == torch.float32)
-            _require(embedding.tp_size == 1 and embedding.dtype == torch.float32)
+            _require(type(embedding) is VocabParallelEmbedding and embedding.tp_size == 1
+                     and embedding.dtype == torch.float32)
             table, hidden = embedding.packed, norm.weight.shape[0]
             if table is None:
                 rows, q, s, group, kind = embedding.weight.shape[0], embedding.weight, None, 0, _F32
