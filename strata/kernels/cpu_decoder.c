@@ -96,26 +96,32 @@ typedef struct {
     int decode_only;                 /* every sequence has one query token this step */
     int64_t *items_from;             /* decode_only: thread i's attention items, [items_from[i], [i + 1]) */
     int split_threads;               /* the team size items_from was made for (0: none) */
+    /* Fewer items than twice the threads (a single stream: 3 KV heads on 2 threads gave one
+     * thread twice the other's keys to read): the items only rotate and write the cache, and
+     * after a barrier each thread attends for a run of (token, query head) units, heads_from. */
+    int split_heads;
+    int64_t *heads_from;
 } step_scratch;
 
-/* A decode step's attention items (token t, KV head kvh at t * kv_heads + kvh) in nthreads
- * contiguous runs of about equal cost (the keys each reads, plus a fixed part), so that every
- * thread knows its own items before the layer starts: it asks for the cache rows it will write
- * while the qkv matmul runs (decode_prefetch_rows). A cache row written cold costs a read of
- * its lines from memory first: at 32 sequences the writes inside the attention were 150-300 us
- * of a 450-600 us stage a layer (docs/cpu_speed.md, step 15). */
-static void split_decode_items(const strata_step *S, int64_t kv_heads, int nthreads, int64_t *from) {
+/* A decode step's attention items (token t, KV head kvh at t * kv_heads + kvh; per_token =
+ * kv_heads) or query-head units (per_token = heads) in nthreads contiguous runs of about equal
+ * cost (the keys each reads, plus a fixed part), so that every thread knows its own items before
+ * the layer starts: it asks for the cache rows it will write while the qkv matmul runs
+ * (decode_prefetch_rows). A cache row written cold costs a read of its lines from memory first:
+ * at 32 sequences the writes inside the attention were 150-300 us of a 450-600 us stage a layer
+ * (docs/cpu_speed.md, step 15). */
+static void split_decode_items(const strata_step *S, int64_t per_token, int nthreads, int64_t *from) {
     int64_t total = 0;
     for (int64_t t = 0; t < S->m; t++) total += S->seq_lens[t] + 16;   /* a decode step: token t is sequence t */
-    total *= kv_heads;
+    total *= per_token;
     int64_t item = 0, cost = 0;
     from[0] = 0;
     for (int i = 1; i < nthreads; i++) {   /* thread i starts at the first item past i/nthreads of the cost */
-        while (item < S->m * kv_heads && cost + (S->seq_lens[item / kv_heads] + 16) <= total * i / nthreads)
-            cost += S->seq_lens[item++ / kv_heads] + 16;
+        while (item < S->m * per_token && cost + (S->seq_lens[item / per_token] + 16) <= total * i / nthreads)
+            cost += S->seq_lens[item++ / per_token] + 16;
         from[i] = item;
     }
-    from[nthreads] = S->m * kv_heads;
+    from[nthreads] = S->m * per_token;
 }
 
 static void scratch_free(step_scratch *sc);
@@ -126,20 +132,23 @@ static int scratch_init(const strata_layer *L, const strata_step *S, int nthread
         if (L->rot_dim > 0 && (S->positions[t] < 0 || S->positions[t] >= L->max_position)) return 1;
     sc->max_ctx = 1;
     for (int64_t s = 0; s < S->num_seqs; s++) sc->max_ctx = S->seq_lens[s] > sc->max_ctx ? S->seq_lens[s] : sc->max_ctx;
-    sc->seq_of = malloc(sizeof(int64_t) * (size_t)(m + nthreads + 1));
+    sc->seq_of = malloc(sizeof(int64_t) * (size_t)(m + 2 * (nthreads + 1)));
     sc->scores = malloc(sizeof(float) * (size_t)(nthreads * sc->max_ctx * groups));
     if (sc->seq_of == NULL || sc->scores == NULL) {
         scratch_free(sc);
         return 2;
     }
     sc->items_from = sc->seq_of + m;
+    sc->heads_from = sc->items_from + nthreads + 1;
     sc->decode_only = 1;
     for (int64_t s = 0; s < S->num_seqs; s++) {
         for (int64_t t = S->query_start_loc[s]; t < S->query_start_loc[s + 1]; t++) sc->seq_of[t] = s;
         sc->decode_only &= S->query_start_loc[s + 1] - S->query_start_loc[s] == 1;
     }
     sc->split_threads = sc->decode_only ? nthreads : 0;
+    sc->split_heads = sc->decode_only && groups > 1 && m * L->kv_heads < 2 * (int64_t)nthreads;
     if (sc->decode_only) split_decode_items(S, L->kv_heads, nthreads, sc->items_from);
+    if (sc->split_heads) split_decode_items(S, L->heads, nthreads, sc->heads_from);
     return 0;
 }
 
@@ -173,6 +182,24 @@ static void attention_item(const strata_layer *L, const strata_step *S, const st
     const int64_t q_len = S->query_start_loc[s + 1] - S->query_start_loc[s];
     const int64_t ctx = S->seq_lens[s] - q_len + (t - S->query_start_loc[s]) + 1;
     strata_attend(cv, qr + t * q_size + kvh * groups * d, attn + t * q_size + kvh * groups * d, s, ctx, kvh, scores);
+}
+
+/* Query-head units [u0, u1) of a decode step (token t, head h at t * heads + h), rotated and
+ * written already: each KV head's share of them in one call, as attention_item makes it for all
+ * its heads (per head the same arithmetic: bit-identical). */
+static void attention_heads(const strata_layer *L, const strata_step *S, const step_scratch *sc,
+                            const strata_cache_view *cv, const float *qr, float *attn, int64_t u0, int64_t u1,
+                            float *scores) {
+    const int64_t d = L->head_dim, q_size = L->heads * d, groups = L->heads / L->kv_heads;
+    while (u0 < u1) {
+        const int64_t t = u0 / L->heads, h = u0 % L->heads, kvh = h / groups;
+        const int64_t n = (kvh + 1) * groups - h < u1 - u0 ? (kvh + 1) * groups - h : u1 - u0;
+        strata_cache_view some = *cv;
+        some.groups = n;
+        strata_attend(&some, qr + t * q_size + h * d, attn + t * q_size + h * d, sc->seq_of[t], S->seq_lens[sc->seq_of[t]],
+                      kvh, scores);
+        u0 += n;
+    }
 }
 
 /* Ask for the K and V cache rows this thread's decode items write (split_decode_items) with the
@@ -223,7 +250,13 @@ static void layer_stages(const strata_layer *L, const strata_step *S, float *kv_
      * in a stage of its own, since a prompt's tokens attend to each other's keys, and its items
      * shared out as they come. */
     float *scores = sc->scores + (int64_t)tid * sc->max_ctx * groups;
-    if (own_items) {
+    if (own_items && sc->split_heads) {
+        for (int64_t item = sc->items_from[tid]; item < sc->items_from[tid + 1]; item++)
+            rope_heads(L, S, qkv, qr, kv_cache, item / L->kv_heads, item % L->kv_heads, item % L->kv_heads + 1);
+        #pragma omp barrier
+        attention_heads(L, S, sc, &cv, qr, attn, sc->heads_from[tid], sc->heads_from[tid + 1], scores);
+        #pragma omp barrier
+    } else if (own_items) {
         for (int64_t item = sc->items_from[tid]; item < sc->items_from[tid + 1]; item++)
             attention_item(L, S, sc, &cv, qkv, qr, attn, kv_cache, item, scores);
         #pragma omp barrier

@@ -52,15 +52,17 @@ def test_single_stream_and_small_chunks_equal_reference(reference):
     assert _greedy(PROMPTS[3:4], max_num_batched_tokens=8, max_num_seqs=1) == reference[3:4]
 
 
-def test_fused_layer_is_bit_identical_to_the_module_path(monkeypatch):
+@pytest.mark.parametrize("prompts", [[PROMPTS[1], "Hi"], [PROMPTS[1]]], ids=["two", "one"])
+def test_fused_layer_is_bit_identical_to_the_module_path(monkeypatch, prompts):
     """One C call for all decoder layers computes exactly what the layers' modules compute with the
     same kernels: the same tokens and the same logprobs to the last bit. (Up to 16 tokens per
     step, the module path's matmuls are the same C row kernels; beyond, it multiplies through
-    torch's GEMM and only agrees to rounding.)"""
+    torch's GEMM and only agrees to rounding.) Two sequences: 13 + 1 prompt tokens in the first
+    step, then decode steps of 6 (token, KV head) attention items; one: 3 items, fewer than twice
+    the threads, so the stack splits the attention by query head instead."""
     from strata.layers import cpu_decoder
     llm = LLM(kv_cache_memory=1 << 26, use_tqdm_on_load=False, enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
-    prompts = [PROMPTS[1], "Hi"]            # 13 + 1 prompt tokens in the first step
     fused = llm.generate(prompts, params, use_tqdm=False)
     model = llm.llm_engine.executor.runner.model
     assert isinstance(model.layers[0].__dict__.get("_cpu_fused"), cpu_decoder.FusedDecoderLayer)
