@@ -56,8 +56,7 @@ class _Step(ctypes.Structure):
 def fused_cpu_layer(layer, hidden: torch.Tensor) -> FusedDecoderLayer | None:
     """The fused form of ``layer`` (a LlamaDecoderLayer) if it takes this step, else None. Built
     on first use, once the weights are final; a layer it cannot take is remembered as such."""
-    if (hidden.device.type != "cpu" or hidden.dtype != torch.float32 or hidden.shape[0] > MAX_FUSED_TOKENS
-            or use_triton(hidden)):   # STRATA_FORCE_TRITON: the Triton kernels under the interpreter
+    if hidden.dtype != torch.float32 or not _takes_step(hidden):
         return None
     fused = layer.__dict__.get("_cpu_fused")
     if fused is None:
@@ -258,26 +257,13 @@ class ModelEnds:
     def build(cls, embedding, norm) -> ModelEnds | None:
         from strata.layers.embedding import VocabParallelEmbedding
         from strata.layers.norm import RMSNorm
-        from strata.quant.gguf import Int4Segment, Int8Segment
         keep: list[torch.Tensor] = []
         try:
             _require(type(norm) is RMSNorm and norm.weight.dtype == torch.float32)
             _require(type(embedding) is VocabParallelEmbedding and embedding.tp_size == 1
                      and embedding.dtype == torch.float32)
-            table, hidden = embedding.packed, norm.weight.shape[0]
-            if table is None:
-                rows, q, s, group, kind = embedding.weight.shape[0], embedding.weight, None, 0, _F32
-                _require(embedding.weight.dtype == torch.float32)
-            elif isinstance(table, Int4Segment) and not table.on_triton:
-                rows, q, s, group, kind = table.qweight.shape[0], table.qweight, table.scale_min, 32, _W4
-            elif isinstance(table, Int8Segment) and not table.on_triton:
-                rows, q, s, kind = table.qweight.shape[0], table.qweight, table.scales, _W8
-                group = hidden // table.scales.shape[1]
-            else:
-                raise _Unsupported
-            _require(q.shape[-1] * (2 if kind == _W4 else 1) == hidden)
-            desc = _Ends(table=_Segment(kind=kind, n=rows, group=group, q=_ptr_of(q, keep),
-                                        s=_ptr_of(s, keep) if s is not None else None),
+            table = embedding.packed
+            desc = _Ends(table=_segment(table or embedding, norm.weight.shape[0], keep, dense=table is None),
                          final_norm=_ptr_of(norm.weight, keep), final_eps=norm.eps)
         except _Unsupported:
             return None
@@ -288,7 +274,7 @@ def fused_cpu_stack(model, layers, positions: torch.Tensor, carry) -> tuple | No
     """The carry after ``layers`` (a model's consecutive LlamaDecoderLayers) as one C call, or None
     where the step or a layer does not take the fused path (the layers then run one by one)."""
     hidden, residual = carry
-    if hidden.dtype != torch.float32 or not _takes_step(hidden, layers):
+    if not layers or hidden.dtype != torch.float32 or not _takes_step(hidden):
         return None
     stack = _stack(model, layers)
     return None if stack is None else stack(positions, hidden, residual)
@@ -299,7 +285,7 @@ def fused_cpu_model(model, input_ids: torch.Tensor, positions: torch.Tensor) -> 
     layer of ``model.layers``, ``model.norm``) as one C call, or None where the step, a layer, the
     embedding or the norm does not take it (the model then runs its parts one by one)."""
     layers = model.layers
-    if not _takes_step(input_ids, layers):
+    if not layers or not _takes_step(input_ids):
         return None
     ends = model.__dict__.get("_cpu_model_ends")
     if ends is None:
@@ -310,9 +296,11 @@ def fused_cpu_model(model, input_ids: torch.Tensor, positions: torch.Tensor) -> 
     return stack.run_model(ends, input_ids, positions)
 
 
-def _takes_step(x: torch.Tensor, layers) -> bool:
-    return (x.device.type == "cpu" and x.shape[0] <= MAX_FUSED_TOKENS and len(layers) > 0
-            and not use_triton(x))   # STRATA_FORCE_TRITON: the Triton kernels under the interpreter
+def _takes_step(x: torch.Tensor) -> bool:
+    """Whether a step of these tokens (x: its ids or hidden states) runs in C: on the CPU, up to
+    MAX_FUSED_TOKENS of them, and not on the Triton kernels (STRATA_FORCE_TRITON runs those under
+    the interpreter)."""
+    return x.device.type == "cpu" and x.shape[0] <= MAX_FUSED_TOKENS and not use_triton(x)
 
 
 def _stack(model, layers) -> FusedDecoderStack | None:
@@ -379,7 +367,7 @@ def _ptr_of(t: torch.Tensor, keep: list) -> int:
 def _linear(module, n: int, k: int, keep: list) -> _Linear:
     """The segments of a linear layer's weight, rows stacked, as cpu_decoder.c reads them."""
     from strata.quant.base import UnquantizedLinearMethod
-    from strata.quant.gguf import DenseSegment, Int4Segment, Int8Segment
+    from strata.quant.gguf import DenseSegment
     _require(getattr(module, "tp_size", 1) == 1 and module.out_features == n and module.in_features == k)
     bias = getattr(module, "bias", None)
     _require(bias is None or bias.dtype == torch.float32)
@@ -391,17 +379,24 @@ def _linear(module, n: int, k: int, keep: list) -> _Linear:
     _require(len(segments) <= _MAX_SEGMENTS)
     desc = _Linear(n=n, k=k, num_segments=len(segments), bias=_ptr_of(bias, keep) if bias is not None else None)
     for i, seg in enumerate(segments):
-        if isinstance(seg, Int4Segment) and not seg.on_triton:
-            rows, q, s, group, kind = seg.qweight.shape[0], seg.qweight, seg.scale_min, 32, _W4
-        elif isinstance(seg, Int8Segment):
-            rows, q, s, kind = seg.qweight.shape[0], seg.qweight, seg.scales, _W8
-            group = k // seg.scales.shape[1]
-        elif isinstance(seg, DenseSegment) or seg is module:
-            _require(seg.weight.dtype == torch.float32)
-            rows, q, s, group, kind = seg.weight.shape[0], seg.weight, None, 0, _F32
-        else:
-            raise _Unsupported
-        desc.seg[i] = _Segment(kind=kind, n=rows, group=group, q=_ptr_of(q, keep),
-                               s=_ptr_of(s, keep) if s is not None else None)
+        desc.seg[i] = _segment(seg, k, keep, dense=isinstance(seg, DenseSegment) or seg is module)
     _require(sum(desc.seg[i].n for i in range(len(segments))) == n)
     return desc
+
+
+def _segment(seg, k: int, keep: list, dense: bool) -> _Segment:
+    """Rows of W with k columns as cpu_decoder.c reads them: a packed 4-bit or grouped int8 segment
+    on the CPU kernels, or (dense) a module whose float32 ``weight`` is W."""
+    from strata.quant.gguf import Int4Segment, Int8Segment
+    if isinstance(seg, Int4Segment) and not seg.on_triton:
+        rows, q, s, group, kind = seg.qweight.shape[0], seg.qweight, seg.scale_min, 32, _W4
+    elif isinstance(seg, Int8Segment) and not seg.on_triton:
+        rows, q, s, kind = seg.qweight.shape[0], seg.qweight, seg.scales, _W8
+        group = k // seg.scales.shape[1]
+    elif dense:
+        _require(seg.weight.dtype == torch.float32)
+        rows, q, s, group, kind = seg.weight.shape[0], seg.weight, None, 0, _F32
+    else:
+        raise _Unsupported
+    _require(q.shape[-1] * (2 if kind == _W4 else 1) == k)
+    return _Segment(kind=kind, n=rows, group=group, q=_ptr_of(q, keep), s=_ptr_of(s, keep) if s is not None else None)

@@ -145,21 +145,22 @@ class MetadataCache:
     """
 
     def __init__(self):
-        self._key: tuple | None = None
+        self._key: tuple | None = None            # None: the last metadata is not to be reused
+        self._params: list[SamplingParams] = []
         self._metadata: SamplingMetadata | None = None
 
     def get(self, rows: list[SamplingRow], vocab_size: int, device,
             device_tokens: torch.Tensor | None = None) -> SamplingMetadata:
         device = torch.device(device)
         kernel = kernel_path(device)
-        key = None
+        key, params = None, [row.params for row in rows]
         if all(_repeatable(row, kernel) for row in rows):
-            key = (vocab_size, device, tuple(row.params for row in rows),
-                   tuple(bool(row.min_tokens_mask) for row in rows))
-            if self._key is not None and _same(key, self._key):
+            key = (vocab_size, device, tuple(bool(row.min_tokens_mask) for row in rows))
+            if key == self._key and len(params) == len(self._params) and all(
+                    a is b for a, b in zip(params, self._params)):   # a params object never changes
                 return self._metadata
         metadata = SamplingMetadata.from_rows(rows, vocab_size, device, device_tokens)
-        self._key, self._metadata = key, metadata
+        self._key, self._params, self._metadata = key, params, metadata
         return metadata
 
 
@@ -169,12 +170,6 @@ def _repeatable(row: SamplingRow, kernel: bool) -> bool:
         return False
     greedy = p.temperature < SAMPLING_EPS
     return greedy or (not kernel and row.generator is None and row.seed is None)
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    """Keys equal, the params compared by identity (a params object's fields do not change)."""
-    return (a[0] == b[0] and a[1] == b[1] and a[3] == b[3] and len(a[2]) == len(b[2])
-            and all(x is y for x, y in zip(a[2], b[2])))
 
 
 def kernel_path(device: torch.device) -> bool:
