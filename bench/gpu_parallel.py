@@ -15,13 +15,16 @@ startup line printed for each engine says which). For each TP size, one engine a
    CUDA graphs with the all-reduces inside).
 2. decode: batch 1, 128-token prompt, ``--decode-new`` new tokens (EOS ignored), tok/s after
    the first token; median of 3. At TP>1 also with ``all_reduce="nccl"`` (a second engine,
-   decode only; ``--no-compare-nccl`` skips it).
+   decode only; ``--no-compare-nccl`` skips it) and without the fused all-reduce + RMSNorm
+   (``STRATA_FUSED_NORM=0``: separate all-reduce and norm kernels; ``--no-compare-unfused``).
 3. offline: the GPU issue's fixed set (gpu_llama8b.py): ``--num-requests`` requests of 256 random
    prompt tokens and 256 new tokens in one ``llm.generate``; total tok/s, and per GPU.
 4. all-reduce: every rank times all-reduces of [tokens, 4096] bf16 (1 token: a batch-1 decode
    step; 64 and 256: decode steps of the offline set; 2048: a prompt chunk) through NCCL and through
    symmetric memory side by side, eagerly and replayed from a CUDA graph of one step's worth
    (2 per layer + 1 for the vocab-parallel embedding); per step, the time of the slowest rank.
+   Where the fused all-reduce + RMSNorm takes the size, as many of those against as many
+   symmetric-memory all-reduces each followed by the norm kernel.
 5. greedy check (parallel_check.py; ``--no-check`` skips it): on one random checkpoint (8B layer
    shape, 2 layers), TP=N vs TP=1 tokens in float32, and symmetric memory vs NCCL in bfloat16.
 6. with ``--auto-throughput``: the engine ``parallel="auto", goal="throughput"`` builds on all the
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -120,7 +124,22 @@ def measure_in_child(config: str) -> dict | None:
     return found[0]
 
 
-def start_engine(args, path: Path, config: str, enforce_eager: bool, all_reduce: str = "auto"):
+def start_engine(args, path: Path, config: str, enforce_eager: bool, all_reduce: str = "auto",
+                 env: dict | None = None):
+    """The engine, and its start time; ``env`` is set while it starts (its workers inherit it)."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        return _start_engine(args, path, config, enforce_eager, all_reduce)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _start_engine(args, path: Path, config: str, enforce_eager: bool, all_reduce: str):
     from strata import LLM, SamplingParams
     t0 = time.perf_counter()
     layout = (dict(parallel="auto", goal="throughput") if config == AUTO
@@ -162,13 +181,18 @@ def measure(args, path: Path, config: str, enforce_eager: bool) -> dict:
     from strata import SamplingParams
     name = label(config)
     out: dict = {"config": config, "eager": enforce_eager}
-    if config not in ("1", AUTO) and args.compare_nccl:   # first: the default engine's figures follow its start line
+    # First the comparison engines (decode only): the default engine's figures follow its start line.
+    variants = [("nccl", "all_reduce=nccl", dict(all_reduce="nccl"), args.compare_nccl),
+                ("unfused", "STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), args.compare_unfused)]
+    for key, what, kw, wanted in variants:
+        if config in ("1", AUTO) or not wanted:
+            continue
         try:
-            llm, _ = start_engine(args, path, config, enforce_eager, all_reduce="nccl")
-            out["decode_tok_s_nccl"] = decode_rate(args, llm, f"{name} all_reduce=nccl")
+            llm, _ = start_engine(args, path, config, enforce_eager, **kw)
+            out[f"decode_tok_s_{key}"] = decode_rate(args, llm, f"{name} {what}")
             shutdown(llm)
         except Exception as e:   # the default engine's figures still come
-            print(f"{name} all_reduce=nccl failed: {type(e).__name__}: {e}", flush=True)
+            print(f"{name} {what} failed: {type(e).__name__}: {e}", flush=True)
     llm, out["start_s"] = start_engine(args, path, config, enforce_eager)
     out["startup"] = llm.llm_engine.describe()
     tp, gpus = gpus_used(llm.llm_engine)
@@ -200,10 +224,13 @@ def measure(args, path: Path, config: str, enforce_eager: bool) -> dict:
     return out
 
 
+PATHS = ("nccl", "symm_mem", "symm_mem_norm", "fused_norm")   # comm_timing.time_all_reduce_step's
+
+
 def slowest(rows: list[dict]) -> dict:
     """Per path (nccl, symm_mem) and step, the slowest rank's time (NaN where a rank has none)."""
     out = {"ops_per_step": rows[0]["ops_per_step"], "used": rows[0]["used"]}
-    for path in ("nccl", "symm_mem"):
+    for path in PATHS:
         if not all(path in row for row in rows):
             continue
         timing = {}
@@ -220,17 +247,19 @@ def slowest(rows: list[dict]) -> dict:
 def report(results: list[dict], meta: dict) -> None:
     print(f"\n{meta}")
     base = next((r for r in results if r["config"] == "1"), None)
-    print("| layout | GPUs | start s | batch-1 decode tok/s | vs TP=1 | with NCCL all-reduce | offline tok/s "
-          "| per GPU | per GPU vs TP=1 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| layout | GPUs | start s | batch-1 decode tok/s | vs TP=1 | with NCCL all-reduce "
+          "| without the fused norm | offline tok/s | per GPU | per GPU vs TP=1 |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
         thr = f"{r['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%}" if base else ""
         nccl = f"{r['decode_tok_s_nccl']:.1f}" if "decode_tok_s_nccl" in r else ""
+        unfused = f"{r['decode_tok_s_unfused']:.1f}" if "decode_tok_s_unfused" in r else ""
         what = f"TP={r['tp']}" if r["replicas"] == 1 else f"{r['replicas']} data-parallel x TP={r['tp']}"
         if r["config"] == AUTO:
             what = f"parallel=auto, throughput: {what}"
         print(f"| {what}{' (eager)' if r['eager'] else ''} | {r['gpus']} | {r['start_s']:.0f} "
-              f"| {r['decode_tok_s']:.1f} | {dec} | {nccl} | {r['offline_tok_s']:.0f} "
+              f"| {r['decode_tok_s']:.1f} | {dec} | {nccl} | {unfused} | {r['offline_tok_s']:.0f} "
               f"| {r['offline_tok_s_per_gpu']:.0f} | {thr} |")
     report_all_reduce(results)
     two = next((r for r in results if r["config"] == "2"), None)
@@ -251,17 +280,19 @@ def report_all_reduce(results: list[dict]) -> None:
     if not rows:
         return
     print("\n| TP | tokens | all-reduces/step | used by the model | NCCL eager | NCCL graph "
-          "| symm-mem eager | symm-mem graph | graph: NCCL / symm-mem |\n|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+          "| symm-mem eager | symm-mem graph | graph: NCCL / symm-mem | symm-mem + norm graph | fused graph |\n"
+          "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     nan = float("nan")
     for r in rows:
         for tokens, ar in r["all_reduce"].items():
             n, s = ar.get("nccl", {}), ar.get("symm_mem", {})
+            sn, fn = ar.get("symm_mem_norm", {}), ar.get("fused_norm", {})
             ratio = n.get("graph_ms", nan) / s.get("graph_ms", nan) if s else nan
             err = " ".join(f"({p} graph: {a['graph_error'][:60]})" for p, a in (("nccl", n), ("symm", s))
                            if "graph_error" in a)
             print(f"| {r['tp']} | {tokens} | {ar['ops_per_step']} | {ar['used']} | {n.get('eager_ms', nan):.3f} "
                   f"| {n.get('graph_ms', nan):.3f} | {s.get('eager_ms', nan):.3f} | {s.get('graph_ms', nan):.3f} "
-                  f"| {ratio:.2f}x {err}|")
+                  f"| {ratio:.2f}x {err}| {sn.get('graph_ms', nan):.3f} | {fn.get('graph_ms', nan):.3f} |")
 
 
 def main() -> None:
@@ -281,6 +312,8 @@ def main() -> None:
                              "default on GPUs)")
     parser.add_argument("--compare-nccl", action=argparse.BooleanOptionalAction, default=True,
                         help="at TP>1 also measure batch-1 decode with all_reduce='nccl' (a second engine)")
+    parser.add_argument("--compare-unfused", action=argparse.BooleanOptionalAction, default=True,
+                        help="at TP>1 also measure batch-1 decode without the fused all-reduce + RMSNorm")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="greedy tokens of TP>1 vs TP=1 (float32) and symmetric memory vs NCCL "
                              "(bfloat16) on one random checkpoint (parallel_check.py)")

@@ -102,13 +102,15 @@ def init_distributed(rank: int, tp_size: int, pp_size: int, backend: str, init_m
     return groups
 
 
-def init_all_reduce(device, dtype, mode: str = "auto"):
+def init_all_reduce(device, dtype, mode: str = "auto", hidden_size: int | None = None):
     """Choose how this rank's tensor-parallel group sums (every rank calls this together, before
-    the model runs): symmetric memory for small messages where it works, else NCCL/gloo."""
+    the model runs): symmetric memory for small messages where it works, else NCCL/gloo. With
+    the model's hidden size, sums that feed an RMSNorm may fuse with it (all_reduce_rms_norm)."""
     from strata.distributed.symm_all_reduce import AllReduceChoice, select_all_reduce
     if _groups.tp_size == 1:
         return AllReduceChoice("none", "one tensor-parallel rank")
-    choice = select_all_reduce(_groups.tp_group, _groups.world_group, device, dtype, _groups.tp_size, mode)
+    choice = select_all_reduce(_groups.tp_group, _groups.world_group, device, dtype, _groups.tp_size, mode,
+                               hidden_size)
     init_parallel_groups(dataclasses.replace(_groups, fast_all_reduce=choice.impl))
     return choice
 
@@ -124,6 +126,28 @@ def tensor_model_parallel_all_reduce(x):
     import torch.distributed as dist
     dist.all_reduce(x, group=_groups.tp_group)
     return x
+
+
+def sums_in_norms() -> bool:
+    """Whether a model's row-parallel projections leave their tensor-parallel sums to the RMSNorm
+    that follows each (at TP>1): the post-attention norm sums o_proj's shares, the next layer's
+    input norm (or the final norm) the MLP's, and one fused all-reduce + residual + norm kernel
+    replaces an all-reduce and a norm twice a layer where symmetric memory allows it. Between
+    layers the carry's hidden state is then this rank's share of the sum wherever a residual is
+    there too (the first layer's input, from the embedding, is whole). Pipeline stages pass
+    shares on as they are: rank r of the next stage gets rank r's, and its group sums them."""
+    return _groups.tp_size > 1
+
+
+def all_reduce_rms_norm(x, residual, weight, eps: float):
+    """``(norm(sum + residual), sum + residual)`` in one kernel, where sum is x summed over the
+    tensor-parallel ranks, or None where no fused kernel takes x (then the caller sums and
+    normalises apart)."""
+    fast = _groups.fast_all_reduce
+    fused = fast.norm if fast is not None else None
+    if fused is None or not fused.can_run(x):
+        return None
+    return fused(x, residual, weight, eps)
 
 
 def tensor_model_parallel_all_reduce_max(x):

@@ -15,6 +15,11 @@ The buffer is allocated and exchanged once, before any CUDA graph is captured; a
 copies its input into the buffer (inside the one-shot kernel where torch has that op), reduces,
 and writes a new output tensor. All of it is capturable.
 
+Where the sum feeds an RMSNorm (the decoder layers' row-parallel projections, see
+strata.layers.norm.RMSNorm's ``partial``), a second buffer serves strata's own kernel that sums,
+adds the residual and normalises in one launch (strata.kernels.all_reduce_norm), for up to
+``SymmMemNorm.max_rows`` rows; ``STRATA_FUSED_NORM=0`` turns it off (comparisons).
+
 ``select_all_reduce`` decides on every rank of the tensor-parallel group together (the ranks
 agree through the gloo group, so none waits in a rendezvous its peers skipped) and says why it
 chose what it chose. Any missing piece (CPU, a dtype or group size the kernels lack, no peer
@@ -54,8 +59,10 @@ class AllReduceChoice:
 
     def describe(self) -> str:
         if self.kind == "symm_mem":
+            fused = self.impl.norm
+            fused = f"; fused with the next RMSNorm up to {fused.max_rows} rows" if fused is not None else ""
             return (f"all-reduce: symmetric memory (one-shot up to {_size(self.impl.one_shot_max_bytes)}, "
-                    f"two-shot up to {_size(self.impl.max_bytes)}, NCCL above)")
+                    f"two-shot up to {_size(self.impl.max_bytes)}, NCCL above{fused})")
         return f"all-reduce: {self.kind.upper()} ({self.reason})"
 
 
@@ -63,35 +70,49 @@ def _size(nbytes: int) -> str:
     return f"{nbytes // 2**20} MiB" if nbytes % 2**20 == 0 else f"{nbytes // 2**10} KiB"
 
 
+def _symmetric(group, device: torch.device, numel: int, dtype: torch.dtype):
+    """A buffer every rank of ``group`` maps, and its handle (zeroed on every rank before any
+    rank returns: the rendezvous waits for all of them)."""
+    import torch.distributed._symmetric_memory as symm_mem
+    group_name = group.group_name
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:   # needed by older torch, a deprecated no-op by newer ones
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            enable(group_name)
+    set_backend = getattr(symm_mem, "set_backend", None)
+    if set_backend is not None:   # CUDA IPC, not NVSHMEM: peers on this host over NVLink
+        try:
+            set_backend("CUDA")
+        except Exception:   # already chosen by an earlier allocation in this process
+            pass
+    buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+    buffer.zero_()
+    torch.cuda.synchronize(device)
+    try:
+        handle = symm_mem.rendezvous(buffer, group_name)
+    except TypeError:   # torch versions whose rendezvous takes the group object
+        handle = symm_mem.rendezvous(buffer, group)
+    if getattr(handle, "world_size", group.size()) != group.size():
+        raise RuntimeError(f"rendezvous joined {handle.world_size} ranks, the group has {group.size()}")
+    if getattr(handle, "multicast_ptr", 0):   # the environment should have prevented it
+        raise RuntimeError("the symmetric buffer got an NVLink multicast mapping; strata never uses one")
+    return buffer, handle
+
+
 class SymmMemAllReduce:
-    """One symmetric buffer of ``max_bytes`` for one dtype and one tensor-parallel group."""
+    """One symmetric buffer of ``max_bytes`` for one dtype and one tensor-parallel group (and,
+    given the model's hidden size, the fused all-reduce + RMSNorm's own, ``norm``)."""
 
     def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = MAX_BYTES,
-                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES):
-        import torch.distributed._symmetric_memory as symm_mem
+                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES, hidden_size: int | None = None):
         self.group_name = group.group_name
         self.device, self.dtype = device, dtype
         self.max_bytes, self.one_shot_max_bytes = max_bytes, min(one_shot_max_bytes, max_bytes)
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:   # needed by older torch, a deprecated no-op by newer ones
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                enable(self.group_name)
-        set_backend = getattr(symm_mem, "set_backend", None)
-        if set_backend is not None:   # CUDA IPC, not NVSHMEM: peers on this host over NVLink
-            try:
-                set_backend("CUDA")
-            except Exception:   # already chosen by an earlier allocation in this process
-                pass
-        self.buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=device)  # [max elements]
-        try:
-            handle = symm_mem.rendezvous(self.buffer, self.group_name)
-        except TypeError:   # torch versions whose rendezvous takes the group object
-            handle = symm_mem.rendezvous(self.buffer, group)
-        if getattr(handle, "world_size", group.size()) != group.size():
-            raise RuntimeError(f"rendezvous joined {handle.world_size} ranks, the group has {group.size()}")
-        if getattr(handle, "multicast_ptr", 0):   # the environment should have prevented it
-            raise RuntimeError("the symmetric buffer got an NVLink multicast mapping; strata never uses one")
+        self.buffer, _ = _symmetric(group, device, max_bytes // dtype.itemsize, dtype)   # [max elements]
+        self.norm = None
+        if hidden_size is not None and os.environ.get("STRATA_FUSED_NORM", "1") != "0":
+            self.norm = SymmMemNorm(group, device, dtype, hidden_size, self.one_shot_max_bytes)
         ops = torch.ops.symm_mem
         self._copy_out = getattr(ops, "one_shot_all_reduce_copy_out", None)
         self._one_shot_out = ops.one_shot_all_reduce_out
@@ -125,6 +146,42 @@ class SymmMemAllReduce:
             self._two_shot_inplace(staged, "sum", self.group_name)
             out.view(-1).copy_(staged)
         return out
+
+
+class SymmMemNorm:
+    """The symmetric buffer and row counters of strata.kernels.all_reduce_norm for one hidden
+    size: RMSNorm of the group's sum of x (plus a residual) in one kernel, for up to
+    ``max_rows`` rows (as many as one-shot's byte limit holds)."""
+
+    def __init__(self, group, device: torch.device, dtype: torch.dtype, hidden_size: int, max_bytes: int):
+        from strata.kernels.all_reduce_norm import MAX_COLS, block_for, flags_bytes
+        import torch.distributed as dist
+        if hidden_size > MAX_COLS:
+            raise ValueError(f"the fused all-reduce + RMSNorm takes rows of up to {MAX_COLS}, not {hidden_size}")
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.rank, self.world = dist.get_rank(group), group.size()
+        row_bytes = block_for(hidden_size) * dtype.itemsize
+        self.max_rows = max(1, min(64, max_bytes // row_bytes))
+        self.flags_offset = 2 * self.max_rows * row_bytes
+        self.buffer, handle = _symmetric(group, device, self.flags_offset + flags_bytes(self.max_rows, self.world),
+                                         torch.uint8)
+        # Every rank's buffer as mapped here (the handle's allocation, plus where in it the tensor starts).
+        bases = [ptr + getattr(handle, "offset", 0) for ptr in handle.buffer_ptrs]
+        if bases[self.rank] != self.buffer.data_ptr():
+            raise RuntimeError("the symmetric buffer's peer addresses do not include this rank's own")
+        self.bases = torch.tensor(bases, dtype=torch.int64, device=device)
+        self.uses = torch.zeros(self.max_rows, dtype=torch.int32, device=device)
+
+    def can_run(self, x: torch.Tensor) -> bool:
+        return (x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden_size
+                and x.dtype == self.dtype and x.device == self.device and x.stride(1) == 1)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+        """(RMSNorm of the group's sum of x plus residual, that sum plus residual)."""
+        from strata.kernels.all_reduce_norm import all_reduce_rms_norm
+        return all_reduce_rms_norm(x, residual, weight, eps, bases=self.bases, uses=self.uses,
+                                   flags_offset=self.flags_offset, max_rows=self.max_rows,
+                                   rank=self.rank, world=self.world)
 
 
 def requested_mode(mode: str) -> str:
@@ -193,7 +250,7 @@ def agree(reason: str | None, group, world_group) -> str | None:
 
 
 def select_all_reduce(group, world_group, device: torch.device, dtype: torch.dtype, tp_size: int,
-                      mode: str = "auto") -> AllReduceChoice:
+                      mode: str = "auto", hidden_size: int | None = None) -> AllReduceChoice:
     """Every rank calls this at the same point (before the model runs any step)."""
     if device.type != "cuda":
         return AllReduceChoice("gloo", "CPU ranks")
@@ -204,7 +261,7 @@ def select_all_reduce(group, world_group, device: torch.device, dtype: torch.dty
     impl = None
     if reason is None:
         try:
-            impl = SymmMemAllReduce(group, device, dtype)
+            impl = SymmMemAllReduce(group, device, dtype, hidden_size=hidden_size)
             reason = self_test(impl, group, device, dtype)
         except Exception as e:   # any failure here means NCCL, never a broken engine
             reason = f"symmetric memory setup failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -228,4 +285,28 @@ def self_test(impl: SymmMemAllReduce, group, device: torch.device, dtype: torch.
         torch.cuda.synchronize(device)
         if not torch.equal(got, want):
             return f"self-test of a {nbytes}-byte all-reduce disagreed with NCCL"
+    if impl.norm is not None:
+        return self_test_norm(impl.norm, group, device, dtype)
+    return None
+
+
+def self_test_norm(fused: SymmMemNorm, group, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The fused all-reduce + RMSNorm against NCCL's sum and the separate norm kernel, on
+    partials whose sums are exact, at one row and at the most rows, twice each (both halves of
+    each row slot)."""
+    import torch.distributed as dist
+    from strata.kernels.norm import rms_norm
+    g = torch.Generator(device="cpu").manual_seed(1234 + dist.get_rank(group))   # partials differ per rank
+    shared = torch.Generator(device="cpu").manual_seed(99)                      # the rest is the same
+    weight = (torch.randint(-64, 64, (fused.hidden_size,), generator=shared) / 16).to(device, dtype)
+    for rows in (1, fused.max_rows, 1, fused.max_rows):
+        x = (torch.randint(-64, 64, (rows, fused.hidden_size), generator=g) / 16).to(device, dtype)
+        residual = (torch.randint(-64, 64, (rows, fused.hidden_size), generator=shared) / 16).to(device, dtype)
+        total = x.clone()
+        dist.all_reduce(total, group=group)
+        want, want_residual = rms_norm(total, weight, 1e-5, residual)
+        got, got_residual = fused(x, residual, weight, 1e-5)
+        torch.cuda.synchronize(device)
+        if not (torch.equal(got, want) and torch.equal(got_residual, want_residual)):
+            return f"self-test of the fused all-reduce + RMSNorm at {rows} rows disagreed with NCCL + rms_norm"
     return None

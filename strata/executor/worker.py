@@ -74,7 +74,8 @@ class Worker:
         groups = ps.get_groups()
         check_parallel_fit(self.model_config, groups.tp_size, groups.pp_size)
         # Before the model is built: its buffers for the all-reduce exist before any graph capture.
-        self.all_reduce = ps.init_all_reduce(device, self.model_config.dtype, args.all_reduce)
+        self.all_reduce = ps.init_all_reduce(device, self.model_config.dtype, args.all_reduce,
+                                             self.model_config.hidden_size)
         quant_config = QuantConfig(args.quantization, args.quantization_group_size)
         offload = offload_config is not None and offload_config.enabled
         self.max_num_batched_tokens = batched_tokens_for(args, device)

@@ -1,6 +1,8 @@
 """Normalisation layers. ``RMSNorm(x, residual)`` adds the residual first and returns the new
 residual too; on CUDA the add and the norm run as one fused Triton kernel, on the CPU (float32)
-as one C kernel (strata.kernels.cpu_ops)."""
+as one C kernel (strata.kernels.cpu_ops). ``RMSNorm(x, residual, partial=True)`` first sums x
+over the tensor-parallel ranks (x is a row-parallel projection's unreduced share): in the same
+kernel where symmetric memory allows it (strata.kernels.all_reduce_norm)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strata.distributed import parallel_state as ps
 from strata.kernels import cpu_ops, use_triton
 
 
@@ -23,7 +26,12 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False):
+        if partial:
+            fused = ps.all_reduce_rms_norm(x, residual, self.weight, self.eps)
+            if fused is not None:
+                return fused if residual is not None else fused[0]
+            x = ps.tensor_model_parallel_all_reduce(x)
         if use_triton(x):
             from strata.kernels.norm import rms_norm
             return rms_norm(x, self.weight, self.eps, residual)
@@ -46,7 +54,12 @@ class LayerNorm(nn.Module):
             self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
             self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False):
+        if partial:
+            fused = ps.all_reduce_rms_norm(x, residual, self.weight, self.eps)
+            if fused is not None:
+                return fused if residual is not None else fused[0]
+            x = ps.tensor_model_parallel_all_reduce(x)
         if use_triton(x):
             from strata.kernels.norm import layer_norm
             return layer_norm(x, self.weight, self.bias, self.eps, residual)

@@ -1,6 +1,6 @@
 """Llama and its close relatives (Mistral, SmolLM2; Qwen2's q/k/v bias and Qwen3's q/k norms
 are switches on the same blocks). Composed from shared layers; no kernels, no quantization and
-no parallel logic here."""
+no parallel logic here beyond one switch: where the tensor-parallel sums are taken."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from strata.config import ModelConfig
+from strata.distributed import parallel_state as ps
 from strata.distributed.pipeline import make_layers, stage_holds_vocab
 from strata.layers.activation import SiluAndMul
 from strata.layers.attention import Attention
@@ -24,7 +25,8 @@ from strata.quant.base import QuantMethod
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, quant: QuantMethod | None, qk_norm: bool):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, quant: QuantMethod | None, qk_norm: bool,
+                 reduce_results: bool = True):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
@@ -34,7 +36,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False,
-                                        dtype=cfg.dtype, quant_method=quant)
+                                        dtype=cfg.dtype, quant_method=quant, reduce_results=reduce_results)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                           cfg.rope_scaling)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.dtype) if qk_norm else None
@@ -56,14 +58,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantMethod | None):
+    def __init__(self, cfg: ModelConfig, quant: QuantMethod | None, reduce_results: bool = True):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"Llama-style MLP expects hidden_act 'silu', got {cfg.hidden_act!r}")
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
                                                        bias=False, dtype=cfg.dtype, quant_method=quant)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False,
-                                           dtype=cfg.dtype, quant_method=quant)
+                                           dtype=cfg.dtype, quant_method=quant, reduce_results=reduce_results)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,36 +75,37 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, quant: QuantMethod | None, qk_norm: bool):
         super().__init__()
+        # At TP>1 the row-parallel projections leave their sums to the norm after them (the
+        # carry's hidden is then this rank's share of the sum: parallel_state.sums_in_norms).
+        self.partial = ps.sums_in_norms()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = LlamaAttention(cfg, layer_idx, quant, qk_norm)
+        self.self_attn = LlamaAttention(cfg, layer_idx, quant, qk_norm, reduce_results=not self.partial)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.mlp = LlamaMLP(cfg, quant)
+        self.mlp = LlamaMLP(cfg, quant, reduce_results=not self.partial)
 
     def forward(self, positions, hidden, residual):
         fused = fused_cpu_layer(self, hidden)   # the same layer as one C call, where it applies
         if fused is not None:
             return fused(positions, hidden, residual)
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.norm_input(hidden, residual)
         hidden = self.self_attn(positions, hidden)
         return self.after_attention(hidden, residual)
+
+    def norm_input(self, hidden, residual):
+        """The input norm of the carry: (normalised hidden, residual)."""
+        if residual is None:
+            return self.input_layernorm(hidden), hidden
+        return self.input_layernorm(hidden, residual, partial=self.partial)
 
     def before_attention(self, hidden, residual):
         """The layer up to attention: (q, k, v, residual) (the offload loop's split, which lets
         a host-tier attention run while other micro-batches compute)."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.norm_input(hidden, residual)
         return (*self.self_attn.qkv(hidden), residual)
 
     def after_attention(self, hidden, residual):
         """From the attention's projected output [n, hidden] to the carry (hidden, residual)."""
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, partial=self.partial)
         return self.mlp(hidden), residual
 
 
@@ -159,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
             lambda out: layer.after_attention(layer.self_attn.o_proj(out), residual)
 
     def finish(self, carry: Carry) -> torch.Tensor:
-        hidden, _ = self.norm(*carry)
+        hidden, _ = self.norm(*carry, partial=ps.sums_in_norms())
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

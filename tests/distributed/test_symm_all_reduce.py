@@ -80,7 +80,7 @@ class FakeGroup:
 
 def test_a_peer_obstacle_sends_the_whole_group_to_nccl(monkeypatch):
     FakeGroup(monkeypatch, ["GPU 1 has no peer-to-peer access to GPU 0"])
-    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a: pytest.fail("must not allocate"))
+    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a, **k: pytest.fail("must not allocate"))
     monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
     choice = sar.select_all_reduce(None, None, CUDA0, torch.bfloat16, 2)
     assert choice.kind == "nccl" and choice.impl is None
@@ -92,7 +92,7 @@ def test_a_setup_error_falls_back_to_nccl(monkeypatch):
     FakeGroup(monkeypatch, [None, None])
     monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("CUDA driver does not support IPC\nmore lines")
 
     monkeypatch.setattr(sar, "SymmMemAllReduce", broken)
@@ -104,7 +104,7 @@ def test_a_setup_error_falls_back_to_nccl(monkeypatch):
 def test_a_failed_self_test_on_a_peer_falls_back_to_nccl(monkeypatch):
     FakeGroup(monkeypatch, [None, "self-test of a 1024-byte all-reduce disagreed with NCCL"])
     monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
-    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a: object())
+    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a, **k: object())
     monkeypatch.setattr(sar, "self_test", lambda *a: None)
     choice = sar.select_all_reduce(None, None, CUDA0, torch.bfloat16, 2)
     assert choice.kind == "nccl" and choice.reason.startswith("rank 1: self-test")
@@ -115,11 +115,17 @@ def test_everything_in_place_chooses_symmetric_memory(monkeypatch):
     monkeypatch.delenv("STRATA_ALL_REDUCE", raising=False)
     impl = sar.SymmMemAllReduce.__new__(sar.SymmMemAllReduce)
     impl.max_bytes, impl.one_shot_max_bytes = sar.MAX_BYTES, sar.ONE_SHOT_MAX_BYTES
-    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a: impl)
+    impl.norm = None
+    built = []
+    monkeypatch.setattr(sar, "SymmMemAllReduce", lambda *a, **k: built.append(k) or impl)
     monkeypatch.setattr(sar, "self_test", lambda *a: None)
-    choice = sar.select_all_reduce(None, None, CUDA0, torch.bfloat16, 2)
+    choice = sar.select_all_reduce(None, None, CUDA0, torch.bfloat16, 2, hidden_size=4096)
+    assert built == [{"hidden_size": 4096}]
     assert choice.kind == "symm_mem" and choice.impl is impl
-    assert "one-shot up to 256 KiB, two-shot up to 8 MiB, NCCL above" in choice.describe()
+    assert choice.describe().endswith("one-shot up to 256 KiB, two-shot up to 8 MiB, NCCL above)")
+    impl.norm = sar.SymmMemNorm.__new__(sar.SymmMemNorm)
+    impl.norm.max_rows = 32
+    assert choice.describe().endswith("NCCL above; fused with the next RMSNorm up to 32 rows)")
 
 
 def test_which_messages_take_the_symmetric_buffer():

@@ -1,0 +1,63 @@
+"""One rank of test_all_reduce_norm's multi-process run, as a script:
+``python all_reduce_norm_rank.py RANK WORLD FOLDER DTYPE N_COLS MAX_ROWS SLOW_RANK``.
+
+Every rank maps every rank's "symmetric buffer" (a file in FOLDER, shared memory) and runs
+the kernel in Triton's interpreter on the calls of ``calls()``; the sums meet through the
+buffers and flags alone. SLOW_RANK sleeps before each call, so the others wait in the kernel's
+barrier. The outputs go to FOLDER/out{RANK}.pt.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import conftest  # noqa: E402,F401  (the interpreter fixes)
+import torch  # noqa: E402
+
+from strata.kernels.all_reduce_norm import all_reduce_rms_norm, block_for, flags_bytes  # noqa: E402
+
+EPS = 1e-5
+
+
+def calls(world: int, n_cols: int, max_rows: int, dtype: torch.dtype):
+    """(rows, every rank's partial x, residual or None, weight) of each call, the same in every
+    process. Values are multiples of 1/8 below 32, so the sums are exact in every dtype."""
+    g = torch.Generator().manual_seed(0)
+
+    def small(*shape):
+        return (torch.randint(-96, 96, shape, generator=g) / 8).to(dtype)
+
+    weight = small(n_cols)
+    for i, rows in enumerate([1, max_rows, 1, 2, max_rows, 1, 2, 1]):
+        parts = [small(rows, n_cols) for _ in range(world)]
+        residual = None if i == 3 else small(rows, n_cols)
+        yield rows, parts, residual, weight
+
+
+def main():
+    rank, world, folder, dtype_name, n_cols, max_rows, slow = sys.argv[1:]
+    rank, world, n_cols, max_rows, slow = int(rank), int(world), int(n_cols), int(max_rows), int(slow)
+    dtype = getattr(torch, dtype_name)
+    flags_offset = 2 * max_rows * block_for(n_cols) * dtype.itemsize
+    size = flags_offset + flags_bytes(max_rows, world)
+    buffers = [torch.from_file(f"{folder}/buf{r}", shared=True, size=size, dtype=torch.uint8) for r in range(world)]
+    bases = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    uses = torch.zeros(max_rows, dtype=torch.int32)
+    outs = []
+    for rows, parts, residual, weight in calls(world, n_cols, max_rows, dtype):
+        if rank == slow:
+            time.sleep(0.3)
+        out, new_residual = all_reduce_rms_norm(parts[rank], residual, weight, EPS, bases=bases, uses=uses,
+                                                flags_offset=flags_offset, max_rows=max_rows,
+                                                rank=rank, world=world)
+        outs.append((out, new_residual))
+    torch.save({"outs": outs, "uses": uses, "flags": buffers[rank][flags_offset:].view(torch.int32)},
+               f"{folder}/out{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
