@@ -215,7 +215,7 @@ def _all_reduce_rank(rank: int, tp: int, init_method: str, token_counts: tuple, 
             torch.cuda.set_device(rank)
             device, dtype, backend = torch.device("cuda", rank), torch.bfloat16, "nccl"
         ps.init_distributed(rank, tp, 1, backend, init_method, 120.0)
-        choice = ps.init_all_reduce(device, dtype, "auto")
+        choice = ps.init_all_reduce(device, dtype, "auto", hidden)
         with torch.inference_mode():
             timing = {n: time_all_reduce_step(n, hidden, dtype, device, 65) for n in token_counts}
         queue.put((rank, {"choice": choice.describe(), "timing": timing}))
