@@ -1,6 +1,7 @@
 """Tile sweep for strata's decode matmul (strata.kernels.skinny_matmul) against cuBLAS.
 
-For each weight shape of a Llama-3.1-8B layer (q/k/v, o_proj, gate/up, down) and each batch of 1-16 rows, times every candidate tile shape and
+For each weight shape of a Llama-3.1-8B layer (q/k/v, o_proj, gate/up, down; ``*_tp2``: one rank's
+share at tensor parallel 2) and each batch of 1-16 rows, times every candidate tile shape and
 cuBLAS (F.linear) in CUDA graphs that rotate over 4 copies of the weights (so an o_proj-sized
 matrix cannot sit in L2), and prints each one's time and fraction of the device-to-device copy
 bandwidth measured in the same run. The best configs are what ``default_config`` encodes.
@@ -26,13 +27,15 @@ from gpu_llama8b import copy_bandwidth  # noqa: E402
 
 from strata.kernels import skinny_matmul as sk  # noqa: E402
 
-SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          # one rank's share at tensor parallel 2 (columns split for qkv and gate/up, rows for the rest)
+          "qkv_tp2": (3072, 4096), "o_proj_tp2": (4096, 2048), "gate_up_tp2": (14336, 4096), "down_tp2": (4096, 7168)}
 COPIES = 4
 
 
 def candidates(m: int):
     if m <= 4:
-        for bn, bk, w in itertools.product((4, 8, 16), (256, 512), (4, 8)):
+        for bn, bk, w in itertools.product((2, 4, 8, 16), (256, 512, 1024), (4, 8)):
             if m * bn * bk // (32 * w) <= 128:      # fp32 accumulators per thread
                 yield dict(BLOCK_M=m, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=w, num_stages=1)
     for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 5)):

@@ -48,6 +48,23 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def start_profile(self) -> None:
+        """Start torch.profiler on every rank (strata.profiling); the steps that follow are
+        recorded until stop_profile()."""
+        self._executor("start_profile").start_profile()
+
+    def stop_profile(self, trace_dir: str | None = None) -> dict[int, str]:
+        """Stop the profiler: each rank's table of the kernels that took the most time, by
+        rank; with ``trace_dir``, each rank's Chrome trace is written there too."""
+        return self._executor("stop_profile").stop_profile(trace_dir)
+
+    def _executor(self, what: str):
+        executor = getattr(self.llm_engine, "executor", None)
+        if executor is None or not hasattr(executor, "start_profile"):
+            raise NotImplementedError(f"{what} profiles one engine's ranks; this engine "
+                                      f"({type(self.llm_engine).__name__}) has several: profile a replica")
+        return executor
+
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts

@@ -4,6 +4,7 @@ and pipeline parallelism (multiproc.py) has the same interface."""
 from __future__ import annotations
 
 from strata.core.sched_output import RunnerOutput, SchedulerOutput
+from strata.profiling import StepProfiler
 from strata.executor.worker import ModelFacts
 from strata.runner.model_runner import ModelRunner, StepHandle
 
@@ -19,6 +20,14 @@ class UniprocExecutor:
     def __init__(self, runner: ModelRunner, facts: ModelFacts):
         self.runner = runner
         self.facts = facts
+        self.profiler = StepProfiler()
+
+    def start_profile(self) -> None:
+        self.profiler.start()
+
+    def stop_profile(self, trace_dir: str | None = None) -> dict[int, str]:
+        """The profiled kernels' table, by rank (this process is rank 0)."""
+        return {0: self.profiler.stop(0, trace_dir)}
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(sched)

@@ -183,6 +183,13 @@ class MultiprocExecutor:
         for handle in list(self._in_flight):
             self._finished[handle] = self.finish(handle)
 
+    def start_profile(self) -> None:
+        self.call("start_profile")
+
+    def stop_profile(self, trace_dir: str | None = None) -> dict[int, str]:
+        """Every rank's table of profiled kernels, by rank."""
+        return self.call("stop_profile", trace_dir)
+
     def call(self, method: str, *args, timeout_s: float | None = None) -> dict:
         """Run a Worker method on every rank (benchmarks: all-reduce timing); replies by rank."""
         self._drain()

@@ -139,6 +139,13 @@ class TorchrunExecutor:
     def finish(self, handle: RunnerOutput) -> RunnerOutput:
         return handle
 
+    def start_profile(self) -> None:
+        self.call("start_profile")
+
+    def stop_profile(self, trace_dir: str | None = None) -> dict[int, str]:
+        """Every rank's table of profiled kernels, by rank."""
+        return self.call("stop_profile", trace_dir)
+
     def call(self, method: str, *args, timeout_s: float | None = None) -> dict:
         self._broadcast(("call", method, args))
         return {0: getattr(self.worker, method)(*args)}

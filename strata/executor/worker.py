@@ -187,6 +187,17 @@ class Worker:
         logger.warning("strata: the torch attention path (Triton off) runs without CUDA graphs")
         return True
 
+    def start_profile(self) -> None:
+        from strata.profiling import StepProfiler
+        self.profiler = getattr(self, "profiler", None) or StepProfiler()
+        self.profiler.start()
+
+    def stop_profile(self, trace_dir: str | None = None) -> str:
+        if getattr(self, "profiler", None) is None:
+            raise RuntimeError("the profiler is not running: start_profile() first")
+        import torch.distributed as dist
+        return self.profiler.stop(dist.get_rank() if dist.is_initialized() else 0, trace_dir)
+
     def time_all_reduce(self, token_counts: list[int]) -> dict:
         """The all-reduces of one step at each size (2 a layer + the embedding's), for benchmarks."""
         from strata.distributed.comm_timing import time_all_reduce_step

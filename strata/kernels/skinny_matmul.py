@@ -102,6 +102,15 @@ def default_config(m: int, n: int, k: int) -> dict:
     wide = n >= 6144
     if m == 1 and wide and n <= 8192 and k <= 4096:
         return dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=2 * block_k, USE_DOT=False, num_warps=4, num_stages=1)
+    # One row of the narrower matrices (one rank's q/k/v, o_proj and down at tensor parallel 2,
+    # o_proj at 1): [4 x 1024] CUDA-core tiles, twice the programs of the [8 x 512] ones; and a
+    # tensor-core tile of 64 columns over short K steps for gate/up's share at TP=2. H200, one
+    # row (gpu_skinny_sweep.py's *_tp2 shapes): q/k/v 9.5 -> 8.9 us, o_proj 7.0 -> 6.6, down
+    # 16.7 -> 16.3, gate/up 32.0 -> 30.2.
+    if m == 1 and n < 6144 and 1024 <= k <= 8192:
+        return dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, USE_DOT=False, num_warps=4, num_stages=1)
+    if m == 1 and 8192 < n <= 16384:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=min(128, block_k), USE_DOT=True, num_warps=4, num_stages=3)
     if m == 1 or not wide:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, USE_DOT=True, num_warps=4, num_stages=5)
     return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, USE_DOT=True, num_warps=4, num_stages=3)

@@ -111,3 +111,16 @@ def test_output_kinds(llm):
     assert final[0].outputs[0].token_ids == cumulative[-1].outputs[0].token_ids
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind=RequestOutputKind.DELTA)
+
+
+def test_profile_records_the_steps_between_start_and_stop(llm, tmp_path):
+    llm.start_profile()
+    with pytest.raises(RuntimeError, match="already running"):
+        llm.start_profile()
+    llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    tables = llm.stop_profile(trace_dir=str(tmp_path))
+    assert list(tables) == [0]
+    assert "Self CPU" in tables[0] and "aten::" in tables[0]   # the model's ops ran under it
+    assert (tmp_path / "rank0.json").stat().st_size > 0
+    with pytest.raises(RuntimeError, match="not running"):
+        llm.stop_profile()

@@ -224,7 +224,10 @@ def test_tp2_qwen3_replicated_kv_head_matches_one_process(qwen3):
     ref = reference(qwen3)
     llm = start(qwen3, tensor_parallel_size=2)
     try:
+        llm.start_profile()   # every rank profiles its own steps
         check_matches(llm, ref)
+        tables = llm.stop_profile()
+        assert sorted(tables) == [0, 1] and all("aten::" in t for t in tables.values())
         seeded_random_matches(llm, qwen3)
     finally:
         llm.llm_engine.shutdown()
