@@ -70,9 +70,9 @@ def _size(nbytes: int) -> str:
     return f"{nbytes // 2**20} MiB" if nbytes % 2**20 == 0 else f"{nbytes // 2**10} KiB"
 
 
-def _symmetric(group, device: torch.device, numel: int, dtype: torch.dtype):
-    """A buffer every rank of ``group`` maps, and its handle (zeroed on every rank before any
-    rank returns: the rendezvous waits for all of them)."""
+def _symmetric(group, device: torch.device, numel: int, dtype: torch.dtype, fill: float = 0.0):
+    """A buffer every rank of ``group`` maps, and its handle (filled with ``fill`` on every rank
+    before any rank returns: the rendezvous waits for all of them)."""
     import torch.distributed._symmetric_memory as symm_mem
     group_name = group.group_name
     enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
@@ -87,7 +87,7 @@ def _symmetric(group, device: torch.device, numel: int, dtype: torch.dtype):
         except Exception:   # already chosen by an earlier allocation in this process
             pass
     buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-    buffer.zero_()
+    buffer.fill_(fill)
     torch.cuda.synchronize(device)
     try:
         handle = symm_mem.rendezvous(buffer, group_name)
@@ -154,17 +154,15 @@ class SymmMemNorm:
     ``max_rows`` rows (as many as one-shot's byte limit holds)."""
 
     def __init__(self, group, device: torch.device, dtype: torch.dtype, hidden_size: int, max_bytes: int):
-        from strata.kernels.all_reduce_norm import MAX_COLS, block_for, flags_bytes
+        from strata.kernels.all_reduce_norm import EMPTY_FILL, MAX_COLS, block_for, buffer_numel
         import torch.distributed as dist
         if hidden_size > MAX_COLS:
             raise ValueError(f"the fused all-reduce + RMSNorm takes rows of up to {MAX_COLS}, not {hidden_size}")
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self.rank, self.world = dist.get_rank(group), group.size()
-        row_bytes = block_for(hidden_size) * dtype.itemsize
-        self.max_rows = max(1, min(64, max_bytes // row_bytes))
-        self.flags_offset = 2 * self.max_rows * row_bytes
-        self.buffer, handle = _symmetric(group, device, self.flags_offset + flags_bytes(self.max_rows, self.world),
-                                         torch.uint8)
+        self.max_rows = max(1, min(64, max_bytes // (block_for(hidden_size) * dtype.itemsize)))
+        self.buffer, handle = _symmetric(group, device, buffer_numel(self.max_rows, self.world, hidden_size),
+                                         dtype, fill=EMPTY_FILL)
         # Every rank's buffer as mapped here (the handle's allocation, plus where in it the tensor starts).
         bases = [ptr + getattr(handle, "offset", 0) for ptr in handle.buffer_ptrs]
         if bases[self.rank] != self.buffer.data_ptr():
@@ -180,8 +178,7 @@ class SymmMemNorm:
         """(RMSNorm of the group's sum of x plus residual, that sum plus residual)."""
         from strata.kernels.all_reduce_norm import all_reduce_rms_norm
         return all_reduce_rms_norm(x, residual, weight, eps, bases=self.bases, uses=self.uses,
-                                   flags_offset=self.flags_offset, max_rows=self.max_rows,
-                                   rank=self.rank, world=self.world)
+                                   max_rows=self.max_rows, rank=self.rank, world=self.world)
 
 
 def requested_mode(mode: str) -> str:

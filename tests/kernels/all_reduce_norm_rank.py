@@ -2,9 +2,9 @@
 ``python all_reduce_norm_rank.py RANK WORLD FOLDER DTYPE N_COLS MAX_ROWS SLOW_RANK``.
 
 Every rank maps every rank's "symmetric buffer" (a file in FOLDER, shared memory) and runs
-the kernel in Triton's interpreter on the calls of ``calls()``; the sums meet through the
-buffers and flags alone. SLOW_RANK sleeps before each call, so the others wait in the kernel's
-barrier. The outputs go to FOLDER/out{RANK}.pt.
+the kernel in Triton's interpreter on the calls of ``calls()``; the partials meet through the
+buffers alone. SLOW_RANK sleeps before each call, so the others wait in the kernel's poll.
+The outputs go to FOLDER/out{RANK}.pt.
 """
 
 import os
@@ -18,14 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import conftest  # noqa: E402,F401  (the interpreter fixes)
 import torch  # noqa: E402
 
-from strata.kernels.all_reduce_norm import all_reduce_rms_norm, block_for, flags_bytes  # noqa: E402
+from strata.kernels.all_reduce_norm import all_reduce_rms_norm, buffer_numel  # noqa: E402
 
 EPS = 1e-5
 
 
 def calls(world: int, n_cols: int, max_rows: int, dtype: torch.dtype):
     """(rows, every rank's partial x, residual or None, weight) of each call, the same in every
-    process. Values are multiples of 1/8 below 32, so the sums are exact in every dtype."""
+    process. Values are multiples of 1/8 below 32, so the sums are exact in every dtype; one
+    partial is all -0.0 (the empty slot's value: it must still arrive, as +0.0)."""
     g = torch.Generator().manual_seed(0)
 
     def small(*shape):
@@ -34,6 +35,8 @@ def calls(world: int, n_cols: int, max_rows: int, dtype: torch.dtype):
     weight = small(n_cols)
     for i, rows in enumerate([1, max_rows, 1, 2, max_rows, 1, 2, 1]):
         parts = [small(rows, n_cols) for _ in range(world)]
+        if i == 4:
+            parts[1] = torch.full((rows, n_cols), -0.0, dtype=dtype)
         residual = None if i == 3 else small(rows, n_cols)
         yield rows, parts, residual, weight
 
@@ -42,9 +45,8 @@ def main():
     rank, world, folder, dtype_name, n_cols, max_rows, slow = sys.argv[1:]
     rank, world, n_cols, max_rows, slow = int(rank), int(world), int(n_cols), int(max_rows), int(slow)
     dtype = getattr(torch, dtype_name)
-    flags_offset = 2 * max_rows * block_for(n_cols) * dtype.itemsize
-    size = flags_offset + flags_bytes(max_rows, world)
-    buffers = [torch.from_file(f"{folder}/buf{r}", shared=True, size=size, dtype=torch.uint8) for r in range(world)]
+    size = buffer_numel(max_rows, world, n_cols)
+    buffers = [torch.from_file(f"{folder}/buf{r}", shared=True, size=size, dtype=dtype) for r in range(world)]
     bases = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
     uses = torch.zeros(max_rows, dtype=torch.int32)
     outs = []
@@ -52,11 +54,9 @@ def main():
         if rank == slow:
             time.sleep(0.3)
         out, new_residual = all_reduce_rms_norm(parts[rank], residual, weight, EPS, bases=bases, uses=uses,
-                                                flags_offset=flags_offset, max_rows=max_rows,
-                                                rank=rank, world=world)
+                                                max_rows=max_rows, rank=rank, world=world)
         outs.append((out, new_residual))
-    torch.save({"outs": outs, "uses": uses, "flags": buffers[rank][flags_offset:].view(torch.int32)},
-               f"{folder}/out{rank}.pt")
+    torch.save({"outs": outs, "uses": uses, "buffer": buffers[rank].clone()}, f"{folder}/out{rank}.pt")
 
 
 if __name__ == "__main__":

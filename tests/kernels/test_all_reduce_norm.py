@@ -2,7 +2,7 @@
 
 Without GPUs the ranks are processes running the kernel in Triton's interpreter, their
 "symmetric buffers" files in shared memory that every process maps (all_reduce_norm_rank.py):
-the kernel's stores, flags and peer reads are real, only slower. Each rank's outputs must equal
+the kernel's stores into its peers' buffers and its polls of its own are real, only slower. Each rank's outputs must equal
 the sum of the partials put through strata.kernels.norm.rms_norm (the separate kernels the fused
 one replaces), bit for bit, on every rank.
 """
@@ -22,15 +22,15 @@ import pytest  # noqa: E402
 from all_reduce_norm_rank import EPS, calls  # noqa: E402
 
 from strata.kernels import norm  # noqa: E402
-from strata.kernels.all_reduce_norm import all_reduce_rms_norm, block_for, flags_bytes  # noqa: E402
+from strata.kernels.all_reduce_norm import EMPTY_FILL, all_reduce_rms_norm, buffer_numel  # noqa: E402
 
 RANK_SCRIPT = Path(__file__).with_name("all_reduce_norm_rank.py")
 
 
 def _run_ranks(tmp_path, world, dtype, n_cols, max_rows, slow):
-    flags_offset = 2 * max_rows * block_for(n_cols) * dtype.itemsize
+    empty = torch.full((buffer_numel(max_rows, world, n_cols),), EMPTY_FILL, dtype=dtype)
     for r in range(world):
-        (tmp_path / f"buf{r}").write_bytes(bytes(flags_offset + flags_bytes(max_rows, world)))
+        (tmp_path / f"buf{r}").write_bytes(empty.view(torch.uint8).numpy().tobytes())
     env = dict(os.environ, TRITON_INTERPRET="1")
     procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(r), str(world), str(tmp_path),
                                str(dtype).removeprefix("torch."), str(n_cols), str(max_rows), str(slow)],
@@ -58,19 +58,19 @@ def test_every_rank_gets_the_separate_kernels_result(tmp_path, world, dtype, n_c
     for r, result in enumerate(results):
         assert len(result["outs"]) == len(expected)
         for (rows, parts, residual, weight), (out, new_residual) in zip(expected, result["outs"]):
-            total = torch.stack([p.float() for p in parts]).sum(0).to(dtype)   # exact: see calls()
+            total = torch.stack([p.float() + 0.0 for p in parts]).sum(0).to(dtype)   # exact: see calls()
             want = norm.rms_norm(total, weight, EPS, residual)
             want_out, want_residual = (want, total) if residual is None else want
             assert torch.equal(out, want_out), f"rank {r}, {rows} rows: norm differs"
             assert torch.equal(new_residual, want_residual), f"rank {r}, {rows} rows: residual differs"
-        # Every row slot was used once per call that reached it; every flag came back to zero.
+        # Every row slot was used once per call that reached it; every slot was emptied again.
         uses = [sum(rows > i for rows, *_ in expected) for i in range(max_rows)]
         assert result["uses"].tolist() == uses
-        assert not result["flags"].any()
+        assert torch.equal(result["buffer"].view(torch.uint8), torch.full_like(result["buffer"], EMPTY_FILL).view(torch.uint8))
 
 
 def test_rejects_more_rows_than_the_buffer_holds():
     x = torch.zeros(3, 8)
     with pytest.raises(ValueError, match="up to 2 rows"):
         all_reduce_rms_norm(x, None, torch.ones(8), EPS, bases=torch.zeros(1, dtype=torch.int64),
-                            uses=torch.zeros(2, dtype=torch.int32), flags_offset=0, max_rows=2, rank=0, world=1)
+                            uses=torch.zeros(2, dtype=torch.int32), max_rows=2, rank=0, world=1)
