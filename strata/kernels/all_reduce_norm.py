@@ -83,10 +83,11 @@ def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, bas
     x = tl.where(bits == EMPTY, tl.zeros_like(bits), bits).to(dtype, bitcast=True)   # -0.0 -> +0.0
     for i in tl.static_range(1, WORLD):
         peer = (RANK + i) % WORLD
-        theirs = tl.load(bases_ptr + peer).to(tl.pointer_type(dtype))
+        theirs = tl.multiple_of(tl.load(bases_ptr + peer).to(tl.pointer_type(dtype)), 16)
         tl.store(theirs + slot + RANK * BLOCK + cols, x, mask=mask)
 
-    mine = tl.load(bases_ptr + RANK).to(tl.pointer_type(dtype)) + slot
+    # (Buffers start 16-byte aligned, and slots are whole rows: 16-byte vector stores and polls.)
+    mine = tl.multiple_of(tl.load(bases_ptr + RANK).to(tl.pointer_type(dtype)), 16) + slot
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for src in tl.static_range(WORLD):
         if src == RANK:

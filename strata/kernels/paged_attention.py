@@ -10,7 +10,7 @@ switch then loads codes (half the bytes of bf16), converts them to q's dtype (ex
 each score column by its key's scale and dequantizes V in registers; products still accumulate
 in fp32. Off, the switch compiles away: the plain kernels' PTX is what it was before it existed.
 
-``paged_decode`` (one query token per row) is flash-decoding in two launches:
+``paged_decode`` (one query token per row) is flash-decoding in one launch:
 
 1. ``_decode_kernel``, grid ``(batch, num_kv_heads, num_splits)``. A program owns one KV head of
    one row and a contiguous range of that row's context (the context is cut into ``num_splits``
@@ -20,8 +20,12 @@ in fp32. Off, the switch compiles away: the plain kernels' PTX is what it was be
    per KV head. Each tile gathers ``BLOCK_N`` tokens through the block table (one physical slot
    per token), so a 16-token cache block does not force 16-token tiles. Online softmax in fp32.
    With one split the program normalises and writes ``out`` itself; otherwise it writes its
-   unnormalised accumulator, running max and sum of exponentials to a fp32 workspace.
-2. ``_decode_reduce_kernel``, grid ``(batch, H)``: rescales the splits to a common max and sums.
+   unnormalised accumulator, running max and sum of exponentials to a fp32 workspace, and the
+   last split of a (row, KV head) to finish (a counter per pair, back to zero after) rescales
+   the splits to a common max and sums, for each of the G query heads.
+2. ``_decode_reduce_kernel``, grid ``(batch, H)``: the same merge as a second launch, only where
+   the counters are missing (more pairs than they cover, or a first call inside a CUDA-graph
+   capture). At batch 1 the second launch cost as long as the attention itself (~5 us a layer).
 
 Rows with ``seq_len == 0`` (padding in a CUDA-graph batch) load no K/V and write zeros. Nothing
 syncs with the host: the launch is safe to capture in a CUDA graph.
@@ -111,13 +115,14 @@ def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, qk_scale
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, s_ptr, qk_scale,
-    stride_qb, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
+    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, s_ptr, count_ptr,
+    qk_scale, stride_qb, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
     stride_ob, stride_oh, stride_sv, stride_sb, stride_st,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_QUANT: tl.constexpr, USE_PDL: tl.constexpr = False,
+    KV_QUANT: tl.constexpr, MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1,
+    USE_PDL: tl.constexpr = False,
 ):
     pdl.trigger(USE_PDL)
     pdl.wait(USE_PDL)
@@ -170,6 +175,43 @@ def _decode_kernel(
         tl.store(ws_m_ptr + ml_off, m_i, mask=g < GROUP)
         tl.store(ws_l_ptr + ml_off, l_i, mask=g < GROUP)
         tl.store(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :], acc, mask=gd_mask)
+        if MERGE:
+            # The last of this (row, KV head)'s splits to finish merges them all, in place of a
+            # second launch: every program publishes its workspace (block barrier, then a
+            # release by one thread) before counting itself in, and the last one acquires all.
+            tl.debug_barrier()
+            count = count_ptr + row * (NUM_HEADS // GROUP) + kv_head
+            if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+                tl.debug_barrier()
+                for gi in range(GROUP):
+                    _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, row, kv_head * GROUP + gi,
+                                  stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
+                                  BLOCK_S, True)
+                tl.store(count, 0)   # back to zero for the next launch (and graph replay)
+
+
+@triton.jit
+def _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, row, head, stride_ob, stride_oh,
+                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, FRESH: tl.constexpr):
+    """One query head of one row: rescale the splits to a common max and sum. FRESH: the
+    workspace was written by other programs of the running kernel (read past the L1 cache)."""
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < NUM_SPLITS
+    ml_off = (row * NUM_HEADS + head) * NUM_SPLITS + s
+    m = tl.load(ws_m_ptr + ml_off, mask=s_mask, other=_NEG_BIG, volatile=FRESH)
+    l = tl.load(ws_l_ptr + ml_off, mask=s_mask, other=0.0, volatile=FRESH)
+    # Empty splits carry m = _NEG_BIG and l = 0: their weight vanishes beside any real split.
+    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
+    denom = tl.sum(w * l, 0)
+    # Only the splits that saw a key are read: under a CUDA graph the splits cover the longest
+    # allowed context, and a short row leaves most of them empty.
+    acc = tl.load(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :],
+                  mask=(s_mask & (l > 0))[:, None] & (d[None, :] < HEAD_DIM), other=0.0, volatile=FRESH)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -180,24 +222,8 @@ def _decode_reduce_kernel(
 ):
     pdl.trigger(USE_PDL)
     pdl.wait(USE_PDL)
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = s < NUM_SPLITS
-    ml_off = (row * NUM_HEADS + head) * NUM_SPLITS + s
-    m = tl.load(ws_m_ptr + ml_off, mask=s_mask, other=_NEG_BIG)
-    l = tl.load(ws_l_ptr + ml_off, mask=s_mask, other=0.0)
-    # Empty splits carry m = _NEG_BIG and l = 0: their weight vanishes beside any real split.
-    w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
-    denom = tl.sum(w * l, 0)
-    # Only the splits that saw a key are read: under a CUDA graph the splits cover the longest
-    # allowed context, and a short row leaves most of them empty.
-    acc = tl.load(ws_acc_ptr + ml_off[:, None] * HEAD_DIM + d[None, :],
-                  mask=(s_mask & (l > 0))[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
+    _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
+                  stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S, False)
 
 
 @triton.jit
@@ -348,6 +374,23 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size
     return max(1, splits)
 
 
+_COUNTERS = 1 << 16      # (row, KV head) pairs of a split decode merged in the kernel itself
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The zeroed per-(row, KV head) split counters of in-kernel merging on ``device`` (they
+    return to zero after each launch), or None: more pairs than they cover, or none allocated
+    yet while a CUDA graph is being captured (a buffer made inside a capture would belong to
+    that graph's memory); then a second launch merges."""
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _counters[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    return counters if needed <= counters.numel() else None
+
+
 # --------------------------------------------------------------------------------------------
 # Public wrappers
 # --------------------------------------------------------------------------------------------
@@ -381,13 +424,16 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     else:
         ws_acc = ws_m = ws_l = out   # unused by the single-split path
     scales, s_strides = _scale_args(kv_cache, kv_scales)
+    counts = _split_counters(q.device, batch * num_kv_heads) if num_splits > 1 else None
+    merge = dict(MERGE=True, BLOCK_S=triton.next_power_of_2(num_splits)) if counts is not None else {}
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scales, scale * _LOG2E,
+        q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scales,
+        out if counts is None else counts, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), *s_strides,
         **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits,
-                       kv_scales is not None), **pdl.launch_options(q))
-    if num_splits > 1:
+                       kv_scales is not None), **merge, **pdl.launch_options(q))
+    if num_splits > 1 and counts is None:
         _decode_reduce_kernel[(batch, num_heads)](
             ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(1),
             **_reduce_meta(num_heads, head_dim, num_splits), **pdl.launch_options(q))

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from all_reduce_norm_rank import EPS, calls  # noqa: E402
+from sm90 import V4_LOADS_BUILD, run_without_interpreter  # noqa: E402
 
 from strata.kernels import norm  # noqa: E402
 from strata.kernels.all_reduce_norm import EMPTY_FILL, all_reduce_rms_norm, buffer_numel  # noqa: E402
@@ -74,3 +75,24 @@ def test_rejects_more_rows_than_the_buffer_holds():
     with pytest.raises(ValueError, match="up to 2 rows"):
         all_reduce_rms_norm(x, None, torch.ones(8), EPS, bases=torch.zeros(1, dtype=torch.int64),
                             uses=torch.zeros(2, dtype=torch.int32), max_rows=2, rank=0, world=1)
+
+
+_SM90_SCRIPT = r"""
+import strata.kernels.all_reduce_norm as arn
+types = dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", res_out_ptr="*bf16",
+             bases_ptr="*i64", uses_ptr="*i32", eps="fp32")
+meta = dict(RANK=1, WORLD=2, HAS_RES=True, BLOCK=4096, EMPTY=-2**15, WIDE=False, num_warps=16)
+ptx = build(arn._all_reduce_rms_norm_kernel, meta, types, ptx=True)
+print(json.dumps({"v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
+                  "v4_stores": len(re.findall(r"st\.global[.\w]*\.v4", ptx)),
+                  "volatile_v4_loads": len(re.findall(r"ld\.volatile\.global[.\w]*\.v4", ptx))}))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs compile the kernel for real")
+def test_kernel_compiles_for_hopper_with_16_byte_rows():
+    """An 8B model's row (4096 bf16) at TP=2: x, the residual and the weight come in as 16-byte
+    vectors, the row goes to the peer as 16-byte stores, and the poll reads past the caches."""
+    stats = run_without_interpreter(V4_LOADS_BUILD + _SM90_SCRIPT)
+    assert stats["v4_loads"] >= 3 and stats["v4_stores"] >= 4, stats   # + the slot emptied again
+    assert stats["volatile_v4_loads"] >= 1, stats

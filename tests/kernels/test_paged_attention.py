@@ -166,6 +166,22 @@ def test_decode_num_splits(num_splits, dtype, gen):
     run_decode([1, 7, 0, 65, 151], HEADS["mqa"], 16, 4, dtype, gen, [num_splits])
 
 
+def test_split_decode_merges_in_one_launch_or_two(gen, monkeypatch):
+    """The last split of each (row, KV head) merges (its counters back to zero after every
+    launch); with no counters to hand, a second launch merges, to the same result."""
+    import strata.kernels.paged_attention as pa
+    kv_cache, tables = make_cache_and_tables([7, 0, 151], 4, 2, 32, torch.float32, gen)
+    q = _randn(3, 4, 32, gen=gen)
+    args = (q, kv_cache, tables, _int32([7, 0, 151]), 0.2)
+    one = paged_decode(*args, num_splits=4)
+    assert not pa._counters[q.device].any()
+    again = paged_decode(*args, num_splits=4)
+    monkeypatch.setattr(pa, "_split_counters", lambda device, needed: None)
+    two = paged_decode(*args, num_splits=4)
+    assert torch.equal(one, again)
+    torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_all_padding_rows_write_zeros(num_splits, gen):
     kv_cache, tables = make_cache_and_tables([5, 9], 4, 2, 32, torch.float32, gen)
@@ -370,8 +386,11 @@ def build(fn, meta, ptrs):
 def decode(h, kvh, d, dt, splits, kv=None):
     t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
     ptrs = dict(q_ptr=t, kv_ptr=kv or t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32",
-                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32")
-    return build(pa._decode_kernel, pa._decode_meta(h, kvh, d, 16, dt, splits, kv is not None), ptrs)
+                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32", count_ptr="*i32")
+    meta = pa._decode_meta(h, kvh, d, 16, dt, splits, kv is not None)
+    if splits > 1:   # the last split merges, as paged_decode launches it
+        meta.update(MERGE=True, BLOCK_S=triton.next_power_of_2(splits))
+    return build(pa._decode_kernel, meta, ptrs)
 
 def prefill(h, kvh, d, dt, kv=None):
     t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
