@@ -183,10 +183,18 @@ def _decode_kernel(
             count = count_ptr + row * (NUM_HEADS // GROUP) + kv_head
             if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
                 tl.debug_barrier()
-                for gi in range(GROUP):
-                    _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, row, kv_head * GROUP + gi,
-                                  stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
-                                  BLOCK_S, True)
+                # Unrolled for the usual groups: the heads' loads are independent, and a loop
+                # waits for each head's round trips to memory before starting the next.
+                if GROUP <= 8:
+                    for gi in tl.static_range(GROUP):
+                        _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, row, kv_head * GROUP + gi,
+                                      stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
+                                      BLOCK_S, True)
+                else:
+                    for gi in range(GROUP):
+                        _merge_splits(ws_acc_ptr, ws_m_ptr, ws_l_ptr, out_ptr, row, kv_head * GROUP + gi,
+                                      stride_ob, stride_oh, NUM_HEADS, HEAD_DIM, BLOCK_D, NUM_SPLITS,
+                                      BLOCK_S, True)
                 tl.store(count, 0)   # back to zero for the next launch (and graph replay)
 
 
