@@ -166,12 +166,13 @@ def test_decode_num_splits(num_splits, dtype, gen):
     run_decode([1, 7, 0, 65, 151], HEADS["mqa"], 16, 4, dtype, gen, [num_splits])
 
 
-def test_split_decode_merges_in_one_launch_or_two(gen, monkeypatch):
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (12, 1)])   # the merge unrolled / looped
+def test_split_decode_merges_in_one_launch_or_two(gen, monkeypatch, num_heads, num_kv_heads):
     """The last split of each (row, KV head) merges (its counters back to zero after every
     launch); with no counters to hand, a second launch merges, to the same result."""
     import strata.kernels.paged_attention as pa
-    kv_cache, tables = make_cache_and_tables([7, 0, 151], 4, 2, 32, torch.float32, gen)
-    q = _randn(3, 4, 32, gen=gen)
+    kv_cache, tables = make_cache_and_tables([7, 0, 151], 4, num_kv_heads, 32, torch.float32, gen)
+    q = _randn(3, num_heads, 32, gen=gen)
     args = (q, kv_cache, tables, _int32([7, 0, 151]), 0.2)
     one = paged_decode(*args, num_splits=4)
     assert not pa._counters[q.device].any()
@@ -401,6 +402,7 @@ def prefill(h, kvh, d, dt, kv=None):
 bf16, f32 = torch.bfloat16, torch.float32
 print(json.dumps({
     "decode": decode(32, 8, 128, bf16, 1), "decode_splits": decode(32, 8, 128, bf16, 8),
+    "decode_splits_group16": decode(16, 1, 128, bf16, 4),
     "reduce": build(pa._decode_reduce_kernel, pa._reduce_meta(32, 128, 8),
                     dict(ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", out_ptr="*bf16")),
     "prefill": prefill(32, 8, 128, bf16),
