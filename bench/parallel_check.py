@@ -14,8 +14,10 @@ Each engine uses CUDA graphs and async scheduling (the defaults), batches of 1 a
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -77,17 +79,26 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
             f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
 
 
+@contextlib.contextmanager
+def environment(values: dict | None):
+    """Environment variables set for the block (an engine's workers inherit them as it starts)."""
+    saved = {k: os.environ.get(k) for k in values or {}}
+    os.environ.update(values or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def greedy_tokens(path: Path, tp: int, dtype: str, all_reduce: str, smoke: bool, env: dict | None = None) -> list:
     """Greedy tokens of one prompt alone, then of four in one batch (the engine's startup line,
     with its all-reduce, is logged as it starts); ``env`` is set while the engine starts."""
-    import os
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with environment(env):
         return _greedy_tokens(path, tp, dtype, all_reduce, smoke)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _greedy_tokens(path: Path, tp: int, dtype: str, all_reduce: str, smoke: bool) -> list:
@@ -174,8 +185,6 @@ def all_reduce_only(tp: int, token_counts: tuple, hidden: int, smoke: bool) -> d
     NCCL and symmetric memory; {"tp", "choice", "all_reduce": {tokens: [per-rank timings]}}."""
     import socket
 
-    import os
-
     import torch.multiprocessing as mp
 
     from strata.distributed.parallel_state import CUDA_SAFE_ENV
@@ -202,7 +211,6 @@ def all_reduce_only(tp: int, token_counts: tuple, hidden: int, smoke: bool) -> d
 
 def _all_reduce_rank(rank: int, tp: int, init_method: str, token_counts: tuple, hidden: int, smoke: bool,
                      queue) -> None:
-    import os
     import traceback
 
     from strata.distributed import parallel_state as ps

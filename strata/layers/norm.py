@@ -54,12 +54,7 @@ class LayerNorm(nn.Module):
             self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
             self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False):
-        if partial:
-            fused = ps.all_reduce_rms_norm(x, residual, self.weight, self.eps)
-            if fused is not None:
-                return fused if residual is not None else fused[0]
-            x = ps.tensor_model_parallel_all_reduce(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if use_triton(x):
             from strata.kernels.norm import layer_norm
             return layer_norm(x, self.weight, self.bias, self.eps, residual)
