@@ -390,7 +390,8 @@ def _split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     """The zeroed per-(row, KV head) split counters of in-kernel merging on ``device`` (they
     return to zero after each launch), or None: more pairs than they cover, or none allocated
     yet while a CUDA graph is being captured (a buffer made inside a capture would belong to
-    that graph's memory); then a second launch merges."""
+    that graph's memory); then a second launch merges. One set per device serves every layer:
+    strata's decode attention runs on one stream per device, one launch after another."""
     counters = _counters.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
