@@ -47,6 +47,7 @@ _PDL_SCRIPT = r"""
 import re
 from strata.kernels import activation as act, int4_gemv as g, norm, paged_attention as pa, rotary
 from strata.kernels import quant_matmul as qm
+from strata.kernels import all_reduce_norm as arn
 
 def order(fn, meta, types):
     ptx = build(fn, dict(meta, USE_PDL=True), types, ptx=True)
@@ -70,7 +71,8 @@ hidden = torch.empty(1, 4096, dtype=torch.bfloat16)
 rot_types = dict(pos_ptr="*i64", q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", cos_ptr="*fp32",
                  sin_ptr="*fp32", cache_ptr="*bf16", slot_ptr="*i64", scale_ptr="*fp32")
 att_types = dict(q_ptr="*bf16", kv_ptr="*bf16", out_ptr="*bf16", bt_ptr="*i32", seq_lens_ptr="*i32",
-                 ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32", qk_scale="fp32")
+                 ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32", count_ptr="*i32",
+                 qk_scale="fp32")
 w8_meta = dict(qm.default_config(1, 4096, 4096, 8, torch.bfloat16), HAS_BIAS=False, EVEN_N=True,
                EVEN_K=True, DOT_PRECISION="tf32", EVICT="evict_first")
 w8_types = dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
@@ -83,7 +85,11 @@ print(json.dumps({
     "rotary": order(rotary._rotary_kv_kernel, rotary._rotary_meta(32, 8, 128, 128, True)[1], rot_types),
     "silu_and_mul": order(act._act_kernel, dict(ACT=act._SILU_AND_MUL, BLOCK=act._BLOCK,
                                                 num_warps=act._NUM_WARPS), dict(x_ptr="*bf16", out_ptr="*bf16")),
-    "decode": order(pa._decode_kernel, pa._decode_meta(32, 8, 128, 16, torch.bfloat16, 4), att_types),
+    "decode": order(pa._decode_kernel, dict(pa._decode_meta(32, 8, 128, 16, torch.bfloat16, 4), MERGE=True,
+                                            BLOCK_S=4), att_types),
+    "all_reduce_norm": order(arn._all_reduce_rms_norm_kernel,
+                             dict(RANK=0, WORLD=2, HAS_RES=True, BLOCK=4096, EMPTY=-2**15, WIDE=False, num_warps=16),
+                             dict(bf, bases_ptr="*i64", uses_ptr="*i32")),
     "reduce": order(pa._decode_reduce_kernel, pa._reduce_meta(32, 128, 4), red_types),
 }))
 """
@@ -100,5 +106,5 @@ def test_hopper_builds_wait_before_reading_what_a_kernel_wrote():
     # (they depend on nothing the step computes); the others load nothing before it.
     assert found["gemv"]["loads_before"] >= 3, found["gemv"]
     assert found["w8"]["loads_before"] >= 1, found["w8"]
-    for name in ("rms_norm", "rotary", "silu_and_mul", "decode", "reduce"):
+    for name in ("rms_norm", "rotary", "silu_and_mul", "decode", "reduce", "all_reduce_norm"):
         assert found[name]["loads_before"] == 0, (name, found[name])
