@@ -145,7 +145,7 @@ def all_reduce_rms_norm(x, residual, weight, eps: float):
     normalises apart)."""
     fast = _groups.fast_all_reduce
     fused = fast.norm if fast is not None else None
-    if fused is None or not fused.can_run(x):
+    if fused is None or not fused.can_run(x, residual):
         return None
     return fused(x, residual, weight, eps)
 

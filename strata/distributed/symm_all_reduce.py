@@ -170,9 +170,11 @@ class SymmMemNorm:
         self.bases = torch.tensor(bases, dtype=torch.int64, device=device)
         self.uses = torch.zeros(self.max_rows, dtype=torch.int32, device=device)
 
-    def can_run(self, x: torch.Tensor) -> bool:
+    def can_run(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
         return (x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden_size
-                and x.dtype == self.dtype and x.device == self.device and x.stride(1) == 1)
+                and x.dtype == self.dtype and x.device == self.device and x.stride(1) == 1
+                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                          and residual.stride(1) == 1)))
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
         """(RMSNorm of the group's sum of x plus residual, that sum plus residual)."""

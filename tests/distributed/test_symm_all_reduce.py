@@ -137,3 +137,16 @@ def test_which_messages_take_the_symmetric_buffer():
     assert not impl.can_run(torch.zeros(8, dtype=torch.float32))          # another dtype
     assert not impl.can_run(torch.zeros(16, 16, dtype=torch.bfloat16).t())  # not contiguous
     assert not impl.can_run(torch.zeros(2 * 256 + 1, dtype=torch.bfloat16)[1:])  # starts 2 bytes in
+
+
+def test_which_sums_the_fused_norm_takes():
+    fused = sar.SymmMemNorm.__new__(sar.SymmMemNorm)
+    fused.device, fused.dtype, fused.hidden_size, fused.max_rows = torch.device("cpu"), torch.bfloat16, 64, 4
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    assert fused.can_run(x) and fused.can_run(x, torch.zeros_like(x))
+    assert not fused.can_run(torch.zeros(5, 64, dtype=torch.bfloat16))            # more rows than slots
+    assert not fused.can_run(torch.zeros(4, 32, dtype=torch.bfloat16))            # another hidden size
+    assert not fused.can_run(x.float())                                            # another dtype
+    assert not fused.can_run(torch.zeros(64, 4, dtype=torch.bfloat16).t())         # rows not contiguous
+    assert not fused.can_run(x, torch.zeros(64, 4, dtype=torch.bfloat16).t())      # nor the residual's
+    assert not fused.can_run(x, torch.zeros(4, 64))                                # a float32 residual
