@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 from gpu_llama8b import LLAMA_31_8B, batch1_decode_rates, random_prompts
-from parallel_check import all_reduce_only, environment, run_checks
+from parallel_check import all_reduce_only, run_checks
 from parallel_check import report as report_checks
 
 # Tokens per all-reduce of [tokens, 4096] bf16: 8 KiB (batch-1 decode, one-shot), 512 KiB and
@@ -126,7 +126,8 @@ def measure_in_child(config: str) -> dict | None:
 def start_engine(args, path: Path, config: str, enforce_eager: bool, all_reduce: str = "auto",
                  env: dict | None = None):
     """The engine, and its start time; ``env`` is set while it starts (its workers inherit it)."""
-    with environment(env):
+    from strata.engine.data_parallel import environment
+    with environment(**(env or {})):
         return _start_engine(args, path, config, enforce_eager, all_reduce)
 
 

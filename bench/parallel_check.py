@@ -14,7 +14,6 @@ Each engine uses CUDA graphs and async scheduling (the defaults), batches of 1 a
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -79,25 +78,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
             f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
 
 
-@contextlib.contextmanager
-def environment(values: dict | None):
-    """Environment variables set for the block (an engine's workers inherit them as it starts)."""
-    saved = {k: os.environ.get(k) for k in values or {}}
-    os.environ.update(values or {})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def greedy_tokens(path: Path, tp: int, dtype: str, all_reduce: str, smoke: bool, env: dict | None = None) -> list:
     """Greedy tokens of one prompt alone, then of four in one batch (the engine's startup line,
     with its all-reduce, is logged as it starts); ``env`` is set while the engine starts."""
-    with environment(env):
+    from strata.engine.data_parallel import environment
+    with environment(**(env or {})):
         return _greedy_tokens(path, tp, dtype, all_reduce, smoke)
 
 

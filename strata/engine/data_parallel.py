@@ -114,7 +114,7 @@ class DataParallelEngine:
             # Not a daemon: a copy with tensor/pipeline ranks starts processes of its own.
             proc = ctx.Process(target=replica_main, args=(spec, child, self.heartbeats), name=f"strata-dp{index}",
                                daemon=False)
-            with _environment(CUDA_VISIBLE_DEVICES=gpus):   # what the child sees from its start
+            with environment(CUDA_VISIBLE_DEVICES=gpus):   # what the child sees from its start
                 proc.start()
             child.close()
             self.replicas.append(_Replica(index, proc, parent, gpus))
@@ -339,7 +339,7 @@ def _gpu_groups(size: int, per_replica: int, device) -> list[str | None]:
 
 
 @contextlib.contextmanager
-def _environment(**values: str | None):
+def environment(**values: str | None):
     """Set (or, for None, leave alone) environment variables for the block."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update({k: v for k, v in values.items() if v is not None})
