@@ -69,7 +69,7 @@ def fused_cpu_layer(layer, hidden: torch.Tensor) -> FusedDecoderLayer | None:
 class FusedDecoderLayer:
     def __init__(self, lib: ctypes.CDLL, desc: _Layer, keep: list[torch.Tensor], attn, modules: list):
         self.lib, self.desc, self.attn = lib, desc, attn
-        self.modules = modules   # the layer and its submodules, whose hooks must still run
+        self._hook_dicts = _hook_dicts(modules)   # of the layer and its submodules: their hooks must still run
         self._keep = keep        # the tensors desc points into
         self.hidden = desc.hidden
         self._workspace_floats: dict[tuple[int, int], int] = {}   # (tokens, threads) -> floats
@@ -115,7 +115,7 @@ class FusedDecoderLayer:
     def hooked(self) -> bool:
         """Whether a forward hook waits on one of the layer's modules (GPTQ calibration's input
         capture, say): the fused call would skip it, so the module path runs instead."""
-        return _hooked(self.modules)
+        return _hooked(self._hook_dicts)
 
     def takes_cache(self) -> bool:
         cache = self.attn.kv_cache
@@ -160,9 +160,7 @@ class FusedDecoderStack:
 
     def __init__(self, layers: list[FusedDecoderLayer]):
         self.layers, self.lib = layers, layers[0].lib
-        # The modules' hook dicts (registering a hook adds to them in place): any() over them is
-        # one C loop per step, where a Python loop over ~400 modules cost ~3% of a decode step.
-        self._hook_dicts = [d for f in layers for m in f.modules for d in (m._forward_pre_hooks, m._forward_hooks)]
+        self._hook_dicts = [d for f in layers for d in f._hook_dicts]
         self._descs = (ctypes.c_void_p * len(layers))(*[ctypes.addressof(f.desc) for f in layers])
         self._caches = (ctypes.c_void_p * len(layers))()
         self._checked_caches: list = []   # weak references to the caches _caches points into
@@ -181,8 +179,7 @@ class FusedDecoderStack:
         return cls(fused) if fused and shape.count(shape[0]) == len(shape) else None
 
     def hooked(self) -> bool:
-        from torch.nn.modules import module as nn_module
-        return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks or any(self._hook_dicts))
+        return _hooked(self._hook_dicts)
 
     def __call__(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """(hidden, residual) after every layer of the stack, or None where a layer's cache does
@@ -251,7 +248,7 @@ class ModelEnds:
     and ~150 us of Python each."""
 
     def __init__(self, desc: _Ends, keep: list, modules: list):
-        self.desc, self._keep, self.modules = desc, keep, modules
+        self.desc, self._keep, self._hook_dicts = desc, keep, _hook_dicts(modules)
 
     @classmethod
     def build(cls, embedding, norm) -> ModelEnds | None:
@@ -291,7 +288,7 @@ def fused_cpu_model(model, input_ids: torch.Tensor, positions: torch.Tensor) -> 
     if ends is None:
         ends = model.__dict__["_cpu_model_ends"] = ModelEnds.build(model.embed_tokens, model.norm) or False
     stack = _stack(model, layers) if ends is not False else None
-    if stack is None or _hooked(ends.modules):
+    if stack is None or _hooked(ends._hook_dicts):
         return None
     return stack.run_model(ends, input_ids, positions)
 
@@ -313,10 +310,17 @@ def _stack(model, layers) -> FusedDecoderStack | None:
     return None if stack is False or stack.hooked() else stack
 
 
-def _hooked(modules) -> bool:
+def _hook_dicts(modules) -> list:
+    """The modules' forward (pre-)hook dicts. Registering a hook adds to them in place, so the
+    list is made once: any() over it is one C loop per step, where a Python loop over ~400
+    modules' attributes cost ~3% of a decode step."""
+    return [d for m in modules for d in (m._forward_pre_hooks, m._forward_hooks)]
+
+
+def _hooked(hook_dicts: list) -> bool:
+    """Whether a forward hook waits, globally or in one of ``hook_dicts`` (_hook_dicts)."""
     from torch.nn.modules import module as nn_module
-    return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
-                or any(m._forward_pre_hooks or m._forward_hooks for m in modules))
+    return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks or any(hook_dicts))
 
 
 def _shape(desc: _Layer) -> tuple:
