@@ -143,7 +143,8 @@ class TorchrunExecutor:
         self.call("start_profile")
 
     def stop_profile(self, trace_dir: str | None = None) -> dict[int, str]:
-        """Every rank's table of profiled kernels, by rank."""
+        """Rank 0's table of profiled kernels ({0: table}): the other ranks profile too, but
+        under torchrun only their traces (with ``trace_dir``) come out."""
         return self.call("stop_profile", trace_dir)
 
     def call(self, method: str, *args, timeout_s: float | None = None) -> dict:

@@ -18,6 +18,7 @@ from strata.distributed import parallel_state as ps
 from strata.engine.arg_utils import EngineArgs
 from strata.loader import model_loader
 from strata.quant.kv import resolve_kv_format
+from strata.profiling import StepProfiler
 from strata.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("strata")
@@ -76,6 +77,7 @@ class Worker:
         # Before the model is built: its buffers for the all-reduce exist before any graph capture.
         self.all_reduce = ps.init_all_reduce(device, self.model_config.dtype, args.all_reduce,
                                              self.model_config.hidden_size)
+        self.profiler = StepProfiler()   # LLM.start_profile / stop_profile
         quant_config = QuantConfig(args.quantization, args.quantization_group_size)
         offload = offload_config is not None and offload_config.enabled
         self.max_num_batched_tokens = batched_tokens_for(args, device)
@@ -188,13 +190,9 @@ class Worker:
         return True
 
     def start_profile(self) -> None:
-        from strata.profiling import StepProfiler
-        self.profiler = getattr(self, "profiler", None) or StepProfiler()
         self.profiler.start()
 
     def stop_profile(self, trace_dir: str | None = None) -> str:
-        if getattr(self, "profiler", None) is None:
-            raise RuntimeError("the profiler is not running: start_profile() first")
         import torch.distributed as dist
         return self.profiler.stop(dist.get_rank() if dist.is_initialized() else 0, trace_dir)
 

@@ -112,7 +112,7 @@ def block_for(n_cols: int) -> int:
 
 def buffer_numel(max_rows: int, world: int, n_cols: int) -> int:
     """Elements of each rank's buffer: two halves of max_rows rows of one slot per sender. It
-    must be filled with -0.0 (``empty_fill``) on every rank before the first call."""
+    must be filled with -0.0 (``EMPTY_FILL``) on every rank before the first call."""
     return 2 * max_rows * world * block_for(n_cols)
 
 
