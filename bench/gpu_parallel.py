@@ -17,8 +17,6 @@ startup line printed for each engine says which). For each TP size, one engine a
    the first token; median of 3. At TP>1 also with ``all_reduce="nccl"`` (a second engine,
    decode only; ``--no-compare-nccl`` skips it) and without the fused all-reduce + RMSNorm
    (``STRATA_FUSED_NORM=0``: separate all-reduce and norm kernels; ``--no-compare-unfused``).
-   At every TP size also with the bf16 GEMVs launched the plain way, without PDL and the L2
-   prefetch of their first weights (``STRATA_GEMV_PREFETCH_MIB=0``; ``--no-compare-prefetch``).
 3. offline: the GPU issue's fixed set (gpu_llama8b.py): ``--num-requests`` requests of 256 random
    prompt tokens and 256 new tokens in one ``llm.generate``; total tok/s, and per GPU.
 4. all-reduce: every rank times all-reduces of [tokens, 4096] bf16 (1 token: a batch-1 decode
@@ -176,13 +174,10 @@ def measure(args, path: Path, config: str, enforce_eager: bool) -> dict:
     name = label(config)
     out: dict = {"config": config, "eager": enforce_eager}
     # First the comparison engines (decode only): the default engine's figures follow its start line.
-    # (key, label, start_engine's extras, wanted, only at TP>1)
-    variants = [("nccl", "all_reduce=nccl", dict(all_reduce="nccl"), args.compare_nccl, True),
-                ("unfused", "STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), args.compare_unfused, True),
-                ("noprefetch", "STRATA_GEMV_PREFETCH_MIB=0", dict(env={"STRATA_GEMV_PREFETCH_MIB": "0"}),
-                 args.compare_prefetch, False)]
-    for key, what, kw, wanted, tp_only in variants:
-        if config == AUTO or (config == "1" and tp_only) or not wanted:
+    variants = [("nccl", "all_reduce=nccl", dict(all_reduce="nccl"), args.compare_nccl),
+                ("unfused", "STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), args.compare_unfused)]
+    for key, what, kw, wanted in variants:
+        if config in ("1", AUTO) or not wanted:
             continue
         try:
             llm, _ = start_engine(args, path, config, enforce_eager, **kw)
@@ -245,19 +240,18 @@ def report(results: list[dict], meta: dict) -> None:
     print(f"\n{meta}")
     base = next((r for r in results if r["config"] == "1"), None)
     print("| layout | GPUs | start s | batch-1 decode tok/s | vs TP=1 | with NCCL all-reduce "
-          "| without the fused norm | without the GEMV prefetch | offline tok/s | per GPU | per GPU vs TP=1 |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| without the fused norm | offline tok/s | per GPU | per GPU vs TP=1 |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
         thr = f"{r['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%}" if base else ""
         nccl = f"{r['decode_tok_s_nccl']:.1f}" if "decode_tok_s_nccl" in r else ""
         unfused = f"{r['decode_tok_s_unfused']:.1f}" if "decode_tok_s_unfused" in r else ""
-        plain = f"{r['decode_tok_s_noprefetch']:.1f}" if "decode_tok_s_noprefetch" in r else ""
         what = f"TP={r['tp']}" if r["replicas"] == 1 else f"{r['replicas']} data-parallel x TP={r['tp']}"
         if r["config"] == AUTO:
             what = f"parallel=auto, throughput: {what}"
         print(f"| {what}{' (eager)' if r['eager'] else ''} | {r['gpus']} | {r['start_s']:.0f} "
-              f"| {r['decode_tok_s']:.1f} | {dec} | {nccl} | {unfused} | {plain} | {r['offline_tok_s']:.0f} "
+              f"| {r['decode_tok_s']:.1f} | {dec} | {nccl} | {unfused} | {r['offline_tok_s']:.0f} "
               f"| {r['offline_tok_s_per_gpu']:.0f} | {thr} |")
     report_all_reduce(results)
     two = next((r for r in results if r["config"] == "2"), None)
@@ -312,9 +306,6 @@ def main() -> None:
                         help="at TP>1 also measure batch-1 decode with all_reduce='nccl' (a second engine)")
     parser.add_argument("--compare-unfused", action=argparse.BooleanOptionalAction, default=True,
                         help="at TP>1 also measure batch-1 decode without the fused all-reduce + RMSNorm")
-    parser.add_argument("--compare-prefetch", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure batch-1 decode with the bf16 GEMVs launched the plain way, "
-                             "without PDL and their L2 prefetch (STRATA_GEMV_PREFETCH_MIB=0)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="greedy tokens of TP>1 vs TP=1 (float32) and symmetric memory vs NCCL "
                              "(bfloat16) on one random checkpoint (parallel_check.py)")

@@ -97,8 +97,7 @@ types = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
 res = {}
 for m in (1, 4):
     meta = dict(sk.default_config(m, 6144, 4096))
-    meta.update(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, DOT_PRECISION="tf32", USE_PDL=False,
-                PREFETCH_K=0, LINE=64)
+    meta.update(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, DOT_PRECISION="tf32")
     ptx = build(sk._skinny_kernel, meta, types, ptx=True)
     res[m] = dict(v4=len(re.findall(r"ld\.global[^ ]*\.v4", ptx)),
                   cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)))
@@ -111,26 +110,3 @@ def test_kernel_compiles_for_hopper_with_16_byte_loads():
     found = run_without_interpreter(V4_LOADS_BUILD + _BUILD_SCRIPT)
     assert found["1"]["v4"] >= 1, found
     assert found["4"]["cp16"] >= 1, found
-
-
-@pytest.mark.skipif(not CUDA, reason="PDL and the L2 prefetch are used only in a CUDA graph")
-@pytest.mark.parametrize("n,k", [(3072, 4096), (14336, 4096), (4096, 7168), (1000, 520)])
-def test_graph_launch_with_prefetch_reads_the_previous_kernels_output(n, k):
-    """Captured after a kernel that writes its input (PDL and the L2 prefetch on sm_90+), the
-    matmul gives eager's bits for every new input written before a replay."""
-    from strata.kernels import activation, pdl
-    w = _rand(n, k, dtype=torch.bfloat16) / k ** 0.5
-    src, x = _rand(1, k, dtype=torch.bfloat16), torch.empty(1, k, dtype=torch.bfloat16, device=DEVICE)
-    out = torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE)
-    activation.relu(src, out=x), sk.skinny_matmul(x, w, out=out)     # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        used = pdl.enabled(x) and sk.prefetch_k(n, k, 2, sk.default_config(1, n, k)) > 0
-        activation.relu(src, out=x)
-        sk.skinny_matmul(x, w, out=out)
-    assert used == (torch.cuda.get_device_capability()[0] >= 9 and pdl.ENABLED and sk.prefetch_bytes() > 0)
-    for _ in range(3):
-        src.copy_(_rand(1, k, dtype=torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, sk.skinny_matmul(torch.relu(src), w))
