@@ -17,6 +17,9 @@ startup line printed for each engine says which). For each TP size, one engine a
    the first token; median of 3. At TP>1 also with ``all_reduce="nccl"`` (a second engine,
    decode only; ``--no-compare-nccl`` skips it) and without the fused all-reduce + RMSNorm
    (``STRATA_FUSED_NORM=0``: separate all-reduce and norm kernels; ``--no-compare-unfused``).
+   At every TP size also with the bf16 GEMVs launched the plain way (``STRATA_GEMV_PDL=0``) and
+   with PDL but without the L2 prefetch of their first weights (``STRATA_GEMV_PREFETCH_MIB=0``;
+   ``--no-compare-gemv-pdl`` skips both).
 3. offline: the GPU issue's fixed set (gpu_llama8b.py): ``--num-requests`` requests of 256 random
    prompt tokens and 256 new tokens in one ``llm.generate``; total tok/s, and per GPU.
 4. all-reduce: every rank times all-reduces of [tokens, 4096] bf16 (1 token: a batch-1 decode
@@ -174,10 +177,14 @@ def measure(args, path: Path, config: str, enforce_eager: bool) -> dict:
     name = label(config)
     out: dict = {"config": config, "eager": enforce_eager}
     # First the comparison engines (decode only): the default engine's figures follow its start line.
-    variants = [("nccl", "all_reduce=nccl", dict(all_reduce="nccl"), args.compare_nccl),
-                ("unfused", "STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), args.compare_unfused)]
-    for key, what, kw, wanted in variants:
-        if config in ("1", AUTO) or not wanted:
+    # (key, label, start_engine's extras, wanted, only at TP>1)
+    variants = [("nccl", "all_reduce=nccl", dict(all_reduce="nccl"), args.compare_nccl, True),
+                ("unfused", "STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), args.compare_unfused, True),
+                ("nopdl", "STRATA_GEMV_PDL=0", dict(env={"STRATA_GEMV_PDL": "0"}), args.compare_gemv_pdl, False),
+                ("noprefetch", "STRATA_GEMV_PREFETCH_MIB=0", dict(env={"STRATA_GEMV_PREFETCH_MIB": "0"}),
+                 args.compare_gemv_pdl, False)]
+    for key, what, kw, wanted, tp_only in variants:
+        if config == AUTO or (config == "1" and tp_only) or not wanted:
             continue
         try:
             llm, _ = start_engine(args, path, config, enforce_eager, **kw)
@@ -240,18 +247,20 @@ def report(results: list[dict], meta: dict) -> None:
     print(f"\n{meta}")
     base = next((r for r in results if r["config"] == "1"), None)
     print("| layout | GPUs | start s | batch-1 decode tok/s | vs TP=1 | with NCCL all-reduce "
-          "| without the fused norm | offline tok/s | per GPU | per GPU vs TP=1 |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| without the fused norm | GEMVs without PDL | GEMVs without the prefetch | offline tok/s | per GPU "
+          "| per GPU vs TP=1 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
         thr = f"{r['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%}" if base else ""
         nccl = f"{r['decode_tok_s_nccl']:.1f}" if "decode_tok_s_nccl" in r else ""
         unfused = f"{r['decode_tok_s_unfused']:.1f}" if "decode_tok_s_unfused" in r else ""
+        nopdl, nopf = (f"{r[f'decode_tok_s_{key}']:.1f}" if f"decode_tok_s_{key}" in r else ""
+                       for key in ("nopdl", "noprefetch"))
         what = f"TP={r['tp']}" if r["replicas"] == 1 else f"{r['replicas']} data-parallel x TP={r['tp']}"
         if r["config"] == AUTO:
             what = f"parallel=auto, throughput: {what}"
         print(f"| {what}{' (eager)' if r['eager'] else ''} | {r['gpus']} | {r['start_s']:.0f} "
-              f"| {r['decode_tok_s']:.1f} | {dec} | {nccl} | {unfused} | {r['offline_tok_s']:.0f} "
+              f"| {r['decode_tok_s']:.1f} | {dec} | {nccl} | {unfused} | {nopdl} | {nopf} | {r['offline_tok_s']:.0f} "
               f"| {r['offline_tok_s_per_gpu']:.0f} | {thr} |")
     report_all_reduce(results)
     two = next((r for r in results if r["config"] == "2"), None)
@@ -306,6 +315,9 @@ def main() -> None:
                         help="at TP>1 also measure batch-1 decode with all_reduce='nccl' (a second engine)")
     parser.add_argument("--compare-unfused", action=argparse.BooleanOptionalAction, default=True,
                         help="at TP>1 also measure batch-1 decode without the fused all-reduce + RMSNorm")
+    parser.add_argument("--compare-gemv-pdl", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure batch-1 decode with the bf16 GEMVs launched without PDL "
+                             "(STRATA_GEMV_PDL=0), and with PDL but no L2 prefetch (STRATA_GEMV_PREFETCH_MIB=0)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="greedy tokens of TP>1 vs TP=1 (float32) and symmetric memory vs NCCL "
                              "(bfloat16) on one random checkpoint (parallel_check.py)")

@@ -27,33 +27,70 @@ launch. Two inner products:
 
 Accumulation is fp32 whatever the dtype; the result is rounded once, as cuBLAS does. fp32
 weights use exact fp32 products (no TF32).
+
+Inside a CUDA graph on sm_90+ the kernel launches with PDL (strata.kernels.pdl): its programs
+start while the kernel before finishes (a fused all-reduce + norm waiting on its peer, the
+attention, the activation), ask L2 for the first lines of their weight rows, wait, and let the
+next kernel launch only after their stores. H200, Llama-3.1-8B shape, batch-1 decode, each an
+engine of its own: TP=2 344.6 tok/s without PDL, 362.9 with it, 367.4 with the 2 MiB prefetch;
+TP=1 217.8 / 219.4 / 217.2. With the trigger first instead: TP=2 313.7, TP=1 204.8.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from strata.kernels import pdl
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Rows of x up to which matmuls take this kernel (beyond, cuBLAS's GEMMs are compute-efficient).
 MAX_ROWS = 16
+
+# Inside a CUDA graph on sm_90+ the kernel launches with PDL (STRATA_GEMV_PDL=0: the plain way)
+# and first asks L2 for up to this many MiB of its weights, from the start of each row, while the
+# kernel before it finishes (_prefetch_l2). STRATA_GEMV_PREFETCH_MIB overrides it (both are read
+# when a graph is captured); 0: no prefetch.
+PREFETCH_MIB = 2
+_LINE_BYTES = 128
+
+
+def prefetch_bytes() -> int:
+    return int(float(os.environ.get("STRATA_GEMV_PREFETCH_MIB", PREFETCH_MIB)) * 2 ** 20)
+
+
+@triton.jit
+def _prefetch_l2(w_rows, n_mask, K, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for the first PREFETCH_K weights of each of this program's rows, one request per
+    128-byte line (LINE elements): the loads that follow the PDL wait then find them there."""
+    offs = tl.arange(0, PREFETCH_K // LINE) * LINE
+    ok = n_mask[:, None] & (offs[None, :] < K)
+    ptrs = tl.where(ok, w_rows + offs[None, :], w_rows)   # masked lanes ask for a line of row 0
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride,
                    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0, LINE: tl.constexpr = 64):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * w_stride
+    if PREFETCH_K > 0:    # the weights depend on nothing the step computes: fetch while waiting
+        if tl.program_id(1) == 0:
+            _prefetch_l2(w_rows, n_mask, K, PREFETCH_K, LINE)
+    pdl.wait(USE_PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -81,6 +118,9 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride,
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * out_stride + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    # Only now may the next kernel launch: triggered first thing, the kernels after a GEMV each
+    # launched and waited ahead, and the decode step measured 7-9% slower than without PDL.
+    pdl.trigger(USE_PDL)
 
 
 def _require(ok: bool, name: str, msg: str) -> None:
@@ -143,6 +183,9 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out
     meta = dict(config or default_config(m, n, k))
     grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+    if pdl.enabled(x) and os.environ.get("STRATA_GEMV_PDL", "1") != "0":
+        meta.update(pdl.launch_options(x), PREFETCH_K=prefetch_k(n, k, weight.element_size(), meta),
+                    LINE=_LINE_BYTES // weight.element_size())
     _skinny_kernel[grid](
         x, weight, bias if bias is not None else weight, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
@@ -150,6 +193,18 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         EVEN_N=n % meta["BLOCK_N"] == 0, EVEN_K=k % meta["BLOCK_K"] == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)
     return out
+
+
+def prefetch_k(n: int, k: int, element_size: int, meta: dict) -> int:
+    """Weights per row to ask L2 for before the PDL wait (0: none).
+
+    ``prefetch_bytes()`` of the matrix at most, the same number of 128-byte lines (a power of
+    two) from the start of every row, and at most 16 requests per thread."""
+    lines = min(prefetch_bytes() // (n * _LINE_BYTES), triton.cdiv(k * element_size, _LINE_BYTES),
+                16 * 32 * meta["num_warps"] // meta["BLOCK_N"])
+    if lines < 1:
+        return 0
+    return (1 << (lines.bit_length() - 1)) * _LINE_BYTES // element_size
 
 
 def skinny_matmul_ref(x, weight, bias=None, out=None, config=None):

@@ -48,6 +48,7 @@ import re
 from strata.kernels import activation as act, int4_gemv as g, norm, paged_attention as pa, rotary
 from strata.kernels import quant_matmul as qm
 from strata.kernels import all_reduce_norm as arn
+from strata.kernels import skinny_matmul as sk
 
 def order(fn, meta, types):
     ptx = build(fn, dict(meta, USE_PDL=True), types, ptx=True)
@@ -58,6 +59,8 @@ def order(fn, meta, types):
                 triggers=ptx.count("griddepcontrol.launch_dependents"),
                 loads_before=len(re.findall(r"\bld\.global", before)),
                 stores_before=len(re.findall(r"\b(st|red|atom)\.global", before)),
+                prefetches_before=before.count("prefetch.global.L2"),
+                trigger_after_stores=ptx.rfind("st.global") < ptx.find("griddepcontrol.launch_dependents"),
                 plain=plain.count("griddepcontrol"))
 
 cfg = g.gemv_config(4096, 4096)
@@ -77,9 +80,16 @@ w8_meta = dict(qm.default_config(1, 4096, 4096, 8, torch.bfloat16), HAS_BIAS=Fal
                EVEN_K=True, DOT_PRECISION="tf32", EVICT="evict_first")
 w8_types = dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
 red_types = dict(ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", out_ptr="*bf16")
+skinny_meta = {n: dict(sk.default_config(1, n, 4096), HAS_BIAS=False, EVEN_N=True, EVEN_K=True,
+                      DOT_PRECISION="tf32", LINE=64,
+                      PREFETCH_K=sk.prefetch_k(n, 4096, 2, sk.default_config(1, n, 4096)))
+               for n in (3072, 14336)}
+skinny_types = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
 print(json.dumps({
     "gemv": order(g._w4_gemv_kernel, gemv_meta, gemv_types),
     "w8": order(qm._w8_kernel, w8_meta, w8_types),
+    "skinny_fma": order(sk._skinny_kernel, skinny_meta[3072], skinny_types),
+    "skinny_dot": order(sk._skinny_kernel, skinny_meta[14336], skinny_types),
     "rms_norm": order(norm._rms_norm_kernel,
                       dict(norm._launch_args(hidden, hidden, hidden, hidden)[-1], HAS_RES=True), bf),
     "rotary": order(rotary._rotary_kv_kernel, rotary._rotary_meta(32, 8, 128, 128, True)[1], rot_types),
@@ -106,5 +116,11 @@ def test_hopper_builds_wait_before_reading_what_a_kernel_wrote():
     # (they depend on nothing the step computes); the others load nothing before it.
     assert found["gemv"]["loads_before"] >= 3, found["gemv"]
     assert found["w8"]["loads_before"] >= 1, found["w8"]
-    for name in ("rms_norm", "rotary", "silu_and_mul", "decode", "reduce", "all_reduce_norm"):
+    # The bf16 GEMVs ask L2 for their first weights instead (both inner products' builds), and
+    # let the next kernel launch only once they have stored their results.
+    for name in ("skinny_fma", "skinny_dot"):
+        assert found[name]["prefetches_before"] >= 1, (name, found[name])
+        assert found[name]["trigger_after_stores"], (name, found[name])
+    for name in ("rms_norm", "rotary", "silu_and_mul", "decode", "reduce", "all_reduce_norm", "skinny_fma",
+                 "skinny_dot"):
         assert found[name]["loads_before"] == 0, (name, found[name])

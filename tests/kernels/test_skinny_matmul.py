@@ -97,7 +97,8 @@ types = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
 res = {}
 for m in (1, 4):
     meta = dict(sk.default_config(m, 6144, 4096))
-    meta.update(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, DOT_PRECISION="tf32")
+    meta.update(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, DOT_PRECISION="tf32", USE_PDL=False,
+                PREFETCH_K=0, LINE=64)
     ptx = build(sk._skinny_kernel, meta, types, ptx=True)
     res[m] = dict(v4=len(re.findall(r"ld\.global[^ ]*\.v4", ptx)),
                   cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)))
@@ -110,3 +111,33 @@ def test_kernel_compiles_for_hopper_with_16_byte_loads():
     found = run_without_interpreter(V4_LOADS_BUILD + _BUILD_SCRIPT)
     assert found["1"]["v4"] >= 1, found
     assert found["4"]["cp16"] >= 1, found
+
+
+@pytest.mark.skipif(not CUDA, reason="PDL and the L2 prefetch are used only in a CUDA graph")
+@pytest.mark.parametrize("n,k", [(3072, 4096), (14336, 4096), (4096, 7168), (1000, 520)])
+def test_graph_launch_between_kernels_gives_eager_results(n, k):
+    """Captured between a kernel that writes its input and one that reads its output (PDL and
+    the L2 prefetch on sm_90+), the matmul gives eager's bits for every input of a replay, and
+    the kernel after it reads them whole."""
+    from strata.kernels import activation, pdl
+    w = _rand(n, k, dtype=torch.bfloat16) / k ** 0.5
+    src, x = _rand(1, k, dtype=torch.bfloat16), torch.empty(1, k, dtype=torch.bfloat16, device=DEVICE)
+    out, after = (torch.empty(1, n, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+
+    def step():
+        activation.relu(src, out=x)
+        sk.skinny_matmul(x, w, out=out)
+        activation.relu(out, out=after)
+
+    step()                                       # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        used = pdl.enabled(x)
+        step()
+    assert used == (torch.cuda.get_device_capability()[0] >= 9 and pdl.ENABLED)
+    for _ in range(3):
+        src.copy_(_rand(1, k, dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = sk.skinny_matmul(torch.relu(src), w)
+        assert torch.equal(out, want) and torch.equal(after, torch.relu(want))
