@@ -97,10 +97,10 @@ def measure_or_retry(args, path: Path, config: str) -> dict | None:
     return None
 
 
-def measure_in_child(config: str) -> dict | None:
-    """One TP size in a process of its own: a TP=1 engine's KV cache (~110 GiB) still held by
-    this process left rank 0 of the next engine no memory (seen on 2 x H200), so no engine
-    shares a process with another."""
+def measure_in_child(config: str, variant: str | None = None) -> dict | None:
+    """One TP size (or one comparison engine of it: ``variant``) in a process of its own: a TP=1
+    engine's KV cache (~110 GiB) still held by this process left rank 0 of the next engine no
+    memory (seen on 2 x H200), so no engine shares a process with another."""
     import subprocess
     import sys
     import tempfile
@@ -111,6 +111,7 @@ def measure_in_child(config: str) -> dict | None:
         j += 1
     argv[i:j] = ["--tp", config if config != AUTO else "1"]   # the GPU count check
     argv = [a for a in argv if a not in ("--check", "--auto-throughput")] + ["--no-check", "--only", config]
+    argv += ["--variant", variant] if variant else []
     if "--json" in argv:
         k = argv.index("--json")
         del argv[k:k + 2]
@@ -172,26 +173,36 @@ def gpus_used(engine) -> tuple[int, int]:
     return tp, engine.parallel_config.world_size * replicas
 
 
+# The comparison engines: key -> (label, start_engine's extras, the flag that asks for it, only at TP>1).
+VARIANTS = {
+    "nccl": ("all_reduce=nccl", dict(all_reduce="nccl"), "compare_nccl", True),
+    "unfused": ("STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), "compare_unfused", True),
+    "nopdl": ("STRATA_GEMV_PDL=0", dict(env={"STRATA_GEMV_PDL": "0"}), "compare_gemv_pdl", False),
+    "noprefetch": ("STRATA_GEMV_PREFETCH_MIB=0", dict(env={"STRATA_GEMV_PREFETCH_MIB": "0"}), "compare_gemv_pdl", False),
+}
+
+
+def measure_variant(args, path: Path, config: str, key: str) -> dict:
+    """Batch-1 decode of one comparison engine (``VARIANTS[key]``)."""
+    what, kw, _, _ = VARIANTS[key]
+    llm, _ = start_engine(args, path, config, args.enforce_eager, **kw)
+    rate = decode_rate(args, llm, f"{label(config)} {what}")
+    shutdown(llm)
+    return {"config": config, "variant": key, "decode_tok_s": rate}
+
+
 def measure(args, path: Path, config: str, enforce_eager: bool) -> dict:
     from strata import SamplingParams
     name = label(config)
     out: dict = {"config": config, "eager": enforce_eager}
-    # First the comparison engines (decode only): the default engine's figures follow its start line.
-    # (key, label, start_engine's extras, wanted, only at TP>1)
-    variants = [("nccl", "all_reduce=nccl", dict(all_reduce="nccl"), args.compare_nccl, True),
-                ("unfused", "STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), args.compare_unfused, True),
-                ("nopdl", "STRATA_GEMV_PDL=0", dict(env={"STRATA_GEMV_PDL": "0"}), args.compare_gemv_pdl, False),
-                ("noprefetch", "STRATA_GEMV_PREFETCH_MIB=0", dict(env={"STRATA_GEMV_PREFETCH_MIB": "0"}),
-                 args.compare_gemv_pdl, False)]
-    for key, what, kw, wanted, tp_only in variants:
-        if config == AUTO or (config == "1" and tp_only) or not wanted:
+    # First the comparison engines (decode only, each in a process of its own): the default
+    # engine's figures follow its start line.
+    for key, (what, _, wanted, tp_only) in VARIANTS.items():
+        if config == AUTO or (config == "1" and tp_only) or not getattr(args, wanted):
             continue
-        try:
-            llm, _ = start_engine(args, path, config, enforce_eager, **kw)
-            out[f"decode_tok_s_{key}"] = decode_rate(args, llm, f"{name} {what}")
-            shutdown(llm)
-        except Exception as e:   # the default engine's figures still come
-            print(f"{name} {what} failed: {type(e).__name__}: {e}", flush=True)
+        found = measure_in_child(config, key)
+        if found is not None:
+            out[f"decode_tok_s_{key}"] = found["decode_tok_s"]
     llm, out["start_s"] = start_engine(args, path, config, enforce_eager)
     out["startup"] = llm.llm_engine.describe()
     tp, gpus = gpus_used(llm.llm_engine)
@@ -332,6 +343,7 @@ def main() -> None:
                         help="also measure the engine parallel='auto', goal='throughput' builds on all the "
                              "GPUs (data-parallel replicas where the model fits one GPU)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)   # one configuration, in a child
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)   # its comparison engine
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.smoke:
@@ -356,11 +368,17 @@ def main() -> None:
     configs = [args.only] if args.only else [str(tp) for tp in sorted(args.tp)] + ([AUTO] if args.auto_throughput else [])
     results = []
     for config in configs:
-        result = measure_or_retry(args, path, config) if len(configs) == 1 else measure_in_child(config)
+        if args.variant:
+            result = measure_variant(args, path, config, args.variant)
+        elif len(configs) == 1:
+            result = measure_or_retry(args, path, config)
+        else:
+            result = measure_in_child(config)
         if result is not None:
             results.append(result)
     checks = run_checks(sorted(args.tp), args.smoke) if args.check and not args.only else []
-    report(results, meta)
+    if not args.variant:
+        report(results, meta)
     report_checks(checks) if checks else None
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "checks": checks}, indent=2))
