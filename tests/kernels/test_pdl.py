@@ -120,6 +120,7 @@ def test_hopper_builds_wait_before_reading_what_a_kernel_wrote():
     # let the next kernel launch only once they have stored their results.
     for name in ("skinny_fma", "skinny_dot"):
         assert found[name]["prefetches_before"] >= 1, (name, found[name])
+    for name in ("skinny_fma", "skinny_dot", "gemv"):
         assert found[name]["trigger_after_stores"], (name, found[name])
     for name in ("rms_norm", "rotary", "silu_and_mul", "decode", "reduce", "all_reduce_norm", "skinny_fma",
                  "skinny_dot"):
