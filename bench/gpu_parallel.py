@@ -97,10 +97,11 @@ def measure_or_retry(args, path: Path, config: str) -> dict | None:
     return None
 
 
-def measure_in_child(config: str, variant: str | None = None) -> dict | None:
-    """One TP size (or one comparison engine of it: ``variant``) in a process of its own: a TP=1
-    engine's KV cache (~110 GiB) still held by this process left rank 0 of the next engine no
-    memory (seen on 2 x H200), so no engine shares a process with another."""
+def measure_in_child(config: str, variant: str | None = None, enforce_eager: bool = False) -> dict | None:
+    """One TP size (or one comparison engine of it: ``variant``, eager like the engine it is
+    compared with) in a process of its own: a TP=1 engine's KV cache (~110 GiB) still held by
+    this process left rank 0 of the next engine no memory (seen on 2 x H200), so no engine
+    shares a process with another."""
     import subprocess
     import sys
     import tempfile
@@ -112,6 +113,7 @@ def measure_in_child(config: str, variant: str | None = None) -> dict | None:
     argv[i:j] = ["--tp", config if config != AUTO else "1"]   # the GPU count check
     argv = [a for a in argv if a not in ("--check", "--auto-throughput")] + ["--no-check", "--only", config]
     argv += ["--variant", variant] if variant else []
+    argv += ["--enforce-eager"] if enforce_eager and "--enforce-eager" not in argv else []
     if "--json" in argv:
         k = argv.index("--json")
         del argv[k:k + 2]
@@ -173,18 +175,22 @@ def gpus_used(engine) -> tuple[int, int]:
     return tp, engine.parallel_config.world_size * replicas
 
 
-# The comparison engines: key -> (label, start_engine's extras, the flag that asks for it, only at TP>1).
+# The comparison engines: key -> (label, start_engine's extras, the flag that asks for it, only at
+# TP>1, the report's column).
 VARIANTS = {
-    "nccl": ("all_reduce=nccl", dict(all_reduce="nccl"), "compare_nccl", True),
-    "unfused": ("STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), "compare_unfused", True),
-    "nopdl": ("STRATA_GEMV_PDL=0", dict(env={"STRATA_GEMV_PDL": "0"}), "compare_gemv_pdl", False),
-    "noprefetch": ("STRATA_GEMV_PREFETCH_MIB=0", dict(env={"STRATA_GEMV_PREFETCH_MIB": "0"}), "compare_gemv_pdl", False),
+    "nccl": ("all_reduce=nccl", dict(all_reduce="nccl"), "compare_nccl", True, "with NCCL all-reduce"),
+    "unfused": ("STRATA_FUSED_NORM=0", dict(env={"STRATA_FUSED_NORM": "0"}), "compare_unfused", True,
+                "without the fused norm"),
+    "nopdl": ("STRATA_GEMV_PDL=0", dict(env={"STRATA_GEMV_PDL": "0"}), "compare_gemv_pdl", False,
+              "GEMVs without PDL"),
+    "noprefetch": ("STRATA_GEMV_PREFETCH_MIB=0", dict(env={"STRATA_GEMV_PREFETCH_MIB": "0"}), "compare_gemv_pdl",
+                   False, "GEMVs without the prefetch"),
 }
 
 
 def measure_variant(args, path: Path, config: str, key: str) -> dict:
     """Batch-1 decode of one comparison engine (``VARIANTS[key]``)."""
-    what, kw, _, _ = VARIANTS[key]
+    what, kw, *_ = VARIANTS[key]
     llm, _ = start_engine(args, path, config, args.enforce_eager, **kw)
     rate = decode_rate(args, llm, f"{label(config)} {what}")
     shutdown(llm)
@@ -197,10 +203,10 @@ def measure(args, path: Path, config: str, enforce_eager: bool) -> dict:
     out: dict = {"config": config, "eager": enforce_eager}
     # First the comparison engines (decode only, each in a process of its own): the default
     # engine's figures follow its start line.
-    for key, (what, _, wanted, tp_only) in VARIANTS.items():
+    for key, (_, _, wanted, tp_only, _) in VARIANTS.items():
         if config == AUTO or (config == "1" and tp_only) or not getattr(args, wanted):
             continue
-        found = measure_in_child(config, key)
+        found = measure_in_child(config, key, enforce_eager)
         if found is not None:
             out[f"decode_tok_s_{key}"] = found["decode_tok_s"]
     llm, out["start_s"] = start_engine(args, path, config, enforce_eager)
@@ -257,21 +263,19 @@ def slowest(rows: list[dict]) -> dict:
 def report(results: list[dict], meta: dict) -> None:
     print(f"\n{meta}")
     base = next((r for r in results if r["config"] == "1"), None)
-    print("| layout | GPUs | start s | batch-1 decode tok/s | vs TP=1 | with NCCL all-reduce "
-          "| without the fused norm | GEMVs without PDL | GEMVs without the prefetch | offline tok/s | per GPU "
-          "| per GPU vs TP=1 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    columns = [v[-1] for v in VARIANTS.values()]
+    print(f"| layout | GPUs | start s | batch-1 decode tok/s | vs TP=1 | {' | '.join(columns)} | offline tok/s "
+          f"| per GPU | per GPU vs TP=1 |\n|---|---:|---:|---:|---:|{'---:|' * len(columns)}---:|---:|---:|")
     for r in results:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else ""
         thr = f"{r['offline_tok_s_per_gpu'] / base['offline_tok_s_per_gpu']:.0%}" if base else ""
-        nccl = f"{r['decode_tok_s_nccl']:.1f}" if "decode_tok_s_nccl" in r else ""
-        unfused = f"{r['decode_tok_s_unfused']:.1f}" if "decode_tok_s_unfused" in r else ""
-        nopdl, nopf = (f"{r[f'decode_tok_s_{key}']:.1f}" if f"decode_tok_s_{key}" in r else ""
-                       for key in ("nopdl", "noprefetch"))
+        variants = " | ".join(f"{r[f'decode_tok_s_{key}']:.1f}" if f"decode_tok_s_{key}" in r else ""
+                              for key in VARIANTS)
         what = f"TP={r['tp']}" if r["replicas"] == 1 else f"{r['replicas']} data-parallel x TP={r['tp']}"
         if r["config"] == AUTO:
             what = f"parallel=auto, throughput: {what}"
         print(f"| {what}{' (eager)' if r['eager'] else ''} | {r['gpus']} | {r['start_s']:.0f} "
-              f"| {r['decode_tok_s']:.1f} | {dec} | {nccl} | {unfused} | {nopdl} | {nopf} | {r['offline_tok_s']:.0f} "
+              f"| {r['decode_tok_s']:.1f} | {dec} | {variants} | {r['offline_tok_s']:.0f} "
               f"| {r['offline_tok_s_per_gpu']:.0f} | {thr} |")
     report_all_reduce(results)
     two = next((r for r in results if r["config"] == "2"), None)
