@@ -4,8 +4,8 @@ and pipeline parallelism (multiproc.py) has the same interface."""
 from __future__ import annotations
 
 from strata.core.sched_output import RunnerOutput, SchedulerOutput
-from strata.profiling import StepProfiler
 from strata.executor.worker import ModelFacts
+from strata.profiling import StepProfiler
 from strata.runner.model_runner import ModelRunner, StepHandle
 
 

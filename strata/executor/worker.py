@@ -17,8 +17,8 @@ from strata.config import CacheConfig, LoadConfig, ModelConfig, OffloadConfig, Q
 from strata.distributed import parallel_state as ps
 from strata.engine.arg_utils import EngineArgs
 from strata.loader import model_loader
-from strata.quant.kv import resolve_kv_format
 from strata.profiling import StepProfiler
+from strata.quant.kv import resolve_kv_format
 from strata.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("strata")
