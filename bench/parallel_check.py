@@ -9,6 +9,8 @@ they differ between TP sizes and cannot be compared).
   sum may differ, so a late token may differ there too.
 * TP=N with the fused all-reduce + RMSNorm vs without it (``STRATA_FUSED_NORM=0``), in bfloat16:
   the same sums and norms in fewer kernels, bit-identical at TP=2.
+* TP=N with o_proj and down_proj sending their shares as they compute them vs the fused kernel
+  sending them (``STRATA_GEMV_PUSH=0``), in bfloat16: the same rows by another road, identical.
 Each engine uses CUDA graphs and async scheduling (the defaults), batches of 1 and of 4 prompts.
 """
 
@@ -142,6 +144,9 @@ def run_checks(tp_sizes: list[int], smoke: bool) -> list[dict]:
             rows.append(_row(f"TP={tp} fused all-reduce + RMSNorm vs separate kernels, bfloat16",
                              lambda: compare(fused, greedy_tokens(path, tp, "bfloat16", "auto", smoke,
                                                                   env={"STRATA_FUSED_NORM": "0"}))))
+            rows.append(_row(f"TP={tp} shares sent by the GEMVs vs by the fused kernel, bfloat16",
+                             lambda: compare(fused, greedy_tokens(path, tp, "bfloat16", "auto", smoke,
+                                                                  env={"STRATA_GEMV_PUSH": "0"}))))
     return rows
 
 

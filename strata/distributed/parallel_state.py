@@ -139,15 +139,38 @@ def sums_in_norms() -> bool:
     return _groups.tp_size > 1
 
 
+def _fused_norm():
+    fast = _groups.fast_all_reduce
+    return fast.norm if fast is not None else None
+
+
 def all_reduce_rms_norm(x, residual, weight, eps: float):
     """``(norm(sum + residual), sum + residual)`` in one kernel, where sum is x summed over the
     tensor-parallel ranks, or None where no fused kernel takes x (then the caller sums and
     normalises apart)."""
-    fast = _groups.fast_all_reduce
-    fused = fast.norm if fast is not None else None
+    fused = _fused_norm()
     if fused is None or not fused.can_run(x, residual):
+        if fused is not None:
+            fused.check_nothing_sent()
         return None
     return fused(x, residual, weight, eps)
+
+
+def share_push_target(x, out_features: int):
+    """Where the row-parallel projection of x (its ``out_features``-wide share of a sum that the
+    next RMSNorm completes) may send its rows to the peers as it computes them, or None. Only a
+    projection whose result goes straight into ``RMSNorm(..., partial=True)`` may ask; the
+    result must then be passed through ``share_sent``."""
+    fused = _fused_norm()
+    if fused is None or x.dim() != 2:
+        return None
+    return fused.push_target(x.shape[0], out_features, x.dtype, x.device)
+
+
+def share_sent(share):
+    """Record that ``share`` went to the peers with ``share_push_target``'s target (the next fused
+    all-reduce + norm then only receives). Returns share."""
+    return _fused_norm().sent(share)
 
 
 def tensor_model_parallel_all_reduce_max(x):

@@ -18,7 +18,9 @@ and writes a new output tensor. All of it is capturable.
 Where the sum feeds an RMSNorm (the decoder layers' row-parallel projections, see
 strata.layers.norm.RMSNorm's ``partial``), a second buffer serves strata's own kernel that sums,
 adds the residual and normalises in one launch (strata.kernels.all_reduce_norm), for up to
-``SymmMemNorm.max_rows`` rows; ``STRATA_FUSED_NORM=0`` turns it off (comparisons).
+``SymmMemNorm.max_rows`` rows; ``STRATA_FUSED_NORM=0`` turns it off (comparisons). The
+row-parallel GEMV before it may send its share to the peers' buffers itself, tile by tile
+(``SymmMemNorm.push_target``; ``STRATA_GEMV_PUSH=0`` leaves the sending to the norm kernel).
 
 ``select_all_reduce`` decides on every rank of the tensor-parallel group together (the ranks
 agree through the gloo group, so none waits in a rendezvous its peers skipped) and says why it
@@ -33,8 +35,12 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:   # (the kernels import Triton, which a CPU-only install may lack)
+    from strata.kernels.all_reduce_norm import PushTarget
 
 ALL_REDUCE_MODES = ("auto", "nccl")
 # Starting points, not measurements of ours: inductor's one-shot threshold is 128 KiB, published
@@ -154,7 +160,7 @@ class SymmMemNorm:
     ``max_rows`` rows (as many as one-shot's byte limit holds)."""
 
     def __init__(self, group, device: torch.device, dtype: torch.dtype, hidden_size: int, max_bytes: int):
-        from strata.kernels.all_reduce_norm import EMPTY_FILL, MAX_COLS, block_for, buffer_numel
+        from strata.kernels.all_reduce_norm import EMPTY_FILL, MAX_COLS, PushTarget, block_for, buffer_numel
         import torch.distributed as dist
         if hidden_size > MAX_COLS:
             raise ValueError(f"the fused all-reduce + RMSNorm takes rows of up to {MAX_COLS}, not {hidden_size}")
@@ -169,6 +175,8 @@ class SymmMemNorm:
             raise RuntimeError("the symmetric buffer's peer addresses do not include this rank's own")
         self.bases = torch.tensor(bases, dtype=torch.int64, device=device)
         self.uses = torch.zeros(self.max_rows, dtype=torch.int32, device=device)
+        self._target = PushTarget(self.bases, self.uses, self.max_rows, self.rank, self.world, hidden_size, dtype)
+        self._sent = None   # the share a GEMV has sent, until the call that sums it
 
     def can_run(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
         return (x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden_size
@@ -176,11 +184,37 @@ class SymmMemNorm:
                 and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
                                           and residual.stride(1) == 1)))
 
+    def push_target(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> PushTarget | None:
+        """Where a GEMV computing the share of ``rows`` x ``cols`` may send it as it goes, or None
+        (STRATA_GEMV_PUSH=0, or rows this call could not sum)."""
+        if (os.environ.get("STRATA_GEMV_PUSH", "1") == "0" or not 0 < rows <= self.max_rows
+                or cols != self.hidden_size or dtype != self.dtype or device != self.device):
+            return None
+        return self._target
+
+    def sent(self, share: torch.Tensor) -> torch.Tensor:
+        """Record that ``share`` went to the peers as it was computed: the next call must sum it
+        (and then only receives). Returns share."""
+        self.check_nothing_sent()
+        self._sent = share
+        return share
+
+    def check_nothing_sent(self) -> None:
+        """Raise if a sent share is still waiting for its call: the peers' buffers hold rows that
+        no call of theirs will empty, and every later sum would take them."""
+        if self._sent is not None:
+            raise RuntimeError("a tensor-parallel share was sent to the peers but never summed: a row-parallel "
+                               "projection with push must go straight into the fused all-reduce + RMSNorm")
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
         """(RMSNorm of the group's sum of x plus residual, that sum plus residual)."""
         from strata.kernels.all_reduce_norm import all_reduce_rms_norm
+        pushed = self._sent is not None
+        if pushed and x is not self._sent:
+            self.check_nothing_sent()
+        self._sent = None
         return all_reduce_rms_norm(x, residual, weight, eps, bases=self.bases, uses=self.uses,
-                                   max_rows=self.max_rows, rank=self.rank, world=self.world)
+                                   max_rows=self.max_rows, rank=self.rank, world=self.world, pushed=pushed)
 
 
 def requested_mode(mode: str) -> str:

@@ -27,11 +27,20 @@ finish a call without the receiver's row of that call), so it writes the other h
 comes back to this half only after the receiver has started its next call, that is, after the
 receiver's reset.
 
+The row-parallel GEMV before the kernel may send the rows itself (``push_share`` in its
+epilogue, strata.kernels.skinny_matmul's ``push``; the kernel is then called with
+``pushed=True`` and only receives): each output tile goes to the peers as soon as its program has
+it, so the rows travel while the rest of the GEMV, its completion and this kernel's launch go
+by. The GEMV reads ``uses`` after its PDL wait, when the previous call has counted itself, and
+the call counts after reading it, so both pick the same half.
+
 The kernel also runs under Triton's interpreter, where the "peers" are other processes whose
 buffers are shared memory: that is how the tests check it without GPUs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -63,30 +72,61 @@ def _receive(ptr, mask, EMPTY: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _sendable(x, EMPTY: tl.constexpr, WIDE: tl.constexpr):
+    """x with -0.0 (the empty slot's value, never sent) as +0.0."""
+    bits = _bits(x, WIDE)
+    return tl.where(bits == EMPTY, tl.zeros_like(bits), bits).to(x.dtype, bitcast=True)
+
+
+@triton.jit
+def _slot(use, row, max_rows, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    """Element offset of (the half of a row's call number ``use``, the row, sender 0) in every
+    rank's buffer."""
+    return ((use % 2) * max_rows + row).to(tl.int64) * (WORLD * BLOCK)
+
+
+@triton.jit
+def _send(x, slot, cols, mask, bases_ptr, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr):
+    """x (sendable) into this sender's slot of every peer's buffer."""
+    for i in tl.static_range(1, WORLD):
+        peer = (RANK + i) % WORLD
+        theirs = tl.multiple_of(tl.load(bases_ptr + peer).to(tl.pointer_type(x.dtype)), 16)
+        tl.store(theirs + slot + RANK * BLOCK + cols, x, mask=mask)
+
+
+@triton.jit
+def push_share(y, rows, cols, row_mask, col_mask, bases_ptr, uses_ptr, max_rows,
+               RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, EMPTY: tl.constexpr,
+               WIDE: tl.constexpr):
+    """Send the tile y [R, C] (rows ``rows``, columns ``cols``, in the row's dtype) of this
+    rank's partial rows to every peer, for the all-reduce + norm call that follows (made with
+    ``pushed=True``). Call it after the PDL wait: it reads the rows' call counts."""
+    slot = _slot(tl.load(uses_ptr + rows, mask=row_mask, other=0), rows, max_rows, WORLD, BLOCK)
+    _send(_sendable(y, EMPTY, WIDE), slot[:, None], cols[None, :], row_mask[:, None] & col_mask[None, :],
+          bases_ptr, RANK, WORLD, BLOCK)
+
+
+@triton.jit
 def _all_reduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, bases_ptr, uses_ptr,
                                 max_rows, n_cols, eps, xs, rs, os, ros,
                                 RANK: tl.constexpr, WORLD: tl.constexpr, HAS_RES: tl.constexpr,
                                 BLOCK: tl.constexpr, EMPTY: tl.constexpr, WIDE: tl.constexpr,
-                                USE_PDL: tl.constexpr = False):
+                                PUSHED: tl.constexpr = False, USE_PDL: tl.constexpr = False):
     pdl.trigger(USE_PDL)
     pdl.wait(USE_PDL)
     row = tl.program_id(0)
-    dtype = out_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     use = tl.load(uses_ptr + row)
-    # Element offset of (this call's half, this row, sender 0) in every rank's buffer.
-    slot = ((use % 2) * max_rows + row).to(tl.int64) * (WORLD * BLOCK)
+    slot = _slot(use, row, max_rows, WORLD, BLOCK)
 
-    x = tl.load(x_ptr + row * xs + cols, mask=mask, other=0.0)
-    bits = _bits(x, WIDE)
-    x = tl.where(bits == EMPTY, tl.zeros_like(bits), bits).to(dtype, bitcast=True)   # -0.0 -> +0.0
-    for i in tl.static_range(1, WORLD):
-        peer = (RANK + i) % WORLD
-        theirs = tl.multiple_of(tl.load(bases_ptr + peer).to(tl.pointer_type(dtype)), 16)
-        tl.store(theirs + slot + RANK * BLOCK + cols, x, mask=mask)
+    # This rank's share, summed as it was sent (-0.0 as +0.0).
+    x = _sendable(tl.load(x_ptr + row * xs + cols, mask=mask, other=0.0), EMPTY, WIDE)
+    if not PUSHED:   # else the GEMV that computed x has sent it (push_share)
+        _send(x, slot, cols, mask, bases_ptr, RANK, WORLD, BLOCK)
 
     # (Buffers start 16-byte aligned, and slots are whole rows: 16-byte vector stores and polls.)
+    dtype = out_ptr.dtype.element_ty
     mine = tl.multiple_of(tl.load(bases_ptr + RANK).to(tl.pointer_type(dtype)), 16) + slot
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for src in tl.static_range(WORLD):
@@ -119,9 +159,35 @@ def buffer_numel(max_rows: int, world: int, n_cols: int) -> int:
 EMPTY_FILL = -0.0
 
 
+def _empty_bits(wide: bool) -> int:
+    """-0.0's bits as the kernel compares them (int32 for float32 rows, int16 for 16-bit ones)."""
+    return -2**31 if wide else -2**15
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a row-parallel GEMV sends its share of ``n_cols``-wide rows (``push_share``) for the
+    ``all_reduce_rms_norm(..., pushed=True)`` call after it: the same buffers and counters."""
+    bases: torch.Tensor
+    uses: torch.Tensor
+    max_rows: int
+    rank: int
+    world: int
+    n_cols: int
+    dtype: torch.dtype
+
+    def kernel_args(self) -> tuple[tuple, dict]:
+        """(bases, uses, max_rows) and the constexprs of a kernel calling push_share."""
+        wide = self.dtype.itemsize == 4
+        return (self.bases, self.uses, self.max_rows), dict(
+            PUSH=True, RANK=self.rank, WORLD=self.world, SLOT=block_for(self.n_cols),
+            EMPTY=_empty_bits(wide), WIDE=wide)
+
+
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                         *, bases: torch.Tensor, uses: torch.Tensor, max_rows: int, rank: int, world: int,
-                        out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+                        out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+                        pushed: bool = False):
     """``rms_norm(sum over ranks of x, weight, eps, residual)``, returning ``(out, new_residual)``
     (with no residual, new_residual is the sum itself).
 
@@ -129,6 +195,8 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     bases: int64 [world], every rank's buffer address in this process, each buffer of
     ``buffer_numel`` elements of x's dtype filled with ``EMPTY_FILL``. uses: int32 [max_rows],
     zeroed, this rank's own. Every rank must make the same calls with the same number of rows.
+    pushed: the kernel that computed x has already sent it to the peers (``PushTarget``); every
+    rank must then have done so.
     """
     rows, n_cols = x.shape
     if rows > max_rows or n_cols > MAX_COLS:
@@ -143,6 +211,6 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: 
             x, res, weight, out, residual_out, bases, uses, max_rows, n_cols, float(eps),
             x.stride(0), res.stride(0), out.stride(0), residual_out.stride(0),
             RANK=rank, WORLD=world, HAS_RES=residual is not None, BLOCK=block,
-            EMPTY=-2**31 if wide else -2**15, WIDE=wide,
+            EMPTY=_empty_bits(wide), WIDE=wide, PUSHED=pushed,
             num_warps=min(max(block // 256, 1), 16), **pdl.launch_options(x))
     return out, residual_out

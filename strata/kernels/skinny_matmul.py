@@ -46,6 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from strata.kernels import all_reduce_norm as arn
 from strata.kernels import pdl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -78,10 +79,13 @@ def _prefetch_l2(w_rows, n_mask, K, PREFETCH_K: tl.constexpr, LINE: tl.constexpr
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride, out_stride,
+                   bases_ptr, uses_ptr, max_rows,
                    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                   USE_PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0, LINE: tl.constexpr = 64,
+                   PUSH: tl.constexpr = False, RANK: tl.constexpr = 0, WORLD: tl.constexpr = 1,
+                   SLOT: tl.constexpr = 1, EMPTY: tl.constexpr = 0, WIDE: tl.constexpr = False):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -116,8 +120,11 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, x_stride, w_stride,
         acc = tl.sum(acc3, axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * out_stride + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_m[:, None] * out_stride + offs_n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
+    if PUSH:    # a share of a tensor-parallel sum: to the peers now, not after the whole GEMV
+        arn.push_share(y, offs_m, offs_n, m_mask, n_mask, bases_ptr, uses_ptr, max_rows,
+                       RANK, WORLD, SLOT, EMPTY, WIDE)
     # Only now may the next kernel launch: triggered first thing, the kernels after a GEMV each
     # launched and waited ahead, and the decode step measured 7-9% slower than without PDL.
     pdl.trigger(USE_PDL)
@@ -173,22 +180,33 @@ def _check(x, weight, bias, out):
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """``x @ weight^T + bias``: x [M, K], weight [N, K] -> [M, N] (any M; meant for M <= 16)."""
+                  out: torch.Tensor | None = None, config: dict | None = None,
+                  push: arn.PushTarget | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias``: x [M, K], weight [N, K] -> [M, N] (any M; meant for M <= 16).
+
+    push: the result is this rank's share of a tensor-parallel sum that the next kernel,
+    ``all_reduce_rms_norm(..., pushed=True)``, completes; each program also sends its tile
+    of it to the peers' buffers there (strata.kernels.all_reduce_norm.push_share)."""
     _check(x, weight, bias, out)
     m, (n, k) = x.shape[0], weight.shape
+    push_args, push_meta = (weight, weight, 0), {}   # (unused without push)
+    if push is not None:
+        _require(bias is None and n == push.n_cols and m <= push.max_rows and x.dtype == push.dtype, "push",
+                 f"takes up to {push.max_rows} rows of {push.n_cols} {push.dtype} and no bias, got "
+                 f"[{m}, {n}] {x.dtype}{' with a bias' if bias is not None else ''}")
+        push_args, push_meta = push.kernel_args()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    meta = dict(config or default_config(m, n, k))
+    meta = dict(config or default_config(m, n, k), **push_meta)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
     if pdl.enabled(x) and os.environ.get("STRATA_GEMV_PDL", "1") != "0":
         meta.update(pdl.launch_options(x), PREFETCH_K=prefetch_k(n, k, weight.element_size(), meta),
                     LINE=_LINE_BYTES // weight.element_size())
     _skinny_kernel[grid](
         x, weight, bias if bias is not None else weight, out, m, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
+        x.stride(0), weight.stride(0), out.stride(0), *push_args,
         HAS_BIAS=bias is not None,
         EVEN_N=n % meta["BLOCK_N"] == 0, EVEN_K=k % meta["BLOCK_K"] == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)

@@ -181,6 +181,10 @@ class RowParallelLinear(LinearBase):
                  reduce_results: bool = True):
         self.tp_rank, self.tp_size = ps.get_tp_rank(), ps.get_tp_size()
         self.reduce_results = reduce_results
+        # Without its own all-reduce, whether the result goes straight into the fused all-reduce +
+        # RMSNorm (the model says; not, say, a pipeline stage's last layer): the GEMV may then
+        # send its share to the peers as it computes it.
+        self.feeds_fused_norm = not reduce_results
         self.shards_input = self.tp_size > 1   # quantizers read whole rows through a collective
         super().__init__(_check_divisible(in_features, self.tp_size, "input size"), out_features,
                          bias, dtype, quant_method)
@@ -193,6 +197,11 @@ class RowParallelLinear(LinearBase):
         _copy_checked(param.data, loaded.narrow(dim, self.tp_rank * shard, shard), self)
 
     def forward(self, x):
+        if self.feeds_fused_norm and self.bias is None:
+            push = ps.share_push_target(x, self.out_features)
+            y = self.quant_method.apply_pushing(self, x, push) if push is not None else None
+            if y is not None:
+                return ps.share_sent(y)
         y = self.quant_method.apply(self, x, None)
         y = ps.tensor_model_parallel_all_reduce(y) if self.reduce_results else y
         return y + self.bias if self.bias is not None else y

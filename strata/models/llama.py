@@ -127,6 +127,9 @@ class LlamaForCausalLM(nn.Module):
         # Only this pipeline stage's layers are built (all of them without pipeline parallelism).
         self.layers, self.start_layer, self.end_layer = make_layers(
             cfg.num_layers, lambda i: LlamaDecoderLayer(cfg, i, quant, self.qk_norm))
+        if not head and self.end_layer > self.start_layer and ps.sums_in_norms():
+            # The last layer's MLP share leaves for the next stage, whose first norm sums it.
+            self.layers[self.end_layer - 1].mlp.down_proj.feeds_fused_norm = False
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype) if head else None
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, cfg.dtype) if head else None
         if cfg.tie_word_embeddings and head:

@@ -27,6 +27,13 @@ class QuantMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_pushing(self, layer: nn.Module, x: torch.Tensor, push) -> torch.Tensor | None:
+        """``x @ W^T`` for a row-parallel projection whose kernel also sends each tile of the
+        result to the tensor-parallel peers (``push``: a strata.kernels.all_reduce_norm
+        PushTarget), or None where this method has no such kernel for x (then the caller uses
+        ``apply`` and the sum sends)."""
+        return None
+
     def lm_head_method(self) -> QuantMethod | None:
         """The method an untied LM head is quantized with at load, or None to keep it float.
         Formats strata quantizes to itself say yes: at batch 1 the head is the largest single
@@ -47,3 +54,10 @@ class UnquantizedLinearMethod(QuantMethod):
             if x.shape[0] <= sk.MAX_ROWS and x.stride(1) == 1:   # decode steps: a weight stream
                 return sk.skinny_matmul(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
+
+    def apply_pushing(self, layer, x, push):
+        if use_triton(x) and x.dim() == 2:
+            from strata.kernels import skinny_matmul as sk
+            if x.shape[0] <= sk.MAX_ROWS and x.stride(1) == 1:
+                return sk.skinny_matmul(x, layer.weight, push=push)
+        return None

@@ -150,3 +150,63 @@ def test_which_sums_the_fused_norm_takes():
     assert not fused.can_run(torch.zeros(64, 4, dtype=torch.bfloat16).t())         # rows not contiguous
     assert not fused.can_run(x, torch.zeros(64, 4, dtype=torch.bfloat16).t())      # nor the residual's
     assert not fused.can_run(x, torch.zeros(4, 64))                                # a float32 residual
+
+
+def _norm_without_buffers(monkeypatch, max_rows=2, hidden=8):
+    """A SymmMemNorm's bookkeeping without its symmetric buffer (the CPU has none)."""
+    monkeypatch.delenv("STRATA_GEMV_PUSH", raising=False)
+    norm = object.__new__(sar.SymmMemNorm)
+    norm.max_rows, norm.hidden_size, norm.dtype, norm.device = max_rows, hidden, torch.bfloat16, CUDA0
+    norm._target, norm._sent = object(), None
+    return norm
+
+
+def test_a_gemv_may_send_only_rows_the_next_sum_takes(monkeypatch):
+    norm = _norm_without_buffers(monkeypatch)
+    assert norm.push_target(1, 8, torch.bfloat16, CUDA0) is norm._target
+    assert norm.push_target(2, 8, torch.bfloat16, CUDA0) is norm._target
+    for rows, cols, dtype in [(3, 8, torch.bfloat16), (0, 8, torch.bfloat16), (1, 16, torch.bfloat16),
+                              (1, 8, torch.float32)]:
+        assert norm.push_target(rows, cols, dtype, CUDA0) is None, (rows, cols, dtype)
+    assert norm.push_target(1, 8, torch.bfloat16, torch.device("cuda", 1)) is None
+    monkeypatch.setenv("STRATA_GEMV_PUSH", "0")
+    assert norm.push_target(1, 8, torch.bfloat16, CUDA0) is None
+
+
+def test_a_sent_share_must_be_what_the_next_sum_takes(monkeypatch):
+    """A share sent to the peers fills their slots: if the next sum were not of it, the peers'
+    later sums would take stale rows. Every way to get there is an error, not a wrong answer."""
+    from strata.distributed import parallel_state as ps
+    norm = _norm_without_buffers(monkeypatch)
+    share, other = torch.zeros(1, 8), torch.zeros(1, 8)
+    assert norm.sent(share) is share
+    with pytest.raises(RuntimeError, match="never summed"):
+        norm.sent(other)                                   # a second share before the sum
+    with pytest.raises(RuntimeError, match="never summed"):
+        norm(other, None, torch.ones(8), 1e-6)             # a sum of something else
+    norm._sent = share
+
+    class Fast:
+        pass
+    fast = Fast()
+    fast.norm = norm
+    norm.can_run = lambda x, residual=None: False
+    monkeypatch.setattr(ps, "_groups", ps.ParallelGroups(tp_size=2, fast_all_reduce=fast))
+    with pytest.raises(RuntimeError, match="never summed"):
+        ps.all_reduce_rms_norm(share, None, torch.ones(8), 1e-6)   # the sum would go the other way
+
+
+@pytest.mark.parametrize("pp_rank", [0, 1])
+def test_only_projections_feeding_this_stage_s_norms_may_send(monkeypatch, pp_rank):
+    """At TP>1 o_proj and down_proj leave their sums to the norm after them, and may send their
+    shares as they compute them; but a pipeline stage's last MLP share goes to the next stage."""
+    from strata.config import ModelConfig
+    from strata.distributed import parallel_state as ps
+    from strata.models.llama import LlamaForCausalLM
+    monkeypatch.setattr(ps, "_groups", ps.ParallelGroups(tp_size=2, pp_size=2, pp_rank=pp_rank))
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=16, num_layers=4, num_heads=4,
+                      num_kv_heads=2, head_dim=4, intermediate_size=32, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    layers = [model.layers[i] for i in range(model.start_layer, model.end_layer)]
+    assert all(layer.self_attn.o_proj.feeds_fused_norm for layer in layers)
+    assert [layer.mlp.down_proj.feeds_fused_norm for layer in layers] == [True, pp_rank == 1]

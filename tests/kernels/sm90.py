@@ -23,7 +23,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 def build(fn, meta, types, ptx=False):
-    meta = dict(meta)
+    # Constexprs the caller leaves out keep their defaults (else they would build as i32 args).
+    meta = dict({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **meta)
     opts = dict(num_warps=meta.pop("num_warps"))
     if "num_stages" in meta:
         opts["num_stages"] = meta.pop("num_stages")
@@ -46,7 +47,7 @@ SASS_LOOP = r"""
 import os, subprocess, tempfile
 
 def loop_sass(fn, meta, types):
-    meta = dict(meta)
+    meta = dict({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **meta)
     opts = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages", 1))
     sig = {n: types.get(n, "constexpr" if n in meta else "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)

@@ -28,13 +28,14 @@ from strata.kernels.all_reduce_norm import EMPTY_FILL, all_reduce_rms_norm, buff
 RANK_SCRIPT = Path(__file__).with_name("all_reduce_norm_rank.py")
 
 
-def _run_ranks(tmp_path, world, dtype, n_cols, max_rows, slow):
+def _run_ranks(tmp_path, world, dtype, n_cols, max_rows, slow, push=False):
     empty = torch.full((buffer_numel(max_rows, world, n_cols),), EMPTY_FILL, dtype=dtype)
     for r in range(world):
         (tmp_path / f"buf{r}").write_bytes(empty.view(torch.uint8).numpy().tobytes())
     env = dict(os.environ, TRITON_INTERPRET="1")
     procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(r), str(world), str(tmp_path),
-                               str(dtype).removeprefix("torch."), str(n_cols), str(max_rows), str(slow)],
+                               str(dtype).removeprefix("torch."), str(n_cols), str(max_rows), str(slow),
+                               str(int(push))],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     try:
@@ -47,14 +48,16 @@ def _run_ranks(tmp_path, world, dtype, n_cols, max_rows, slow):
     return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("world,dtype,n_cols,slow", [
-    (2, torch.float32, 40, 1),       # a ragged row: masked columns, rank 1 late to every call
-    (2, torch.bfloat16, 64, 0),      # rank 0 late
-    (4, torch.float32, 16, 3),
+@pytest.mark.parametrize("world,dtype,n_cols,slow,push", [
+    (2, torch.float32, 40, 1, False),       # a ragged row: masked columns, rank 1 late to every call
+    (2, torch.bfloat16, 64, 0, False),      # rank 0 late
+    (4, torch.float32, 16, 3, False),
+    (2, torch.bfloat16, 40, 1, True),       # the shares sent by the GEMVs that compute them
+    (4, torch.float32, 16, 0, True),
 ])
-def test_every_rank_gets_the_separate_kernels_result(tmp_path, world, dtype, n_cols, slow):
+def test_every_rank_gets_the_separate_kernels_result(tmp_path, world, dtype, n_cols, slow, push):
     max_rows = 3
-    results = _run_ranks(tmp_path, world, dtype, n_cols, max_rows, slow)
+    results = _run_ranks(tmp_path, world, dtype, n_cols, max_rows, slow, push)
     expected = list(calls(world, n_cols, max_rows, dtype))
     for r, result in enumerate(results):
         assert len(result["outs"]) == len(expected)

@@ -84,12 +84,20 @@ skinny_meta = {n: dict(sk.default_config(1, n, 4096), HAS_BIAS=False, EVEN_N=Tru
                       DOT_PRECISION="tf32", LINE=64,
                       PREFETCH_K=sk.prefetch_k(n, 4096, 2, sk.default_config(1, n, 4096)))
                for n in (3072, 14336)}
-skinny_types = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16")
+skinny_types = dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", bases_ptr="*i64",
+                    uses_ptr="*i32")
+# o_proj's share at TP=2, sent to the peer as it is computed (all_reduce_norm.push_share).
+push_meta = dict(sk.default_config(1, 4096, 2048), HAS_BIAS=False, EVEN_N=True, EVEN_K=True,
+                 DOT_PRECISION="tf32", LINE=64, PREFETCH_K=sk.prefetch_k(4096, 2048, 2, sk.default_config(1, 4096, 2048)),
+                 PUSH=True, RANK=0, WORLD=2, SLOT=4096, EMPTY=-2**15, WIDE=False)
+arn_meta = dict(RANK=0, WORLD=2, HAS_RES=True, BLOCK=4096, EMPTY=-2**15, WIDE=False, num_warps=16)
+arn_types = dict(bf, bases_ptr="*i64", uses_ptr="*i32")
 print(json.dumps({
     "gemv": order(g._w4_gemv_kernel, gemv_meta, gemv_types),
     "w8": order(qm._w8_kernel, w8_meta, w8_types),
     "skinny_fma": order(sk._skinny_kernel, skinny_meta[3072], skinny_types),
     "skinny_dot": order(sk._skinny_kernel, skinny_meta[14336], skinny_types),
+    "skinny_push": order(sk._skinny_kernel, push_meta, skinny_types),
     "rms_norm": order(norm._rms_norm_kernel,
                       dict(norm._launch_args(hidden, hidden, hidden, hidden)[-1], HAS_RES=True), bf),
     "rotary": order(rotary._rotary_kv_kernel, rotary._rotary_meta(32, 8, 128, 128, True)[1], rot_types),
@@ -97,9 +105,8 @@ print(json.dumps({
                                                 num_warps=act._NUM_WARPS), dict(x_ptr="*bf16", out_ptr="*bf16")),
     "decode": order(pa._decode_kernel, dict(pa._decode_meta(32, 8, 128, 16, torch.bfloat16, 4), MERGE=True,
                                             BLOCK_S=4), att_types),
-    "all_reduce_norm": order(arn._all_reduce_rms_norm_kernel,
-                             dict(RANK=0, WORLD=2, HAS_RES=True, BLOCK=4096, EMPTY=-2**15, WIDE=False, num_warps=16),
-                             dict(bf, bases_ptr="*i64", uses_ptr="*i32")),
+    "all_reduce_norm": order(arn._all_reduce_rms_norm_kernel, arn_meta, arn_types),
+    "all_reduce_norm_pushed": order(arn._all_reduce_rms_norm_kernel, dict(arn_meta, PUSHED=True), arn_types),
     "reduce": order(pa._decode_reduce_kernel, pa._reduce_meta(32, 128, 4), red_types),
 }))
 """
@@ -118,10 +125,11 @@ def test_hopper_builds_wait_before_reading_what_a_kernel_wrote():
     assert found["w8"]["loads_before"] >= 1, found["w8"]
     # The bf16 GEMVs ask L2 for their first weights instead (both inner products' builds), and
     # let the next kernel launch only once they have stored their results.
-    for name in ("skinny_fma", "skinny_dot"):
+    for name in ("skinny_fma", "skinny_dot", "skinny_push"):
         assert found[name]["prefetches_before"] >= 1, (name, found[name])
-    for name in ("skinny_fma", "skinny_dot", "gemv"):
+    # (skinny_push: its stores into the peer's buffer too, so the sum after it may start.)
+    for name in ("skinny_fma", "skinny_dot", "skinny_push", "gemv"):
         assert found[name]["trigger_after_stores"], (name, found[name])
-    for name in ("rms_norm", "rotary", "silu_and_mul", "decode", "reduce", "all_reduce_norm", "skinny_fma",
-                 "skinny_dot"):
+    for name in ("rms_norm", "rotary", "silu_and_mul", "decode", "reduce", "all_reduce_norm",
+                 "all_reduce_norm_pushed", "skinny_fma", "skinny_dot", "skinny_push"):
         assert found[name]["loads_before"] == 0, (name, found[name])

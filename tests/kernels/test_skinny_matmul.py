@@ -81,6 +81,41 @@ def test_bad_arguments_name_the_argument():
             call()
 
 
+@pytest.mark.parametrize("config", ["fma", "fma4", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_push_sends_each_tile_to_the_peers_slot(config, dtype):
+    """With ``push``, every tile of the result also lands in the peers' buffers, in this
+    sender's slot of each row's half for its current call (as all_reduce_rms_norm reads them),
+    -0.0 sent as +0.0; nothing else in any buffer changes, and the call counts stay."""
+    from strata.kernels.all_reduce_norm import EMPTY_FILL, PushTarget, block_for, buffer_numel
+    world, rank, max_rows, (m, n, k) = 3, 1, 4, (3, 40, 72)
+    x, w = _rand(m, k, dtype=dtype), _rand(n, k, dtype=dtype) / k ** 0.5
+    x[1, 0], w[:, 0] = -2.0 ** -70, 2.0 ** -70       # row 1: a product that rounds to -0.0 ...
+    x[1, 1:] = 0.0                                   # ... and nothing else
+    buffers = [torch.full((buffer_numel(max_rows, world, n),), EMPTY_FILL, dtype=dtype, device=DEVICE)
+               for _ in range(world)]
+    uses = torch.tensor([0, 1, 3, 6], dtype=torch.int32, device=DEVICE)
+    target = PushTarget(torch.tensor([b.data_ptr() for b in buffers], device=DEVICE), uses, max_rows, rank,
+                        world, n, dtype)
+    out = sk.skinny_matmul(x, w, config=CONFIGS[config], push=target)
+    assert torch.equal(out, sk.skinny_matmul(x, w, config=CONFIGS[config]))
+    if dtype == torch.float32:
+        assert out[1].abs().max() < 2.0 ** -126        # (a float32 row keeps the tiny product)
+    else:
+        assert torch.equal(out[1].view(torch.int16), torch.full_like(out[1].view(torch.int16), -2 ** 15))
+    slot = block_for(n)
+    for r, buf in enumerate(buffers):
+        want = torch.full_like(buf, EMPTY_FILL)
+        if r != rank:
+            for row in range(m):
+                start = ((int(uses[row]) % 2) * max_rows + row) * world * slot + rank * slot
+                want[start:start + n] = out[row] + 0.0     # -0.0 -> +0.0
+        assert torch.equal(buf.view(torch.uint8), want.view(torch.uint8)), f"buffer of rank {r}"
+    assert uses.tolist() == [0, 1, 3, 6]
+    with pytest.raises(ValueError, match="push"):
+        sk.skinny_matmul(x[:, :k], w[:n - 1], push=target)       # not the target's row width
+
+
 @pytest.mark.skipif(not CUDA, reason="realistic sizes need a GPU")
 @pytest.mark.parametrize("m", [1, 2, 5, 16])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
