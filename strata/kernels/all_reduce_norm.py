@@ -53,9 +53,13 @@ MAX_COLS = 16384   # the widest row kept whole in registers (norm.py's single pa
 
 @triton.jit
 def _bits(v, WIDE: tl.constexpr):
+    # (One return: Triton's compiler also builds what follows a return under a constexpr if,
+    # and the 16-bit cast of a float32 row fails to compile.)
     if WIDE:
-        return v.to(tl.int32, bitcast=True)
-    return v.to(tl.int16, bitcast=True)
+        bits = v.to(tl.int32, bitcast=True)
+    else:
+        bits = v.to(tl.int16, bitcast=True)
+    return bits
 
 
 @triton.jit

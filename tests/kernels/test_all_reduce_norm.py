@@ -86,6 +86,10 @@ types = dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", res
              bases_ptr="*i64", uses_ptr="*i32", eps="fp32")
 meta = dict(RANK=1, WORLD=2, HAS_RES=True, BLOCK=4096, EMPTY=-2**15, WIDE=False, num_warps=16)
 ptx = build(arn._all_reduce_rms_norm_kernel, meta, types, ptx=True)
+# Rows in float32 too, and the kernel that only receives (its GEMV sent the share).
+f32 = {name: t.replace("bf16", "fp32") for name, t in types.items()}
+build(arn._all_reduce_rms_norm_kernel, dict(meta, EMPTY=-2**31, WIDE=True), f32)
+build(arn._all_reduce_rms_norm_kernel, dict(meta, PUSHED=True), types)
 print(json.dumps({"v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
                   "v4_stores": len(re.findall(r"st\.global[.\w]*\.v4", ptx)),
                   "volatile_v4_loads": len(re.findall(r"ld\.volatile\.global[.\w]*\.v4", ptx))}))
@@ -95,7 +99,8 @@ print(json.dumps({"v4_loads": len(re.findall(r"ld\.global[.\w]*\.v4", ptx)),
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs compile the kernel for real")
 def test_kernel_compiles_for_hopper_with_16_byte_rows():
     """An 8B model's row (4096 bf16) at TP=2: x, the residual and the weight come in as 16-byte
-    vectors, the row goes to the peer as 16-byte stores, and the poll reads past the caches."""
+    vectors, the row goes to the peer as 16-byte stores, and the poll reads past the caches.
+    float32 rows and the receive-only build compile too."""
     stats = run_without_interpreter(V4_LOADS_BUILD + _SM90_SCRIPT)
     assert stats["v4_loads"] >= 3 and stats["v4_stores"] >= 4, stats   # + the slot emptied again
     assert stats["volatile_v4_loads"] >= 1, stats

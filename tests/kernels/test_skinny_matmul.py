@@ -137,6 +137,14 @@ for m in (1, 4):
     ptx = build(sk._skinny_kernel, meta, types, ptx=True)
     res[m] = dict(v4=len(re.findall(r"ld\.global[^ ]*\.v4", ptx)),
                   cp16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*, 0x10", ptx)))
+# Sending the share to the peers (TP=2 o_proj, one row and four), in bf16 and float32.
+for m in (1, 4):
+    for dt, empty in (("bf16", -2**15), ("fp32", -2**31)):
+        push_types = {name: t.replace("bf16", dt) for name, t in types.items()}
+        build(sk._skinny_kernel, dict(sk.default_config(m, 4096, 2048), HAS_BIAS=False, EVEN_N=True, EVEN_K=True,
+                                      DOT_PRECISION="tf32", PUSH=True, RANK=1, WORLD=2, SLOT=4096,
+                                      EMPTY=empty, WIDE=dt == "fp32"),
+              dict(push_types, bases_ptr="*i64", uses_ptr="*i32"))
 print(json.dumps(res))
 """
 
