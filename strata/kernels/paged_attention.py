@@ -130,8 +130,9 @@ def _rotated(ptrs, d, mask, cos, sin, HALF: tl.constexpr, ROT_DIM: tl.constexpr)
     partner = tl.where(d < ROT_DIM, tl.where(d < HALF, d + HALF, d - HALF), d)
     x = tl.load(ptrs, mask=mask, other=0.0)
     other = tl.load(ptrs + (partner - d), mask=mask, other=0.0).to(tl.float32)
-    xf = x.to(tl.float32)
-    return tl.where(d < HALF, xf * cos - other * sin, xf * cos + other * sin).to(x.dtype)
+    # x1 cos - x2 sin in the first half, x2 cos + x1 sin in the second, as rotary's fmas.
+    signed = tl.where(d < HALF, -other, other)
+    return tl.fma(x.to(tl.float32), cos, signed * sin).to(x.dtype)
 
 
 @triton.jit
