@@ -21,9 +21,7 @@ startup line printed for each engine says which). For each TP size, one engine a
    with PDL but without the L2 prefetch of their first weights (``STRATA_GEMV_PREFETCH_MIB=0``;
    ``--no-compare-gemv-pdl`` skips both). At TP>1 also with the row-parallel GEMVs leaving the
    sending of their shares to the fused all-reduce + norm (``STRATA_GEMV_PUSH=0``;
-   ``--no-compare-push``). At every TP size also with the rotary embedding and the cache write
-   in a kernel of their own before the decode attention (``STRATA_DECODE_ROPE=0``;
-   ``--no-compare-decode-rope``).
+   ``--no-compare-push``).
 3. offline: the GPU issue's fixed set (gpu_llama8b.py): ``--num-requests`` requests of 256 random
    prompt tokens and 256 new tokens in one ``llm.generate``; total tok/s, and per GPU.
 4. all-reduce: every rank times all-reduces of [tokens, 4096] bf16 (1 token: a batch-1 decode
@@ -191,8 +189,6 @@ VARIANTS = {
                    False, "GEMVs without the prefetch"),
     "nopush": ("STRATA_GEMV_PUSH=0", dict(env={"STRATA_GEMV_PUSH": "0"}), "compare_push", True,
                "shares sent by the norm, not the GEMV"),
-    "norope": ("STRATA_DECODE_ROPE=0", dict(env={"STRATA_DECODE_ROPE": "0"}), "compare_decode_rope", False,
-               "rotary kernel apart"),
 }
 
 
@@ -344,9 +340,6 @@ def main() -> None:
     parser.add_argument("--compare-push", action=argparse.BooleanOptionalAction, default=True,
                         help="at TP>1 also measure batch-1 decode with o_proj and down_proj leaving the sending "
                              "of their shares to the fused all-reduce + RMSNorm (STRATA_GEMV_PUSH=0)")
-    parser.add_argument("--compare-decode-rope", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure batch-1 decode with the rotary embedding and the KV cache write in "
-                             "a kernel of their own, not in the decode attention (STRATA_DECODE_ROPE=0)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="greedy tokens of TP>1 vs TP=1 (float32) and symmetric memory vs NCCL "
                              "(bfloat16) on one random checkpoint (parallel_check.py)")

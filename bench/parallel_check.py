@@ -11,8 +11,6 @@ they differ between TP sizes and cannot be compared).
   the same sums and norms in fewer kernels, bit-identical at TP=2.
 * TP=N with o_proj and down_proj sending their shares as they compute them vs the fused kernel
   sending them (``STRATA_GEMV_PUSH=0``), in bfloat16: the same rows by another road, identical.
-* TP=N with the decode attention rotating and writing the new tokens itself vs the rotary kernel
-  doing it first (``STRATA_DECODE_ROPE=0``), in bfloat16.
 Each engine uses CUDA graphs and async scheduling (the defaults), batches of 1 and of 4 prompts.
 """
 
@@ -149,9 +147,6 @@ def run_checks(tp_sizes: list[int], smoke: bool) -> list[dict]:
             rows.append(_row(f"TP={tp} shares sent by the GEMVs vs by the fused kernel, bfloat16",
                              lambda: compare(fused, greedy_tokens(path, tp, "bfloat16", "auto", smoke,
                                                                   env={"STRATA_GEMV_PUSH": "0"}))))
-            rows.append(_row(f"TP={tp} rotary in the decode attention vs a kernel apart, bfloat16",
-                             lambda: compare(fused, greedy_tokens(path, tp, "bfloat16", "auto", smoke,
-                                                                  env={"STRATA_DECODE_ROPE": "0"}))))
     return rows
 
 

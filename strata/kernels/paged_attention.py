@@ -61,7 +61,6 @@ the head_dim mask of the K/V loads exists only when head_dim is not a power of t
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -84,19 +83,14 @@ _MAX_SPLITS = 64
 
 @triton.jit
 def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, qk_scale,
-                 ks_ptrs, vs_ptrs, scale_mask, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr,
-                 is_new=None, k_new=None, v_new=None, NEW_KV: tl.constexpr = False):
+                 ks_ptrs, vs_ptrs, scale_mask, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr):
     """One online-softmax step of FlashAttention-2 (log2 domain) over one gathered K/V tile.
 
     q [M, D]; k_ptrs/v_ptrs [N, D]; kv_mask broadcasts to [N, D]; score_mask to [M, N].
     KV_QUANT: K/V are 8-bit codes with a float32 scale per token at ks_ptrs/vs_ptrs [N]
     (scale_mask [N]); otherwise those are not touched.
-    NEW_KV: the tokens where is_new [N] holds take k_new / v_new [D] (this step's, being written
-    to the cache by this program) instead of what the cache holds there.
     """
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    if NEW_KV:
-        k = tl.where(is_new[:, None], k_new[None, :], k)
     if KV_QUANT:
         # Codes are exact in q's dtype; K's scale is one per key, so it scales the score columns.
         k_scale = tl.load(ks_ptrs, mask=scale_mask, other=0.0)
@@ -110,8 +104,6 @@ def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, qk_scale
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    if NEW_KV:
-        v = tl.where(is_new[:, None], v_new[None, :], v)
     if KV_QUANT:
         # V dequantized to q's dtype (not its scale folded into p: p * scale could fall below
         # fp16's normal range).
@@ -122,31 +114,14 @@ def _attend_tile(q, k_ptrs, v_ptrs, kv_mask, score_mask, m_i, l_i, acc, qk_scale
 
 
 @triton.jit
-def _rotated(ptrs, d, mask, cos, sin, HALF: tl.constexpr, ROT_DIM: tl.constexpr):
-    """The rows at ptrs (columns d) rotated as strata.kernels.rotary does (rotate-half over the
-    first ROT_DIM columns, the same fp32 expressions, one rounding), from a second load of each
-    column's partner; cos/sin [D] hold the first half's angles for both halves, 1 and 0 past
-    ROT_DIM."""
-    partner = tl.where(d < ROT_DIM, tl.where(d < HALF, d + HALF, d - HALF), d)
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    other = tl.load(ptrs + (partner - d), mask=mask, other=0.0).to(tl.float32)
-    # x1 cos - x2 sin in the first half, x2 cos + x1 sin in the second, as rotary's fmas.
-    signed = tl.where(d < HALF, -other, other)
-    return tl.fma(x.to(tl.float32), cos, signed * sin).to(x.dtype)
-
-
-@triton.jit
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, s_ptr, count_ptr,
     qk_scale, stride_qb, stride_qh, stride_kv, stride_kb, stride_kt, stride_kh, stride_btb,
     stride_ob, stride_oh, stride_sv, stride_sb, stride_st,
-    pos_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr, pos_s, slot_s, stride_knb, stride_knh,
-    stride_vnb, stride_vnh, cos_s, sin_s,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_QUANT: tl.constexpr, MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1,
-    ROPE: tl.constexpr = False, HALF: tl.constexpr = 1, ROT_DIM: tl.constexpr = 2,
     USE_PDL: tl.constexpr = False,
 ):
     pdl.trigger(USE_PDL)
@@ -165,33 +140,8 @@ def _decode_kernel(
     d_mask = d < HEAD_DIM
     gd_mask = (g < GROUP)[:, None] & d_mask[None, :]
     heads = kv_head * GROUP + g
-    q_ptrs = q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :]
-    if ROPE:
-        # This step's q and k come unrotated, and k and v are not in the cache yet: rotate q
-        # here, and the program whose range holds the new token rotates its k, writes k and v
-        # to the cache and uses them from registers for that token (never reading them back).
-        new_pos = tl.load(pos_ptr + row * pos_s).to(tl.int64)
-        angle = tl.where(d < HALF, d, d - HALF)
-        cos = tl.load(cos_ptr + new_pos * cos_s + angle, mask=d < ROT_DIM, other=1.0)
-        sin = tl.load(sin_ptr + new_pos * sin_s + angle, mask=d < ROT_DIM, other=0.0)
-        q = _rotated(q_ptrs, d[None, :], gd_mask, cos[None, :], sin[None, :], HALF, ROT_DIM)   # [G, D]
-        last = seq_len - 1
-        # (Masks as [D] tensors: the interpreter refuses a tensor mask and-ed with a scalar.)
-        holds_new = d_mask & (d * 0 + last >= start) & (d * 0 + last < end)
-        k_new = _rotated(kn_ptr + row * stride_knb + kv_head * stride_knh + d, d, holds_new, cos, sin,
-                         HALF, ROT_DIM)
-        v_new = tl.load(vn_ptr + row * stride_vnb + kv_head * stride_vnh + d, mask=holds_new, other=0.0)
-        slot = tl.load(slot_ptr + row * slot_s).to(tl.int64)
-        blk = slot // BLOCK_SIZE
-        dst = kv_ptr + blk * stride_kb + (slot - blk * BLOCK_SIZE) * stride_kt + kv_head * stride_kh + d
-        in_cache = holds_new & (d * 0 + slot >= 0)
-        tl.store(dst, k_new.to(kv_ptr.dtype.element_ty), mask=in_cache)
-        tl.store(dst + stride_kv, v_new.to(kv_ptr.dtype.element_ty), mask=in_cache)
-    else:
-        q = tl.load(q_ptrs, mask=gd_mask, other=0.0)                           # [G, D]
-        last = seq_len
-        k_new = d
-        v_new = d
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=gd_mask, other=0.0)                                      # [G, D]
 
     m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -212,8 +162,7 @@ def _decode_kernel(
             kv_mask = valid[:, None] & d_mask[None, :]
         m_i, l_i, acc = _attend_tile(q, k_base + slots, k_base + stride_kv + slots, kv_mask,
                                      valid[None, :], m_i, l_i, acc, qk_scale, s_base + s_slots,
-                                     s_base + stride_sv + s_slots, valid, DOT_PRECISION, KV_QUANT,
-                                     pos == last, k_new, v_new, ROPE)
+                                     s_base + stride_sv + s_slots, valid, DOT_PRECISION, KV_QUANT)
 
     if NUM_SPLITS == 1:
         # l_i == 0 only for padding rows (seq_len 0): write zeros, never 0/0.
@@ -455,60 +404,19 @@ def _split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
 # Public wrappers
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class NewTokens:
-    """A decode step's keys and values before the rotary embedding and the cache write, for
-    ``paged_decode`` to do both itself (what strata.kernels.rotary.rotary_write_kv would do
-    first, in one launch less): k, v [batch, kv_heads, head_dim] (any row and head stride, the
-    last dim contiguous), positions and slot_mapping [batch] int32/int64 (a negative slot: not
-    written), the rotary tables ``[max_position, rot_dim]`` float32 with duplicated halves."""
-    positions: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    cos_cache: torch.Tensor
-    sin_cache: torch.Tensor
-    slot_mapping: torch.Tensor
-
-
-def _new_token_args(new: NewTokens | None, q: torch.Tensor, kv_cache: torch.Tensor, num_kv_heads: int,
-                    kv_scales) -> tuple[tuple, dict]:
-    """The decode kernel's new-token arguments and constexprs (dummies, never read, without)."""
-    if new is None:
-        return (q, q, q, q, q, q) + (0,) * 8, {}
-    from strata.kernels import rotary
-    batch, _, head_dim = q.shape
-    if kv_scales is not None:
-        raise ValueError("paged_decode: new_tokens takes a plain cache, not an 8-bit one (kv_scales)")
-    for t, name in ((new.k, "new_tokens.k"), (new.v, "new_tokens.v")):
-        rotary._check_heads(t, name, batch, head_dim, q.dtype, q.device)
-        if t.shape[1] != num_kv_heads:
-            raise ValueError(f"{name} has {t.shape[1]} heads, the cache {num_kv_heads}")
-    rotary._check_tokens(new.positions, "new_tokens.positions", batch, q.device)
-    rotary._check_tokens(new.slot_mapping, "new_tokens.slot_mapping", batch, q.device)
-    rot_dim = rotary._check_tables(new.cos_cache, new.sin_cache, head_dim, q.device)
-    args = (new.positions, new.k, new.v, new.cos_cache, new.sin_cache, new.slot_mapping,
-            new.positions.stride(0), new.slot_mapping.stride(0), new.k.stride(0), new.k.stride(1),
-            new.v.stride(0), new.v.stride(1), new.cos_cache.stride(0), new.sin_cache.stride(0))
-    return args, dict(ROPE=True, HALF=rot_dim // 2, ROT_DIM=rot_dim)
-
-
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                 num_splits: int | None = None, kv_scales: torch.Tensor | None = None,
-                 new_tokens: NewTokens | None = None) -> torch.Tensor:
+                 num_splits: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per row over its paged context.
 
     q [batch, heads, head_dim]; block_tables [batch, max_blocks] int32; seq_lens [batch] int32,
     the context length including this token (0 marks a padding row: its output is zeros).
     ``kv_scales`` [2, num_blocks, block_size, kv_heads] float32: the cache holds 8-bit codes
     (strata.quant.kv), dequantized as they are loaded.
-    ``new_tokens``: q (any row and head stride then) and this step's k are not rotated yet, and
-    k and v not in the cache: the kernel rotates them and writes k and v (``NewTokens``).
     Returns ``out`` ([batch, heads, head_dim], q's dtype). No host sync: CUDA-graph safe.
     """
     num_kv_heads, block_size, _ = check_decode(q, kv_cache, block_tables, seq_lens, scale, out,
                                                 num_splits, kv_scales)
-    new_args, new_meta = _new_token_args(new_tokens, q, kv_cache, num_kv_heads, kv_scales)
     batch, num_heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -531,9 +439,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         q, kv_cache, block_tables, seq_lens, out, ws_acc, ws_m, ws_l, scales,
         out if counts is None else counts, scale * _LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), *s_strides, *new_args,
+        kv_cache.stride(3), block_tables.stride(0), out.stride(0), out.stride(1), *s_strides,
         **_decode_meta(num_heads, num_kv_heads, head_dim, block_size, q.dtype, num_splits,
-                       kv_scales is not None), **merge, **new_meta, **pdl.launch_options(q))
+                       kv_scales is not None), **merge, **pdl.launch_options(q))
     if num_splits > 1 and counts is None:
         _decode_reduce_kernel[(batch, num_heads)](
             ws_acc, ws_m, ws_l, out, out.stride(0), out.stride(1),

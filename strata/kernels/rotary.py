@@ -60,9 +60,7 @@ def _rotate(ptrs, mask, cos, sin, HALF: tl.constexpr):
     x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
     dtype = ptrs.dtype.element_ty
-    # Explicit fmas, so the compiler's contraction cannot round differently from the decode
-    # attention's own rotation (strata.kernels.paged_attention._rotated): the same bits.
-    return tl.fma(x1, cos, -(x2 * sin)).to(dtype), tl.fma(x2, cos, x1 * sin).to(dtype)
+    return (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 step's keys and values into the paged cache, then attends over each sequence's whole context.
 
 On CUDA the rotation and the cache write are one Triton kernel and attention is the Triton
-paged kernels (any step with a prompt chunk takes the varlen prefill kernel; decode-only steps
-the split-sequence decode kernel, which then also rotates and writes the new tokens itself). On the CPU with a float32 cache both are C kernels
+paged kernels (decode-only steps take the split-sequence decode kernel, any step with a prompt
+chunk the varlen prefill kernel). On the CPU with a float32 cache both are C kernels
 (strata.kernels.cpu_ops: one call rotates and writes, one attends for every row of the step);
 elsewhere the torch references run. The runner binds
 ``kv_cache`` (this layer's slice of the cache) after allocating memory, and ``kv_scales`` when the
@@ -12,8 +12,6 @@ metadata comes from the forward context.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import nn
@@ -28,10 +26,6 @@ from strata.layers.rotary import RotaryEmbedding
 # row-by-row kernel beats torch's flash SDPA (measured on SmolLM2's shapes, docs/cpu_speed.md).
 TILED_ATTENTION_MIN_QUERY = 16
 C_ATTENTION_MAX_QUERY = 64
-# On CUDA, decode-only steps rotate q and k and write the cache inside the attention kernel
-# (paged_decode's new_tokens), one launch a layer less; STRATA_DECODE_ROPE=0: the rotary kernel
-# first, as prompt steps do.
-FUSED_DECODE_ROPE = os.environ.get("STRATA_DECODE_ROPE", "1") != "0"
 
 
 class Attention(nn.Module):
@@ -107,15 +101,9 @@ class Attention(nn.Module):
                                        meta.query_start_loc, self.scale)
 
     def _forward_triton(self, q, k, v, positions, meta) -> torch.Tensor:
-        from strata.kernels.paged_attention import NewTokens, paged_decode, paged_prefill
+        from strata.kernels.paged_attention import paged_decode, paged_prefill
         from strata.kernels.rotary import rotary_write_kv
         rope = self.rotary_emb
-        if (meta.max_query_len == 1 and rope is not None and self.kv_scales is None and q.stride(-1) == 1
-                and FUSED_DECODE_ROPE):
-            # Decode steps: the attention kernel rotates q and k and writes k and v itself.
-            return paged_decode(q, self.kv_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                new_tokens=NewTokens(positions, k, v, rope.cos_cached, rope.sin_cached,
-                                                     meta.slot_mapping))
         if rope is not None:
             q = q.contiguous() if q.stride(-1) != 1 else q
             rotary_write_kv(positions, q, k, v, rope.cos_cached, rope.sin_cached, self.kv_cache,

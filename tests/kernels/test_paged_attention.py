@@ -210,73 +210,6 @@ def test_decode_strided_q_and_out(gen):
         assert wide[:, 0].isnan().all(), "wrote outside out"
 
 
-def _rope_tables(max_pos, rot_dim):
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
-    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(DEVICE), emb.sin().to(DEVICE)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,head_dim,rot_dim,num_splits", [
-    ("gqa4", 32, 32, 1), ("gqa2", 32, 32, 3), ("mqa", 32, 16, 2), ("mha", 80, 80, None)])
-def test_decode_rotates_and_writes_the_new_tokens_itself(dtype, heads, head_dim, rot_dim, num_splits, gen):
-    """With ``new_tokens`` the kernel rotates q and the new k and writes k and v to the cache:
-    the same cache and the same output as strata.kernels.rotary.rotary_write_kv followed by the
-    plain decode. q, k and v are strided views of one qkv row; a padding row (no slot, no
-    context) writes nothing and gets zeros; the new tokens fall in first, middle and last splits."""
-    from strata.kernels.paged_attention import NewTokens
-    from strata.kernels.rotary import rotary_write_kv
-    num_heads, num_kv_heads = HEADS[heads]
-    bs, ctx_lens = 4, [9, 0, 151, 1, 64]
-    kv_cache, tables = make_cache_and_tables(ctx_lens, bs, num_kv_heads, head_dim, dtype, gen)
-    positions = torch.tensor([max(n - 1, 0) for n in ctx_lens], device=DEVICE)
-    slots = torch.tensor([int(tables[r, (n - 1) // bs]) * bs + (n - 1) % bs if n else -1
-                          for r, n in enumerate(ctx_lens)], device=DEVICE)
-    cos, sin = _rope_tables(256, rot_dim)
-    qkv = _randn(len(ctx_lens), (num_heads + 2 * num_kv_heads) * head_dim, gen=gen, dtype=dtype, std=2.0)
-
-    def views(buf):
-        q, k, v = buf.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
-        return (q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
-                v.view(-1, num_kv_heads, head_dim))
-
-    want_cache, want_qkv = kv_cache.clone(), qkv.clone()
-    q, k, v = views(want_qkv)
-    rotary_write_kv(positions, q, k, v, cos, sin, want_cache, slots)
-    seq_lens = _int32(ctx_lens)
-    want = paged_decode(q, want_cache, tables, seq_lens, 0.3, num_splits=num_splits)
-
-    q, k, v = views(qkv)
-    out = torch.full((len(ctx_lens), num_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-    got = paged_decode(q, kv_cache, tables, seq_lens, 0.3, out=out, num_splits=num_splits,
-                       new_tokens=NewTokens(positions, k, v, cos, sin, slots))
-    assert got is out
-    assert torch.equal(kv_cache, want_cache), "cache differs"
-    assert torch.equal(out, want), f"max diff {(out.float() - want.float()).abs().max()}"
-    assert (out[1] == 0).all()
-
-
-def test_decode_new_tokens_are_checked(gen):
-    from strata.kernels.paged_attention import NewTokens
-    kv_cache, tables = make_cache_and_tables([5, 9], 4, 2, 32, torch.float32, gen)
-    q, k = _randn(2, 4, 32, gen=gen), _randn(2, 2, 32, gen=gen)
-    cos, sin = _rope_tables(16, 32)
-    pos = torch.tensor([4, 8], device=DEVICE)
-    args = (q, kv_cache, tables, _int32([5, 9]), 0.2)
-    cases = [(NewTokens(pos, k[:, :1], k, cos, sin, pos), "new_tokens.k"),
-             (NewTokens(pos, k, k.double(), cos, sin, pos), "new_tokens.v"),
-             (NewTokens(pos[:1], k, k, cos, sin, pos), "new_tokens.positions"),
-             (NewTokens(pos, k, k, cos[:, :24], sin, pos), "cos")]
-    for new, name in cases:
-        with pytest.raises(ValueError, match=name):
-            paged_decode(*args, new_tokens=new)
-    codes, scales = quantize_kv(kv_cache, torch.int8)
-    with pytest.raises(ValueError, match="kv_scales"):
-        paged_decode(q, codes, tables, _int32([5, 9]), 0.2, kv_scales=scales,
-                     new_tokens=NewTokens(pos, k, k, cos, sin, pos))
-
-
 def test_choose_num_splits():
     # Short contexts and full batches: one split (no reduction launch).
     assert choose_num_splits(1, 8, 8, 16) == 1
@@ -452,16 +385,13 @@ def build(fn, meta, ptrs):
     return dict(shared=k.metadata.shared, wgmma="wgmma" in ptx,
                 cp_async_16b=len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b", ptx)))
 
-def decode(h, kvh, d, dt, splits, kv=None, rope=False):
+def decode(h, kvh, d, dt, splits, kv=None):
     t = "*" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dt]
     ptrs = dict(q_ptr=t, kv_ptr=kv or t, out_ptr=t, bt_ptr="*i32", seq_lens_ptr="*i32",
-                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32", count_ptr="*i32",
-                pos_ptr="*i64", kn_ptr=t, vn_ptr=t, cos_ptr="*fp32", sin_ptr="*fp32", slot_ptr="*i64")
+                ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", s_ptr="*fp32", count_ptr="*i32")
     meta = pa._decode_meta(h, kvh, d, 16, dt, splits, kv is not None)
     if splits > 1:   # the last split merges, as paged_decode launches it
         meta.update(MERGE=True, BLOCK_S=triton.next_power_of_2(splits))
-    if rope:         # rotating q and the new k, writing k and v (NewTokens)
-        meta.update(ROPE=True, HALF=d // 2, ROT_DIM=d)
     return build(pa._decode_kernel, meta, ptrs)
 
 def prefill(h, kvh, d, dt, kv=None):
@@ -474,7 +404,6 @@ bf16, f32 = torch.bfloat16, torch.float32
 print(json.dumps({
     "decode": decode(32, 8, 128, bf16, 1), "decode_splits": decode(32, 8, 128, bf16, 8),
     "decode_splits_group16": decode(16, 1, 128, bf16, 4),
-    "decode_rope": decode(32, 8, 128, bf16, 1, rope=True), "decode_rope_splits": decode(16, 4, 128, bf16, 4, rope=True),
     "reduce": build(pa._decode_reduce_kernel, pa._reduce_meta(32, 128, 8),
                     dict(ws_acc_ptr="*fp32", ws_m_ptr="*fp32", ws_l_ptr="*fp32", out_ptr="*bf16")),
     "prefill": prefill(32, 8, 128, bf16),
