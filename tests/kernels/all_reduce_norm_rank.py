@@ -13,14 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import conftest  # noqa: E402,F401  (the interpreter fixes)
-import torch  # noqa: E402
-
-from strata.kernels.all_reduce_norm import PushTarget, all_reduce_rms_norm, buffer_numel  # noqa: E402
-from strata.kernels.skinny_matmul import skinny_matmul  # noqa: E402
+import torch
 
 EPS = 1e-5
 
@@ -44,6 +37,15 @@ def calls(world: int, n_cols: int, max_rows: int, dtype: torch.dtype):
 
 
 def main():
+    # Only as a script: imported by the test for calls(), this module changes nothing (a kernel
+    # module first imported under TRITON_INTERPRET would stay interpreted for the whole session).
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import conftest  # noqa: F401  (the interpreter fixes)
+
+    from strata.kernels.all_reduce_norm import PushTarget, all_reduce_rms_norm, buffer_numel
+    from strata.kernels.skinny_matmul import skinny_matmul
+
     rank, world, folder, dtype_name, n_cols, max_rows, slow, push = sys.argv[1:]
     rank, world, n_cols, max_rows, slow, push = (int(rank), int(world), int(n_cols), int(max_rows), int(slow),
                                                  push == "1")
