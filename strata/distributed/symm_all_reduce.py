@@ -178,17 +178,18 @@ class SymmMemNorm:
         self._target = PushTarget(self.bases, self.uses, self.max_rows, self.rank, self.world, hidden_size, dtype)
         self._sent = None   # the share a GEMV has sent, until the call that sums it
 
+    def _fits(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return rows <= self.max_rows and cols == self.hidden_size and dtype == self.dtype and device == self.device
+
     def can_run(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
-        return (x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden_size
-                and x.dtype == self.dtype and x.device == self.device and x.stride(1) == 1
+        return (x.dim() == 2 and self._fits(*x.shape, x.dtype, x.device) and x.stride(1) == 1
                 and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
                                           and residual.stride(1) == 1)))
 
     def push_target(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> PushTarget | None:
         """Where a GEMV computing the share of ``rows`` x ``cols`` may send it as it goes, or None
         (STRATA_GEMV_PUSH=0, or rows this call could not sum)."""
-        if (os.environ.get("STRATA_GEMV_PUSH", "1") == "0" or not 0 < rows <= self.max_rows
-                or cols != self.hidden_size or dtype != self.dtype or device != self.device):
+        if os.environ.get("STRATA_GEMV_PUSH", "1") == "0" or rows == 0 or not self._fits(rows, cols, dtype, device):
             return None
         return self._target
 

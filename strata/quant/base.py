@@ -49,15 +49,21 @@ class UnquantizedLinearMethod(QuantMethod):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer, x, bias):
-        if use_triton(x) and x.dim() == 2:
-            from strata.kernels import skinny_matmul as sk
-            if x.shape[0] <= sk.MAX_ROWS and x.stride(1) == 1:   # decode steps: a weight stream
-                return sk.skinny_matmul(x, layer.weight, bias)
+        if _skinny(x):   # decode steps: a weight stream
+            from strata.kernels.skinny_matmul import skinny_matmul
+            return skinny_matmul(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
     def apply_pushing(self, layer, x, push):
-        if use_triton(x) and x.dim() == 2:
-            from strata.kernels import skinny_matmul as sk
-            if x.shape[0] <= sk.MAX_ROWS and x.stride(1) == 1:
-                return sk.skinny_matmul(x, layer.weight, push=push)
+        if _skinny(x):
+            from strata.kernels.skinny_matmul import skinny_matmul
+            return skinny_matmul(x, layer.weight, push=push)
         return None
+
+
+def _skinny(x: torch.Tensor) -> bool:
+    """Whether x's product goes to strata's skinny matmul (a few rows, on the Triton path)."""
+    if not (use_triton(x) and x.dim() == 2):
+        return False
+    from strata.kernels.skinny_matmul import MAX_ROWS
+    return x.shape[0] <= MAX_ROWS and x.stride(1) == 1
