@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_llama8b import LLAMA_31_8B  # noqa: E402
-from gpu_offload import make_model_dir  # noqa: E402
+from gpu_offload import make_model_dir, warm_up  # noqa: E402
 
 from strata.attention import host_tier  # noqa: E402
 from strata.runner import offload_loop, offload_mover  # noqa: E402
@@ -123,10 +123,11 @@ def install() -> None:
 
     def result(self):
         t0 = now()
-        try:
-            self.task.result()
-        except BaseException:
-            pass
+        if self.out_host is not None:   # fresh prompts only: result() does not wait for the worker
+            try:
+                self.task.result()
+            except BaseException:
+                pass
         t1 = now()
         out = real_result(self)
         label = getattr(self, "_label", (None, None))
@@ -234,6 +235,29 @@ def report(title: str) -> dict:
     return results
 
 
+def kernel_report(prof, seconds: float, tokens: int) -> None:
+    """GPU time by kernel over one pass, grouped into matmuls, attention, copies and the rest."""
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None)
+        if total is None:
+            total = e.cuda_time_total
+        if total > 0:
+            rows.append((total / 1e3, e.count, e.key))
+    rows.sort(reverse=True)
+    groups = {}
+    for ms, _, name in rows:
+        low = name.lower()
+        kind = ("copy" if "memcpy" in low or "memset" in low else
+                "matmul" if any(w in low for w in ("gemm", "nvjet", "cutlass", "xmma", "matmul")) else
+                "attention" if "flash" in low or "attention" in low or "fmha" in low else "other")
+        groups[kind] = groups.get(kind, 0.0) + ms
+    print(f"\n== kernels over a pass of {tokens} tokens, {seconds * 1e3:.1f} ms: "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(groups.items(), key=lambda kv: -kv[1])))
+    for ms, count, name in rows[:30]:
+        print(f"  {ms:9.2f} ms {count:6d} x {ms * 1e3 / max(count, 1):9.1f} us  {name[:110]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -243,6 +267,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=6, help="new tokens (the third decode pass is traced)")
     ap.add_argument("--offload-policy", default="auto")
     ap.add_argument("--profile", action="store_true", help="cProfile the main thread in the first prefill pass")
+    ap.add_argument("--kernels", action="store_true",
+                    help="torch.profiler over the first prefill pass and the third decode pass: GPU time by kernel")
     args = ap.parse_args()
     from strata import LLM, SamplingParams
     install()
@@ -255,7 +281,7 @@ def main() -> None:
     prompts = [{"prompt_token_ids": torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()}
                for _ in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    warm_up(llm, prompts, vocab, gen)
     passes = {"n": 0, "times": []}
     loop_cls = offload_loop.OffloadLayerLoop
     traced_run = loop_cls.run
@@ -271,9 +297,16 @@ def main() -> None:
             import cProfile
             profile = cProfile.Profile()
             profile.enable()
+        kernels = None
+        if args.kernels and T.arm:
+            kernels = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            kernels.__enter__()
         t0 = time.perf_counter()
         out = traced_run(self, *a, **k)
         torch.cuda.synchronize()
+        if kernels is not None:
+            kernels.__exit__(None, None, None)
+            kernel_report(kernels, time.perf_counter() - t0, meta.num_tokens)
         if profile is not None:
             import pstats
             profile.disable()

@@ -15,7 +15,8 @@ The layer's q, k, v are computed (and rotated) on the compute device. Then ``sta
 ``start`` returns at once: the GPU goes on with other micro-batches (runner/offload_loop.py runs
 the next micro-batch's q/k/v and this one's MLP while the CPU attends). ``result()`` waits for the
 worker, then queues the copy of the CPU rows' output up on the compute stream, so the o_proj
-after it never reads it before it arrives. A staging buffer is reused only after its task is
+after it never reads it before it arrives; a micro-batch of fresh prompts only has no CPU rows
+and does not wait (its cache write is read by nothing before the worker's next task). A staging buffer is reused only after its task is
 done and (GPU) its output has left it.
 
 On a CPU-only machine both "tiers" are RAM: the same steps run through the worker thread (no
@@ -28,6 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -95,13 +97,23 @@ class PendingAttention:
         self.out_host = out_host        # the CPU rows' output, written by the task
         self.token_index = token_index  # their tokens in out (None: every token)
 
+    @property
+    def waits_for_cpu(self) -> bool:
+        """Whether result() waits for the CPU's attention (some rows attend there)."""
+        return self.out_host is not None
+
     def result(self) -> torch.Tensor:
+        if self.out_host is None:
+            # Fresh prompts only: their output was computed on the device, and the task only
+            # writes their K/V into the host cache, which nothing reads before the worker (FIFO)
+            # has done so. Waiting for it here held the host thread until the GPU had reached
+            # this micro-batch and left it nothing queued: a prefill ran at the sum of the
+            # host's and the GPU's time. Its errors surface at drain(), at the pass's end.
+            return self.out
         try:
             self.task.result()   # raises what the worker raised
         finally:
             self.staging.awaiting_result = False
-        if self.out_host is None:
-            return self.out
         rows = self.out_host.to(self.out.device, non_blocking=True).to(self.out.dtype)
         if self.out.is_cuda:   # the staging buffer is free once this copy has read it
             event = torch.cuda.Event()
@@ -288,9 +300,24 @@ def fresh_prompts_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     def batched(t):
         return t[a:b].reshape(n, length, t.shape[1], d).transpose(1, 2)
 
-    o = F.scaled_dot_product_attention(batched(q), batched(k), batched(v), scale=scale, is_causal=True,
-                                       enable_gqa=heads != kv_heads)
+    with sdpa_backends(q):
+        o = F.scaled_dot_product_attention(batched(q), batched(k), batched(v), scale=scale, is_causal=True,
+                                           enable_gqa=heads != kv_heads)
     out[a:b] = o.transpose(1, 2).reshape(n * length, heads, d)
+
+
+# Fresh prompts' attention on a GPU: every backend but cuDNN's, which torch prefers on Hopper and
+# which builds a graph per new shape (a prefill micro-batch holds a varying number of prompts) and
+# spent ~0.5 ms of the host's time per call beside ~0.05 ms of the GPU's (bench/offload_timeline.py
+# --profile, H100, 2026-11-23): the host thread is what a prefill micro-batch waits for.
+_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def sdpa_backends(q: torch.Tensor):
+    if not q.is_cuda:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([getattr(SDPBackend, name) for name in _SDPA_BACKENDS])
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,

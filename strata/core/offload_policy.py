@@ -177,7 +177,9 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     overlapped across micro-batches (runner/offload_loop._HostKVPipeline): with K micro-batches
     the CPU works on one while the GPU computes another, so the layer takes the longer of the two
     plus a K-th of the shorter (one micro-batch: their sum), plus the host's time per micro-batch
-    (HOST_KV_MICRO_BATCH_S; on a GPU it replaces LAYER_OVERHEAD_S for those layers)."""
+    (HOST_KV_MICRO_BATCH_S; on a GPU it replaces LAYER_OVERHEAD_S for those layers). A GPU
+    prefill's micro-batches wait for nothing on the CPU, so there the host's time, the GPU's and
+    the CPU's writes all run side by side: the layer takes the longest."""
     layers = spec.num_layers
     cpu_path = hw.device == "cpu"
     kv_layer = spec.kv_bytes_per_token / layers
@@ -201,7 +203,12 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     compute = resident = streamed = copies = 0.0
     lead = []   # (copy, compute) of the first `depth` streamed layers
     for layer in range(layers):
-        if layer >= layers - kv_host_layers:
+        if layer >= layers - kv_host_layers and prefill and not cpu_path:
+            # Fresh prompts: no micro-batch waits for the CPU (it only writes their K and V), so
+            # the host queues micro-batches while the GPU runs the ones before (host_tier's
+            # PendingAttention.result): the longest of the three.
+            c = max(gpu_layer, host_layer, host_kv_launch)
+        elif layer >= layers - kv_host_layers:
             c = max(gpu_layer, host_layer) + min(gpu_layer, host_layer) / k + host_kv_launch
         else:
             c = gpu_layer + device_kv

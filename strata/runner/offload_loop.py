@@ -91,45 +91,56 @@ def _kv_on_host(model: nn.Module, layer: nn.Module) -> bool:
 class _HostKVPipeline:
     """Layers whose KV cache is in host RAM, FlexGen's CPU delegation overlapped: each part's
     q/k/v are computed and its host side queued (attention/host_tier.py: copies down on a side
-    stream, the CPU attends in a worker thread) before the previous part's output is taken, so the
-    CPU attends for one part while the GPU computes the next one's projections and the previous
-    one's MLP, and the copy stream brings the next layers' weights. The overlap runs on across
-    consecutive host-KV layers: part 0 of layer i+1 starts before the last part of layer i is
-    taken, so the worker always has the next task queued (the slot of layer i is released, by
-    after_layer, once its last part is done). A part is never started before its own previous
+    stream, the CPU attends in a worker thread) before the output of a part that waits for the
+    CPU is taken, so the CPU attends for one part while the GPU computes the next one's
+    projections and the previous one's MLP, and the copy stream brings the next layers' weights.
+
+    Which outputs are taken when: a part of fresh prompts only waits for nothing (the GPU
+    attended for it; the CPU only writes its K/V), so its output is taken as soon as it has
+    started. Of the parts that wait for the CPU (decode rows, chunks after a cached prefix) the
+    newest stays pending and the one before it is taken. A part that waits therefore stays in
+    flight through every fresh part after it (a prefill wave's step: its decode rows attend on
+    the CPU while the GPU runs the wave's prompts), and the overlap runs on across consecutive
+    host-KV layers: part 0 of layer i+1 starts before the last waiting part of layer i is taken,
+    so the worker always has the next task queued. A layer's weight slot is released (by
+    after_layer) once all its parts are taken. A part is never started before its own previous
     layer's output is taken. Each output is taken with result(), which queues its copy up before
     the o_proj that reads it (no use before arrival)."""
 
     def __init__(self, model: nn.Module, parts: list, mover: OffloadMover):
         self.model, self.parts, self.mover = model, parts, mover
-        self.pending = None   # (layer index, part index, PendingAttention, resume)
+        self.pending = []   # [(layer index, part index, PendingAttention, resume)], oldest first
+        self.untaken = {}   # layer index -> its parts not taken yet
 
     def layer(self, index: int, layer: nn.Module) -> None:
         parts = self.parts
+        self.untaken[index] = len(parts)
         for k, (part_meta, part_pos, part_carry) in enumerate(parts):
-            if self.pending is not None and self.pending[1] == k:
-                self._take()   # this part's input is the output still pending
+            for item in [p for p in self.pending if p[1] == k]:
+                self._take(item)   # this part's input is the output still pending
                 part_carry = parts[k][2]
             with set_forward_context(part_meta):
                 attn, (q, key, value), resume = self.model.split_layer_forward(layer, part_pos, part_carry)
-                started = (index, k, attn.start(q, key, value, part_pos), resume)
+                self.pending.append((index, k, attn.start(q, key, value, part_pos), resume))
             parts[k] = (part_meta, part_pos, None)   # resume holds what it needs of the carry
             del q, key, value, part_carry
-            if self.pending is not None:
-                self._take()
-            self.pending = started
+            waiting = [p for p in self.pending if p[2].waits_for_cpu]
+            for item in [p for p in self.pending if not p[2].waits_for_cpu] + waiting[:-1]:
+                self._take(item)
 
     def flush(self) -> None:
-        if self.pending is not None:
-            self._take()
+        for item in list(self.pending):
+            self._take(item)
 
-    def _take(self) -> None:
-        index, k, handle, resume = self.pending
-        self.pending = None
+    def _take(self, item) -> None:
+        index, k, handle, resume = item
+        self.pending.remove(item)
         part_meta, part_pos, _ = self.parts[k]
         with set_forward_context(part_meta):
             self.parts[k] = (part_meta, part_pos, resume(handle.result().flatten(1)))
-        if k == len(self.parts) - 1:   # the layer's last output: its weights are free
+        self.untaken[index] -= 1
+        if not self.untaken[index]:   # the layer's last output: its weights are free
+            del self.untaken[index]
             self.mover.after_layer(index)
 
 

@@ -218,6 +218,53 @@ def test_decode_cut_in_two_for_the_host_tier(model_dir, resident_tokens, tmp_pat
     engine.offload_mover.close()
 
 
+def test_fresh_parts_taken_while_decode_rows_attend_on_the_host(model_dir, tmp_path, monkeypatch):
+    """A step of decode rows and fresh prompts (a prefill wave beside the waves before it): the
+    part with decode rows waits for the CPU, the fresh parts wait for nothing, so they are taken
+    (o_proj, MLP queued) while the decode part stays pending, which is taken only when its own
+    next layer starts (runner/offload_loop._HostKVPipeline). The resident run's tokens, with a
+    slow worker."""
+    from strata.attention import host_tier
+    from strata.runner import offload_loop
+    first, later = [[5, 17, 33, 101, 7], list(range(3, 40)), [300, 301, 302]], [list(range(100, 150)), list(range(9, 18))]
+    kw = dict(max_num_batched_tokens=64, enable_chunked_prefill=False, max_model_len=64)
+
+    def generate(llm):
+        engine = llm.llm_engine
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        for p in first:
+            engine.add_request(None, {"prompt_token_ids": p}, params)
+        engine.step()   # the first three prompts (45 tokens; the 50-token one would pass 64)
+        for p in later:
+            engine.add_request(None, {"prompt_token_ids": p}, params)
+        outs = {}
+        while engine.has_unfinished_requests():
+            outs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        return [outs[k] for k in sorted(outs, key=int)]
+
+    resident = generate(make(model_dir, **kw))
+    taken = []
+    real_take = offload_loop._HostKVPipeline._take
+
+    def take(self, item):
+        taken.append((id(self), item[0], item[1], len(self.parts), item[2].waits_for_cpu))
+        real_take(self, item)
+
+    monkeypatch.setattr(offload_loop._HostKVPipeline, "_take", take)
+    monkeypatch.setattr(host_tier.worker(), "delay_s", 0.001)
+    llm = make(model_dir, offload_dir=str(tmp_path), offload_policy="w_gpu=1,kv_cpu=0.25,micro_batch_tokens=16",
+               **kw)
+    assert generate(llm) == resident
+    # The mixed step: three parts (the 3 decode rows; the 50-token prompt; the 9-token one).
+    passes = {key for key, _, _, parts, waits in taken if parts == 3 and waits}
+    assert len(passes) == 1
+    mixed = [(layer, part, waits) for key, layer, part, _, waits in taken if key in passes]
+    assert len(mixed) == 6 * 3
+    for layer in range(18, 24):
+        assert [(p, w) for l, p, w in mixed if l == layer] == [(1, False), (2, False), (0, True)]
+    llm.llm_engine.offload_mover.close()
+
+
 def test_equal_fresh_prompts_on_the_host_tier(model_dir, tmp_path, monkeypatch):
     """Fresh prompts of one length attend as one batched call per run of them
     (host_tier.fresh_prompts_attention): the resident run's tokens, with the batched call used."""

@@ -1,8 +1,12 @@
 """Host-tier attention pieces (attention/host_tier.py) checked on their own."""
 
+import time
+
+import pytest
 import torch
 
 from strata.attention import host_tier, torch_ref
+from strata.attention.backend import AttentionMetadata
 
 
 def test_fresh_prompts_attend_as_one_batched_call():
@@ -22,3 +26,47 @@ def test_fresh_prompts_attend_as_one_batched_call():
         a, b = 2 + p * length, 2 + (p + 1) * length
         expected = torch_ref._sdpa(q[a:b], k[a:b], v[a:b], mask, scale, heads // kv_heads)
         torch.testing.assert_close(out[a:b], expected, rtol=1e-5, atol=1e-6)
+
+
+def _meta(query_lens, seq_lens, slots, block_tables, block_size):
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    return AttentionMetadata(
+        num_tokens=starts[-1], slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=torch.tensor(block_tables, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens_cpu=list(seq_lens), query_lens_cpu=list(query_lens), query_start_loc_cpu=starts,
+        block_size=block_size, decode_rows=[i for i, n in enumerate(query_lens) if n == 1],
+        prefill_rows=[i for i, n in enumerate(query_lens) if n != 1], max_query_len=max(query_lens))
+
+
+def test_fresh_prompt_result_does_not_wait_for_its_cache_write():
+    """A micro-batch of fresh prompts returns its output at once (computed on the device side),
+    while the slow worker still writes its K/V; the next task, a decode of the same sequence,
+    still attends over that K/V (the worker keeps the order), and a failed write surfaces at
+    drain()."""
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, d, block, length, scale = 4, 2, 16, 4, 6, 0.25
+    cache = torch.zeros(2, 4, block, kv_heads, d)
+    table = [[1, 2]]
+    worker = host_tier.HostAttentionWorker(delay_s=0.3)
+    q, k, v = (torch.randn(length + 1, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
+    prompt = _meta([length], [length], [block + i for i in range(length)], table, block)
+    t0 = time.perf_counter()
+    pending = worker.start(q[:length], k[:length], v[:length], cache, prompt, scale)
+    out = pending.result()
+    assert time.perf_counter() - t0 < 0.2 and not pending.task.done()
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    torch.testing.assert_close(out, torch_ref._sdpa(q[:length], k[:length], v[:length], mask, scale, 2),
+                               rtol=1e-5, atol=1e-6)
+    decode = _meta([1], [length + 1], [block + length], table, block)
+    got = worker.start(q[length:], k[length:], v[length:], cache, decode, scale).result()
+    expected = torch_ref._sdpa(q[length:], k, v, torch.ones(1, length + 1, dtype=torch.bool), scale, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    worker.drain()
+
+    bad = _meta([length], [length], [99 * block + i for i in range(length)], table, block)   # no such slot
+    worker.start(q[:length], k[:length], v[:length], cache, bad, scale).result()   # no wait, no error yet
+    with pytest.raises(Exception):
+        worker.drain()
