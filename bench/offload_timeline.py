@@ -149,10 +149,10 @@ def install() -> None:
     pipeline_cls = offload_loop._HostKVPipeline
     real_take = pipeline_cls._take
 
-    def take(self):
+    def take(self, item):
         t0 = now()
-        label = getattr(self.pending[2], "_label", (None, None))
-        real_take(self)
+        label = getattr(item[2], "_label", (None, None))
+        real_take(self, item)
         T.add("resume", t0, now(), label[0])
 
     pipeline_cls._take = take

@@ -304,7 +304,12 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
     if cfg is not None:
         # While the weight stream runs, as it does in a step: the copies read host memory too,
         # and the first 16 are timed: the copy rate while the host attends (on an H100 host the
-        # steps' copies ran well below the idle rate beside an attention at 29 GiB/s).
+        # steps' copies ran well below the idle rate beside an attention at 29 GiB/s). They read
+        # STREAM_SOURCE_BYTES of distinct buffers, as a step's copies read GiBs of layers from
+        # memory: one 256 MiB buffer copied again and again could be served by a last-level
+        # cache (300 MiB on the H100 hosts) and leave the attention's memory alone.
+        sources = [host] + [host_buffer(host.numel(), pinned=True)
+                            for _ in range(STREAM_SOURCE_BYTES // host.numel() - 1)]
         side = torch.cuda.Stream(device)
         first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -314,13 +319,14 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
                 # probe's 1 GiB at the 15-36 GiB/s hosts have measured)
                 first.record(side)
                 for i in range(128):
-                    dev.copy_(host, non_blocking=True)
+                    dev.copy_(sources[i % len(sources)], non_blocking=True)
                     if i == 15:
                         last.record(side)
 
         cpu_attn = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, during=stream_weights)
         side.synchronize()
         contended = 16 * host.numel() / max(first.elapsed_time(last) / 1e3, 1e-9)
+        del sources
     del host, dev
     torch.cuda.empty_cache()
     return Hardware("cuda", h2d, disk, flops, mem, cpu_attn, contended)
@@ -328,6 +334,8 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
 
 # Host KV the CPU-attention probe reads per timed call: more than a host's last-level cache.
 CPU_ATTENTION_PROBE_BYTES = 1 << 30
+# Host memory the weight copies beside it read from, for the same reason.
+STREAM_SOURCE_BYTES = 1 << 30
 
 
 def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,

@@ -8,6 +8,7 @@ The model: a random Llama of 24 layers, 3.9 MiB each in float32 (94 MiB in all).
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 
 import pytest
@@ -246,8 +247,12 @@ def test_fresh_parts_taken_while_decode_rows_attend_on_the_host(model_dir, tmp_p
     taken = []
     real_take = offload_loop._HostKVPipeline._take
 
+    passes = itertools.count()
+
     def take(self, item):
-        taken.append((id(self), item[0], item[1], len(self.parts), item[2].waits_for_cpu))
+        if not hasattr(self, "pass_number"):   # (ids of passes gone may come again)
+            self.pass_number = next(passes)
+        taken.append((self.pass_number, item[0], item[1], len(self.parts), item[2].waits_for_cpu))
         real_take(self, item)
 
     monkeypatch.setattr(offload_loop._HostKVPipeline, "_take", take)
@@ -256,9 +261,9 @@ def test_fresh_parts_taken_while_decode_rows_attend_on_the_host(model_dir, tmp_p
                **kw)
     assert generate(llm) == resident
     # The mixed step: three parts (the 3 decode rows; the 50-token prompt; the 9-token one).
-    passes = {key for key, _, _, parts, waits in taken if parts == 3 and waits}
-    assert len(passes) == 1
-    mixed = [(layer, part, waits) for key, layer, part, _, waits in taken if key in passes]
+    mixed_passes = {key for key, _, _, parts, waits in taken if parts == 3 and waits}
+    assert len(mixed_passes) == 1
+    mixed = [(layer, part, waits) for key, layer, part, _, waits in taken if key in mixed_passes]
     assert len(mixed) == 6 * 3
     for layer in range(18, 24):
         assert [(p, w) for l, p, w in mixed if l == layer] == [(1, False), (2, False), (0, True)]
