@@ -16,8 +16,8 @@ The layer's q, k, v are computed (and rotated) on the compute device. Then ``sta
 the next micro-batch's q/k/v and this one's MLP while the CPU attends). ``result()`` waits for the
 worker, then queues the copy of the CPU rows' output up on the compute stream, so the o_proj
 after it never reads it before it arrives; a micro-batch of fresh prompts only has no CPU rows
-and does not wait (its cache write is read by nothing before the worker's next task). A staging buffer is reused only after its task is
-done and (GPU) its output has left it.
+and does not wait (nothing reads its cache write before the worker's next task). A staging
+buffer is reused only after its task is done and (GPU) its output has left it.
 
 On a CPU-only machine both "tiers" are RAM: the same steps run through the worker thread (no
 copies, no events), which is how the tests check them, with a delay injected, against the
@@ -307,9 +307,9 @@ def fresh_prompts_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
 
 
 # Fresh prompts' attention on a GPU: every backend but cuDNN's, which torch prefers on Hopper and
-# which builds a graph per new shape (a prefill micro-batch holds a varying number of prompts) and
-# spent ~0.5 ms of the host's time per call beside ~0.05 ms of the GPU's (bench/offload_timeline.py
-# --profile, H100, 2026-11-23): the host thread is what a prefill micro-batch waits for.
+# which builds a graph per new shape (a prefill micro-batch holds a varying number of prompts): a
+# first prefill wave's 256 calls held the host 0.12 s and the GPU 0.014 s (bench/offload_timeline.py
+# --profile and --kernels, H100, 2026-11-23), and the host thread is what a prefill waits for.
 _SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 

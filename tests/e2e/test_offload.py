@@ -227,7 +227,8 @@ def test_fresh_parts_taken_while_decode_rows_attend_on_the_host(model_dir, tmp_p
     slow worker."""
     from strata.attention import host_tier
     from strata.runner import offload_loop
-    first, later = [[5, 17, 33, 101, 7], list(range(3, 40)), [300, 301, 302]], [list(range(100, 150)), list(range(9, 18))]
+    first = [[5, 17, 33, 101, 7], list(range(3, 40)), [300, 301, 302]]
+    later = [list(range(100, 150)), list(range(9, 18))]
     kw = dict(max_num_batched_tokens=64, enable_chunked_prefill=False, max_model_len=64)
 
     def generate(llm):
