@@ -134,9 +134,23 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
     from strata.attention import host_tier
     host0 = dict(host_tier.worker().stats)
     scheduler.schedule = counted_schedule
+    # The host's time inside each pass's layer loop (queuing it) and between passes (the engine's
+    # own work: sampling's sync, scheduling, the next step's inputs), no sync added.
+    loops = []
+    loop = engine.executor.runner.model.layer_loop
+    loop_run = loop.run
+
+    def timed_loop(*a, **k):
+        t = time.perf_counter()
+        try:
+            return loop_run(*a, **k)
+        finally:
+            loops.append((t, time.perf_counter()))
+    loop.run = timed_loop
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     scheduler.schedule = schedule
+    del loop.run
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -167,7 +181,8 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         wait_s=mover.stats.wait_seconds, kv_host_layers=plan.kv_host_layers, plan_host_gib=plan.host_bytes / GIB,
         plan_disk_gib_s=engine.offload_hardware.disk_bytes_per_s / GIB,
         plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB,
-        host_attention=dict(host, gib_s=host["attend_bytes"] / GIB / max(host["attend_s"], 1e-9)))
+        host_attention=dict(host, gib_s=host["attend_bytes"] / GIB / max(host["attend_s"], 1e-9)),
+        between_passes_s=[b[0] - a[1] for a, b in zip(loops, loops[1:])])
     if short_new_tokens:
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -513,6 +528,10 @@ def report_host_tier(r: dict) -> None:
         print(f"  host tier in the run: attention {h['attend_bytes'] / GIB:.1f} GiB in {h['attend_s']:.2f} s = "
               f"{h['gib_s']:.1f} GiB/s (the plan's probe: {r['plan_cpu_attn_gib_s']:.1f}); K/V writes "
               f"{h['write_s']:.2f} s; waiting for the copies down {h['wait_s']:.2f} s", flush=True)
+    gaps = r.get("between_passes_s")
+    if gaps:
+        print(f"  host time between passes: median {statistics.median(gaps) * 1e3:.1f} ms, "
+              f"{sum(gaps):.2f} s in all", flush=True)
 
 
 def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
