@@ -157,6 +157,13 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
     # The host tier's worker during the timed run: the rate its attention reached in the steps,
     # beside the startup probe's that the plan used.
     host = {key: value - host0[key] for key, value in host_tier.worker().stats.items()}
+    # The startup probe again, now: a host slower in the run than at startup is either slower
+    # now too (other tenants) or was slowed by the run's own work beside the attention.
+    probe_after = 0.0
+    if args.device == "cuda" and plan.kv_host_layers:
+        from strata.runner.offload_loop import cpu_attention_rate
+        cfg = engine.model_config
+        probe_after = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     workload = Workload(prompt_len + new_tokens, prompt_len, new_tokens, batch)
     predicted = predict_throughput(engine.offload_spec, engine.offload_hardware, plan, workload)
@@ -182,7 +189,8 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         plan_disk_gib_s=engine.offload_hardware.disk_bytes_per_s / GIB,
         plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB,
         host_attention=dict(host, gib_s=host["attend_bytes"] / GIB / max(host["attend_s"], 1e-9)),
-        between_passes_s=[b[0] - a[1] for a, b in zip(loops, loops[1:])])
+        between_passes_s=[b[0] - a[1] for a, b in zip(loops, loops[1:])],
+        cpu_attn_probe_after_gib_s=probe_after / GIB)
     if short_new_tokens:
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -526,7 +534,8 @@ def report_host_tier(r: dict) -> None:
     h = r["host_attention"]
     if h["attend_bytes"]:
         print(f"  host tier in the run: attention {h['attend_bytes'] / GIB:.1f} GiB in {h['attend_s']:.2f} s = "
-              f"{h['gib_s']:.1f} GiB/s (the plan's probe: {r['plan_cpu_attn_gib_s']:.1f}); K/V writes "
+              f"{h['gib_s']:.1f} GiB/s (the plan's probe: {r['plan_cpu_attn_gib_s']:.1f}; again after the run, "
+              f"without copies beside it: {r.get('cpu_attn_probe_after_gib_s', 0.0):.1f}); K/V writes "
               f"{h['write_s']:.2f} s; waiting for the copies down {h['wait_s']:.2f} s", flush=True)
     gaps = r.get("between_passes_s")
     if gaps:
