@@ -123,7 +123,7 @@ def install() -> None:
 
     def result(self):
         t0 = now()
-        if self.out_host is not None:   # fresh prompts only: result() does not wait for the worker
+        if self.waits_for_cpu:   # (fresh prompts only: result() does not wait for the worker)
             try:
                 self.task.result()
             except BaseException:

@@ -203,13 +203,14 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     compute = resident = streamed = copies = 0.0
     lead = []   # (copy, compute) of the first `depth` streamed layers
     for layer in range(layers):
-        if layer >= layers - kv_host_layers and prefill and not cpu_path:
-            # Fresh prompts: no micro-batch waits for the CPU (it only writes their K and V), so
-            # the host queues micro-batches while the GPU runs the ones before (host_tier's
-            # PendingAttention.result): the longest of the three.
-            c = max(gpu_layer, host_layer, host_kv_launch)
-        elif layer >= layers - kv_host_layers:
-            c = max(gpu_layer, host_layer) + min(gpu_layer, host_layer) / k + host_kv_launch
+        if layer >= layers - kv_host_layers:
+            if prefill and not cpu_path:
+                # Fresh prompts: no micro-batch waits for the CPU (it only writes their K and V),
+                # so the host queues micro-batches while the GPU runs the ones before (host_tier's
+                # PendingAttention.result): the longest of the three.
+                c = max(gpu_layer, host_layer, host_kv_launch)
+            else:
+                c = max(gpu_layer, host_layer) + min(gpu_layer, host_layer) / k + host_kv_launch
         else:
             c = gpu_layer + device_kv
         compute += c
