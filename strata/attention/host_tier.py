@@ -331,14 +331,17 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def cpu_attend(q_host: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-               threads: int | None = None) -> torch.Tensor:
+               threads: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q_host [m, heads, head_dim] float32 over a host cache -> float32 output: the C kernel (a
-    16-bit cache read in place), else (no C kernels, or long prompt chunks, where torch's SDPA
-    is blocked like a GEMM) torch_ref on the cache's dtype."""
-    if cpu_ops.library() is not None and meta.max_query_len <= C_MAX_QUERY and \
-            kv_cache.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    16-bit cache, or int8 codes with their kv_scales, read in place), else (no C kernels, or long
+    prompt chunks, where torch's SDPA is blocked like a GEMM) torch_ref."""
+    if cpu_ops.library() is not None and meta.max_query_len <= C_MAX_QUERY and (
+            kv_cache.dtype in (torch.float32, torch.bfloat16, torch.float16) if kv_scales is None
+            else kv_cache.dtype == torch.int8):
         return cpu_ops.host_paged_attention(q_host, kv_cache, meta.block_tables, meta.seq_lens,
-                                            meta.query_start_loc, scale, threads)
+                                            meta.query_start_loc, scale, threads, kv_scales)
+    if kv_scales is not None:   # codes dequantized to the query's float32
+        return torch_ref.paged_attention(q_host, kv_cache, meta, scale, kv_scales)
     return torch_ref.paged_attention(q_host.to(kv_cache.dtype), kv_cache, meta, scale).float()
 
 

@@ -37,6 +37,8 @@ def _configured(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.strata_decoder_workspace.restype = i64
     lib.strata_paged_attention_half.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
                                                 i64, f32, cint, cint]
+    lib.strata_paged_attention_int8.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
+                                                i64, f32, ptr, i64, cint]
     lib.strata_scatter_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, cint]
     lib.strata_argmax_rows.argtypes = [ptr, i64, i64, ptr]
     return lib
@@ -165,19 +167,32 @@ _HALF_KINDS = {torch.bfloat16: 1, torch.float16: 2}
 
 def host_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                          seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                         num_threads: int | None = None) -> torch.Tensor:
-    """Attention over a paged cache in float32, bfloat16 or float16 (offloading's host tier):
-    q [n, heads, d] float32 -> out [n, heads, d] float32. A 16-bit cache is read in place and
-    converted in registers (cpu_host_attention.c); a float32 one goes to paged_attention, the
-    kernel the resident CPU path uses. num_threads: OpenMP threads (default torch's count)."""
+                         num_threads: int | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention over a paged cache in float32, bfloat16, float16 or int8 codes with kv_scales
+    (offloading's host tier): q [n, heads, d] float32 -> out [n, heads, d] float32. A 16-bit or
+    8-bit cache is read in place and converted in registers (cpu_host_attention.c); a float32 one
+    goes to paged_attention, the kernel the resident CPU path uses. num_threads: OpenMP threads
+    (default torch's count)."""
     threads = num_threads or torch.get_num_threads()
+    op = "host_paged_attention"
+    if kv_cache.device.type != "cpu" or not kv_cache.is_contiguous():
+        raise ValueError(f"{op}: the cache must be a contiguous CPU tensor, got {kv_cache.dtype} on {kv_cache.device}")
+    if kv_scales is not None:
+        two, blocks, block_size, kv_heads, _ = kv_cache.shape
+        if kv_cache.dtype != torch.int8 or kv_scales.dtype != torch.float32 or not kv_scales.is_contiguous() \
+                or kv_scales.shape != (two, blocks, block_size, kv_heads) or kv_scales.device.type != "cpu":
+            raise ValueError(f"{op}: a quantized cache is int8 codes {tuple(kv_cache.shape)} with contiguous float32 "
+                             f"scales {(two, blocks, block_size, kv_heads)} on the CPU, got {kv_cache.dtype} codes "
+                             f"and {kv_scales.dtype} scales {tuple(kv_scales.shape)} on {kv_scales.device}")
+        _check_query(op, q, kv_cache)
+        return _attend(op, library().strata_paged_attention_int8, q, kv_cache, block_tables, seq_lens,
+                       query_start_loc, scale, kv_scales.data_ptr(), kv_scales.stride(0), threads)
     if kv_cache.dtype == torch.float32:
         return paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, threads)
-    op = "host_paged_attention"
     kind = _HALF_KINDS.get(kv_cache.dtype)
-    if kind is None or not kv_cache.is_contiguous() or kv_cache.device.type != "cpu":
-        raise ValueError(f"host_paged_attention: the cache must be a contiguous CPU tensor of float32, bfloat16 "
-                         f"or float16, got {kv_cache.dtype} on {kv_cache.device}")
+    if kind is None:
+        raise ValueError(f"{op}: the cache must hold float32, bfloat16 or float16 (or int8 codes with scales), "
+                         f"got {kv_cache.dtype}")
     _check_query(op, q, kv_cache)
     return _attend(op, library().strata_paged_attention_half, q, kv_cache, block_tables, seq_lens,
                    query_start_loc, scale, kind, threads)
@@ -193,7 +208,7 @@ def _check_query(op: str, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
 
 def _attend(op: str, kernel, q, kv_cache, block_tables, seq_lens, query_start_loc, scale, *tail) -> torch.Tensor:
     """Checks the tables and runs a paged-attention kernel of the C library (strata_paged_attention
-    or its 16-bit twin): its arguments are the same up to scale, then ``tail`` (kind, threads)."""
+    or its 16-bit and 8-bit twins): their arguments are the same up to scale, then ``tail``."""
     n, heads, d = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     tables = block_tables if block_tables.is_contiguous() else block_tables.contiguous()

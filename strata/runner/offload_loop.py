@@ -25,6 +25,7 @@ from strata.attention.backend import AttentionMetadata
 from strata.config import ModelConfig
 from strata.core.offload_policy import Hardware, ModelSpec
 from strata.forward_context import get_attn_metadata, set_forward_context
+from strata.quant.kv import KVCacheFormat, kv_cache_bytes_per_slot, quantize_kv
 from strata.runner.host_memory import host_buffer
 from strata.runner.offload_mover import OffloadMover, layer_layout
 from strata.sample.sampler import host_to_device
@@ -339,11 +340,13 @@ STREAM_SOURCE_BYTES = 1 << 30
 
 
 def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                       batch: int = 32, context: int = 512, block_size: int = 16, during=None) -> float:
+                       batch: int = 32, context: int = 512, block_size: int = 16, during=None,
+                       kv_format: KVCacheFormat | None = None) -> float:
     """KV bytes/s the host reads when decode rows attend over a host cache: layers of `batch`
     rows of `context` tokens, through the host tier's own call (attention/host_tier.cpu_attend,
     with the threads its worker uses beside a GPU). during(): started after a warm-up call and
-    before the timed ones (the GPU caller queues weight copies there).
+    before the timed ones (the GPU caller queues weight copies there). kv_format: a quantized
+    cache (kv_cache_dtype; its codes and scales are the bytes counted), else `dtype` values.
 
     The layers' caches add up to CPU_ATTENTION_PROBE_BYTES, so that the reads come from memory
     as a step's do: one 64 MiB layer read again and again stayed in a large last-level cache
@@ -351,9 +354,12 @@ def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: 
     of its prediction)."""
     from strata.attention.host_tier import attention_threads, cpu_attend
     blocks = context // block_size
-    first = torch.randn(2, batch * blocks + 1, block_size, num_kv_heads, head_dim).to(dtype)
-    layer_bytes = batch * context * 2 * num_kv_heads * head_dim * first.element_size()
-    caches = [first] + [first.clone() for _ in range(-(-CPU_ATTENTION_PROBE_BYTES // layer_bytes) - 1)]
+    values = torch.randn(2, batch * blocks + 1, block_size, num_kv_heads, head_dim)
+    first = (values.to(dtype), None) if kv_format is None else quantize_kv(values, kv_format.dtype)
+    del values
+    layer_bytes = batch * context * kv_cache_bytes_per_slot(num_kv_heads, head_dim, dtype, kv_format)
+    caches = [first] + [tuple(t if t is None else t.clone() for t in first)
+                        for _ in range(-(-CPU_ATTENTION_PROBE_BYTES // layer_bytes) - 1)]
     tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
     q = torch.randn(batch, num_heads, head_dim)
     meta = AttentionMetadata(
@@ -365,8 +371,8 @@ def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: 
     threads = attention_threads(on_cuda=True)
 
     def attend():
-        for cache in caches:
-            cpu_attend(q, cache, meta, head_dim ** -0.5, threads)
+        for cache, scales in caches:
+            cpu_attend(q, cache, meta, head_dim ** -0.5, threads, scales)
 
     attend()
     if during is not None:

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from strata.attention import torch_ref
+from strata.attention import host_tier, torch_ref
 from strata.attention.backend import AttentionMetadata
 from strata.kernels import cpu_ops
 from strata.layers.norm import RMSNorm
 from strata.layers.rotary import RotaryEmbedding
+from strata.quant.kv import quantize_kv
 
 pytestmark = pytest.mark.skipif(cpu_ops.library() is None, reason="strata's CPU kernels could not be built")
 
@@ -160,6 +161,54 @@ def test_host_paged_attention_reads_16_bit_caches(seqs, heads, kv_heads, d, dtyp
                                                      meta.query_start_loc, d ** -0.5))
     with pytest.raises(ValueError, match="q must be float32"):
         cpu_ops.host_paged_attention(q.to(dtype), cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1.0)
+
+
+@pytest.mark.parametrize("seqs", [
+    [(37, 1), (5, 1), (16, 1), (1, 1), (70, 1)],         # decodes, contexts across blocks
+    [(30, 7), (9, 9), (33, 1)],                          # prompt chunks after a cached prefix, a decode
+])
+@pytest.mark.parametrize("heads, kv_heads, d", [(8, 2, 64), (3, 3, 20), (4, 1, 16), (14, 2, 32), (24, 2, 16),
+                                                (4, 4, 128), (16, 2, 48), (2, 1, 272)])
+def test_host_paged_attention_reads_int8_codes(seqs, heads, kv_heads, d):
+    """kv_cache_dtype int8 in the host tier: codes and per-(slot, head) scales read in place, the
+    scales applied to the scores and the softmax weights; the reference dequantizes the same codes
+    to float32 (torch_ref). d=20: the scalar path; 7 query heads per KV head: the register path
+    with a run-time group count; 12: the scalar one; 8: the largest compiled one."""
+    block_size = 8
+    meta = _metadata(seqs, block_size, 64)
+    codes, scales = quantize_kv(torch.randn(2, 64, block_size, kv_heads, d) * 3, torch.int8)
+    q = torch.randn(meta.num_tokens, heads, d)
+    want = torch_ref.paged_attention(q, codes, meta, d ** -0.5, scales)
+    got = cpu_ops.host_paged_attention(q, codes, meta.block_tables, meta.seq_lens, meta.query_start_loc, d ** -0.5,
+                                       num_threads=2, kv_scales=scales)
+    # float32 either way, the scales applied in another order: rounding apart
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # The host tier's call takes the same kernel.
+    assert torch.equal(host_tier.cpu_attend(q, codes, meta, d ** -0.5, 2, scales), got)
+    with pytest.raises(ValueError, match="int8 codes .* contiguous float32 scales"):
+        cpu_ops.host_paged_attention(q, codes, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1.0,
+                                     kv_scales=scales.double())
+    with pytest.raises(ValueError, match="int8 codes"):
+        cpu_ops.host_paged_attention(q, codes.float(), meta.block_tables, meta.seq_lens, meta.query_start_loc, 1.0,
+                                     kv_scales=scales)
+
+
+def test_prefetches_survive_the_build():
+    """The host-tier attention and the fused CPU decode prefetch the rows they are about to read.
+    GCC 12 deleted every call of a helper whose only effect is a prefetch (it finds it "looping
+    const"): the library then had 8 prefetch instructions, none of them in the attention; with
+    the helpers always inlined it has dozens. A change that loses them again is slower, not
+    wrong, so nothing else would notice."""
+    import shutil
+    import subprocess
+
+    from strata.kernels import cpu_quant
+    lib = cpu_ops.library()
+    if lib is None or not lib.strata_has_gemm_tiles() or shutil.which("objdump") is None:
+        pytest.skip("needs the AVX2 build of the C kernels and objdump")
+    text = subprocess.run(["objdump", "-d", str(cpu_quant._build())], capture_output=True, text=True,
+                          check=True).stdout
+    assert text.count("prefetch") >= 40
 
 
 def test_half_conversion_covers_special_values():
