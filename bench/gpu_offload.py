@@ -163,7 +163,8 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
     if args.device == "cuda" and plan.kv_host_layers:
         from strata.runner.offload_loop import cpu_attention_rate
         cfg = engine.model_config
-        probe_after = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+        probe_after = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
+                                         kv_format=engine.kv_format)
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     workload = Workload(prompt_len + new_tokens, prompt_len, new_tokens, batch)
     predicted = predict_throughput(engine.offload_spec, engine.offload_hardware, plan, workload)
@@ -367,6 +368,9 @@ def parse_args():
     ap.add_argument("--gpu-budget", default="4GiB", help="gpu_memory_budget of every strata run and HF's budget")
     ap.add_argument("--offload-policy", default="auto",
                     help="offload_policy of the main run, e.g. 'w_cpu=1,kv_cpu=0' for the KV cache on the GPU")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="kv_cache_dtype of part 2's run: auto (bf16) or int8 (codes + scales in host RAM, "
+                         "half the bytes the CPU's attention reads)")
     ap.add_argument("--disk-cpu-budget", default="4GiB", help="host RAM budget of the disk-tier run")
     ap.add_argument("--offload-dir", default=None, help="disk tier folder (default: a temporary one)")
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -438,7 +442,7 @@ def main() -> None:
     if not args.skip_main:
         r = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                      batch=args.hf_batch, short_new_tokens=None if args.skip_hf else args.hf_new_tokens,
-                     offload_policy=args.offload_policy, **main_budget)
+                     offload_policy=args.offload_policy, kv_cache_dtype=args.kv_cache_dtype, **main_budget)
         if "error" in r:
             raise SystemExit(f"strata's main run failed: {r['error']}")
         batch = batch or r["batch"]
@@ -519,7 +523,7 @@ def report_main(r: dict, args, h2d: float, budget: int, results: dict, elapsed) 
     # What the process holds of the GPU: the caching allocator's reserve, not only live tensors.
     within = "within" if max(r["gpu_peak_gib"], r["gpu_reserved_gib"]) * GIB <= budget else "OVER"
     print(f"plan: {r['plan']}")
-    print(f"{elapsed()} strata   batch {r['batch']}, {args.prompt_len}+{args.new_tokens} tokens: {r['tok_s']:.1f} tok/s "
+    print(f"{elapsed()} strata   KV cache {args.kv_cache_dtype}, batch {r['batch']}, {args.prompt_len}+{args.new_tokens} tokens: {r['tok_s']:.1f} tok/s "
           f"({r['generated']} tokens in {r['seconds']:.2f} s, {r['passes']} passes, load {r['load_s']:.0f} s); "
           f"PCIe bound {bound:.1f} tok/s -> {r['tok_s'] / bound:.0%} of it (target 85%); predicted "
           f"{r['predicted_tok_s']:.1f} tok/s (measured / predicted {r['tok_s'] / r['predicted_tok_s']:.2f}); GPU peak "

@@ -39,6 +39,7 @@ from strata.attention import torch_ref
 from strata.attention.backend import AttentionMetadata
 from strata.core.offload_policy import HOST_STAGING_BUFFERS
 from strata.kernels import cpu_ops
+from strata.quant.kv import KVCacheFormat, dequantize_kv, quantize_kv
 from strata.runner.host_memory import host_buffer
 from strata.sample.sampler import host_to_device
 
@@ -144,11 +145,20 @@ class HostAttentionWorker:
         self._lock = threading.Lock()
 
     def start(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-              meta: AttentionMetadata, scale: float) -> PendingAttention:
+              meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> PendingAttention:
         """q [n, heads, head_dim], k/v [n, kv_heads, head_dim] (rotated, on the compute device);
-        kv_cache [2, num_blocks, block_size, kv_heads, head_dim] in host RAM."""
+        kv_cache [2, num_blocks, block_size, kv_heads, head_dim] in host RAM, int8 codes when
+        kv_scales [2, num_blocks, block_size, kv_heads] (float32, host RAM) is given: k and v are
+        then quantized on the device (strata.quant.kv, as a device cache's writer does), their
+        codes and scales go down, and fresh prompts attend over the dequantized values, as they
+        would over a quantized device cache."""
         host = host_copies(meta)
         out = torch.empty_like(q)
+        writes = [k, v]   # what goes down and into the cache: values, or codes then scales
+        if kv_scales is not None:
+            (kc, ks), (vc, vs) = quantize_kv(k, kv_cache.dtype), quantize_kv(v, kv_cache.dtype)
+            writes = [kc, vc, ks, vs]
+            k, v = dequantize_kv(kc, ks, k.dtype), dequantize_kv(vc, vs, v.dtype)
         starts = meta.query_start_loc_cpu
         rows, fresh = [], []   # fresh: [first token, prompts, length] of runs of equal prompts
         for row, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
@@ -168,20 +178,19 @@ class HostAttentionWorker:
                                          q.device)
         q_rows = (q if token_index is None else q[token_index]) if rows else None
         sub = _sub_metadata(meta, host, rows) if rows else None
-        shapes = [(tuple(k.shape), k.dtype), (tuple(v.shape), v.dtype)]
+        shapes = [(tuple(t.shape), t.dtype) for t in writes]
         if rows:
             shapes += [(tuple(q_rows.shape), torch.float32)] * 2   # queries down, output up
         staging = self._acquire(sum(-(-_nbytes(s, d) // ALIGN) * ALIGN for s, d in shapes), q.is_cuda)
         views = staging.views(shapes)
         arrived = None
+        sources = writes + ([q_rows.float()] if rows else [])
         if q.is_cuda:
-            arrived = self._copy_down(q.device, [k, v] + ([q_rows.float()] if rows else []), views)
-            sources = views[:2] + (views[2:3] if rows else [])
-        else:
-            sources = [k, v] + ([q_rows.float()] if rows else [])
-        out_host = views[3] if rows else None
-        task = self._pool.submit(self._run, arrived, sources, out_host, kv_cache, host["slot_mapping"], sub,
-                                 scale, q.is_cuda)
+            arrived = self._copy_down(q.device, sources, views)
+            sources = views[:len(sources)]
+        out_host = views[-1] if rows else None
+        task = self._pool.submit(self._run, arrived, sources, out_host, kv_cache, kv_scales, host["slot_mapping"],
+                                 sub, scale, q.is_cuda)
         staging.task, staging.awaiting_result = task, rows != []
         with self._lock:
             self._tasks.append(task)
@@ -204,27 +213,33 @@ class HostAttentionWorker:
             arrived.record(stream)
         return arrived
 
-    def _run(self, arrived, sources, out_host, kv_cache, slot_mapping, sub, scale, on_cuda) -> None:
-        """Worker thread: wait for the copies, write the cache, attend for the CPU rows. (Inference
-        mode is per thread: the step's tensors and the cache may be inference tensors.)"""
+    def _run(self, arrived, sources, out_host, kv_cache, kv_scales, slot_mapping, sub, scale, on_cuda) -> None:
+        """Worker thread: wait for the copies, write the cache (sources: k, v, [k and v scales],
+        [queries]), attend for the CPU rows. (Inference mode is per thread: the step's tensors and
+        the cache may be inference tensors.)"""
         if self.delay_s:
             time.sleep(self.delay_s)
         t0 = time.perf_counter()
         if arrived is not None:
             arrived.synchronize()
         t1 = time.perf_counter()
+        threads = attention_threads(on_cuda)
         with torch.inference_mode():
-            write_kv(kv_cache, sources[0], sources[1], slot_mapping, attention_threads(on_cuda))
+            write_kv(kv_cache, sources[0], sources[1], slot_mapping, threads)
+            if kv_scales is not None:   # a scale per (slot, head): rows of one "element" of kv_heads
+                write_kv(kv_scales.unsqueeze(-1), sources[2].unsqueeze(-1), sources[3].unsqueeze(-1), slot_mapping,
+                         threads)
             t2 = time.perf_counter()
             if sub is not None:
-                out_host.copy_(cpu_attend(sources[2], kv_cache, sub, scale, threads=attention_threads(on_cuda)))
+                out_host.copy_(cpu_attend(sources[-1], kv_cache, sub, scale, threads, kv_scales))
         t3 = time.perf_counter()
         stats = self.stats
         stats["wait_s"] += t1 - t0
         stats["write_s"] += t2 - t1
         stats["attend_s"] += t3 - t2
         if sub is not None:
-            token_bytes = 2 * kv_cache.shape[3] * kv_cache.shape[4] * kv_cache.element_size()
+            _, _, _, kv_heads, head_dim = kv_cache.shape
+            token_bytes = 2 * kv_heads * (head_dim * kv_cache.element_size() + (4 if kv_scales is not None else 0))
             stats["attend_bytes"] += sum(sub.seq_lens_cpu) * token_bytes
         self.tasks_run += 1
 
@@ -280,6 +295,13 @@ def worker() -> HostAttentionWorker:
     if not _WORKER:
         _WORKER.append(HostAttentionWorker())
     return _WORKER[0]
+
+
+def stores(kv_format: KVCacheFormat | None) -> bool:
+    """Whether the host tier keeps a cache of this format (kv_cache_dtype): the model dtype, or int8
+    codes with their scales (the CPU reads them in place); not fp8, which the CPU has no
+    conversion for in registers."""
+    return kv_format is None or kv_format.dtype == torch.int8
 
 
 def attention_threads(on_cuda: bool) -> int:
@@ -346,9 +368,9 @@ def cpu_attend(q_host: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
 
 
 def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                   meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """start(...).result(): for callers with nothing to overlap."""
-    return worker().start(q, k, v, kv_cache, meta, scale).result()
+    return worker().start(q, k, v, kv_cache, meta, scale, kv_scales).result()
 
 
 def _sub_metadata(meta: AttentionMetadata, host: dict, rows: list[int]) -> AttentionMetadata:

@@ -61,8 +61,15 @@ class ModelSpec:
     hidden_size: int
     intermediate_size: int
     vocab_size: int
-    kv_bytes_per_token: int       # K and V of one token over all layers
+    kv_bytes_per_token: int       # K and V of one token over all layers, as the cache stores them
     dtype_bytes: int
+    # Elements of one token's K (or V) in one layer, kv_heads * head_dim; 0: a cache in the model
+    # dtype, derived from kv_bytes_per_token (a quantized cache stores fewer bytes per element).
+    kv_dim: int = 0
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_dim or self.kv_bytes_per_token // (2 * self.num_layers * self.dtype_bytes)
 
     @property
     def weight_bytes(self) -> int:
@@ -261,7 +268,7 @@ def activation_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int,
     carry = (2 * step_tokens + inside_tokens) * h * e
     inside = int(1.5 * inside_tokens * (6 * h + 3 * i) * e)
     logits = batch * spec.vocab_size * (e + 4 * 4)
-    kv_dim = spec.kv_bytes_per_token // (2 * spec.num_layers * e)
+    kv_dim = spec.kv_width
     in_flight = inside_tokens * ((h + 2 * kv_dim) * e + 2 * h * 4) if host_kv else 0
     return carry + inside + logits + in_flight
 
@@ -276,7 +283,7 @@ def host_step_bytes(spec: ModelSpec, step_tokens: int, micro_batch_tokens: int, 
       torch's caching allocator (power-of-two blocks, freed ones kept: up to 2x the largest
       rounded size)."""
     h, e = spec.hidden_size, spec.dtype_bytes
-    kv_dim = spec.kv_bytes_per_token // (2 * spec.num_layers * e)
+    kv_dim = spec.kv_width
     total = 0
     if host_kv:
         tokens = min(step_tokens, max(micro_batch_tokens, max_query_len))

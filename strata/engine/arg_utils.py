@@ -28,7 +28,8 @@ HELP = {
     "kv_cache_dtype": "KV cache storage: auto (the model dtype), int8, or fp8 (= fp8_e4m3; CUDA compute "
                       "capability >= 8.9). int8/fp8 store each token's K and V per head as 8-bit codes "
                       "plus a float32 scale: about half the bytes of bf16 (a quarter of fp32), so about "
-                      "twice the tokens fit in the same kv_cache_memory",
+                      "twice the tokens fit in the same kv_cache_memory (offloading's KV cache in host "
+                      "RAM too: int8 there, fp8 stays on the GPU)",
     "gpu_memory_utilization": "share of GPU memory strata may use (weights + activations + KV)",
     "num_gpu_blocks_override": "force the number of KV blocks (testing)",
     "load_format": "auto, safetensors, gguf, or dummy (random weights of the model's shape)",

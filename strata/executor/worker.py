@@ -113,7 +113,8 @@ class Worker:
         args, cfg = self.args, self.model_config
         workload = Workload.from_max_model_len(args.max_model_len or cfg.max_position_embeddings,
                                                args.max_num_seqs)
-        return LayerPlacer(cfg, offload_config, self.device, workload, self.cache_config.gpu_memory_utilization)
+        return LayerPlacer(cfg, offload_config, self.device, workload, self.cache_config.gpu_memory_utilization,
+                           resolve_kv_format(self.cache_config.kv_cache_dtype, self.device))
 
     def _offload(self, model, placer) -> None:
         """Finish carrying out the plan (the parts outside the layers, the offload loop). On a GPU
@@ -124,10 +125,6 @@ class Worker:
         workload = placer.workload
         self.offload_plan, self.offload_mover, self.offload_hardware, self.offload_spec = placer.finish(model)
         plan = self.offload_plan
-        if plan.kv_host_layers and resolve_kv_format(cache.kv_cache_dtype, self.device) is not None:
-            raise ValueError(f"kv_cache_dtype={cache.kv_cache_dtype!r} with the KV cache of "
-                             f"{plan.kv_host_layers} layers in host RAM (offload_policy kv_cpu): the host "
-                             "tier stores the model dtype; use kv_cache_dtype='auto' or kv_cpu=0")
         if self.device.type == "cuda":
             if cache.kv_cache_memory_bytes is None and cache.num_gpu_blocks_override is None:
                 # The plan's batch at max_model_len, in blocks: the same block ids address the

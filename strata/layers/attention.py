@@ -84,7 +84,7 @@ class Attention(nn.Module):
             q, k = rotary_write_kv(positions, q, k, v, rope.cos_cached, rope.sin_cached, None, None)
         elif rope is not None:
             q, k = rope(positions, q, k)
-        return host_tier.worker().start(q, k, v, self.kv_cache, get_attn_metadata(), self.scale)
+        return host_tier.worker().start(q, k, v, self.kv_cache, get_attn_metadata(), self.scale, self.kv_scales)
 
     def _forward_cpu(self, q, k, v, positions, meta) -> torch.Tensor:
         rope = self.rotary_emb

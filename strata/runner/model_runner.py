@@ -79,8 +79,8 @@ class ModelRunner:
             layer.kv_cache = self._zeros(shape, self.model_config.dtype if fmt is None else fmt.dtype,
                                          torch.device("cpu") if layer.kv_on_host else self.device)
             self.kv_caches.append(layer.kv_cache)
-            if fmt is not None:
-                layer.kv_scales = self._zeros(shape[:-1], SCALE_DTYPE, self.device)
+            if fmt is not None:   # beside its codes: in host RAM for a host-tier layer
+                layer.kv_scales = self._zeros(shape[:-1], SCALE_DTYPE, layer.kv_cache.device)
                 self.kv_caches.append(layer.kv_scales)   # block copies move the scales too
 
     def free_kv_cache(self) -> None:

@@ -258,8 +258,9 @@ def place_outside_layers(model: nn.Module, device: torch.device, embed_on_host: 
 
 
 def model_spec(model: nn.Module, cfg: ModelConfig, embed_on_host: bool,
-               template: nn.Module | None = None) -> ModelSpec:
-    """template: a loaded, finished layer (its quantized form is what streams); default the first."""
+               template: nn.Module | None = None, kv_format: KVCacheFormat | None = None) -> ModelSpec:
+    """template: a loaded, finished layer (its quantized form is what streams); default the first.
+    kv_format: a quantized KV cache (kv_cache_dtype), both tiers' bytes per token."""
     template = template if template is not None else model.layers[0]
     _, layer_bytes = layer_layout(template)
     layer_params = sum(p.numel() for p in template.parameters())
@@ -272,15 +273,18 @@ def model_spec(model: nn.Module, cfg: ModelConfig, embed_on_host: bool,
     return ModelSpec(num_layers=len(model.layers), layer_bytes=layer_bytes, layer_params=layer_params,
                      device_bytes=device, host_bytes=host, hidden_size=cfg.hidden_size,
                      intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-                     kv_bytes_per_token=cfg.kv_bytes_per_token, dtype_bytes=elem)
+                     kv_bytes_per_token=cfg.num_layers * kv_cache_bytes_per_slot(cfg.num_kv_heads, cfg.head_dim,
+                                                                                 cfg.dtype, kv_format),
+                     dtype_bytes=elem, kv_dim=cfg.num_kv_heads * cfg.head_dim)
 
 
 def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str | None,
-                     disk_probe_bytes: int = 16 * 2**20, cfg: ModelConfig | None = None) -> Hardware:
+                     disk_probe_bytes: int = 16 * 2**20, cfg: ModelConfig | None = None,
+                     kv_format: KVCacheFormat | None = None) -> Hardware:
     """Quick measurements at startup: pinned host -> device copies, the disk tier's read rate
     (disk_read_rate: one layer's bytes through the mover's own read path, when the disk tier may
     be used), a matmul, a device copy and (GPU, given the model's heads) the CPU's decode
-    attention over a host KV cache."""
+    attention over a host KV cache (stored as kv_format says)."""
     disk = disk_read_rate(offload_dir, disk_probe_bytes, pinned=device.type == "cuda")
     if device.type != "cuda":
         n = 512
@@ -324,7 +328,8 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
                     if i == 15:
                         last.record(side)
 
-        cpu_attn = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, during=stream_weights)
+        cpu_attn = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, during=stream_weights,
+                                      kv_format=kv_format)
         side.synchronize()
         contended = 16 * host.numel() / max(first.elapsed_time(last) / 1e3, 1e-9)
         del sources
@@ -466,12 +471,13 @@ class LayerPlacer:
     (embedding, norm, LM head) and puts the offload loop in place."""
 
     def __init__(self, cfg: ModelConfig, offload, device: torch.device, workload,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, kv_format: KVCacheFormat | None = None):
         if device.type != "cuda" and offload.gpu_memory_budget is not None:
             raise ValueError(f"gpu_memory_budget ({offload.gpu_memory_budget} bytes) needs a CUDA device; "
                              f"this engine runs on {device} (use cpu_memory_budget)")
         self.cfg, self.offload, self.device, self.workload = cfg, offload, device, workload
         self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_format = kv_format   # a quantized KV cache (kv_cache_dtype): its bytes, its CPU attention
         self.plan = self.mover = self.hardware = self.spec = None
         self.embed_on_host = False
 
@@ -485,12 +491,16 @@ class LayerPlacer:
         from strata.core.offload_policy import search_policy
         offload, cfg, device = self.offload, self.cfg, self.device
         self.embed_on_host = host_embedding_ok(model, device)
-        spec = self.spec = model_spec(model, cfg, self.embed_on_host, template)
+        spec = self.spec = model_spec(model, cfg, self.embed_on_host, template, self.kv_format)
         policy = offload.policy or {}
         # One layer's read, as the mover reads it, when the disk tier may hold layers; else a probe.
         disk_possible = offload.cpu_memory_budget is not None or policy.get("w_disk", 0) > 0
         probe = min(max(spec.layer_bytes, 16 * 2**20), 2**30) if disk_possible else 16 * 2**20
-        self.hardware = measure_hardware(device, cfg.dtype, offload.offload_dir, probe, cfg)
+        # A KV format the host tier cannot store: no CPU-attention probe, so the auto policy
+        # keeps the cache on the device (and an explicit kv_cpu is refused below).
+        host_kv_ok = host_tier.stores(self.kv_format)
+        self.hardware = measure_hardware(device, cfg.dtype, offload.offload_dir, probe, cfg if host_kv_ok else None,
+                                         self.kv_format)
         gpu_budget = offload.gpu_memory_budget
         if device.type == "cuda" and gpu_budget is None:
             gpu_budget = int(torch.cuda.mem_get_info(device)[0] * self.gpu_memory_utilization)
@@ -498,6 +508,10 @@ class LayerPlacer:
         if device.type == "cuda" and cpu_budget is None:
             cpu_budget = host_memory_room(held)
         self.plan = search_policy(spec, self.hardware, self.workload, gpu_budget, cpu_budget, offload.policy)
+        if self.plan.kv_host_layers and not host_kv_ok:
+            raise ValueError(f"kv_cache_dtype={self.kv_format.name!r} with the KV cache of {self.plan.kv_host_layers} "
+                             "layers in host RAM (offload_policy kv_cpu): the host tier stores the model dtype or "
+                             "int8; use kv_cache_dtype='int8' or 'auto', or kv_cpu=0")
         if offload.offload_dir is not None:
             os.makedirs(offload.offload_dir, exist_ok=True)
         self.mover = OffloadMover(model, self.plan, device, offload.offload_dir, template=template, place=False)

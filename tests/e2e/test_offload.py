@@ -181,10 +181,10 @@ def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch
     calls = {"host": 0, "rows": 0}
     real = host_tier.cpu_attend
 
-    def counting(q_host, kv_cache, meta, scale, threads=None):
+    def counting(q_host, kv_cache, meta, scale, threads=None, kv_scales=None):
         calls["host"] += 1
         calls["rows"] += meta.num_seqs
-        return real(q_host, kv_cache, meta, scale, threads)
+        return real(q_host, kv_cache, meta, scale, threads, kv_scales)
 
     monkeypatch.setattr(host_tier, "cpu_attend", counting)
     monkeypatch.setattr(host_tier.worker(), "delay_s", delay_s)
@@ -199,6 +199,43 @@ def test_kv_cache_on_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch
     if delay_s:
         assert calls["host"] >= 3 * host_layers * 7             # several micro-batches per decode step
     engine.offload_mover.close()
+
+
+@pytest.mark.parametrize("policy, host_layers", [("w_gpu=1,kv_cpu=1", 24), ("w_gpu=1,kv_cpu=0.5,micro_batch_tokens=2", 12)])
+def test_int8_kv_cache_on_host_tier(model_dir, tmp_path, monkeypatch, policy, host_layers):
+    """kv_cache_dtype='int8' with layers' caches in host RAM: codes and scales there (the scales
+    beside their codes, in RAM too), decode rows attending over them on the CPU, fresh prompts
+    over the dequantized values on the device: the resident int8 run's tokens. The codes are
+    FlexGen's compressed cache: half of bf16's bytes to keep, write and read."""
+    from strata.attention import host_tier
+    seen = []
+    real = host_tier.cpu_attend
+
+    def recording(q_host, kv_cache, meta, scale, threads=None, kv_scales=None):
+        seen.append((kv_cache.dtype, None if kv_scales is None else kv_scales.device.type))
+        return real(q_host, kv_cache, meta, scale, threads, kv_scales)
+
+    monkeypatch.setattr(host_tier, "cpu_attend", recording)
+    resident = make(model_dir, kv_cache_dtype="int8")
+    want = run(resident)
+    del resident
+    gc.collect()
+    llm = make(model_dir, offload_dir=str(tmp_path), offload_policy=policy, kv_cache_dtype="int8")
+    engine = llm.llm_engine
+    assert engine.offload_plan.kv_host_layers == host_layers
+    attn = engine.executor.runner.attn_layers
+    for a in attn:
+        assert a.kv_cache.dtype == torch.int8 and a.kv_scales.device == a.kv_cache.device
+        assert a.kv_cache.device.type == "cpu"   # (the whole engine is on the CPU here)
+    assert run(llm) == want
+    assert len(seen) >= host_layers * 7 and set(seen) == {(torch.int8, "cpu")}
+    # The plan counts the cache as stored: codes and a float32 scale per head, not float32 values.
+    spec = engine.offload_spec
+    assert spec.kv_bytes_per_token == 24 * 2 * 2 * (64 + 4) and spec.kv_width == 2 * 64
+    engine.offload_mover.close()
+    # fp8 codes stay on the device: the CPU has no conversion for them (refused on a GPU engine).
+    from strata.quant.kv import KV_FORMATS
+    assert host_tier.stores(None) and host_tier.stores(KV_FORMATS["int8"]) and not host_tier.stores(KV_FORMATS["fp8"])
 
 
 def test_decode_cut_in_two_for_the_host_tier(model_dir, resident_tokens, tmp_path, monkeypatch):
@@ -323,7 +360,7 @@ def test_budget_below_one_layer_is_an_error(model_dir):
     (dict(cpu_memory_budget=-5), "cpu_memory_budget must be > 0"),
     (dict(offload_policy="w_gpu=0.5,w_cpu=0.7"), "must sum to 1"),
     (dict(offload_policy="kv_cpu=1.5"), "kv_cpu must be in"),
-    (dict(offload_policy="kv_cpu=1", kv_cache_dtype="int8"), "host tier stores the model dtype"),
+    (dict(offload_policy="w_gpu=1,kv_cpu=1", kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' needs a CUDA GPU"),
     (dict(offload_policy="speed=9"), "unknown key"),
     (dict(offload_policy="prefill_waves=0"), "prefill_waves must be in"),
     (dict(offload_policy="prefill_waves=two"), "prefill_waves must be a number"),
@@ -372,6 +409,27 @@ def test_gpu_offload_with_host_kv_matches_resident(model_dir):
     assert engine.offload_plan.kv_host_layers > 0
     assert run(llm) == want
     assert run(llm, PROMPTS[::-1]) == want[::-1]     # the staging buffer reused step after step
+    engine.offload_mover.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_offload_with_int8_host_kv_matches_resident_int8(model_dir):
+    """kv_cache_dtype='int8' on a GPU: the device layers' codes written by the Triton rotary
+    kernel, the host layers' by strata.quant.kv on the device before they go down (the same
+    float32 operations, so the same codes), decode rows attending over host codes on the CPU:
+    the resident int8 engine's tokens."""
+    kw = dict(skip_tokenizer_init=True, device="cuda", dtype="float32", max_num_seqs=8, use_tqdm_on_load=False,
+              kv_cache_dtype="int8")
+    resident = LLM(str(model_dir), **kw)
+    want = run(resident)
+    del resident
+    gc.collect()
+    llm = LLM(str(model_dir), offload_policy="w_cpu=1,kv_cpu=0.5,prefill_waves=1", **kw)
+    engine = llm.llm_engine
+    attn = engine.executor.runner.attn_layers
+    assert engine.offload_plan.kv_host_layers == 12
+    assert [a.kv_scales.device.type for a in attn] == ["cuda"] * 12 + ["cpu"] * 12
+    assert run(llm) == want
     engine.offload_mover.close()
 
 
