@@ -145,11 +145,14 @@ def test_host_paged_attention_reads_16_bit_caches(seqs, heads, kv_heads, d, dtyp
     read; the reference attends in float32 over the same (rounded) values. d=20: the scalar tail;
     7 query heads per KV head: the register path with a run-time group count; 12: the scalar one.
     bfloat16 with 1, 2 or 4 query heads per KV head and d a multiple of 16 up to 256: the
-    even/odd-lane path (d=272: past it, the 8-wide one)."""
+    even/odd-lane path (d=272: past it, the 8-wide one), d=32 and 64 the AVX-512 BF16 one where
+    the CPU has it."""
     block_size = 8
     meta = _metadata(seqs, block_size, 64)
     cache = torch.randn(2, 64, block_size, kv_heads, d).to(dtype)
-    q = torch.randn(meta.num_tokens, heads, d)
+    # The host tier's queries: the model dtype's values, sent down as float32 (the AVX-512 BF16
+    # path, d a multiple of 32 and G = 1, 2, 4 on a CPU that has it, takes them as bfloat16)
+    q = torch.randn(meta.num_tokens, heads, d).to(dtype).float()
     want = torch_ref.paged_attention(q, cache.float(), meta, d ** -0.5)
     got = cpu_ops.host_paged_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, d ** -0.5,
                                        num_threads=2)
@@ -218,9 +221,9 @@ def test_half_conversion_covers_special_values():
     specials = {torch.float16: [6e-8, -float("inf"), 1e-5, 0.0, -0.0, 65504.0, 3.14159, -2.5],
                 torch.bfloat16: [1e-38, -3e38, 2.0**-130, 0.0, 1.5, -7.0, 100.0, 0.1]}
     for dtype, values in specials.items():
-        for d in (8, 11, 16):   # 16: bfloat16's even/odd-lane path
+        for d in (8, 11, 16, 32):   # 16: bfloat16's even/odd-lane path; 32: its AVX-512 form
             cache = torch.zeros(2, 1, 1, 1, d, dtype=dtype)
-            cache[1, 0, 0, 0] = torch.tensor((values * 2)[:d], dtype=dtype)
+            cache[1, 0, 0, 0] = torch.tensor((values * 4)[:d], dtype=dtype)
             one = torch.ones(1, dtype=torch.int32)
             out = cpu_ops.host_paged_attention(torch.zeros(1, 1, d), cache, torch.zeros(1, 1, dtype=torch.int32),
                                                one, torch.tensor([0, 1], dtype=torch.int32), 1.0)
