@@ -69,6 +69,21 @@ static inline float sum8(__m256 v) {
 }
 #endif
 
+#ifdef HOST_AVX2
+/* Calls fn(args..., G) with G a compile-time constant for 1, 2, 4 and 8 query heads per KV head
+ * (the register paths are written for one; an always-inline function is compiled once per
+ * constant), with the run-time G for other counts up to 8, and returns; falls through past 8. */
+#define WITH_CONSTANT_G(fn, ...) do {                                                               \
+        switch (G) {                                                                                \
+            case 1: fn(__VA_ARGS__, 1); return;                                                     \
+            case 2: fn(__VA_ARGS__, 2); return;                                                     \
+            case 4: fn(__VA_ARGS__, 4); return;                                                     \
+            case 8: fn(__VA_ARGS__, 8); return;                                                     \
+            default: if (G < 8) { fn(__VA_ARGS__, G); return; }                                     \
+        }                                                                                           \
+    } while (0)
+#endif
+
 typedef struct {
     const uint16_t *kv;
     int64_t plane_stride, block_size, kv_heads, head_dim, groups, bt_stride;
@@ -471,15 +486,7 @@ static void score_keys(const half_view *v, const int32_t *table, int64_t ctx, in
     const int64_t d = v->head_dim, G = v->groups;
 #ifdef HOST_AVX2
     if (d % 8 == 0) {
-        switch (G) {
-            case 1: score_keys_g(v, table, ctx, kvh, q, scores, 1); return;
-            case 2: score_keys_g(v, table, ctx, kvh, q, scores, 2); return;
-            case 4: score_keys_g(v, table, ctx, kvh, q, scores, 4); return;
-            case 8: score_keys_g(v, table, ctx, kvh, q, scores, 8); return;
-            default:   /* other group counts up to 8: the same code, G known only at run time */
-                if (G < 8) { score_keys_g(v, table, ctx, kvh, q, scores, G); return; }
-                break;
-        }
+        WITH_CONSTANT_G(score_keys_g, v, table, ctx, kvh, q, scores);
     }
 #endif
     for (int64_t j = 0; j < ctx; j++) {
@@ -498,15 +505,7 @@ static void weigh_values(const half_view *v, const int32_t *table, int64_t ctx, 
     const int64_t d = v->head_dim, G = v->groups;
 #ifdef HOST_AVX2
     if (d % 8 == 0) {
-        switch (G) {
-            case 1: weigh_values_g(v, table, ctx, kvh, weights, out, 1); return;
-            case 2: weigh_values_g(v, table, ctx, kvh, weights, out, 2); return;
-            case 4: weigh_values_g(v, table, ctx, kvh, weights, out, 4); return;
-            case 8: weigh_values_g(v, table, ctx, kvh, weights, out, 8); return;
-            default:
-                if (G < 8) { weigh_values_g(v, table, ctx, kvh, weights, out, G); return; }
-                break;
-        }
+        WITH_CONSTANT_G(weigh_values_g, v, table, ctx, kvh, weights, out);
     }
 #endif
     memset(out, 0, sizeof(float) * (size_t)(G * d));
@@ -704,15 +703,7 @@ static void score_codes(const int8_attention *a, const int32_t *table, int64_t c
     const int64_t d = a->head_dim, G = a->groups;
 #ifdef HOST_AVX2
     if (d % 16 == 0) {
-        switch (G) {
-            case 1: score_codes_g(a, table, ctx, kvh, q, scores, 1); return;
-            case 2: score_codes_g(a, table, ctx, kvh, q, scores, 2); return;
-            case 4: score_codes_g(a, table, ctx, kvh, q, scores, 4); return;
-            case 8: score_codes_g(a, table, ctx, kvh, q, scores, 8); return;
-            default:
-                if (G < 8) { score_codes_g(a, table, ctx, kvh, q, scores, G); return; }
-                break;
-        }
+        WITH_CONSTANT_G(score_codes_g, a, table, ctx, kvh, q, scores);
     }
 #endif
     for (int64_t j = 0; j < ctx; j++) {
@@ -731,15 +722,7 @@ static void weigh_codes(const int8_attention *a, const int32_t *table, int64_t c
     const int64_t d = a->head_dim, G = a->groups;
 #ifdef HOST_AVX2
     if (d % 16 == 0) {
-        switch (G) {
-            case 1: weigh_codes_g(a, table, ctx, kvh, w, out, 1); return;
-            case 2: weigh_codes_g(a, table, ctx, kvh, w, out, 2); return;
-            case 4: weigh_codes_g(a, table, ctx, kvh, w, out, 4); return;
-            case 8: weigh_codes_g(a, table, ctx, kvh, w, out, 8); return;
-            default:
-                if (G < 8) { weigh_codes_g(a, table, ctx, kvh, w, out, G); return; }
-                break;
-        }
+        WITH_CONSTANT_G(weigh_codes_g, a, table, ctx, kvh, w, out);
     }
 #endif
     memset(out, 0, sizeof(float) * (size_t)(G * d));
