@@ -10,8 +10,10 @@ The layer's q, k, v are computed (and rotated) on the compute device. Then ``sta
   that event, writes k and v into the host cache at the step's slots (the same block tables
   address every layer's cache, whichever tier holds it), and for every other row (decodes, a
   prompt chunk after a cached prefix) attends on the CPU over its cached context
-  (kernels/cpu_host_attention.c reads a 16-bit cache in place with several threads; torch_ref
-  where the C kernels are not built or a chunk is long) into the staging buffer.
+  (kernels/cpu_host_attention.c reads a 16-bit cache, or kv_cache_dtype int8's codes and
+  scales, in place with several threads; torch_ref where the C kernels are not built or a chunk
+  is long) into the staging buffer. An int8 cache's k and v are quantized on the device, so
+  codes and scales are what go down.
 ``start`` returns at once: the GPU goes on with other micro-batches (runner/offload_loop.py runs
 the next micro-batch's q/k/v and this one's MLP while the CPU attends). ``result()`` waits for the
 worker, then queues the copy of the CPU rows' output up on the compute stream, so the o_proj
