@@ -160,7 +160,6 @@ class HostAttentionWorker:
         if kv_scales is not None:
             (kc, ks), (vc, vs) = quantize_kv(k, kv_cache.dtype), quantize_kv(v, kv_cache.dtype)
             writes = [kc, vc, ks, vs]
-            k, v = dequantize_kv(kc, ks, k.dtype), dequantize_kv(vc, vs, v.dtype)
         starts = meta.query_start_loc_cpu
         rows, fresh = [], []   # fresh: [first token, prompts, length] of runs of equal prompts
         for row, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
@@ -171,6 +170,8 @@ class HostAttentionWorker:
                     fresh.append([starts[row], 1, q_len])
             else:
                 rows.append(row)
+        if fresh and kv_scales is not None:   # they see the values the cache keeps
+            k, v = dequantize_kv(kc, ks, k.dtype), dequantize_kv(vc, vs, v.dtype)
         for a, n, length in fresh:
             fresh_prompts_attention(q, k, v, out, a, n, length, scale)
         token_index = None

@@ -82,6 +82,15 @@ static inline float sum8(__m256 v) {
             default: if (G < 8) { fn(__VA_ARGS__, G); return; }                                     \
         }                                                                                           \
     } while (0)
+/* Calls fn(args..., G) with G a compile-time 1, 2 or 4 (paths written for those only; the caller
+ * has checked G), and goes on after it. */
+#define WITH_G_1_2_4(fn, ...) do {                                                                  \
+        switch (G) {                                                                                \
+            case 1: fn(__VA_ARGS__, 1); break;                                                      \
+            case 2: fn(__VA_ARGS__, 2); break;                                                      \
+            default: fn(__VA_ARGS__, 4); break;                                                     \
+        }                                                                                           \
+    } while (0)
 #endif
 
 typedef struct {
@@ -341,17 +350,9 @@ static int attend_bf16(const half_view *v, const int32_t *table, int64_t ctx, in
                 qp[g * d + c + i] = q[g * d + c + 2 * i];
                 qp[g * d + c + 8 + i] = q[g * d + c + 2 * i + 1];
             }
-    switch (G) {
-        case 1: score_keys_bf16_g(v, table, ctx, kvh, qp, scores, 1); break;
-        case 2: score_keys_bf16_g(v, table, ctx, kvh, qp, scores, 2); break;
-        default: score_keys_bf16_g(v, table, ctx, kvh, qp, scores, 4); break;
-    }
+    WITH_G_1_2_4(score_keys_bf16_g, v, table, ctx, kvh, qp, scores);
     for (int64_t g = 0; g < G; g++) strata_softmax_row(scores + g * ctx, ctx);
-    switch (G) {
-        case 1: weigh_values_bf16_g(v, table, ctx, kvh, scores, out, 1); break;
-        case 2: weigh_values_bf16_g(v, table, ctx, kvh, scores, out, 2); break;
-        default: weigh_values_bf16_g(v, table, ctx, kvh, scores, out, 4); break;
-    }
+    WITH_G_1_2_4(weigh_values_bf16_g, v, table, ctx, kvh, scores, out);
     return 1;
 }
 #endif
@@ -465,17 +466,9 @@ static int attend_bf16_512(const half_view *v, const int32_t *table, int64_t ctx
         for (int64_t c = 0; c < chunks; c++)   /* (lo, hi) halves: bf16 i of the pair is q[32c + i] */
             qb[g * chunks + c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + g * d + 32 * c + 16),
                                                      _mm512_loadu_ps(q + g * d + 32 * c));
-    switch (G) {
-        case 1: score_keys_dp_g(v, table, ctx, kvh, qb, scores, 1); break;
-        case 2: score_keys_dp_g(v, table, ctx, kvh, qb, scores, 2); break;
-        default: score_keys_dp_g(v, table, ctx, kvh, qb, scores, 4); break;
-    }
+    WITH_G_1_2_4(score_keys_dp_g, v, table, ctx, kvh, qb, scores);
     for (int64_t g = 0; g < G; g++) strata_softmax_row(scores + g * ctx, ctx);
-    switch (G) {
-        case 1: weigh_values_512_g(v, table, ctx, kvh, scores, out, 1); break;
-        case 2: weigh_values_512_g(v, table, ctx, kvh, scores, out, 2); break;
-        default: weigh_values_512_g(v, table, ctx, kvh, scores, out, 4); break;
-    }
+    WITH_G_1_2_4(weigh_values_512_g, v, table, ctx, kvh, scores, out);
     return 1;
 }
 #endif

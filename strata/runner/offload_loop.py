@@ -346,12 +346,15 @@ STREAM_SOURCE_BYTES = 1 << 30
 
 def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                        batch: int = 32, context: int = 512, block_size: int = 16, during=None,
-                       kv_format: KVCacheFormat | None = None) -> float:
+                       kv_format: KVCacheFormat | None = None, shuffle: bool = False, threads: int | None = None,
+                       reps: int = 3) -> float:
     """KV bytes/s the host reads when decode rows attend over a host cache: layers of `batch`
     rows of `context` tokens, through the host tier's own call (attention/host_tier.cpu_attend,
     with the threads its worker uses beside a GPU). during(): started after a warm-up call and
     before the timed ones (the GPU caller queues weight copies there). kv_format: a quantized
     cache (kv_cache_dtype; its codes and scales are the bytes counted), else `dtype` values.
+    shuffle: the rows' blocks in random order, not the pool's (bench/host_attention.py); threads:
+    default the worker's; reps: timed calls, the median taken.
 
     The layers' caches add up to CPU_ATTENTION_PROBE_BYTES, so that the reads come from memory
     as a step's do: one 64 MiB layer read again and again stayed in a large last-level cache
@@ -365,7 +368,8 @@ def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: 
     layer_bytes = batch * context * kv_cache_bytes_per_slot(num_kv_heads, head_dim, dtype, kv_format)
     caches = [first] + [tuple(t if t is None else t.clone() for t in first)
                         for _ in range(-(-CPU_ATTENTION_PROBE_BYTES // layer_bytes) - 1)]
-    tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
+    ids = torch.randperm(batch * blocks) if shuffle else torch.arange(batch * blocks)
+    tables = ids.to(torch.int32).view(batch, blocks)
     q = torch.randn(batch, num_heads, head_dim)
     meta = AttentionMetadata(
         num_tokens=batch, slot_mapping=torch.zeros(0, dtype=torch.int64), block_tables=tables,
@@ -373,7 +377,7 @@ def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: 
         query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
         seq_lens_cpu=[context] * batch, query_lens_cpu=[1] * batch, query_start_loc_cpu=list(range(batch + 1)),
         block_size=block_size, decode_rows=list(range(batch)), prefill_rows=[])
-    threads = attention_threads(on_cuda=True)
+    threads = threads or attention_threads(on_cuda=True)
 
     def attend():
         for cache, scales in caches:
@@ -382,7 +386,7 @@ def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: 
     attend()
     if during is not None:
         during()
-    seconds = _median_s(attend, reps=3)
+    seconds = _median_s(attend, reps=reps)
     return len(caches) * layer_bytes / seconds
 
 
