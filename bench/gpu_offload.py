@@ -523,7 +523,8 @@ def report_main(r: dict, args, h2d: float, budget: int, results: dict, elapsed) 
     # What the process holds of the GPU: the caching allocator's reserve, not only live tensors.
     within = "within" if max(r["gpu_peak_gib"], r["gpu_reserved_gib"]) * GIB <= budget else "OVER"
     print(f"plan: {r['plan']}")
-    print(f"{elapsed()} strata   KV cache {args.kv_cache_dtype}, batch {r['batch']}, {args.prompt_len}+{args.new_tokens} tokens: {r['tok_s']:.1f} tok/s "
+    print(f"{elapsed()} strata   KV cache {args.kv_cache_dtype}, batch {r['batch']}, "
+          f"{args.prompt_len}+{args.new_tokens} tokens: {r['tok_s']:.1f} tok/s "
           f"({r['generated']} tokens in {r['seconds']:.2f} s, {r['passes']} passes, load {r['load_s']:.0f} s); "
           f"PCIe bound {bound:.1f} tok/s -> {r['tok_s'] / bound:.0%} of it (target 85%); predicted "
           f"{r['predicted_tok_s']:.1f} tok/s (measured / predicted {r['tok_s'] / r['predicted_tok_s']:.2f}); GPU peak "

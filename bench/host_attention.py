@@ -43,8 +43,8 @@ def main() -> None:
             rate = cpu_attention_rate(HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, batch, args.context, during=None,
                                       kv_format=fmt, shuffle=True, threads=threads, reps=5)
             layer_bytes = batch * args.context * kv_cache_bytes_per_slot(KV_HEADS, HEAD_DIM, torch.bfloat16, fmt)
-            print(f"batch {batch:4d} x {args.context} tokens, {dtype:4s}, {threads} threads: {rate / 2**30:6.1f} GiB/s, "
-                  f"{layer_bytes / rate * 1e3:6.2f} ms a layer", flush=True)
+            print(f"batch {batch:4d} x {args.context} tokens, {dtype:4s}, {threads} threads: "
+                  f"{rate / 2**30:6.1f} GiB/s, {layer_bytes / rate * 1e3:6.2f} ms a layer", flush=True)
 
 
 if __name__ == "__main__":
