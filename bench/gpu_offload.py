@@ -166,7 +166,8 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         probe_after = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype,
                                          kv_format=engine.kv_format)
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    workload = Workload(prompt_len + new_tokens, prompt_len, new_tokens, batch)
+    # a stream's prediction is the cost model's steady state (prefill waves beside decodes)
+    workload = Workload(prompt_len + new_tokens, prompt_len, new_tokens, batch, stream=waves > 1)
     predicted = predict_throughput(engine.offload_spec, engine.offload_hardware, plan, workload)
     if args.device == "cuda" and getattr(args, "disk_bytes_per_s", None):
         # the prediction again from the bench's own disk measurement (when it took one)
@@ -189,6 +190,7 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         wait_s=mover.stats.wait_seconds, kv_host_layers=plan.kv_host_layers, plan_host_gib=plan.host_bytes / GIB,
         plan_disk_gib_s=engine.offload_hardware.disk_bytes_per_s / GIB,
         plan_cpu_attn_gib_s=engine.offload_hardware.cpu_attn_bytes_per_s / GIB,
+        plan_cpu_write_gib_s=engine.offload_hardware.cpu_write_bytes_per_s / GIB,
         host_attention=dict(host, gib_s=host["attend_bytes"] / GIB / max(host["attend_s"], 1e-9)),
         between_passes_s=[b[0] - a[1] for a, b in zip(loops, loops[1:])],
         cpu_attn_probe_after_gib_s=probe_after / GIB)
@@ -386,9 +388,10 @@ def parse_args():
     ap.add_argument("--stream-waves", type=int, default=0,
                     help="part 2b: submit this many times the plan's batch of prompts at once, a stream the engine "
                          "keeps its batch full from (0: skip)")
-    ap.add_argument("--stream-step-tokens", type=int, default=2700,
+    ap.add_argument("--stream-step-tokens", type=int, default=0,
                     help="part 2b's max_num_batched_tokens: the batch's decodes plus the whole prompts that replace "
-                         "the sequences finishing each step (prompts are not chunked)")
+                         "the sequences finishing each step (prompts are not chunked); 0: the plan's (one prefill "
+                         "wave and the other waves' decodes)")
     ap.add_argument("--skip-main", action="store_true", help="skip part 2 (parts 3 and 4 then need --hf-batch)")
     ap.add_argument("--skip-hf", action="store_true", help="skip part 3")
     ap.add_argument("--skip-disk", action="store_true", help="skip part 4")
@@ -448,9 +451,11 @@ def main() -> None:
         batch = batch or r["batch"]
         report_main(r, args, h2d, budget, results, elapsed)
     if args.stream_waves:
+        step_budget = dict(max_num_batched_tokens=args.stream_step_tokens,
+                           enable_chunked_prefill=False) if args.stream_step_tokens else {}
         r = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                      batch=args.hf_batch, waves=args.stream_waves, offload_policy=args.offload_policy,
-                     max_num_batched_tokens=args.stream_step_tokens, enable_chunked_prefill=False, **main_budget)
+                     **step_budget, **main_budget)
         report_stream(r, args, h2d, results, elapsed)
     if args.int4:
         q = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
@@ -541,7 +546,8 @@ def report_host_tier(r: dict) -> None:
         print(f"  host tier in the run: attention {h['attend_bytes'] / GIB:.1f} GiB in {h['attend_s']:.2f} s = "
               f"{h['gib_s']:.1f} GiB/s (the plan's probe: {r['plan_cpu_attn_gib_s']:.1f}; again after the run, "
               f"without copies beside it: {r.get('cpu_attn_probe_after_gib_s', 0.0):.1f}); K/V writes "
-              f"{h['write_s']:.2f} s; waiting for the copies down {h['wait_s']:.2f} s", flush=True)
+              f"{h['write_s']:.2f} s (the probe's rate: {r.get('plan_cpu_write_gib_s', 0.0):.1f} GiB/s); waiting "
+              f"for the copies down {h['wait_s']:.2f} s", flush=True)
     gaps = r.get("between_passes_s")
     if gaps:
         print(f"  host time between passes: median {statistics.median(gaps) * 1e3:.1f} ms, "
@@ -558,10 +564,12 @@ def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
     results["stream"] = dict(r, bound_tok_s=bound)
     print(f"plan: {r['plan']}")
     print(f"{elapsed()} strata stream: {r['waves']} x batch {r['batch']} prompts of {args.prompt_len}+{args.new_tokens}, "
-          f"step budget {args.stream_step_tokens} tokens: {r['tok_s']:.1f} tok/s ({r['generated']} tokens in "
-          f"{r['seconds']:.2f} s, {r['steps']} steps of {r['mean_step_seqs']:.1f} sequences / "
+          f"step budget {args.stream_step_tokens or 'the plan' + chr(39) + 's'} tokens: {r['tok_s']:.1f} tok/s ({r['generated']} "
+          f"tokens in {r['seconds']:.2f} s, {r['passes']} passes against the {r['generated'] / r['batch']:.0f} of a "
+          f"full batch each, {r['steps']} steps of {r['mean_step_seqs']:.1f} sequences / "
           f"{r['mean_step_tokens']:.0f} tokens on average); PCIe bound at the batch {bound:.1f} tok/s -> "
-          f"{r['tok_s'] / bound:.0%} of it; GPU peak {r['gpu_peak_gib']:.2f} GiB allocated "
+          f"{r['tok_s'] / bound:.0%} of it; predicted (steady state) {r['predicted_tok_s']:.1f} tok/s (measured / "
+          f"predicted {r['tok_s'] / r['predicted_tok_s']:.2f}); GPU peak {r['gpu_peak_gib']:.2f} GiB allocated "
           f"({r['gpu_reserved_gib']:.2f} reserved)", flush=True)
     report_host_tier(r)
 

@@ -17,14 +17,19 @@ Cost of one decode step at batch B (seconds; step_costs has the details):
                streamed: max(its copy, its compute) (one slot per layer in flight)
     step    = resident layers + streamed layers + LM head (the first streamed layers' copies
               hidden behind the resident compute), at least every copy's time, + overhead
-A prefill pass is the same with B * prompt_len tokens. Throughput = B * gen_len / (prefill +
-(gen_len - 1) decode steps): the prefill samples each sequence's first token.
+A prefill pass is the same with B * prompt_len tokens. Throughput of one batch = B * gen_len /
+(prefill + (gen_len - 1) decode steps): the prefill samples each sequence's first token. Of a
+stream (Workload.stream: the engine's own assumption, a queue that keeps the batch full) =
+B * gen_len / (W wave steps + (gen_len - W) decode steps): over gen_len passes every sequence is
+replaced once, its prompt prefilled in a wave step beside the others' decodes.
 
 Prefill waves: the batch's prompts may be prefilled over W steps of B / W prompts (each step also
 decodes the waves before it), so a step's hidden states, which stay on the device through every
 layer, are a W-th as large and leave room for larger micro-batches: fewer of them a layer, less
 host time per layer (HOST_KV_MICRO_BATCH_S each), at the price of W - 1 more passes of the
-weights. Then prefill = W passes of B / W prompts; the decode steps are the same.
+weights. Then prefill = W passes of B / W prompts; the decode steps are the same. In a stream
+the waves cost no pass of their own: a wave of prompts small enough for the GPU to prefill
+within a pass of the weights rides along with the other sequences' decodes.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ LAYER_OVERHEAD_S = 150e-6
 # it is as long as the layer's matmuls and runs mostly beside them, not under them.
 HOST_KV_MICRO_BATCH_S = 1.3e-3
 MICRO_BATCH_TOKENS = (256, 512, 1024, 2048, 4096, 8192)
-PREFILL_WAVES = (1, 2, 4)
+PREFILL_WAVES = (1, 2, 4, 8)
 # Pinned staging buffers of the host KV tier (attention/host_tier.py): two micro-batches'
 # results in flight plus fresh prompts' KV writes.
 HOST_STAGING_BUFFERS = 4
@@ -91,20 +96,30 @@ class Hardware:
     # Pinned host -> device while the host attends over its KV cache: both read host memory, and
     # the copies slow down (0: not measured, taken as h2d_bytes_per_s).
     h2d_contended_bytes_per_s: float = 0.0
+    # KV bytes/s the host writes into its cache for fresh prompts (scattered rows, beside the
+    # weight copies; 0: not measured, taken as cpu_attn_bytes_per_s). An H100 host wrote at
+    # ~9 GiB/s where it attended at 40-50.
+    cpu_write_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class Workload:
+    """stream: prompts keep coming (a server, a batch job of many more prompts than the batch), so
+    the engine keeps its batch full: each prefill wave runs in a pass beside the other sequences'
+    decodes, and every pass yields a token for each sequence. Otherwise one batch of prompts
+    arrives at once and is done (FlexGen's benchmark): its prefill passes add to the decodes."""
     max_model_len: int
     prompt_len: int
     gen_len: int
     max_num_seqs: int
+    stream: bool = False
 
     @staticmethod
     def from_max_model_len(max_model_len: int, max_num_seqs: int) -> "Workload":
-        # Without a stated workload: FlexGen's shape, a long prompt and a short answer.
+        # Without a stated workload: FlexGen's shape, a long prompt and a short answer, and an
+        # engine that serves a queue of such requests.
         gen_len = max(1, max_model_len // 16)
-        return Workload(max_model_len, max(1, max_model_len - gen_len), gen_len, max_num_seqs)
+        return Workload(max_model_len, max(1, max_model_len - gen_len), gen_len, max_num_seqs, stream=True)
 
 
 @dataclass(frozen=True)
@@ -167,9 +182,11 @@ class OffloadPlan:
 
 def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: int, tokens: int,
                context_tokens: int, micro_batches: int, depth: int = 2,
-               kv_host_layers: int = 0, prefill: bool = False) -> tuple[float, float, float]:
+               kv_host_layers: int = 0, prefill: bool = False, fresh_tokens: int = 0) -> tuple[float, float, float]:
     """(io, compute, step) seconds of one forward pass over `tokens` tokens that attend to
-    `context_tokens` cached tokens in all, in `micro_batches` micro-batches.
+    `context_tokens` cached tokens in all, in `micro_batches` micro-batches. prefill: every token
+    is a fresh prompt's; else fresh_tokens of them are (a stream's prefill wave beside decodes:
+    the GPU attends for them, the CPU writes their K and V into a host cache).
 
     Layer by layer, in the loop's order (resident layers, then the CPU tier, then disk; the KV
     cache of the last kv_host_layers in host RAM): a streamed layer takes the longer of its copy
@@ -191,13 +208,16 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     cpu_path = hw.device == "cpu"
     kv_layer = spec.kv_bytes_per_token / layers
     gpu_layer = max(2.0 * spec.layer_params * tokens / hw.flops, spec.layer_bytes / hw.mem_bytes_per_s)
+    decode_gpu = max(2.0 * spec.layer_params * (tokens - fresh_tokens) / hw.flops, spec.layer_bytes / hw.mem_bytes_per_s)
     device_kv = context_tokens * kv_layer / hw.mem_bytes_per_s
     host_layer = 0.0
     if kv_host_layers:
-        cpu_bytes = tokens * kv_layer if prefill else context_tokens * kv_layer
-        host_layer = cpu_bytes / max(hw.cpu_attn_bytes_per_s, 1.0)
-        if not cpu_path:   # q (float32) and the new K, V down; the output (float32) up
-            moved = tokens * (kv_layer + (0 if prefill else 2 * spec.hidden_size * 4))
+        fresh = tokens if prefill else fresh_tokens
+        attend_bytes = 0 if prefill else context_tokens * kv_layer
+        write_rate = hw.cpu_write_bytes_per_s or hw.cpu_attn_bytes_per_s
+        host_layer = attend_bytes / max(hw.cpu_attn_bytes_per_s, 1.0) + fresh * kv_layer / max(write_rate, 1.0)
+        if not cpu_path:   # the new K, V down; the decode rows' q (float32) down, their output up
+            moved = tokens * kv_layer + (tokens - fresh) * 2 * spec.hidden_size * 4
             host_layer += moved / hw.h2d_bytes_per_s
     k = max(1, micro_batches)
     host_kv_launch = 0.0 if cpu_path else k * HOST_KV_MICRO_BATCH_S
@@ -216,6 +236,12 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
                 # so the host queues micro-batches while the GPU runs the ones before (host_tier's
                 # PendingAttention.result): the longest of the three.
                 c = max(gpu_layer, host_layer, host_kv_launch)
+            elif fresh_tokens and not cpu_path:
+                # A wave of prompts beside decode rows: the GPU runs the prompts' micro-batches
+                # while the CPU attends for the decode rows' (runner/offload_loop.py puts them in
+                # micro-batches of their own), so only the decode rows' own GPU work and host time
+                # wait for the CPU's answer.
+                c = max(gpu_layer, host_layer, host_kv_launch) + decode_gpu + HOST_KV_MICRO_BATCH_S
             else:
                 c = max(gpu_layer, host_layer) + min(gpu_layer, host_layer) / k + host_kv_launch
         else:
@@ -443,13 +469,26 @@ def _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, m
     waves = max(1, min(waves, batch))
     if waves > 1 and wave_prompts(batch, waves) * waves - batch >= wave_prompts(batch, waves):
         return None   # fewer waves would do: the last one would be empty
-    prefill_tokens = wave_prompts(batch, waves) * workload.prompt_len
+    wave = wave_prompts(batch, waves)
+    prefill_tokens = wave * workload.prompt_len
     micro = max(1, -(-prefill_tokens // mbt))
-    _, _, prefill = step_costs(spec, hw, n_res, n_cpu, n_disk, prefill_tokens, prefill_tokens, micro, depth,
-                               kv_host, prefill=True)
-    # Each wave's prefill samples its sequences' first token; the decodes of the waves before it
-    # ride along in its pass, so the decode-only steps are gen_len - 1 as with one wave.
-    total = waves * prefill + (workload.gen_len - 1) * step
+    if workload.stream:
+        if waves > workload.gen_len:
+            return None   # a wave would start before the one it replaces has finished
+        # Steady state: over gen_len passes each sequence yields gen_len tokens; in `waves` of
+        # them a wave of prompts is prefilled beside the other sequences' decodes.
+        others = batch - wave
+        context = others * workload.max_model_len
+        mixed_micro = -(-others // mbt) + micro
+        _, _, wave_step = step_costs(spec, hw, n_res, n_cpu, n_disk, others + prefill_tokens, context, mixed_micro,
+                                     depth, kv_host, fresh_tokens=prefill_tokens)
+        total = waves * wave_step + (workload.gen_len - waves) * step
+    else:
+        _, _, prefill = step_costs(spec, hw, n_res, n_cpu, n_disk, prefill_tokens, prefill_tokens, micro, depth,
+                                   kv_host, prefill=True)
+        # Each wave's prefill samples its sequences' first token; the decodes of the waves before
+        # it ride along in its pass, so the decode-only steps are gen_len - 1 as with one wave.
+        total = waves * prefill + (workload.gen_len - 1) * step
     tok_s = batch * workload.gen_len / total
     return OffloadPlan(tuple(["resident"] * n_res + ["cpu"] * n_cpu + ["disk"] * n_disk), depth, batch, mbt,
                        kv_bytes, int(device), int(host), tok_s, step, io, compute,
@@ -478,6 +517,8 @@ def _reason(hw, workload, io, compute, batch, n_res, n_cpu, n_disk, depth, kv_ho
         reason += f"; host RAM holds {n_cpu} streamed layers"
     if n_disk:
         reason += f"; {n_disk} read from disk at {hw.disk_bytes_per_s / GIB:.2f} GiB/s"
+    if workload.stream and hw.device == "cuda":
+        reason += "; tok/s of a queue that keeps the batch full (prefill waves beside decodes)"
     if (n_cpu + n_disk) and hw.device == "cuda":
         reason += f"; PCIe {hw.h2d_bytes_per_s / GIB:.1f} GiB/s"
         if kv_host and 0 < hw.h2d_contended_bytes_per_s < hw.h2d_bytes_per_s:

@@ -46,9 +46,15 @@ class OffloadLayerLoop:
         if intermediate is not None:   # the engine refuses offloading with pipeline stages
             raise RuntimeError("offloading runs the whole model in one process (no pipeline stages)")
         meta = get_attn_metadata()
-        spans = micro_batch_spans(meta.query_lens_cpu, self.micro_batch_tokens)
-        if len(spans) == 1 and meta.num_seqs > 1 and self.split_single_part and \
-                any(_kv_on_host(model, layer) for layer in model.layers):
+        host_kv = any(_kv_on_host(model, layer) for layer in model.layers)
+        # With host-KV layers, rows that attend on the CPU (decodes, chunks after a cached prefix)
+        # and fresh prompts (the GPU attends) go to separate micro-batches: in a mixed one the
+        # decode rows' queries would reach the CPU only after the prompts' projections, and their
+        # output would hold up the prompts' MLP (a stream's prefill wave step: decode rows first,
+        # then the prompts, which the GPU runs while the CPU attends for the decodes).
+        spans = micro_batch_spans(meta.query_lens_cpu, self.micro_batch_tokens,
+                                  _fresh_rows(meta) if host_kv else None)
+        if len(spans) == 1 and meta.num_seqs > 1 and self.split_single_part and host_kv:
             spans = [(0, meta.num_seqs // 2), (meta.num_seqs // 2, meta.num_seqs)]
         # Each part embeds its own tokens: its embedding output is freed as soon as layer 0 has
         # replaced it, where views of one step-wide output kept it all alive through layer 0 (a
@@ -145,11 +151,19 @@ class _HostKVPipeline:
             self.mover.after_layer(index)
 
 
-def micro_batch_spans(query_lens: list[int], max_tokens: int) -> list[tuple[int, int]]:
-    """Consecutive rows [a, b) holding at most max_tokens tokens each (a longer row alone)."""
+def _fresh_rows(meta: AttentionMetadata) -> list[bool]:
+    """Per row: a fresh prompt (its whole context is this step's query), which attends on the
+    device even in a host-KV layer (attention/host_tier.py's rule)."""
+    return [q > 1 and q == ctx for q, ctx in zip(meta.query_lens_cpu, meta.seq_lens_cpu)]
+
+
+def micro_batch_spans(query_lens: list[int], max_tokens: int,
+                      kinds: list | None = None) -> list[tuple[int, int]]:
+    """Consecutive rows [a, b) holding at most max_tokens tokens each (a longer row alone);
+    kinds: per row, a key that also starts a new span wherever it changes."""
     spans, start, tokens = [], 0, 0
     for row, n in enumerate(query_lens):
-        if row > start and tokens + n > max_tokens:
+        if row > start and (tokens + n > max_tokens or (kinds is not None and kinds[row] != kinds[row - 1])):
             spans.append((start, row))
             start, tokens = row, 0
         tokens += n
@@ -305,7 +319,7 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
     a = torch.randn(n, n, dtype=dtype, device=device)
     flops = 2 * n**3 / _median_cuda_s(lambda: a @ a)
     del a
-    cpu_attn = contended = 0.0
+    cpu_attn = contended = cpu_write = 0.0
     if cfg is not None:
         # While the weight stream runs, as it does in a step: the copies read host memory too,
         # and the first 16 are timed: the copy rate while the host attends (on an H100 host the
@@ -330,12 +344,13 @@ def measure_hardware(device: torch.device, dtype: torch.dtype, offload_dir: str 
 
         cpu_attn = cpu_attention_rate(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, during=stream_weights,
                                       kv_format=kv_format)
+        cpu_write = cpu_write_rate(cfg.num_kv_heads, cfg.head_dim, dtype, kv_format)   # the copies still run
         side.synchronize()
         contended = 16 * host.numel() / max(first.elapsed_time(last) / 1e3, 1e-9)
         del sources
     del host, dev
     torch.cuda.empty_cache()
-    return Hardware("cuda", h2d, disk, flops, mem, cpu_attn, contended)
+    return Hardware("cuda", h2d, disk, flops, mem, cpu_attn, contended, cpu_write)
 
 
 # Host KV the CPU-attention probe reads per timed call: more than a host's last-level cache.
@@ -388,6 +403,36 @@ def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: 
         during()
     seconds = _median_s(attend, reps=reps)
     return len(caches) * layer_bytes / seconds
+
+
+def cpu_write_rate(num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_format: KVCacheFormat | None = None,
+                   prompts: int = 0, prompt_len: int = 512, block_size: int = 16, reps: int = 3) -> float:
+    """KV bytes/s the host tier files fresh prompts' K and V at (host_tier.write_kv: rows
+    scattered over the worker's threads) into a cache of CPU_ATTENTION_PROBE_BYTES, each prompt
+    into its own run of blocks at a random place, as a prefill's are. A quantized cache
+    (kv_format) is timed on its codes. prompts: per timed call, default enough for a quarter of
+    the cache, more than a last-level cache holds (16 MiB a call read 30-35 GiB/s on an H100
+    host whose engine then wrote at 10)."""
+    from strata.attention.host_tier import attention_threads, write_kv
+    store = dtype if kv_format is None else kv_format.dtype
+    row = num_kv_heads * head_dim * torch.empty((), dtype=store).element_size()
+    blocks = max(CPU_ATTENTION_PROBE_BYTES // (2 * row * block_size), 2 * prompts * prompt_len // block_size, 2 * prompt_len)
+    cache = torch.zeros(2, blocks, block_size, num_kv_heads, head_dim, dtype=store)   # pages touched
+    prompts = prompts or max(1, blocks // 4 // -(-prompt_len // block_size))
+    tokens = prompts * prompt_len
+    k, v = (torch.ones(tokens, num_kv_heads, head_dim, dtype=store) for _ in range(2))   # memcpy: any bytes
+    per_prompt = -(-prompt_len // block_size)
+    gen = torch.Generator().manual_seed(0)
+    threads = attention_threads(on_cuda=True)
+
+    def slots():
+        starts = torch.randint(0, blocks - per_prompt, (prompts,), generator=gen) * block_size
+        return (starts[:, None] + torch.arange(prompt_len)[None, :]).flatten()
+
+    mappings = [slots() for _ in range(reps + 1)]
+    turn = iter(range(10**9))
+    seconds = _median_s(lambda: write_kv(cache, k, v, mappings[next(turn) % len(mappings)], threads), reps=reps)
+    return 2 * tokens * row / seconds
 
 
 def _median_s(fn, reps: int = 5) -> float:

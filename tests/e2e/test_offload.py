@@ -256,12 +256,15 @@ def test_decode_cut_in_two_for_the_host_tier(model_dir, resident_tokens, tmp_pat
     engine.offload_mover.close()
 
 
-def test_fresh_parts_taken_while_decode_rows_attend_on_the_host(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("micro_batch_tokens,fresh_parts", [(16, [1, 2]), (256, [1])])
+def test_fresh_parts_taken_while_decode_rows_attend_on_the_host(model_dir, tmp_path, monkeypatch,
+                                                                 micro_batch_tokens, fresh_parts):
     """A step of decode rows and fresh prompts (a prefill wave beside the waves before it): the
     part with decode rows waits for the CPU, the fresh parts wait for nothing, so they are taken
     (o_proj, MLP queued) while the decode part stays pending, which is taken only when its own
-    next layer starts (runner/offload_loop._HostKVPipeline). The resident run's tokens, with a
-    slow worker."""
+    next layer starts (runner/offload_loop._HostKVPipeline). Decode rows and prompts never share
+    a part, even where all would fit one (256 tokens). The resident run's tokens, with a slow
+    worker."""
     from strata.attention import host_tier
     from strata.runner import offload_loop
     first = [[5, 17, 33, 101, 7], list(range(3, 40)), [300, 301, 302]]
@@ -295,16 +298,18 @@ def test_fresh_parts_taken_while_decode_rows_attend_on_the_host(model_dir, tmp_p
 
     monkeypatch.setattr(offload_loop._HostKVPipeline, "_take", take)
     monkeypatch.setattr(host_tier.worker(), "delay_s", 0.001)
-    llm = make(model_dir, offload_dir=str(tmp_path), offload_policy="w_gpu=1,kv_cpu=0.25,micro_batch_tokens=16",
-               **kw)
+    llm = make(model_dir, offload_dir=str(tmp_path),
+               offload_policy=f"w_gpu=1,kv_cpu=0.25,micro_batch_tokens={micro_batch_tokens}", **kw)
     assert generate(llm) == resident
-    # The mixed step: three parts (the 3 decode rows; the 50-token prompt; the 9-token one).
-    mixed_passes = {key for key, _, _, parts, waits in taken if parts == 3 and waits}
+    # The mixed step: the 3 decode rows, then the 50-token prompt and the 9-token one (two parts
+    # of at most 16 tokens, or one of 256).
+    parts = 1 + len(fresh_parts)
+    mixed_passes = {key for key, _, _, n, waits in taken if n == parts and waits}
     assert len(mixed_passes) == 1
     mixed = [(layer, part, waits) for key, layer, part, _, waits in taken if key in mixed_passes]
-    assert len(mixed) == 6 * 3
+    assert len(mixed) == 6 * parts
     for layer in range(18, 24):
-        assert [(p, w) for l, p, w in mixed if l == layer] == [(1, False), (2, False), (0, True)]
+        assert [(p, w) for l, p, w in mixed if l == layer] == [(p, False) for p in fresh_parts] + [(0, True)]
     llm.llm_engine.offload_mover.close()
 
 

@@ -132,6 +132,10 @@ def test_micro_batch_spans_and_metadata_split():
     assert micro_batch_spans([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
     assert micro_batch_spans([5, 30, 1, 1, 3], 8) == [(0, 1), (1, 2), (2, 5)]   # a long row alone
     assert micro_batch_spans([4], 1) == [(0, 1)]
+    # decode rows and fresh prompts apart (host-KV layers), however few tokens they hold
+    fresh = [False, False, True, True, False]
+    assert micro_batch_spans([1, 1, 5, 5, 1], 100, fresh) == [(0, 2), (2, 4), (4, 5)]
+    assert micro_batch_spans([1, 1, 5, 5, 1], 8, fresh) == [(0, 2), (2, 3), (3, 4), (4, 5)]
     meta = dummy_prefill_inputs(20, 4, 4, 100, torch.device("cpu")).attn   # rows of 5 tokens
     part = split_metadata(meta, 1, 3, torch.device("cpu"))
     assert part.num_tokens == 10 and part.query_start_loc_cpu == [0, 5, 10]
@@ -168,3 +172,28 @@ def test_host_memory_room_counts_the_weights_held(tmp_path):
     assert host_memory_room(held, str(meminfo)) == int(want)
     assert host_memory_room(held, str(tmp_path / "missing")) is None
     assert host_memory_room(0) > 0   # this machine's
+
+
+def test_cpu_write_rate_times_prompt_runs(monkeypatch):
+    """The startup probe of the host tier's K/V writes: runs of a prompt's consecutive slots at
+    random places through host_tier.write_kv, every slot inside the cache, a quarter of it a call."""
+    from strata.attention import host_tier
+    from strata.runner import offload_loop
+    monkeypatch.setattr(offload_loop, "CPU_ATTENTION_PROBE_BYTES", 1 << 22)
+    calls = []
+    real = host_tier.write_kv
+
+    def write(cache, k, v, slots, threads):
+        calls.append((cache.shape, k.shape, slots.clone()))
+        real(cache, k, v, slots, threads)
+
+    monkeypatch.setattr(host_tier, "write_kv", write)
+    rate = offload_loop.cpu_write_rate(2, 64, torch.bfloat16, prompt_len=64, reps=3)
+    assert rate > 0 and len(calls) == 4   # a warm-up and 3 timed
+    for shape, kshape, slots in calls:
+        blocks = shape[1]
+        assert blocks * 16 * 2 * 64 * 2 * 2 == 1 << 22
+        runs = slots.view(-1, 64)
+        assert kshape[0] == slots.numel() == blocks * 16 // 4
+        assert torch.equal(runs - runs[:, :1], torch.arange(64).expand_as(runs))
+        assert int(slots.min()) >= 0 and int(slots.max()) < blocks * 16 and (runs[:, 0] % 16 == 0).all()
