@@ -563,8 +563,9 @@ def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
     bound = r["batch"] / (r["streamed_bytes"] / h2d) if args.device == "cuda" else float("nan")
     results["stream"] = dict(r, bound_tok_s=bound)
     print(f"plan: {r['plan']}")
-    print(f"{elapsed()} strata stream: {r['waves']} x batch {r['batch']} prompts of {args.prompt_len}+{args.new_tokens}, "
-          f"step budget {args.stream_step_tokens or 'the plan' + chr(39) + 's'} tokens: {r['tok_s']:.1f} tok/s ({r['generated']} "
+    budget = f"{args.stream_step_tokens}" if args.stream_step_tokens else "the plan's"
+    print(f"{elapsed()} strata stream: {r['waves']} x batch {r['batch']} prompts of {args.prompt_len}+"
+          f"{args.new_tokens}, step budget {budget} tokens: {r['tok_s']:.1f} tok/s ({r['generated']} "
           f"tokens in {r['seconds']:.2f} s, {r['passes']} passes against the {r['generated'] / r['batch']:.0f} of a "
           f"full batch each, {r['steps']} steps of {r['mean_step_seqs']:.1f} sequences / "
           f"{r['mean_step_tokens']:.0f} tokens on average); PCIe bound at the batch {bound:.1f} tok/s -> "

@@ -208,7 +208,8 @@ def step_costs(spec: ModelSpec, hw: Hardware, n_res: int, n_cpu: int, n_disk: in
     cpu_path = hw.device == "cpu"
     kv_layer = spec.kv_bytes_per_token / layers
     gpu_layer = max(2.0 * spec.layer_params * tokens / hw.flops, spec.layer_bytes / hw.mem_bytes_per_s)
-    decode_gpu = max(2.0 * spec.layer_params * (tokens - fresh_tokens) / hw.flops, spec.layer_bytes / hw.mem_bytes_per_s)
+    decode_gpu = max(2.0 * spec.layer_params * (tokens - fresh_tokens) / hw.flops,
+                     spec.layer_bytes / hw.mem_bytes_per_s)
     device_kv = context_tokens * kv_layer / hw.mem_bytes_per_s
     host_layer = 0.0
     if kv_host_layers:

@@ -411,12 +411,13 @@ def cpu_write_rate(num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_form
     scattered over the worker's threads) into a cache of CPU_ATTENTION_PROBE_BYTES, each prompt
     into its own run of blocks at a random place, as a prefill's are. A quantized cache
     (kv_format) is timed on its codes. prompts: per timed call, default enough for a quarter of
-    the cache, more than a last-level cache holds (16 MiB a call read 30-35 GiB/s on an H100
-    host whose engine then wrote at 10)."""
+    the cache, more than a last-level cache holds. (It reads 28-35 GiB/s on the H100 hosts, where
+    the engine's own writes ran at ~10 in a stream: docs/benchmarks.md; the cause is open.)"""
     from strata.attention.host_tier import attention_threads, write_kv
     store = dtype if kv_format is None else kv_format.dtype
     row = num_kv_heads * head_dim * torch.empty((), dtype=store).element_size()
-    blocks = max(CPU_ATTENTION_PROBE_BYTES // (2 * row * block_size), 2 * prompts * prompt_len // block_size, 2 * prompt_len)
+    blocks = max(CPU_ATTENTION_PROBE_BYTES // (2 * row * block_size), 2 * prompts * prompt_len // block_size,
+                 2 * prompt_len)
     cache = torch.zeros(2, blocks, block_size, num_kv_heads, head_dim, dtype=store)   # pages touched
     prompts = prompts or max(1, blocks // 4 // -(-prompt_len // block_size))
     tokens = prompts * prompt_len
