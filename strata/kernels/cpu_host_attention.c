@@ -253,6 +253,41 @@ static inline __m256 reduce8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* Two keys' 16 values from column c (lo: 8 of them, hi: the other 8, as floats) times the same 16
+ * columns of the G query rows q + g * d, laid out as the keys' values are, into the keys'
+ * accumulators a0[g] and a1[g]. */
+static inline __attribute__((always_inline)) void fma_key_pair(const float *q, int64_t d, int64_t c, __m256 lo0,
+                                                                __m256 hi0, __m256 lo1, __m256 hi1, __m256 *a0,
+                                                                __m256 *a1, const int64_t G) {
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 ql = _mm256_loadu_ps(q + g * d + c), qh = _mm256_loadu_ps(q + g * d + c + 8);
+        a0[g] = _mm256_fmadd_ps(ql, lo0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(ql, lo1, a1[g]);
+        a0[g] = _mm256_fmadd_ps(qh, hi0, a0[g]);
+        a1[g] = _mm256_fmadd_ps(qh, hi1, a1[g]);
+    }
+}
+
+/* scores[g * ctx + j] = the sum of a0[g]'s lanes times s0, and (pair) scores[g * ctx + j + 1] = a1[g]'s
+ * times s1: for G = 4 the two keys' 8 sums in one transposed reduction. */
+static inline __attribute__((always_inline)) void store_pair_scores(const __m256 *a0, const __m256 *a1, float s0,
+                                                                     float s1, int pair, float *scores, int64_t ctx,
+                                                                     int64_t j, const int64_t G) {
+    if (G == 4) {
+        float sums[8];
+        _mm256_storeu_ps(sums, reduce8(a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3]));
+        for (int64_t g = 0; g < 4; g++) {
+            scores[g * ctx + j] = sums[g] * s0;
+            if (pair) scores[g * ctx + j + 1] = sums[4 + g] * s1;
+        }
+        return;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        scores[g * ctx + j] = sum8(a0[g]) * s0;
+        if (pair) scores[g * ctx + j + 1] = sum8(a1[g]) * s1;
+    }
+}
+
 static inline void bf16_even_odd(const uint16_t *p, __m256 *even, __m256 *odd) {
     const __m256i x = _mm256_loadu_si256((const __m256i *)p);
     *even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
@@ -263,7 +298,6 @@ static inline __attribute__((always_inline)) void score_keys_bf16_g(const half_v
                                                                      int64_t ctx, int64_t kvh, const float *qp,
                                                                      float *scores, const int64_t G) {
     const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
-    const __m256 scale = _mm256_set1_ps(v->scale);
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
         const uint16_t *base = block_rows(v, table, j0, ctx, kvh, 0), *next = block_rows(v, table, j0 + bs, ctx, kvh, 0);
         const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
@@ -279,28 +313,9 @@ static inline __attribute__((always_inline)) void score_keys_bf16_g(const half_v
                 __m256 e0, o0, e1, o1;
                 bf16_even_odd(k0 + c, &e0, &o0);
                 bf16_even_odd(k1 + c, &e1, &o1);
-                for (int64_t g = 0; g < G; g++) {
-                    const __m256 qe = _mm256_loadu_ps(qp + g * d + c), qo = _mm256_loadu_ps(qp + g * d + c + 8);
-                    a0[g] = _mm256_fmadd_ps(qe, e0, a0[g]);
-                    a1[g] = _mm256_fmadd_ps(qe, e1, a1[g]);
-                    a0[g] = _mm256_fmadd_ps(qo, o0, a0[g]);
-                    a1[g] = _mm256_fmadd_ps(qo, o1, a1[g]);
-                }
+                fma_key_pair(qp, d, c, e0, o0, e1, o1, a0, a1, G);
             }
-            float sums[8];
-            if (G == 4) {
-                _mm256_storeu_ps(sums, _mm256_mul_ps(reduce8(a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3]),
-                                                     scale));
-            } else {
-                for (int64_t g = 0; g < G; g++) {
-                    sums[g] = sum8(a0[g]) * v->scale;
-                    sums[4 + g] = sum8(a1[g]) * v->scale;
-                }
-            }
-            for (int64_t g = 0; g < G; g++) {
-                scores[g * ctx + j0 + j] = sums[g];
-                if (pair) scores[g * ctx + j0 + j + 1] = sums[4 + g];
-            }
+            store_pair_scores(a0, a1, v->scale, v->scale, pair, scores, ctx, j0 + j, G);
         }
     }
 }
@@ -399,20 +414,12 @@ static inline __attribute__((always_inline)) void score_keys_dp_g(const half_vie
                     a1[g] = _mm512_dpbf16_ps(a1[g], qb[g * chunks + c], x1);
                 }
             }
-            float sums[8];
-            if (G == 4) {
-                _mm256_storeu_ps(sums, reduce8(half_sum(a0[0]), half_sum(a0[1]), half_sum(a0[2]), half_sum(a0[3]),
-                                               half_sum(a1[0]), half_sum(a1[1]), half_sum(a1[2]), half_sum(a1[3])));
-            } else {
-                for (int64_t g = 0; g < G; g++) {
-                    sums[g] = sum8(half_sum(a0[g]));
-                    sums[4 + g] = sum8(half_sum(a1[g]));
-                }
-            }
+            __m256 h0[4], h1[4];
             for (int64_t g = 0; g < G; g++) {
-                scores[g * ctx + j0 + j] = sums[g] * v->scale;
-                if (pair) scores[g * ctx + j0 + j + 1] = sums[4 + g] * v->scale;
+                h0[g] = half_sum(a0[g]);
+                h1[g] = half_sum(a1[g]);
             }
+            store_pair_scores(h0, h1, v->scale, v->scale, pair, scores, ctx, j0 + j, G);
         }
     }
 }
@@ -631,28 +638,10 @@ static inline __attribute__((always_inline)) void score_codes_g(const int8_atten
                 __m256 l0, h0, l1, h1;
                 int8_load16(k0 + c, &l0, &h0);
                 int8_load16(k1 + c, &l1, &h1);
-                for (int64_t g = 0; g < G; g++) {
-                    const __m256 ql = _mm256_loadu_ps(q + g * d + c), qh = _mm256_loadu_ps(q + g * d + c + 8);
-                    a0[g] = _mm256_fmadd_ps(ql, l0, a0[g]);
-                    a1[g] = _mm256_fmadd_ps(ql, l1, a1[g]);
-                    a0[g] = _mm256_fmadd_ps(qh, h0, a0[g]);
-                    a1[g] = _mm256_fmadd_ps(qh, h1, a1[g]);
-                }
+                fma_key_pair(q, d, c, l0, h0, l1, h1, a0, a1, G);
             }
             const float s0 = ks[j * a->kv_heads] * a->scale, s1 = pair ? ks[(j + 1) * a->kv_heads] * a->scale : 0.f;
-            if (G == 4) {   /* the two keys' 8 sums in one transposed reduction (as the bf16 path) */
-                float sums[8];
-                _mm256_storeu_ps(sums, reduce8(a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3]));
-                for (int64_t g = 0; g < 4; g++) {
-                    scores[g * ctx + j0 + j] = sums[g] * s0;
-                    if (pair) scores[g * ctx + j0 + j + 1] = sums[4 + g] * s1;
-                }
-                continue;
-            }
-            for (int64_t g = 0; g < G; g++) {
-                scores[g * ctx + j0 + j] = sum8(a0[g]) * s0;
-                if (pair) scores[g * ctx + j0 + j + 1] = sum8(a1[g]) * s1;
-            }
+            store_pair_scores(a0, a1, s0, s1, pair, scores, ctx, j0 + j, G);
         }
     }
 }

@@ -11,6 +11,7 @@ attention metadata.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import statistics
@@ -430,9 +431,8 @@ def cpu_write_rate(num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_form
         starts = torch.randint(0, blocks - per_prompt, (prompts,), generator=gen) * block_size
         return (starts[:, None] + torch.arange(prompt_len)[None, :]).flatten()
 
-    mappings = [slots() for _ in range(reps + 1)]
-    turn = iter(range(10**9))
-    seconds = _median_s(lambda: write_kv(cache, k, v, mappings[next(turn) % len(mappings)], threads), reps=reps)
+    mappings = itertools.cycle([slots() for _ in range(reps + 1)])   # a new place each call
+    seconds = _median_s(lambda: write_kv(cache, k, v, next(mappings), threads), reps=reps)
     return 2 * tokens * row / seconds
 
 
