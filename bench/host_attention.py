@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=528, help="tokens of each row's context")
     ap.add_argument("--dtype", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     ap.add_argument("--threads", type=int, default=None, help="default: the host tier's count beside a GPU")
+    ap.add_argument("--token-major", action="store_true",
+                    help="each block's keys with their heads side by side (the host tier's layout before 11-23)")
     args = ap.parse_args()
     torch.manual_seed(0)
     threads = args.threads or host_tier.attention_threads(on_cuda=True)
@@ -41,7 +43,8 @@ def main() -> None:
         for dtype in args.dtype:
             fmt = KV_FORMATS["int8"] if dtype == "int8" else None
             rate = cpu_attention_rate(HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16, batch, args.context, during=None,
-                                      kv_format=fmt, shuffle=True, threads=threads, reps=5)
+                                      kv_format=fmt, shuffle=True, threads=threads, reps=5,
+                                      token_major=args.token_major)
             layer_bytes = batch * args.context * kv_cache_bytes_per_slot(KV_HEADS, HEAD_DIM, torch.bfloat16, fmt)
             print(f"batch {batch:4d} x {args.context} tokens, {dtype:4s}, {threads} threads: "
                   f"{rate / 2**30:6.1f} GiB/s, {layer_bytes / rate * 1e3:6.2f} ms a layer", flush=True)

@@ -307,6 +307,24 @@ def stores(kv_format: KVCacheFormat | None) -> bool:
     return kv_format is None or kv_format.dtype == torch.int8
 
 
+def zeros_cache(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A host-tier cache [2, blocks, block_size, kv_heads, head_dim] (or its int8 scales
+    [2, blocks, block_size, kv_heads]) of zeros, each block head-major: a view of [2, blocks,
+    kv_heads, block_size, ...], so a decode's attention reads a head's keys in a block as one run
+    (a 4 KiB page for 16 bf16 keys of 128 values) where token-major blocks spread them over the
+    block's 32 KiB (cpu_ops.block_strides; on an H100 host's 15 threads 60.1 against 56.4 GiB/s,
+    bf16; int8's scales come to one line a block from eight). A float32 cache (a float32 model's)
+    stays token-major: the CPU reads it with the resident path's kernel, which takes no other.
+
+    The pages are written here (torch.zeros), so that no step pays their first-touch faults: the
+    plan sized the cache for the batch it runs. (Transparent huge pages, which numpy's calloc asks
+    for, attended no faster on an H100 host and took several times as long to fault in.)"""
+    two, blocks, block_size, kv_heads, *rest = shape
+    if dtype == torch.float32 and rest:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.zeros(two, blocks, kv_heads, block_size, *rest, dtype=dtype).transpose(2, 3)
+
+
 def attention_threads(on_cuda: bool) -> int:
     """CPU threads of the host attention: all of torch's, less one for the thread that keeps
     queueing GPU work meanwhile."""
@@ -349,7 +367,8 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
              threads: int) -> None:
     """The host cache's write: row copies over threads (cpu_ops.write_kv_rows), else torch_ref's
     index_copy_ (about 1.3 GiB/s: a prefill's K and V, every layer, on the CPU's critical path)."""
-    if cpu_ops.library() is not None and kv_cache.is_contiguous() and k.stride(-1) == 1 and v.stride(-1) == 1:
+    if cpu_ops.library() is not None and cpu_ops.block_strides(kv_cache) is not None \
+            and k.stride(-1) == 1 and v.stride(-1) == 1:
         cpu_ops.write_kv_rows(kv_cache, k, v, slot_mapping, threads)
     else:
         torch_ref.write_kv(kv_cache, k, v, slot_mapping)

@@ -22,6 +22,16 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """key/value [num_tokens, kv_heads, head_dim] into their slots (quantized where the cache
     holds codes: then kv_scales receives each token's scale per head)."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    if not kv_cache.is_contiguous():   # the host tier's head-major blocks: by (block, key) instead
+        at = (slot_mapping // block_size, slot_mapping % block_size)
+        for plane, x in enumerate((key, value)):
+            if kv_scales is None:
+                kv_cache[plane].index_put_(at, x)
+            else:
+                codes, scales = quantize_kv(x, kv_cache.dtype)
+                kv_cache[plane].view(torch.uint8).index_put_(at, codes.view(torch.uint8))
+                kv_scales[plane].index_put_(at, scales)
+        return
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
     if kv_scales is None:
         flat[0].index_copy_(0, slot_mapping, key)
@@ -41,7 +51,7 @@ def _gather(kv_cache: torch.Tensor, kv_scales: torch.Tensor | None, blocks: torc
     With a workspace the blocks are gathered into its reused buffer (the same values and layout):
     a fresh buffer per call costs page faults that, on the CPU, took 10x the copy itself."""
     if kv_scales is None:
-        if workspace is None:
+        if workspace is None or not kv_cache.is_contiguous():
             return kv_cache[:, blocks]
         num_blocks = kv_cache.shape[1]
         out = workspace.get(2 * blocks.numel() * kv_cache[0, 0].numel(), kv_cache.dtype)

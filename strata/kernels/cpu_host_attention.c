@@ -96,14 +96,15 @@ static inline float sum8(__m256 v) {
 typedef struct {
     const uint16_t *kv;
     int64_t plane_stride, block_size, kv_heads, head_dim, groups, bt_stride;
+    int64_t key_stride, head_stride;   /* elements between a head's consecutive keys / between heads */
     const int32_t *block_tables;
     float scale;
     int kind;
 } half_view;
 
 static inline const uint16_t *token_row(const half_view *v, const int32_t *table, int64_t j, int64_t kvh) {
-    int64_t slot = (int64_t)table[j / v->block_size] * v->block_size + j % v->block_size;
-    return v->kv + (slot * v->kv_heads + kvh) * v->head_dim;
+    return v->kv + (int64_t)table[j / v->block_size] * v->block_size * v->kv_heads * v->head_dim
+        + j % v->block_size * v->key_stride + kvh * v->head_stride;
 }
 
 #ifdef HOST_AVX2
@@ -139,7 +140,7 @@ static inline const uint16_t *block_rows(const half_view *v, const int32_t *tabl
                                          int64_t kvh, int plane) {
     if (j0 >= ctx) return NULL;
     return v->kv + plane * v->plane_stride
-        + ((int64_t)table[j0 / v->block_size] * v->block_size * v->kv_heads + kvh) * v->head_dim;
+        + (int64_t)table[j0 / v->block_size] * v->block_size * v->kv_heads * v->head_dim + kvh * v->head_stride;
 }
 
 /* At a block's start, the next block's rows of this head into L2 (n of them; next NULL: none),
@@ -164,7 +165,7 @@ PREFETCHING void prefetch_ahead(const uint16_t *base, const uint16_t *next, int6
 static inline __attribute__((always_inline)) void score_keys_g(const half_view *v, const int32_t *table,
                                                                 int64_t ctx, int64_t kvh, const float *q,
                                                                 float *scores, const int64_t G) {
-    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->key_stride;
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
         const uint16_t *base = block_rows(v, table, j0, ctx, kvh, 0), *next = block_rows(v, table, j0 + bs, ctx, kvh, 0);
         const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
@@ -206,7 +207,7 @@ static inline __attribute__((always_inline)) void score_keys_g(const half_view *
 static inline __attribute__((always_inline)) void weigh_values_g(const half_view *v, const int32_t *table,
                                                                   int64_t ctx, int64_t kvh, const float *w,
                                                                   float *out, const int64_t G) {
-    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->key_stride;
     for (int64_t c = 0; c < d; c += 16) {
         const int two = c + 16 <= d;
         __m256 lo[8], hi[8];
@@ -297,7 +298,7 @@ static inline void bf16_even_odd(const uint16_t *p, __m256 *even, __m256 *odd) {
 static inline __attribute__((always_inline)) void score_keys_bf16_g(const half_view *v, const int32_t *table,
                                                                      int64_t ctx, int64_t kvh, const float *qp,
                                                                      float *scores, const int64_t G) {
-    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->key_stride;
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
         const uint16_t *base = block_rows(v, table, j0, ctx, kvh, 0), *next = block_rows(v, table, j0 + bs, ctx, kvh, 0);
         const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
@@ -323,7 +324,7 @@ static inline __attribute__((always_inline)) void score_keys_bf16_g(const half_v
 static inline __attribute__((always_inline)) void weigh_values_bf16_g(const half_view *v, const int32_t *table,
                                                                        int64_t ctx, int64_t kvh, const float *w,
                                                                        float *out, const int64_t G) {
-    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->key_stride;
     for (int64_t c = 0; c < d; c += 16) {
         __m256 even[4], odd[4];
         for (int64_t g = 0; g < G; g++) even[g] = odd[g] = _mm256_setzero_ps();
@@ -372,6 +373,15 @@ static int attend_bf16(const half_view *v, const int32_t *table, int64_t ctx, in
 }
 #endif
 
+#if defined(HOST_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define HOST_AVX512 1
+
+/* The sum of x's two 256-bit halves (16 partial sums to 8, for store_pair_scores). */
+static inline __m256 half_sum(__m512 x) {
+    return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+}
+#endif
+
 /* AVX-512 with BF16 (Sapphire Rapids, Zen 4): the scores by vdpbf16ps, 32 products of a key row
  * and the query per instruction, where the 8-wide path takes four FMAs and the conversions; the
  * weighted values by the 16-wide form of the even/odd split above. On an H100 host (Xeon, 15
@@ -384,17 +394,13 @@ static int attend_bf16(const half_view *v, const int32_t *table, int64_t ctx, in
  * Products of two bfloat16 values are exact in float32, so only the order of the float32
  * additions differs from the 8-wide path. Used for bfloat16 caches with G = 1, 2 or 4 and d a
  * multiple of 32 up to BF16_MAX_D. */
-#if defined(HOST_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(HOST_AVX512) && defined(__AVX512BF16__)
 #define HOST_AVX512_BF16 1
-
-static inline __m256 half_sum(__m512 x) {
-    return _mm256_add_ps(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-}
 
 static inline __attribute__((always_inline)) void score_keys_dp_g(const half_view *v, const int32_t *table,
                                                                    int64_t ctx, int64_t kvh, const __m512bh *qb,
                                                                    float *scores, const int64_t G) {
-    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d, chunks = d / 32;
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->key_stride, chunks = d / 32;
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
         const uint16_t *base = block_rows(v, table, j0, ctx, kvh, 0), *next = block_rows(v, table, j0 + bs, ctx, kvh, 0);
         const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
@@ -428,7 +434,7 @@ static inline __attribute__((always_inline)) void score_keys_dp_g(const half_vie
 static inline __attribute__((always_inline)) void weigh_values_512_g(const half_view *v, const int32_t *table,
                                                                       int64_t ctx, int64_t kvh, const float *w,
                                                                       float *out, const int64_t G) {
-    const int64_t d = v->head_dim, bs = v->block_size, row = v->kv_heads * d;
+    const int64_t d = v->head_dim, bs = v->block_size, row = v->key_stride;
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
     for (int64_t c = 0; c < d; c += 32) {
         __m512 even[4], odd[4];
@@ -546,15 +552,18 @@ static void half_attention_item(const void *arg, int64_t t, int64_t s, int64_t c
 
 /* q [n, heads, head_dim] float32 (rows q_stride floats apart), out [n, heads, head_dim] float32;
  * kv_cache [2, num_blocks, block_size, kv_heads, head_dim] of 16-bit floats (kind: 1 bfloat16,
- * 2 float16), plane_stride elements between K and V. Returns nonzero when out of memory. */
+ * 2 float16), plane_stride elements between K and V; a block's keys of one head key_stride
+ * elements apart and its heads head_stride apart (kv_heads * head_dim and head_dim when the
+ * block is token-major, head_dim and block_size * head_dim when head-major). Returns nonzero
+ * when out of memory. */
 int strata_paged_attention_half(const float *q, int64_t q_stride, float *out, const uint16_t *kv_cache,
                                 int64_t plane_stride, int64_t block_size, int64_t heads, int64_t kv_heads,
                                 int64_t head_dim, const int32_t *block_tables, int64_t bt_stride,
                                 const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
-                                float scale, int kind, int nthreads) {
+                                float scale, int kind, int64_t key_stride, int64_t head_stride, int nthreads) {
     const int64_t groups = heads / kv_heads;
-    half_attention a = {{kv_cache, plane_stride, block_size, kv_heads, head_dim, groups, bt_stride, block_tables,
-                         scale, kind}, q, out, q_stride, heads};
+    half_attention a = {{kv_cache, plane_stride, block_size, kv_heads, head_dim, groups, bt_stride, key_stride,
+                         head_stride, block_tables, scale, kind}, q, out, q_stride, heads};
     return strata_attention_items(seq_lens, query_start_loc, num_seqs, kv_heads, groups, 2, nthreads,
                                   half_attention_item, &a);
 }
@@ -563,11 +572,14 @@ int strata_paged_attention_half(const float *q, int64_t q_stride, float *out, co
  * kv_heads, d] int8 and one float32 scale per (plane, slot, KV head), a value being code * scale.
  * It is half the bytes of a 16-bit cache, and the bytes are what a decode's attention over host
  * RAM waits for. The scales stay out of the inner loops: a key's score is its scale times
- * q . codes, and a value enters the output weighted by its softmax weight times its scale. */
+ * q . codes, and a value enters the output weighted by its softmax weight times its scale.
+ * Blocks are token-major or head-major, codes and scales alike (as strata_paged_attention_half's). */
 typedef struct {
     const int8_t *codes;
     const float *scales;
     int64_t plane_stride, scale_plane_stride, block_size, kv_heads, head_dim, groups, bt_stride;
+    int64_t key_stride, head_stride;               /* codes between a head's keys / a block's heads */
+    int64_t scale_key_stride, scale_head_stride;   /* the same for the scales */
     const int32_t *block_tables;
     float scale;
     const float *q;
@@ -575,12 +587,27 @@ typedef struct {
     int64_t q_stride, heads;
 } int8_attention;
 
-/* Code row and scale of key j (slot through the block table), plane 0 (K) or 1 (V). */
+/* The code rows of head kvh of the block holding key j0, plane 0 (K) or 1 (V): key j0 + j's at
+ * [j * key_stride]. */
+static inline const int8_t *block_codes(const int8_attention *a, const int32_t *table, int64_t j0, int64_t kvh,
+                                        int plane) {
+    return a->codes + plane * a->plane_stride
+        + (int64_t)table[j0 / a->block_size] * a->block_size * a->kv_heads * a->head_dim + kvh * a->head_stride;
+}
+
+/* Their scales: key j0 + j's at [j * scale_key_stride]. */
+static inline const float *block_scales(const int8_attention *a, const int32_t *table, int64_t j0, int64_t kvh,
+                                        int plane) {
+    return a->scales + plane * a->scale_plane_stride
+        + (int64_t)table[j0 / a->block_size] * a->block_size * a->kv_heads + kvh * a->scale_head_stride;
+}
+
+/* Code row and scale of key j, plane 0 (K) or 1 (V). */
 static inline const int8_t *int8_row(const int8_attention *a, const int32_t *table, int64_t j, int64_t kvh,
                                      int plane, float *scale) {
-    const int64_t slot = (int64_t)table[j / a->block_size] * a->block_size + j % a->block_size;
-    *scale = a->scales[plane * a->scale_plane_stride + slot * a->kv_heads + kvh];
-    return a->codes + plane * a->plane_stride + (slot * a->kv_heads + kvh) * a->head_dim;
+    const int64_t r = j % a->block_size;
+    *scale = block_scales(a, table, j - r, kvh, plane)[r * a->scale_key_stride];
+    return block_codes(a, table, j - r, kvh, plane) + r * a->key_stride;
 }
 
 #ifdef HOST_AVX2
@@ -601,37 +628,51 @@ PREFETCHING void prefetch_bytes(const int8_t *row, int64_t n) {
     for (int64_t off = 0; off < n; off += 64) _mm_prefetch((const char *)(row + off), _MM_HINT_T0);
 }
 
-/* The scales of head kvh for the block holding key j0, plane 0 (K) or 1 (V): key j0 + j's is
- * at [j * kv_heads]. */
-static inline const float *block_scales(const int8_attention *a, const int32_t *table, int64_t j0, int64_t kvh,
-                                        int plane) {
-    return a->scales + plane * a->scale_plane_stride
-        + ((int64_t)table[j0 / a->block_size] * a->block_size) * a->kv_heads + kvh;
+/* At a block's start of the scores' pass: the next block's key scales (a line, or one per two
+ * keys when each key's heads lie side by side). */
+PREFETCHING void prefetch_scales(const int8_attention *a, const int32_t *table, int64_t j0, int64_t ctx,
+                                 int64_t kvh) {
+    if (j0 + a->block_size >= ctx) return;
+    const float *next = block_scales(a, table, j0 + a->block_size, kvh, 0);
+    const int64_t step = a->scale_key_stride >= 16 ? 1 : 16 / a->scale_key_stride;
+    for (int64_t j = 0; j < a->block_size; j += step)
+        _mm_prefetch((const char *)(next + j * a->scale_key_stride), _MM_HINT_T0);
+}
+
+/* The code rows of the keys INT8_AHEAD and INT8_AHEAD + 1 after key j (block base holds n keys
+ * from j0, next is the next block's base or NULL; ctx_left keys from j0 on). */
+PREFETCHING void prefetch_codes_ahead(const int8_t *base, const int8_t *next, int64_t j, int64_t n, int64_t row,
+                                      int64_t ctx_left, int64_t d) {
+    for (int64_t p = j + INT8_AHEAD; p < j + INT8_AHEAD + 2; p++) {
+        const int8_t *ahead = p < n ? base + p * row : next && p - n < ctx_left - n ? next + (p - n) * row : NULL;
+        if (ahead) prefetch_bytes(ahead, d);
+    }
+}
+
+/* At a block's start of the values' pass: the next block's code rows. */
+PREFETCHING void prefetch_next_values(const int8_attention *a, const int32_t *table, int64_t j0, int64_t ctx,
+                                      int64_t kvh) {
+    if (j0 + a->block_size >= ctx) return;
+    const int8_t *next = block_codes(a, table, j0 + a->block_size, kvh, 1);
+    for (int64_t j = 0; j < a->block_size && j0 + a->block_size + j < ctx; j++)
+        prefetch_bytes(next + j * a->key_stride, a->head_dim);
 }
 
 /* scores[g * ctx + j] = q_g . key_j * scale, blockwise as score_keys_g, two keys at once. */
 static inline __attribute__((always_inline)) void score_codes_g(const int8_attention *a, const int32_t *table,
                                                                  int64_t ctx, int64_t kvh, const float *q,
                                                                  float *scores, const int64_t G) {
-    const int64_t d = a->head_dim, bs = a->block_size, row = a->kv_heads * d;
+    const int64_t d = a->head_dim, bs = a->block_size, row = a->key_stride;
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
-        const int8_t *base = a->codes + ((int64_t)table[j0 / bs] * bs * a->kv_heads + kvh) * d;
+        const int8_t *base = block_codes(a, table, j0, kvh, 0);
+        const int8_t *next = j0 + bs < ctx ? block_codes(a, table, j0 + bs, kvh, 0) : NULL;
         const float *ks = block_scales(a, table, j0, kvh, 0);
         const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
-        const int8_t *next = j0 + bs < ctx ? a->codes + ((int64_t)table[(j0 + bs) / bs] * bs * a->kv_heads + kvh) * d
-                                           : NULL;
-        if (next) {   /* the next block's scales (its rows: INT8_AHEAD keys ahead, below) */
-            const float *next_s = block_scales(a, table, j0 + bs, kvh, 0);
-            for (int64_t j = 0; j < bs; j += 64 / (int64_t)sizeof(float) / a->kv_heads + (a->kv_heads > 16))
-                _mm_prefetch((const char *)(next_s + j * a->kv_heads), _MM_HINT_T0);
-        }
+        prefetch_scales(a, table, j0, ctx, kvh);
         for (int64_t j = 0; j < n; j += 2) {
             const int pair = j + 1 < n;
             const int8_t *k0 = base + j * row, *k1 = pair ? k0 + row : k0;
-            for (int64_t p = j + INT8_AHEAD; p < j + INT8_AHEAD + 2; p++) {
-                const int8_t *ahead = p < n ? base + p * row : next && p - n < ctx - j0 - n ? next + (p - n) * row : NULL;
-                if (ahead) prefetch_bytes(ahead, d);
-            }
+            prefetch_codes_ahead(base, next, j, n, row, ctx - j0, d);
             __m256 a0[8], a1[8];
             for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm256_setzero_ps();
             for (int64_t c = 0; c < d; c += 16) {
@@ -640,7 +681,8 @@ static inline __attribute__((always_inline)) void score_codes_g(const int8_atten
                 int8_load16(k1 + c, &l1, &h1);
                 fma_key_pair(q, d, c, l0, h0, l1, h1, a0, a1, G);
             }
-            const float s0 = ks[j * a->kv_heads] * a->scale, s1 = pair ? ks[(j + 1) * a->kv_heads] * a->scale : 0.f;
+            const float s0 = ks[j * a->scale_key_stride] * a->scale;
+            const float s1 = pair ? ks[(j + 1) * a->scale_key_stride] * a->scale : 0.f;
             store_pair_scores(a0, a1, s0, s1, pair, scores, ctx, j0 + j, G);
         }
     }
@@ -650,18 +692,15 @@ static inline __attribute__((always_inline)) void score_codes_g(const int8_atten
 static inline __attribute__((always_inline)) void weigh_codes_g(const int8_attention *a, const int32_t *table,
                                                                  int64_t ctx, int64_t kvh, const float *w,
                                                                  float *out, const int64_t G) {
-    const int64_t d = a->head_dim, bs = a->block_size, row = a->kv_heads * d;
-    const int8_t *values = a->codes + a->plane_stride;
+    const int64_t d = a->head_dim, bs = a->block_size, row = a->key_stride;
     for (int64_t c = 0; c < d; c += 16) {
         __m256 lo[8], hi[8];
         for (int64_t g = 0; g < G; g++) lo[g] = hi[g] = _mm256_setzero_ps();
         for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
-            const int8_t *base = values + ((int64_t)table[j0 / bs] * bs * a->kv_heads + kvh) * d + c;
+            const int8_t *base = block_codes(a, table, j0, kvh, 1) + c;
             const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
-            if (c == 0 && j0 + bs < ctx) {   /* the first column pass brings the rows in */
-                const int8_t *next = values + ((int64_t)table[(j0 + bs) / bs] * bs * a->kv_heads + kvh) * d;
-                for (int64_t j = 0; j < bs && j0 + bs + j < ctx; j++) prefetch_bytes(next + j * row, d);
-            }
+            if (c == 0)   /* the first column pass brings the rows in */
+                prefetch_next_values(a, table, j0, ctx, kvh);
             for (int64_t j = 0; j < n; j++) {
                 __m256 x0, x1;
                 int8_load16(base + j * row, &x0, &x1);
@@ -680,9 +719,92 @@ static inline __attribute__((always_inline)) void weigh_codes_g(const int8_atten
 }
 #endif
 
+/* AVX-512: the codes widened 16 at a time (a load, a sign extension and a conversion per 16,
+ * where the 8-wide path takes two of each), the scores and values 16 lanes wide. Used for G = 1,
+ * 2 or 4 and d a multiple of 32. */
+#ifdef HOST_AVX512
+static inline __m512 int8_widen16(__m128i x) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x));
+}
+
+static inline __attribute__((always_inline)) void score_codes_512_g(const int8_attention *a, const int32_t *table,
+                                                                     int64_t ctx, int64_t kvh, const float *q,
+                                                                     float *scores, const int64_t G) {
+    const int64_t d = a->head_dim, bs = a->block_size, row = a->key_stride;
+    for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
+        const int8_t *base = block_codes(a, table, j0, kvh, 0);
+        const int8_t *next = j0 + bs < ctx ? block_codes(a, table, j0 + bs, kvh, 0) : NULL;
+        const float *ks = block_scales(a, table, j0, kvh, 0);
+        const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
+        prefetch_scales(a, table, j0, ctx, kvh);
+        for (int64_t j = 0; j < n; j += 2) {
+            const int pair = j + 1 < n;
+            const int8_t *k0 = base + j * row, *k1 = pair ? k0 + row : k0;
+            prefetch_codes_ahead(base, next, j, n, row, ctx - j0, d);
+            __m512 a0[4], a1[4];
+            for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < d; c += 16) {
+                const __m512 x0 = int8_widen16(_mm_loadu_si128((const __m128i *)(k0 + c)));
+                const __m512 x1 = int8_widen16(_mm_loadu_si128((const __m128i *)(k1 + c)));
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512 qg = _mm512_loadu_ps(q + g * d + c);
+                    a0[g] = _mm512_fmadd_ps(qg, x0, a0[g]);
+                    a1[g] = _mm512_fmadd_ps(qg, x1, a1[g]);
+                }
+            }
+            __m256 h0[4], h1[4];
+            for (int64_t g = 0; g < G; g++) {
+                h0[g] = half_sum(a0[g]);
+                h1[g] = half_sum(a1[g]);
+            }
+            const float s0 = ks[j * a->scale_key_stride] * a->scale;
+            const float s1 = pair ? ks[(j + 1) * a->scale_key_stride] * a->scale : 0.f;
+            store_pair_scores(h0, h1, s0, s1, pair, scores, ctx, j0 + j, G);
+        }
+    }
+}
+
+/* out [G, d]: 32 columns at a time over every key, 2 * G accumulators. */
+static inline __attribute__((always_inline)) void weigh_codes_512_g(const int8_attention *a, const int32_t *table,
+                                                                     int64_t ctx, int64_t kvh, const float *w,
+                                                                     float *out, const int64_t G) {
+    const int64_t d = a->head_dim, bs = a->block_size, row = a->key_stride;
+    for (int64_t c = 0; c < d; c += 32) {
+        __m512 lo[4], hi[4];
+        for (int64_t g = 0; g < G; g++) lo[g] = hi[g] = _mm512_setzero_ps();
+        for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
+            const int8_t *base = block_codes(a, table, j0, kvh, 1) + c;
+            const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
+            if (c == 0)   /* the first column pass brings the rows in */
+                prefetch_next_values(a, table, j0, ctx, kvh);
+            for (int64_t j = 0; j < n; j++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(base + j * row));
+                const __m512 x0 = int8_widen16(_mm256_castsi256_si128(x));
+                const __m512 x1 = int8_widen16(_mm256_extracti128_si256(x, 1));
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512 wg = _mm512_set1_ps(w[g * ctx + j0 + j]);
+                    lo[g] = _mm512_fmadd_ps(wg, x0, lo[g]);
+                    hi[g] = _mm512_fmadd_ps(wg, x1, hi[g]);
+                }
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            _mm512_storeu_ps(out + g * d + c, lo[g]);
+            _mm512_storeu_ps(out + g * d + c + 16, hi[g]);
+        }
+    }
+}
+#endif
+
 static void score_codes(const int8_attention *a, const int32_t *table, int64_t ctx, int64_t kvh, const float *q,
                         float *scores) {
     const int64_t d = a->head_dim, G = a->groups;
+#ifdef HOST_AVX512
+    if (d % 32 == 0 && (G == 1 || G == 2 || G == 4)) {
+        WITH_G_1_2_4(score_codes_512_g, a, table, ctx, kvh, q, scores);
+        return;
+    }
+#endif
 #ifdef HOST_AVX2
     if (d % 16 == 0) {
         WITH_CONSTANT_G(score_codes_g, a, table, ctx, kvh, q, scores);
@@ -702,6 +824,12 @@ static void score_codes(const int8_attention *a, const int32_t *table, int64_t c
 static void weigh_codes(const int8_attention *a, const int32_t *table, int64_t ctx, int64_t kvh, const float *w,
                         float *out) {
     const int64_t d = a->head_dim, G = a->groups;
+#ifdef HOST_AVX512
+    if (d % 32 == 0 && (G == 1 || G == 2 || G == 4)) {
+        WITH_G_1_2_4(weigh_codes_512_g, a, table, ctx, kvh, w, out);
+        return;
+    }
+#endif
 #ifdef HOST_AVX2
     if (d % 16 == 0) {
         WITH_CONSTANT_G(weigh_codes_g, a, table, ctx, kvh, w, out);
@@ -726,36 +854,47 @@ static void int8_attention_item(const void *arg, int64_t t, int64_t s, int64_t c
         const float *vs = block_scales(a, table, j0, kvh, 1);
         const int64_t n = ctx - j0 < a->block_size ? ctx - j0 : a->block_size;
         for (int64_t j = 0; j < n; j++)
-            for (int64_t g = 0; g < G; g++) scores[g * ctx + j0 + j] *= vs[j * a->kv_heads];
+            for (int64_t g = 0; g < G; g++) scores[g * ctx + j0 + j] *= vs[j * a->scale_key_stride];
     }
     weigh_codes(a, table, ctx, kvh, scores, a->out + (t * a->heads + kvh * G) * d);
 }
 
 /* strata_paged_attention_half over an int8 cache: codes as kv_cache (plane_stride codes between
- * K and V), scales [2, blocks, block_size, kv_heads] float32 (scale_plane_stride floats between
- * K's and V's). Returns nonzero when out of memory. */
+ * K and V, key_stride and head_stride as there), scales [2, blocks, block_size, kv_heads] float32
+ * (scale_plane_stride floats between K's and V's; a block's keys scale_key_stride apart and its
+ * heads scale_head_stride). Returns nonzero when out of memory. */
 int strata_paged_attention_int8(const float *q, int64_t q_stride, float *out, const int8_t *codes,
                                 int64_t plane_stride, int64_t block_size, int64_t heads, int64_t kv_heads,
                                 int64_t head_dim, const int32_t *block_tables, int64_t bt_stride,
                                 const int32_t *seq_lens, const int32_t *query_start_loc, int64_t num_seqs,
-                                float scale, const float *scales, int64_t scale_plane_stride, int nthreads) {
+                                float scale, const float *scales, int64_t scale_plane_stride, int64_t key_stride,
+                                int64_t head_stride, int64_t scale_key_stride, int64_t scale_head_stride,
+                                int nthreads) {
     const int64_t groups = heads / kv_heads;
     int8_attention a = {codes, scales, plane_stride, scale_plane_stride, block_size, kv_heads, head_dim, groups,
-                        bt_stride, block_tables, scale, q, out, q_stride, heads};
+                        bt_stride, key_stride, head_stride, scale_key_stride, scale_head_stride, block_tables, scale,
+                        q, out, q_stride, heads};
     return strata_attention_items(seq_lens, query_start_loc, num_seqs, kv_heads, groups, 2, nthreads,
                                   int8_attention_item, &a);
 }
 
-/* dst rows[slots[t]] = src row t for t < n: the host tier's KV-cache write (torch's index_copy_
- * moved 2 KiB rows at about 1.3 GiB/s on one core, a prefill's whole K and V per layer). Rows of
- * row_bytes, src rows src_stride bytes apart; slots out of [0, num_slots) are refused (returns 1,
- * nothing written). */
-int strata_scatter_rows(uint8_t *dst, const uint8_t *src, const int64_t *slots, int64_t n, int64_t row_bytes,
-                        int64_t src_stride, int64_t num_slots, int nthreads) {
+/* The host tier's KV-cache write (torch's index_copy_ moved 2 KiB rows at about 1.3 GiB/s on one
+ * core, a prefill's whole K and V per layer): src row t (src_stride bytes apart) goes to slot
+ * slots[t] of dst, whose slot s is key s % block_size of block s / block_size (block_bytes
+ * apart). A row is `pieces` pieces (heads) of piece_bytes, packed in src; in dst a block's keys
+ * are key_bytes apart and their pieces head_bytes apart (token-major: one piece, the whole row;
+ * head-major: a piece per head). Slots out of [0, num_slots) are refused (returns 1, nothing
+ * written). */
+int strata_scatter_rows(uint8_t *dst, const uint8_t *src, const int64_t *slots, int64_t n, int64_t pieces,
+                        int64_t piece_bytes, int64_t src_stride, int64_t block_size, int64_t block_bytes,
+                        int64_t key_bytes, int64_t head_bytes, int64_t num_slots, int nthreads) {
     for (int64_t t = 0; t < n; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return 1;
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * row_bytes >= (1 << 20))
-    for (int64_t t = 0; t < n; t++)
-        memcpy(dst + slots[t] * row_bytes, src + t * src_stride, (size_t)row_bytes);
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * pieces * piece_bytes >= (1 << 20))
+    for (int64_t t = 0; t < n; t++) {
+        uint8_t *row = dst + slots[t] / block_size * block_bytes + slots[t] % block_size * key_bytes;
+        for (int64_t p = 0; p < pieces; p++)
+            memcpy(row + p * head_bytes, src + t * src_stride + p * piece_bytes, (size_t)piece_bytes);
+    }
     return 0;
 }

@@ -36,10 +36,10 @@ def _configured(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.strata_decoder_workspace.argtypes = [ptr, i64, cint]
     lib.strata_decoder_workspace.restype = i64
     lib.strata_paged_attention_half.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
-                                                i64, f32, cint, cint]
+                                                i64, f32, cint, i64, i64, cint]
     lib.strata_paged_attention_int8.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr,
-                                                i64, f32, ptr, i64, cint]
-    lib.strata_scatter_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, cint]
+                                                i64, f32, ptr, i64, i64, i64, i64, i64, cint]
+    lib.strata_scatter_rows.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, i64, cint]
     lib.strata_argmax_rows.argtypes = [ptr, i64, i64, ptr]
     return lib
 
@@ -175,19 +175,27 @@ def host_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     (default torch's count)."""
     threads = num_threads or torch.get_num_threads()
     op = "host_paged_attention"
-    if kv_cache.device.type != "cpu" or not kv_cache.is_contiguous():
-        raise ValueError(f"{op}: the cache must be a contiguous CPU tensor, got {kv_cache.dtype} on {kv_cache.device}")
+    strides = block_strides(kv_cache)
+    if kv_cache.device.type != "cpu" or strides is None:
+        raise ValueError(f"{op}: the cache must be a CPU tensor [2, blocks, block_size, kv_heads, head_dim], "
+                         f"contiguous or with head-major blocks, got {kv_cache.dtype} on {kv_cache.device} "
+                         f"strides {kv_cache.stride()}")
     if kv_scales is not None:
         two, blocks, block_size, kv_heads, _ = kv_cache.shape
-        if kv_cache.dtype != torch.int8 or kv_scales.dtype != torch.float32 or not kv_scales.is_contiguous() \
+        scale_strides = scale_block_strides(kv_scales, kv_cache)
+        if kv_cache.dtype != torch.int8 or kv_scales.dtype != torch.float32 or scale_strides is None \
                 or kv_scales.shape != (two, blocks, block_size, kv_heads) or kv_scales.device.type != "cpu":
-            raise ValueError(f"{op}: a quantized cache is int8 codes {tuple(kv_cache.shape)} with contiguous float32 "
-                             f"scales {(two, blocks, block_size, kv_heads)} on the CPU, got {kv_cache.dtype} codes "
-                             f"and {kv_scales.dtype} scales {tuple(kv_scales.shape)} on {kv_scales.device}")
+            raise ValueError(f"{op}: a quantized cache is int8 codes {tuple(kv_cache.shape)} with float32 scales "
+                             f"{(two, blocks, block_size, kv_heads)} on the CPU, laid out as the codes, got "
+                             f"{kv_cache.dtype} codes and {kv_scales.dtype} scales {tuple(kv_scales.shape)} "
+                             f"strides {kv_scales.stride()} on {kv_scales.device}")
         _check_query(op, q, kv_cache)
         return _attend(op, library().strata_paged_attention_int8, q, kv_cache, block_tables, seq_lens,
-                       query_start_loc, scale, kv_scales.data_ptr(), kv_scales.stride(0), threads)
+                       query_start_loc, scale, kv_scales.data_ptr(), kv_scales.stride(0), *strides, *scale_strides,
+                       threads)
     if kv_cache.dtype == torch.float32:
+        if not kv_cache.is_contiguous():
+            raise ValueError(f"{op}: a float32 cache must be contiguous, got strides {kv_cache.stride()}")
         return paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, threads)
     kind = _HALF_KINDS.get(kv_cache.dtype)
     if kind is None:
@@ -195,7 +203,35 @@ def host_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
                          f"got {kv_cache.dtype}")
     _check_query(op, q, kv_cache)
     return _attend(op, library().strata_paged_attention_half, q, kv_cache, block_tables, seq_lens,
-                   query_start_loc, scale, kind, threads)
+                   query_start_loc, scale, kind, *strides, threads)
+
+
+def block_strides(kv_cache: torch.Tensor) -> tuple[int, int] | None:
+    """(elements between a head's consecutive keys, between a block's heads) of a cache
+    [2, blocks, block_size, kv_heads, head_dim] whose blocks are token-major (contiguous: each
+    key's heads side by side) or head-major (a transposed view of [2, blocks, kv_heads, block_size,
+    head_dim]: each head's keys side by side); None for any other layout."""
+    _, _, block_size, kv_heads, d = kv_cache.shape
+    block = block_size * kv_heads * d
+    if kv_cache.stride(4) != 1 or kv_cache.stride(1) != block or kv_cache.stride(0) % block:
+        return None
+    if kv_cache.stride(2) == kv_heads * d and kv_cache.stride(3) == d:
+        return kv_heads * d, d
+    if kv_cache.stride(2) == d and kv_cache.stride(3) == block_size * d:
+        return d, block_size * d
+    return None
+
+
+def scale_block_strides(kv_scales: torch.Tensor, kv_cache: torch.Tensor) -> tuple[int, int] | None:
+    """block_strides for an int8 cache's scales [2, blocks, block_size, kv_heads], which must be
+    laid out as its codes are (token- or head-major); None otherwise."""
+    _, _, block_size, kv_heads = kv_scales.shape
+    block = block_size * kv_heads
+    if kv_scales.stride(1) != block or kv_scales.stride(0) % block:
+        return None
+    token_major = kv_cache.stride(3) == kv_cache.shape[4]
+    want = (kv_heads, 1) if token_major else (1, block_size)
+    return want if (kv_scales.stride(2), kv_scales.stride(3)) == want else None
 
 
 def _check_query(op: str, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
@@ -226,23 +262,29 @@ def _attend(op: str, kernel, q, kv_cache, block_tables, seq_lens, query_start_lo
 
 def write_kv_rows(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor,
                   num_threads: int | None = None) -> None:
-    """torch_ref.write_kv for a contiguous CPU cache of any dtype: key/value [n, kv_heads, d]
-    (rows may be strided, heads packed) into the cache's slots, as row copies over threads."""
+    """torch_ref.write_kv for a CPU cache of any dtype, its blocks token- or head-major
+    (block_strides): key/value [n, kv_heads, d] (rows may be strided, heads packed) into the
+    cache's slots, as row copies over threads (a row per head into head-major blocks)."""
     n = key.shape[0]
     _, num_blocks, block_size, kv_heads, d = kv_cache.shape
-    if not kv_cache.is_contiguous() or kv_cache.device.type != "cpu":
-        raise ValueError(f"write_kv_rows: the cache must be a contiguous CPU tensor, got {kv_cache.device}")
+    strides = block_strides(kv_cache)
+    if strides is None or kv_cache.device.type != "cpu":
+        raise ValueError(f"write_kv_rows: the cache must be a CPU tensor, contiguous or with head-major blocks, "
+                         f"got strides {kv_cache.stride()} on {kv_cache.device}")
     for t, name in ((key, "key"), (value, "value")):
         if t.dtype != kv_cache.dtype or t.shape != (n, kv_heads, d) or t.stride(2) != 1 or t.stride(1) != d:
             raise ValueError(f"write_kv_rows: {name} must be {kv_cache.dtype} [{n}, {kv_heads}, {d}] with packed heads, "
                              f"got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
     slots = _int64(slot_mapping, n, "slot_mapping")
-    row_bytes = kv_heads * d * kv_cache.element_size()
+    e = kv_cache.element_size()
+    key_stride, head_stride = strides
+    # token-major: each slot's heads are one row; head-major: a piece per head
+    pieces, piece = (1, kv_heads * d) if key_stride == kv_heads * d else (kv_heads, d)
     threads = num_threads or torch.get_num_threads()
     for plane, t in enumerate((key, value)):
-        status = library().strata_scatter_rows(kv_cache[plane].data_ptr(), t.data_ptr(), slots.data_ptr(), n,
-                                               row_bytes, t.stride(0) * t.element_size(), num_blocks * block_size,
-                                               threads)
+        status = library().strata_scatter_rows(
+            kv_cache[plane].data_ptr(), t.data_ptr(), slots.data_ptr(), n, pieces, piece * e, t.stride(0) * e,
+            block_size, kv_cache.stride(1) * e, key_stride * e, head_stride * e, num_blocks * block_size, threads)
         if status:
             raise IndexError(f"write_kv_rows: a slot is outside the cache's {num_blocks * block_size} slots")
 

@@ -14,12 +14,14 @@ placeholders (-1) in the states until it finishes; the next step reads them on t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from strata.attention import host_tier
 from strata.config import ModelConfig
 from strata.core.sched_output import PromptLogprobs, RunnerOutput, SchedulerOutput
 from strata.forward_context import set_forward_context
@@ -76,11 +78,12 @@ class ModelRunner:
         for index, layer in enumerate(self.attn_layers):
             shape = (2, num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.kv_on_host = index in self.kv_host_layers
-            layer.kv_cache = self._zeros(shape, self.model_config.dtype if fmt is None else fmt.dtype,
-                                         torch.device("cpu") if layer.kv_on_host else self.device)
+            # a host-tier layer's cache and scales: head-major blocks in host RAM (host_tier.zeros_cache)
+            zeros = host_tier.zeros_cache if layer.kv_on_host else functools.partial(self._zeros, device=self.device)
+            layer.kv_cache = zeros(shape, self.model_config.dtype if fmt is None else fmt.dtype)
             self.kv_caches.append(layer.kv_cache)
-            if fmt is not None:   # beside its codes: in host RAM for a host-tier layer
-                layer.kv_scales = self._zeros(shape[:-1], SCALE_DTYPE, layer.kv_cache.device)
+            if fmt is not None:   # beside its codes
+                layer.kv_scales = zeros(shape[:-1], SCALE_DTYPE)
                 self.kv_caches.append(layer.kv_scales)   # block copies move the scales too
 
     def free_kv_cache(self) -> None:

@@ -363,27 +363,33 @@ STREAM_SOURCE_BYTES = 1 << 30
 def cpu_attention_rate(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                        batch: int = 32, context: int = 512, block_size: int = 16, during=None,
                        kv_format: KVCacheFormat | None = None, shuffle: bool = False, threads: int | None = None,
-                       reps: int = 3) -> float:
+                       reps: int = 3, token_major: bool = False) -> float:
     """KV bytes/s the host reads when decode rows attend over a host cache: layers of `batch`
     rows of `context` tokens, through the host tier's own call (attention/host_tier.cpu_attend,
     with the threads its worker uses beside a GPU). during(): started after a warm-up call and
     before the timed ones (the GPU caller queues weight copies there). kv_format: a quantized
     cache (kv_cache_dtype; its codes and scales are the bytes counted), else `dtype` values.
     shuffle: the rows' blocks in random order, not the pool's (bench/host_attention.py); threads:
-    default the worker's; reps: timed calls, the median taken.
+    default the worker's; reps: timed calls, the median taken. The caches are laid out as the
+    host tier's (host_tier.zeros_cache: head-major blocks); token_major: contiguous blocks
+    instead (bench/host_attention.py compares them).
 
     The layers' caches add up to CPU_ATTENTION_PROBE_BYTES, so that the reads come from memory
     as a step's do: one 64 MiB layer read again and again stayed in a large last-level cache
     (three H100 runs measured 3.9, 15.9 and 36.1 GiB/s, and the plan made of 36.1 ran at 0.60
     of its prediction)."""
-    from strata.attention.host_tier import attention_threads, cpu_attend
+    from strata.attention.host_tier import attention_threads, cpu_attend, zeros_cache
     blocks = context // block_size
     values = torch.randn(2, batch * blocks + 1, block_size, num_kv_heads, head_dim)
     first = (values.to(dtype), None) if kv_format is None else quantize_kv(values, kv_format.dtype)
     del values
     layer_bytes = batch * context * kv_cache_bytes_per_slot(num_kv_heads, head_dim, dtype, kv_format)
-    caches = [first] + [tuple(t if t is None else t.clone() for t in first)
-                        for _ in range(-(-CPU_ATTENTION_PROBE_BYTES // layer_bytes) - 1)]
+
+    def laid_out(t):
+        return t if t is None else t.clone() if token_major else zeros_cache(t.shape, t.dtype).copy_(t)
+
+    caches = [tuple(laid_out(t) for t in first) for _ in range(-(-CPU_ATTENTION_PROBE_BYTES // layer_bytes))]
+    del first
     ids = torch.randperm(batch * blocks) if shuffle else torch.arange(batch * blocks)
     tables = ids.to(torch.int32).view(batch, blocks)
     q = torch.randn(batch, num_heads, head_dim)
@@ -411,15 +417,16 @@ def cpu_write_rate(num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_form
     """KV bytes/s the host tier files fresh prompts' K and V at (host_tier.write_kv: rows
     scattered over the worker's threads) into a cache of CPU_ATTENTION_PROBE_BYTES, each prompt
     into its own run of blocks at a random place, as a prefill's are. A quantized cache
-    (kv_format) is timed on its codes. prompts: per timed call, default enough for a quarter of
-    the cache, more than a last-level cache holds. (It reads 28-35 GiB/s on the H100 hosts, where
-    the engine's own writes ran at ~10 in a stream: docs/benchmarks.md; the cause is open.)"""
-    from strata.attention.host_tier import attention_threads, write_kv
+    (kv_format) is timed on its codes; the cache is laid out as the host tier's
+    (host_tier.zeros_cache). prompts: per timed call, default enough for a quarter of the cache,
+    more than a last-level cache holds. (Into token-major blocks it read 28-35 GiB/s on the H100
+    hosts, where the engine's own writes ran at ~10 in a stream: docs/benchmarks.md.)"""
+    from strata.attention.host_tier import attention_threads, write_kv, zeros_cache
     store = dtype if kv_format is None else kv_format.dtype
     row = num_kv_heads * head_dim * torch.empty((), dtype=store).element_size()
     blocks = max(CPU_ATTENTION_PROBE_BYTES // (2 * row * block_size), 2 * prompts * prompt_len // block_size,
                  2 * prompt_len)
-    cache = torch.zeros(2, blocks, block_size, num_kv_heads, head_dim, dtype=store)   # pages touched
+    cache = zeros_cache((2, blocks, block_size, num_kv_heads, head_dim), store)
     prompts = prompts or max(1, blocks // 4 // -(-prompt_len // block_size))
     tokens = prompts * prompt_len
     k, v = (torch.ones(tokens, num_kv_heads, head_dim, dtype=store) for _ in range(2))   # memcpy: any bytes

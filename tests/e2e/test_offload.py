@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from strata import LLM, SamplingParams
+from strata.kernels import cpu_ops
 
 CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=256,
               intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4, num_key_value_heads=2,
@@ -227,6 +228,12 @@ def test_int8_kv_cache_on_host_tier(model_dir, tmp_path, monkeypatch, policy, ho
     for a in attn:
         assert a.kv_cache.dtype == torch.int8 and a.kv_scales.device == a.kv_cache.device
         assert a.kv_cache.device.type == "cpu"   # (the whole engine is on the CPU here)
+        # a host-tier layer's blocks are head-major (host_tier.zeros_cache), codes and scales alike
+        bs, d = a.kv_cache.shape[2], a.head_dim
+        if a.kv_on_host:
+            assert cpu_ops.block_strides(a.kv_cache) == (d, bs * d) and a.kv_scales.stride()[2:] == (1, bs)
+        else:
+            assert a.kv_cache.is_contiguous() and a.kv_scales.is_contiguous()
     assert run(llm) == want
     assert len(seen) >= host_layers * 7 and set(seen) == {(torch.int8, "cpu")}
     # The plan counts the cache as stored: codes and a float32 scale per head, not float32 values.

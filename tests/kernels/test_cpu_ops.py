@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -133,6 +134,25 @@ def test_tiled_attention_matches_torch(seqs, heads, kv_heads, d):
     _check_attention(one_by_one, seqs, heads, kv_heads, d, block_size=16, atol=1e-5)
 
 
+def _head_major(cache: torch.Tensor) -> torch.Tensor:
+    """The same values [2, blocks, block_size, kv_heads, ...] with each block's heads apart."""
+    return cache.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def test_host_paged_attention_refuses_other_layouts():
+    meta = _metadata([(20, 1)], 8, 8)
+    q = torch.randn(1, 4, 16)
+    cache = torch.randn(2, 8, 8, 2, 16).bfloat16()
+    assert cpu_ops.block_strides(cache) == (32, 16) and cpu_ops.block_strides(_head_major(cache)) == (16, 128)
+    for bad in (cache.transpose(1, 2), cache[..., ::2]):   # blocks interleaved; a strided head row
+        with pytest.raises(ValueError, match="contiguous or with head-major blocks"):
+            cpu_ops.host_paged_attention(q[..., :bad.shape[-1]], bad, meta.block_tables, meta.seq_lens,
+                                         meta.query_start_loc, 1.0)
+    with pytest.raises(ValueError, match="float32 cache must be contiguous"):
+        cpu_ops.host_paged_attention(q, _head_major(cache.float()), meta.block_tables, meta.seq_lens,
+                                     meta.query_start_loc, 1.0)
+
+
 @pytest.mark.parametrize("seqs", [
     [(37, 1), (5, 1), (16, 1), (1, 1)],                 # decodes
     [(30, 7), (9, 9), (33, 1)],                          # prompt chunks after a cached prefix, a decode
@@ -157,6 +177,9 @@ def test_host_paged_attention_reads_16_bit_caches(seqs, heads, kv_heads, d, dtyp
     got = cpu_ops.host_paged_attention(q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, d ** -0.5,
                                        num_threads=2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    # Head-major blocks (the host tier's own layout): the same arithmetic over other addresses.
+    assert torch.equal(cpu_ops.host_paged_attention(q, _head_major(cache), meta.block_tables, meta.seq_lens,
+                                                    meta.query_start_loc, d ** -0.5, num_threads=2), got)
     # A float32 cache goes to the resident path's kernel: the same values bit for bit.
     same = cpu_ops.host_paged_attention(q, cache.float(), meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                         d ** -0.5)
@@ -188,9 +211,17 @@ def test_host_paged_attention_reads_int8_codes(seqs, heads, kv_heads, d):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # The host tier's call takes the same kernel.
     assert torch.equal(host_tier.cpu_attend(q, codes, meta, d ** -0.5, 2, scales), got)
-    with pytest.raises(ValueError, match="int8 codes .* contiguous float32 scales"):
+    # Head-major blocks, codes and scales: the same arithmetic over other addresses.
+    assert torch.equal(cpu_ops.host_paged_attention(q, _head_major(codes), meta.block_tables, meta.seq_lens,
+                                                    meta.query_start_loc, d ** -0.5, num_threads=2,
+                                                    kv_scales=_head_major(scales)), got)
+    with pytest.raises(ValueError, match="int8 codes .* float32 scales"):
         cpu_ops.host_paged_attention(q, codes, meta.block_tables, meta.seq_lens, meta.query_start_loc, 1.0,
                                      kv_scales=scales.double())
+    with pytest.raises(ValueError, match="laid out as the codes") if kv_heads > 1 else nullcontext():
+        # head-major codes, token-major scales (one KV head: the layouts are the same)
+        cpu_ops.host_paged_attention(q, _head_major(codes), meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                     1.0, kv_scales=scales)
     with pytest.raises(ValueError, match="int8 codes"):
         cpu_ops.host_paged_attention(q, codes.float(), meta.block_tables, meta.seq_lens, meta.query_start_loc, 1.0,
                                      kv_scales=scales)
@@ -230,11 +261,15 @@ def test_half_conversion_covers_special_values():
             assert torch.equal(out[0, 0], cache[1, 0, 0, 0].float()), (dtype, d)
 
 
+@pytest.mark.parametrize("head_major", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_kv_rows_matches_index_copy(dtype):
+def test_write_kv_rows_matches_index_copy(dtype, head_major):
     """The host tier's cache write: the same cache as torch_ref.write_kv, values strided as they
-    come out of a fused qkv projection; a slot outside the cache is refused, nothing written."""
+    come out of a fused qkv projection, into token-major or head-major blocks (the host tier's);
+    a slot outside the cache is refused, nothing written."""
     cache = torch.randn(2, 32, 8, 3, 16).to(dtype)
+    if head_major:
+        cache = _head_major(cache)
     want = cache.clone()
     qkv = torch.randn(300, 5 * 3 * 16).to(dtype)
     k, v = qkv[:, :48].view(300, 3, 16), qkv[:, 48:96].view(300, 3, 16)   # rows 240 elements apart
@@ -242,7 +277,9 @@ def test_write_kv_rows_matches_index_copy(dtype):
     k, v = k[:slots.numel()], v[:slots.numel()]
     torch_ref.write_kv(want, k, v, slots)
     cpu_ops.write_kv_rows(cache, k, v, slots, num_threads=2)
-    assert torch.equal(cache, want)
+    assert torch.equal(cache, want) and cache.stride() == want.stride()
+    with pytest.raises(ValueError, match="contiguous or with head-major blocks"):
+        cpu_ops.write_kv_rows(cache.transpose(1, 2), k, v, slots)
     with pytest.raises(IndexError, match="outside the cache's 256 slots"):
         cpu_ops.write_kv_rows(cache, k[:1], v[:1], torch.tensor([256]))
     assert torch.equal(cache, want)
