@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,25 @@ def warm_up(llm, prompts: list, vocab: int, gen: torch.Generator) -> None:
     llm.generate(others, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
 
 
+def thread_cpu_s() -> dict[int, float]:
+    """CPU seconds (user + system) each thread of this process has run, by native id (Linux's
+    /proc; empty elsewhere)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:   # the thread has ended
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_tokens=None, waves=1, **offload):
     """Load, warm up, generate once; returns a dict of figures (and the batch the plan chose).
     short_new_tokens: then time the same prompts with that many new tokens (result["short"]).
@@ -133,6 +153,8 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
     passes0, disk0 = mover.stats.passes, mover.stats.bytes_from_disk
     from strata.attention import host_tier
     host0 = dict(host_tier.worker().stats)
+    worker_tid = host_tier.worker()._pool.submit(threading.get_native_id).result()
+    cpu0 = thread_cpu_s()
     scheduler.schedule = counted_schedule
     # The host's time inside each pass's layer loop (queuing it) and between passes (the engine's
     # own work: sampling's sync, scheduling, the next step's inputs), no sync added.
@@ -154,6 +176,7 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    cpu = {tid: t - cpu0.get(tid, 0.0) for tid, t in thread_cpu_s().items()}
     # The host tier's worker during the timed run: the rate its attention reached in the steps,
     # beside the startup probe's that the plan used.
     host = {key: value - host0[key] for key, value in host_tier.worker().stats.items()}
@@ -193,7 +216,9 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         plan_cpu_write_gib_s=engine.offload_hardware.cpu_write_bytes_per_s / GIB,
         host_attention=dict(host, gib_s=host["attend_bytes"] / GIB / max(host["attend_s"], 1e-9)),
         between_passes_s=[b[0] - a[1] for a, b in zip(loops, loops[1:])],
-        cpu_attn_probe_after_gib_s=probe_after / GIB)
+        cpu_attn_probe_after_gib_s=probe_after / GIB,
+        thread_cpu_s=dict(main=cpu.pop(threading.get_native_id(), 0.0), worker=cpu.pop(worker_tid, 0.0),
+                          others=sorted(cpu.values(), reverse=True), cores=os.cpu_count()))
     if short_new_tokens:
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -371,8 +396,8 @@ def parse_args():
     ap.add_argument("--offload-policy", default="auto",
                     help="offload_policy of the main run, e.g. 'w_cpu=1,kv_cpu=0' for the KV cache on the GPU")
     ap.add_argument("--kv-cache-dtype", default="auto",
-                    help="kv_cache_dtype of part 2's run: auto (bf16) or int8 (codes + scales in host RAM, "
-                         "half the bytes the CPU's attention reads)")
+                    help="kv_cache_dtype of part 2's runs (one batch and the stream): auto (bf16) or int8 "
+                         "(codes + scales in host RAM, half the bytes the CPU's attention reads)")
     ap.add_argument("--disk-cpu-budget", default="4GiB", help="host RAM budget of the disk-tier run")
     ap.add_argument("--offload-dir", default=None, help="disk tier folder (default: a temporary one)")
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -455,7 +480,7 @@ def main() -> None:
                            enable_chunked_prefill=False) if args.stream_step_tokens else {}
         r = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                      batch=args.hf_batch, waves=args.stream_waves, offload_policy=args.offload_policy,
-                     **step_budget, **main_budget)
+                     kv_cache_dtype=args.kv_cache_dtype, **step_budget, **main_budget)
         report_stream(r, args, h2d, results, elapsed)
     if args.int4:
         q = in_child("strata", model_dir=model_dir, opts=opts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
@@ -548,6 +573,13 @@ def report_host_tier(r: dict) -> None:
               f"without copies beside it: {r.get('cpu_attn_probe_after_gib_s', 0.0):.1f}); K/V writes "
               f"{h['write_s']:.2f} s (the probe's rate: {r.get('plan_cpu_write_gib_s', 0.0):.1f} GiB/s); waiting "
               f"for the copies down {h['wait_s']:.2f} s", flush=True)
+    c = r.get("thread_cpu_s")
+    if c:
+        busy = [t for t in c["others"] if t >= 0.05 * r["seconds"]]
+        print(f"  CPU in the run ({r['seconds']:.1f} s on {c['cores']} cores): main thread {c['main']:.1f} s, host "
+              f"tier's worker {c['worker']:.1f} s, {len(busy)} other threads busy over 5% of it "
+              f"{sum(busy):.1f} s (most {max(busy, default=0.0):.1f}, least {min(busy, default=0.0):.1f}), "
+              f"all threads {c['main'] + c['worker'] + sum(c['others']):.1f} s", flush=True)
     gaps = r.get("between_passes_s")
     if gaps:
         print(f"  host time between passes: median {statistics.median(gaps) * 1e3:.1f} ms, "
@@ -564,7 +596,7 @@ def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
     results["stream"] = dict(r, bound_tok_s=bound)
     print(f"plan: {r['plan']}")
     budget = f"{args.stream_step_tokens}" if args.stream_step_tokens else "the plan's"
-    print(f"{elapsed()} strata stream: {r['waves']} x batch {r['batch']} prompts of {args.prompt_len}+"
+    print(f"{elapsed()} strata stream, KV cache {args.kv_cache_dtype}: {r['waves']} x batch {r['batch']} prompts of {args.prompt_len}+"
           f"{args.new_tokens}, step budget {budget} tokens: {r['tok_s']:.1f} tok/s ({r['generated']} "
           f"tokens in {r['seconds']:.2f} s, {r['passes']} passes against the {r['generated'] / r['batch']:.0f} of a "
           f"full batch each, {r['steps']} steps of {r['mean_step_seqs']:.1f} sequences / "
