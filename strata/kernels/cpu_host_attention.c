@@ -890,11 +890,18 @@ int strata_scatter_rows(uint8_t *dst, const uint8_t *src, const int64_t *slots, 
                         int64_t key_bytes, int64_t head_bytes, int64_t num_slots, int nthreads) {
     for (int64_t t = 0; t < n; t++)
         if (slots[t] < 0 || slots[t] >= num_slots) return 1;
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (n * pieces * piece_bytes >= (1 << 20))
+    /* Dynamic chunks: beside a GPU the host's cores are all taken (these threads, the thread
+     * queuing GPU work, the driver's), and a static share waits for its slowest thread. */
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 32) if (n * pieces * piece_bytes >= (1 << 20))
     for (int64_t t = 0; t < n; t++) {
         uint8_t *row = dst + slots[t] / block_size * block_bytes + slots[t] % block_size * key_bytes;
-        for (int64_t p = 0; p < pieces; p++)
-            memcpy(row + p * head_bytes, src + t * src_stride + p * piece_bytes, (size_t)piece_bytes);
+        const uint8_t *from = src + t * src_stride;
+        if (piece_bytes == 4)   /* an int8 cache's scales, one per head: no call per 4 bytes */
+            for (int64_t p = 0; p < pieces; p++)
+                memcpy(row + p * head_bytes, from + p * 4, 4);
+        else
+            for (int64_t p = 0; p < pieces; p++)
+                memcpy(row + p * head_bytes, from + p * piece_bytes, (size_t)piece_bytes);
     }
     return 0;
 }
