@@ -658,10 +658,53 @@ PREFETCHING void prefetch_next_values(const int8_attention *a, const int32_t *ta
         prefetch_bytes(next + j * a->key_stride, a->head_dim);
 }
 
-/* scores[g * ctx + j] = q_g . key_j * scale, blockwise as score_keys_g, two keys at once. */
+/* Two keys' codes (k0, k1) against the G query rows q [G, d]: their partial sums, 8 lanes a row
+ * (h0[g], h1[g]; store_pair_scores adds the lanes up). */
+static inline __attribute__((always_inline)) void code_pair_sums_8(const int8_t *k0, const int8_t *k1, const float *q,
+                                                                    int64_t d, __m256 *h0, __m256 *h1,
+                                                                    const int64_t G) {
+    for (int64_t g = 0; g < G; g++) h0[g] = h1[g] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+        __m256 l0, u0, l1, u1;
+        int8_load16(k0 + c, &l0, &u0);
+        int8_load16(k1 + c, &l1, &u1);
+        fma_key_pair(q, d, c, l0, u0, l1, u1, h0, h1, G);
+    }
+}
+
+#ifdef HOST_AVX512
+static inline __m512 int8_widen16(__m128i x) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x));
+}
+
+/* code_pair_sums_8 16 lanes wide (AVX-512: a load, a sign extension and a conversion per 16
+ * codes, where the 8-wide path takes two of each), the halves added into 8 lanes at the end. */
+static inline __attribute__((always_inline)) void code_pair_sums_16(const int8_t *k0, const int8_t *k1,
+                                                                     const float *q, int64_t d, __m256 *h0,
+                                                                     __m256 *h1, const int64_t G) {
+    __m512 a0[4], a1[4];
+    for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+        const __m512 x0 = int8_widen16(_mm_loadu_si128((const __m128i *)(k0 + c)));
+        const __m512 x1 = int8_widen16(_mm_loadu_si128((const __m128i *)(k1 + c)));
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 qg = _mm512_loadu_ps(q + g * d + c);
+            a0[g] = _mm512_fmadd_ps(qg, x0, a0[g]);
+            a1[g] = _mm512_fmadd_ps(qg, x1, a1[g]);
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        h0[g] = half_sum(a0[g]);
+        h1[g] = half_sum(a1[g]);
+    }
+}
+#endif
+
+/* scores[g * ctx + j] = q_g . key_j * scale, blockwise as score_keys_g, two keys at once; wide
+ * (a constant): the pairs' sums 16 lanes wide (AVX-512 builds, G <= 4). */
 static inline __attribute__((always_inline)) void score_codes_g(const int8_attention *a, const int32_t *table,
                                                                  int64_t ctx, int64_t kvh, const float *q,
-                                                                 float *scores, const int64_t G) {
+                                                                 float *scores, const int wide, const int64_t G) {
     const int64_t d = a->head_dim, bs = a->block_size, row = a->key_stride;
     for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
         const int8_t *base = block_codes(a, table, j0, kvh, 0);
@@ -673,17 +716,16 @@ static inline __attribute__((always_inline)) void score_codes_g(const int8_atten
             const int pair = j + 1 < n;
             const int8_t *k0 = base + j * row, *k1 = pair ? k0 + row : k0;
             prefetch_codes_ahead(base, next, j, n, row, ctx - j0, d);
-            __m256 a0[8], a1[8];
-            for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm256_setzero_ps();
-            for (int64_t c = 0; c < d; c += 16) {
-                __m256 l0, h0, l1, h1;
-                int8_load16(k0 + c, &l0, &h0);
-                int8_load16(k1 + c, &l1, &h1);
-                fma_key_pair(q, d, c, l0, h0, l1, h1, a0, a1, G);
-            }
+            __m256 h0[8], h1[8];
+#ifdef HOST_AVX512
+            if (wide)
+                code_pair_sums_16(k0, k1, q, d, h0, h1, G);
+            else
+#endif
+                code_pair_sums_8(k0, k1, q, d, h0, h1, G);
             const float s0 = ks[j * a->scale_key_stride] * a->scale;
             const float s1 = pair ? ks[(j + 1) * a->scale_key_stride] * a->scale : 0.f;
-            store_pair_scores(a0, a1, s0, s1, pair, scores, ctx, j0 + j, G);
+            store_pair_scores(h0, h1, s0, s1, pair, scores, ctx, j0 + j, G);
         }
     }
 }
@@ -719,51 +761,9 @@ static inline __attribute__((always_inline)) void weigh_codes_g(const int8_atten
 }
 #endif
 
-/* AVX-512: the codes widened 16 at a time (a load, a sign extension and a conversion per 16,
- * where the 8-wide path takes two of each), the scores and values 16 lanes wide. Used for G = 1,
- * 2 or 4 and d a multiple of 32. */
+/* AVX-512: the weighted values 16 lanes wide, 32 columns a pass. Used for G = 1, 2 or 4 and d a
+ * multiple of 32. */
 #ifdef HOST_AVX512
-static inline __m512 int8_widen16(__m128i x) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x));
-}
-
-static inline __attribute__((always_inline)) void score_codes_512_g(const int8_attention *a, const int32_t *table,
-                                                                     int64_t ctx, int64_t kvh, const float *q,
-                                                                     float *scores, const int64_t G) {
-    const int64_t d = a->head_dim, bs = a->block_size, row = a->key_stride;
-    for (int64_t j0 = 0; j0 < ctx; j0 += bs) {
-        const int8_t *base = block_codes(a, table, j0, kvh, 0);
-        const int8_t *next = j0 + bs < ctx ? block_codes(a, table, j0 + bs, kvh, 0) : NULL;
-        const float *ks = block_scales(a, table, j0, kvh, 0);
-        const int64_t n = ctx - j0 < bs ? ctx - j0 : bs;
-        prefetch_scales(a, table, j0, ctx, kvh);
-        for (int64_t j = 0; j < n; j += 2) {
-            const int pair = j + 1 < n;
-            const int8_t *k0 = base + j * row, *k1 = pair ? k0 + row : k0;
-            prefetch_codes_ahead(base, next, j, n, row, ctx - j0, d);
-            __m512 a0[4], a1[4];
-            for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < d; c += 16) {
-                const __m512 x0 = int8_widen16(_mm_loadu_si128((const __m128i *)(k0 + c)));
-                const __m512 x1 = int8_widen16(_mm_loadu_si128((const __m128i *)(k1 + c)));
-                for (int64_t g = 0; g < G; g++) {
-                    const __m512 qg = _mm512_loadu_ps(q + g * d + c);
-                    a0[g] = _mm512_fmadd_ps(qg, x0, a0[g]);
-                    a1[g] = _mm512_fmadd_ps(qg, x1, a1[g]);
-                }
-            }
-            __m256 h0[4], h1[4];
-            for (int64_t g = 0; g < G; g++) {
-                h0[g] = half_sum(a0[g]);
-                h1[g] = half_sum(a1[g]);
-            }
-            const float s0 = ks[j * a->scale_key_stride] * a->scale;
-            const float s1 = pair ? ks[(j + 1) * a->scale_key_stride] * a->scale : 0.f;
-            store_pair_scores(h0, h1, s0, s1, pair, scores, ctx, j0 + j, G);
-        }
-    }
-}
-
 /* out [G, d]: 32 columns at a time over every key, 2 * G accumulators. */
 static inline __attribute__((always_inline)) void weigh_codes_512_g(const int8_attention *a, const int32_t *table,
                                                                      int64_t ctx, int64_t kvh, const float *w,
@@ -801,13 +801,13 @@ static void score_codes(const int8_attention *a, const int32_t *table, int64_t c
     const int64_t d = a->head_dim, G = a->groups;
 #ifdef HOST_AVX512
     if (d % 32 == 0 && (G == 1 || G == 2 || G == 4)) {
-        WITH_G_1_2_4(score_codes_512_g, a, table, ctx, kvh, q, scores);
+        WITH_G_1_2_4(score_codes_g, a, table, ctx, kvh, q, scores, 1);
         return;
     }
 #endif
 #ifdef HOST_AVX2
     if (d % 16 == 0) {
-        WITH_CONSTANT_G(score_codes_g, a, table, ctx, kvh, q, scores);
+        WITH_CONSTANT_G(score_codes_g, a, table, ctx, kvh, q, scores, 0);
     }
 #endif
     for (int64_t j = 0; j < ctx; j++) {
