@@ -596,8 +596,8 @@ def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
     results["stream"] = dict(r, bound_tok_s=bound)
     print(f"plan: {r['plan']}")
     budget = f"{args.stream_step_tokens}" if args.stream_step_tokens else "the plan's"
-    print(f"{elapsed()} strata stream, KV cache {args.kv_cache_dtype}: {r['waves']} x batch {r['batch']} prompts of {args.prompt_len}+"
-          f"{args.new_tokens}, step budget {budget} tokens: {r['tok_s']:.1f} tok/s ({r['generated']} "
+    print(f"{elapsed()} strata stream, KV cache {args.kv_cache_dtype}: {r['waves']} x batch {r['batch']} prompts "
+          f"of {args.prompt_len}+{args.new_tokens}, step budget {budget} tokens: {r['tok_s']:.1f} tok/s ({r['generated']} "
           f"tokens in {r['seconds']:.2f} s, {r['passes']} passes against the {r['generated'] / r['batch']:.0f} of a "
           f"full batch each, {r['steps']} steps of {r['mean_step_seqs']:.1f} sequences / "
           f"{r['mean_step_tokens']:.0f} tokens on average); PCIe bound at the batch {bound:.1f} tok/s -> "

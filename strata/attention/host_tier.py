@@ -311,7 +311,7 @@ def zeros_cache(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A host-tier cache [2, blocks, block_size, kv_heads, head_dim] (or its int8 scales
     [2, blocks, block_size, kv_heads]) of zeros, each block head-major: a view of [2, blocks,
     kv_heads, block_size, ...], so a decode's attention reads a head's keys in a block as one run
-    (a 4 KiB page for 16 bf16 keys of 128 values) where token-major blocks spread them over the
+    (4 KiB for 16 bf16 keys of 128 values) where token-major blocks spread them over the
     block's 32 KiB (cpu_ops.block_strides; on an H100 host's 15 threads 60.1 against 56.4 GiB/s,
     bf16; int8's scales come to one line a block from eight). A float32 cache (a float32 model's)
     stays token-major: the CPU reads it with the resident path's kernel, which takes no other.

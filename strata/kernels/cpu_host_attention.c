@@ -3,10 +3,12 @@
  * offloading's host KV tier (strata/attention/host_tier.py), where the CPU attends for the
  * sequences whose cache lives in RAM while the GPU goes on with other work.
  *
- * The cache is read in place through the block tables, each key and value converted to float32
- * in registers as it is used: upcasting the gathered context first (what the torch path does)
- * writes and reads the whole context once more, and the context is most of the bytes a decode
- * step touches. q and out are float32 (a step's queries are small). Work items are (token, KV
+ * A block holds its keys token-major (each key's heads side by side) or head-major (each head's
+ * keys side by side, the host tier's layout: one run per head and block); the kernels take the
+ * layout as strides. The cache is read in place through the block tables, each key and value
+ * converted to float32 in registers as it is used: upcasting the gathered context first (what
+ * the torch path does) writes and reads the whole context once more, and the context is most of
+ * the bytes a decode step touches. q and out are float32 (a step's queries are small). Work items are (token, KV
  * head) pairs over OpenMP threads; the query heads sharing a KV head (GQA) score each key while
  * it is in registers. Token t of sequence s sees the keys up to its own position (causal; a
  * decode token sees the whole context), as in strata_paged_attention (cpu_ops.c). */

@@ -419,8 +419,8 @@ def cpu_write_rate(num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_form
     into its own run of blocks at a random place, as a prefill's are. A quantized cache
     (kv_format) is timed on its codes; the cache is laid out as the host tier's
     (host_tier.zeros_cache). prompts: per timed call, default enough for a quarter of the cache,
-    more than a last-level cache holds. (Into token-major blocks it read 28-35 GiB/s on the H100
-    hosts, where the engine's own writes ran at ~10 in a stream: docs/benchmarks.md.)"""
+    more than a last-level cache holds. (It reads 14-34 GiB/s on the H100 hosts; in a stream the
+    engine's own writes went at 2.4-2.9 until the scatter took dynamic chunks: docs/benchmarks.md.)"""
     from strata.attention.host_tier import attention_threads, write_kv, zeros_cache
     store = dtype if kv_format is None else kv_format.dtype
     row = num_kv_heads * head_dim * torch.empty((), dtype=store).element_size()
