@@ -160,27 +160,16 @@ class HostAttentionWorker:
         if kv_scales is not None:
             (kc, ks), (vc, vs) = quantize_kv(k, kv_cache.dtype), quantize_kv(v, kv_cache.dtype)
             writes = [kc, vc, ks, vs]
-        starts = meta.query_start_loc_cpu
-        rows, fresh = [], []   # fresh: [first token, prompts, length] of runs of equal prompts
-        for row, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            if q_len > 1 and q_len == ctx_len:   # a fresh prompt: its context is on the device already
-                if fresh and fresh[-1][2] == q_len and fresh[-1][0] + fresh[-1][1] * q_len == starts[row]:
-                    fresh[-1][1] += 1
-                else:
-                    fresh.append([starts[row], 1, q_len])
-            else:
-                rows.append(row)
+        # which rows attend where: the same in every layer of the step, so worked out once
+        split = host.get("host_tier_split")
+        if split is None:
+            split = host["host_tier_split"] = _split_rows(meta, host, q.device)
+        rows, fresh, token_index, sub = split
         if fresh and kv_scales is not None:   # they see the values the cache keeps
             k, v = dequantize_kv(kc, ks, k.dtype), dequantize_kv(vc, vs, v.dtype)
         for a, n, length in fresh:
             fresh_prompts_attention(q, k, v, out, a, n, length, scale)
-        token_index = None
-        if rows and rows != list(range(meta.num_seqs)):
-            # through pinned memory: a pageable copy would wait for the GPU work queued so far
-            token_index = host_to_device([t for r in rows for t in range(starts[r], starts[r + 1])], torch.int64,
-                                         q.device)
         q_rows = (q if token_index is None else q[token_index]) if rows else None
-        sub = _sub_metadata(meta, host, rows) if rows else None
         shapes = [(tuple(t.shape), t.dtype) for t in writes]
         if rows:
             shapes += [(tuple(q_rows.shape), torch.float32)] * 2   # queries down, output up
@@ -393,6 +382,28 @@ def host_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
                    meta: AttentionMetadata, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """start(...).result(): for callers with nothing to overlap."""
     return worker().start(q, k, v, kv_cache, meta, scale, kv_scales).result()
+
+
+def _split_rows(meta: AttentionMetadata, host: dict, device: torch.device):
+    """(rows, fresh, token_index, sub) of a step's (micro-batch's) metadata: the rows that attend
+    on the CPU (decodes, chunks after a cached prefix), runs of fresh prompts [first token,
+    prompts, length] (the device attends for them), the CPU rows' tokens on the device (None when
+    they are all the tokens) and their metadata on host tensors (None without CPU rows)."""
+    starts = meta.query_start_loc_cpu
+    rows, fresh = [], []
+    for row, (q_len, ctx_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if q_len > 1 and q_len == ctx_len:   # a fresh prompt: its context is on the device already
+            if fresh and fresh[-1][2] == q_len and fresh[-1][0] + fresh[-1][1] * q_len == starts[row]:
+                fresh[-1][1] += 1
+            else:
+                fresh.append([starts[row], 1, q_len])
+        else:
+            rows.append(row)
+    token_index = None
+    if rows and rows != list(range(meta.num_seqs)):
+        # through pinned memory: a pageable copy would wait for the GPU work queued so far
+        token_index = host_to_device([t for r in rows for t in range(starts[r], starts[r + 1])], torch.int64, device)
+    return rows, fresh, token_index, _sub_metadata(meta, host, rows) if rows else None
 
 
 def _sub_metadata(meta: AttentionMetadata, host: dict, rows: list[int]) -> AttentionMetadata:

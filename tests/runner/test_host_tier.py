@@ -70,3 +70,28 @@ def test_fresh_prompt_result_does_not_wait_for_its_cache_write():
     worker.start(q[:length], k[:length], v[:length], cache, bad, scale).result()   # no wait, no error yet
     with pytest.raises(Exception):
         worker.drain()
+
+
+def test_rows_are_split_once_a_step(monkeypatch):
+    """Which rows attend on the CPU (and their metadata) is the same in every layer of a step:
+    worked out for the first layer's call and kept with the step's metadata; each layer still
+    attends over its own cache. Mixed rows: a fresh prompt between two decodes."""
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads, d, block, scale = 4, 2, 16, 4, 0.25
+    calls = []
+    real = host_tier._split_rows
+    monkeypatch.setattr(host_tier, "_split_rows", lambda *a: calls.append(1) or real(*a))
+    meta = _meta([1, 3, 1], [5, 3, 2], [4, 12, 13, 14, 20], [[1, 2], [3, 0], [5, 0]], block)
+    worker = host_tier.HostAttentionWorker()
+    outs = []
+    for layer in range(3):
+        cache = torch.randn(2, 6, block, kv_heads, d, generator=g)
+        q, k, v = (torch.randn(5, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
+        want = cache.clone()
+        torch_ref.write_kv(want, k, v, meta.slot_mapping)
+        got = worker.start(q, k, v, cache, meta, scale).result()
+        outs.append((got, torch_ref.paged_attention(q, want, meta, scale)))
+    worker.drain()
+    assert len(calls) == 1
+    for got, want in outs:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
