@@ -153,7 +153,7 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
     passes0, disk0 = mover.stats.passes, mover.stats.bytes_from_disk
     from strata.attention import host_tier
     host0 = dict(host_tier.worker().stats)
-    worker_tid = host_tier.worker()._pool.submit(threading.get_native_id).result()
+    worker_tid = host_tier.worker().thread_id()
     cpu0 = thread_cpu_s()
     scheduler.schedule = counted_schedule
     # The host's time inside each pass's layer loop (queuing it) and between passes (the engine's

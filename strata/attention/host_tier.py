@@ -258,6 +258,10 @@ class HostAttentionWorker:
             self._staging.remove(waitable[0])
             self._staging.append(waitable[0])
 
+    def thread_id(self) -> int:
+        """The worker thread's native id (benchmarks account its CPU time; /proc/self/task/ID)."""
+        return self._pool.submit(threading.get_native_id).result()
+
     def drain(self) -> None:
         """Wait for every task queued so far; raise the first error one hit."""
         error = None

@@ -1,5 +1,7 @@
 """Host-tier attention pieces (attention/host_tier.py) checked on their own."""
 
+import os
+import threading
 import time
 
 import pytest
@@ -93,5 +95,9 @@ def test_rows_are_split_once_a_step(monkeypatch):
         outs.append((got, torch_ref.paged_attention(q, want, meta, scale)))
     worker.drain()
     assert len(calls) == 1
+    # the thread whose CPU time benchmarks account: the worker's own, not the caller's
+    tid = worker.thread_id()
+    assert tid != threading.get_native_id()
+    assert os.path.exists(f"/proc/self/task/{tid}") or not os.path.exists("/proc/self/task")
     for got, want in outs:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
