@@ -8,10 +8,11 @@
  * layout as strides. The cache is read in place through the block tables, each key and value
  * converted to float32 in registers as it is used: upcasting the gathered context first (what
  * the torch path does) writes and reads the whole context once more, and the context is most of
- * the bytes a decode step touches. q and out are float32 (a step's queries are small). Work items are (token, KV
- * head) pairs over OpenMP threads; the query heads sharing a KV head (GQA) score each key while
- * it is in registers. Token t of sequence s sees the keys up to its own position (causal; a
- * decode token sees the whole context), as in strata_paged_attention (cpu_ops.c). */
+ * the bytes a decode step touches. q and out are float32 (a step's queries are small). Work
+ * items are (token, KV head) pairs over OpenMP threads; the query heads sharing a KV head (GQA)
+ * score each key while it is in registers. Token t of sequence s sees the keys up to its own
+ * position (causal; a decode token sees the whole context), as in strata_paged_attention
+ * (cpu_ops.c). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
