@@ -119,6 +119,22 @@ def thread_cpu_s() -> dict[int, float]:
     return out
 
 
+def steady_state(steps: list, loops: list, batch: int) -> dict | None:
+    """A stream's passes with the full batch, start to start (the host's time between passes
+    included): each yields a token for every sequence (a decode's, or a wave prompt's first), so
+    their tok/s is the serving rate without the ramp at the stream's start and end. steps:
+    (tokens, sequences) of each scheduled step; loops: (start, end) of each pass, in the same
+    order. None when they do not pair up or no pass had the full batch."""
+    steps = [s for s in steps if s[0]]
+    if len(steps) != len(loops):
+        return None
+    full = [i for i, (_, seqs) in enumerate(steps[:-1]) if seqs == batch]
+    if not full:
+        return None
+    seconds = sum(loops[i + 1][0] - loops[i][0] for i in full)
+    return dict(passes=len(full), seconds=seconds, tok_s=len(full) * batch / seconds)
+
+
 def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_tokens=None, waves=1, **offload):
     """Load, warm up, generate once; returns a dict of figures (and the batch the plan chose).
     short_new_tokens: then time the same prompts with that many new tokens (result["short"]).
@@ -216,6 +232,7 @@ def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_to
         plan_cpu_write_gib_s=engine.offload_hardware.cpu_write_bytes_per_s / GIB,
         host_attention=dict(host, gib_s=host["attend_bytes"] / GIB / max(host["attend_s"], 1e-9)),
         between_passes_s=[b[0] - a[1] for a, b in zip(loops, loops[1:])],
+        steady=steady_state(steps, loops, batch),
         cpu_attn_probe_after_gib_s=probe_after / GIB,
         thread_cpu_s=dict(main=cpu.pop(threading.get_native_id(), 0.0), worker=cpu.pop(worker_tid, 0.0),
                           others=sorted(cpu.values(), reverse=True), cores=os.cpu_count()))
@@ -604,6 +621,10 @@ def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
           f"{r['tok_s'] / bound:.0%} of it; predicted (steady state) {r['predicted_tok_s']:.1f} tok/s (measured / "
           f"predicted {r['tok_s'] / r['predicted_tok_s']:.2f}); GPU peak {r['gpu_peak_gib']:.2f} GiB allocated "
           f"({r['gpu_reserved_gib']:.2f} reserved)", flush=True)
+    steady = r.get("steady")
+    if steady:
+        print(f"  steady state: {steady['passes']} passes with the full batch of {r['batch']} in {steady['seconds']:.2f} s: "
+              f"{steady['tok_s']:.1f} tok/s -> {steady['tok_s'] / bound:.0%} of the PCIe bound", flush=True)
     report_host_tier(r)
 
 

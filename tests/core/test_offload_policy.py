@@ -200,30 +200,36 @@ def test_host_bytes_count_the_steps_host_buffers():
     assert "while loading" in disk.describe()
 
 
-def test_compute_bound_batch_stops_at_the_knee():
+def test_compute_bound_batch_stops_at_the_knee(monkeypatch):
     """Past the batch where the host's attention overtakes the weight stream, more sequences add
-    host KV and latency but no throughput: the auto plan takes the smallest batch predicting
-    within KNEE_TOLERANCE of the largest one's (the rates measured on an H100 host), and says so;
-    an explicit policy keeps the largest batch that fits."""
+    host KV and latency more than throughput: the auto plan takes the placement with the most
+    throughput, lowers its batch to the smallest predicting within KNEE_TOLERANCE of its largest
+    batch's (the rates measured on an H100 host), places that batch anew, and says so; an
+    explicit policy keeps the largest batch that fits."""
+    from strata.core import offload_policy
     from strata.core.offload_policy import _evaluate
     spec, workload = MODELS["llama-8b"], Workload(544, 512, 32, 256)
     hw = Hardware("cuda", h2d_bytes_per_s=51 * GIB, disk_bytes_per_s=1.2 * GIB, flops=700e12,
                   mem_bytes_per_s=2.9e12, cpu_attn_bytes_per_s=15.9 * GIB)
     plan = search_policy(spec, hw, workload, 4 * GIB, 40 * GIB)
-    n_res, n_cpu = plan.count("resident"), plan.count("cpu")
+    with monkeypatch.context() as m:
+        m.setattr(offload_policy, "KNEE_TOLERANCE", 0.0)
+        largest = search_policy(spec, hw, workload, 4 * GIB, 40 * GIB)
 
-    def at(cap):
-        return _evaluate(spec, hw, workload, 4 * GIB, 40 * GIB, n_res, n_cpu, plan.prefetch_depth,
-                         plan.micro_batch_tokens, plan.kv_host_layers, cap, plan.prefill_waves)
-    largest = at(None)
+    def at(cap):   # the largest batch's placement at a lower batch
+        return _evaluate(spec, hw, workload, 4 * GIB, 40 * GIB, largest.count("resident"), largest.count("cpu"),
+                         largest.prefetch_depth, largest.micro_batch_tokens, largest.kv_host_layers, cap,
+                         largest.prefill_waves)
     assert largest.batch_size > plan.batch_size and largest.compute_seconds > largest.io_seconds
-    assert plan.predicted_tok_s >= (1 - KNEE_TOLERANCE) * largest.predicted_tok_s
-    assert at(plan.batch_size - 1).predicted_tok_s < (1 - KNEE_TOLERANCE) * largest.predicted_tok_s
+    floor = (1 - KNEE_TOLERANCE) * largest.predicted_tok_s
+    assert at(plan.batch_size).predicted_tok_s >= floor
+    assert at(plan.batch_size - 1) is None or at(plan.batch_size - 1).predicted_tok_s < floor
+    assert plan.predicted_tok_s >= at(plan.batch_size).predicted_tok_s   # placed anew: never worse
     assert f"batch {plan.batch_size}: more would add under" in plan.reason
     assert plan.host_kv_bytes < largest.host_kv_bytes
     explicit = search_policy(spec, hw, workload, 4 * GIB, 40 * GIB,
-                             parse_offload_policy(f"w_cpu=1,kv_cpu={plan.kv_host_layers / 32},"
-                                                  f"prefill_waves={plan.prefill_waves}"))
+                             parse_offload_policy(f"w_cpu=1,kv_cpu={largest.kv_host_layers / 32},"
+                                                  f"prefill_waves={largest.prefill_waves}"))
     assert explicit.batch_size == largest.batch_size
 
 
