@@ -120,19 +120,23 @@ def thread_cpu_s() -> dict[int, float]:
 
 
 def steady_state(steps: list, loops: list, batch: int) -> dict | None:
-    """A stream's passes with the full batch, start to start (the host's time between passes
-    included): each yields a token for every sequence (a decode's, or a wave prompt's first), so
-    their tok/s is the serving rate without the ramp at the stream's start and end. steps:
+    """A stream between its ramps: the passes from the first that runs the full batch to the
+    last, start to start (the host's time between passes included). Each pass yields a token
+    for each of its sequences (a decode's, or a wave prompt's first), so this is the rate a
+    server sustains, the steps inside that run short of the batch counted as they ran. steps:
     (tokens, sequences) of each scheduled step; loops: (start, end) of each pass, in the same
-    order. None when they do not pair up or no pass had the full batch."""
+    order. None when they do not pair up or fewer than two passes ran the full batch."""
     steps = [s for s in steps if s[0]]
     if len(steps) != len(loops):
         return None
-    full = [i for i, (_, seqs) in enumerate(steps[:-1]) if seqs == batch]
-    if not full:
+    full = [i for i, (_, seqs) in enumerate(steps) if seqs == batch]
+    if len(full) < 2:
         return None
-    seconds = sum(loops[i + 1][0] - loops[i][0] for i in full)
-    return dict(passes=len(full), seconds=seconds, tok_s=len(full) * batch / seconds)
+    window = range(full[0], full[-1])
+    seconds = loops[full[-1]][0] - loops[full[0]][0]
+    tokens = sum(steps[i][1] for i in window)
+    return dict(passes=len(window), full=sum(1 for i in window if steps[i][1] == batch), seconds=seconds,
+                tok_s=tokens / seconds, mean_seqs=tokens / len(window))
 
 
 def strata_run(model_dir, args, prompt_len, new_tokens, batch=None, short_new_tokens=None, waves=1, **offload):
@@ -623,8 +627,10 @@ def report_stream(r: dict, args, h2d: float, results: dict, elapsed) -> None:
           f"({r['gpu_reserved_gib']:.2f} reserved)", flush=True)
     steady = r.get("steady")
     if steady:
-        print(f"  steady state: {steady['passes']} passes with the full batch of {r['batch']} in {steady['seconds']:.2f} s: "
-              f"{steady['tok_s']:.1f} tok/s -> {steady['tok_s'] / bound:.0%} of the PCIe bound", flush=True)
+        print(f"  steady state (from the first pass with the full batch of {r['batch']} to the last): {steady['passes']} "
+              f"passes of {steady['mean_seqs']:.1f} sequences on average ({steady['full']} full) in "
+              f"{steady['seconds']:.2f} s: {steady['tok_s']:.1f} tok/s -> {steady['tok_s'] / bound:.0%} of the PCIe "
+              "bound", flush=True)
     report_host_tier(r)
 
 

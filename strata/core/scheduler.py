@@ -112,6 +112,16 @@ class Scheduler:
             if req.num_placeholders and num_tokens >= req.max_num_tokens:
                 # Its placeholders bring it to max_tokens or the context: their update ends it,
                 # and there is nothing to compute before.
+                if req.num_placeholders == 1 and req.request_id not in self._fork_waiters:
+                    # Only the step in flight's token is unknown, so every token whose KV it has
+                    # is known: its seat and blocks go to waiting requests now, not a step later
+                    # (in a stream each finishing wave left the step after it short of those
+                    # sequences). Steps run in order: the one in flight writes its last KV
+                    # before this one can write a new request's into the same blocks.
+                    self.running.pop(i)
+                    self.kv.cache_computed_blocks(req)
+                    self.kv.free(req)
+                    continue
                 i += 1
                 continue
             num_new = min(num_tokens - req.num_computed_tokens, budget)

@@ -298,3 +298,24 @@ def test_async_last_block_is_cached_when_the_request_ends():
     # The block of positions 0-3 (its KV written by the second step) serves later prompts.
     assert s.kv.pool.get_cached_block(hash_block_tokens(None, [1, 2, 3, 9])) is not None
 
+
+
+def test_async_request_ending_in_flight_gives_its_seat_and_blocks_at_once():
+    """A request whose in-flight token is its last leaves the batch when the next step is
+    scheduled: a waiting request takes its seat and blocks in that step, not the one after, and
+    its full blocks are cached as they would be at its end; its last token still arrives."""
+    s = make_scheduler(num_blocks=3, block_size=4, max_seqs=1)
+    a, b = req("a", [1, 2, 3], max_tokens=2), req("b", [4, 5, 6], max_tokens=2)
+    s.add_request([a])
+    s.add_request([b])
+    first, second = schedule_tracking(s), schedule_tracking(s)   # a's prompt, then its 2nd token
+    assert set(second.num_scheduled_tokens) == {"a"}
+    s.update(first, sampled(s, first, token=9))
+    third = schedule_tracking(s)                   # a ends with step 2's token: b starts now
+    assert third.num_scheduled_tokens == {"b": 3} and "a" not in s.kv.req_blocks
+    assert s.kv.pool.get_cached_block(hash_block_tokens(None, [1, 2, 3, 9])) is not None
+    s.update(second, sampled(s, second, token=8))
+    assert a.status is RequestStatus.FINISHED_LENGTH and a.output_token_ids == [9, 8]
+    s.update(third, sampled(s, third, token=5))
+    assert b.output_token_ids == [5] and not s.waiting
+    assert s.schedule().finished_req_ids == {"a"}
