@@ -266,6 +266,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=6, help="new tokens (the third decode pass is traced)")
     ap.add_argument("--offload-policy", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or int8")
     ap.add_argument("--profile", action="store_true", help="cProfile the main thread in the first prefill pass")
     ap.add_argument("--kernels", action="store_true",
                     help="torch.profiler over the first prefill pass and the third decode pass: GPU time by kernel")
@@ -275,7 +276,7 @@ def main() -> None:
     model_dir = make_model_dir(LLAMA_31_8B)
     llm = LLM(str(model_dir), load_format="dummy", skip_tokenizer_init=True, gpu_memory_budget=args.gpu_budget,
               max_model_len=args.prompt_len + args.new_tokens, max_num_seqs=args.batch, use_tqdm_on_load=False,
-              offload_policy=args.offload_policy)
+              offload_policy=args.offload_policy, kv_cache_dtype=args.kv_cache_dtype)
     gen = torch.Generator().manual_seed(0)
     vocab = llm.llm_engine.model_config.vocab_size
     prompts = [{"prompt_token_ids": torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()}
