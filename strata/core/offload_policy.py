@@ -329,33 +329,34 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
     throughput, in the best placement for that batch. `explicit`: the user's fractions
     (config.parse_offload_policy), checked against the budgets the same way."""
     _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget)
-    best: OffloadPlan | None = None
-    best_args = None
-    for n_res, n_cpu, depth, mbt, waves in _candidates(spec, hw, workload, cpu_budget, explicit):
-        for kv_host in _kv_host_candidates(spec, hw, explicit):
-            plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt, kv_host,
-                             waves=waves)
-            if plan is not None and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
-                best, best_args = plan, (n_res, n_cpu, depth, mbt, kv_host)
+
+    def search(cap: int | None = None):
+        """The best (plan, its placement's arguments) at its largest batch, or at exactly `cap`."""
+        best, best_args = None, None
+        for n_res, n_cpu, depth, mbt, waves in _candidates(spec, hw, workload, cpu_budget, explicit):
+            for kv_host in _kv_host_candidates(spec, hw, explicit):
+                plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt, kv_host,
+                                 cap, waves)
+                if plan is not None and (cap is None or plan.batch_size == cap) \
+                        and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
+                    best, best_args = plan, (n_res, n_cpu, depth, mbt, kv_host)
+        return best, best_args
+
+    best, best_args = search()
     if best is None:
         raise ValueError(_no_plan_message(spec, hw, workload, gpu_budget, cpu_budget, explicit))
     if explicit is None and best.compute_seconds > best.io_seconds:
-        # The placement with the most throughput at its largest batch, then that batch lowered to
-        # its knee (kneeing each candidate first and comparing the knees favoured whichever
-        # candidate's knee fell higher within the tolerance, not the better placement).
+        # The placement with the most throughput at its largest batch, that batch lowered to its
+        # knee (kneeing each candidate first and comparing the knees favoured whichever
+        # candidate's knee fell higher within the tolerance, not the better placement), then the
+        # best placement for the smaller batch, which leaves device memory its largest needed
+        # (more resident layers stream fewer bytes).
         n_res, n_cpu, depth, mbt, kv_host = best_args
         knee = _knee(best, lambda cap: _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth,
                                                  mbt, kv_host, cap, best.prefill_waves))
         if knee.batch_size < best.batch_size:
-            # The smaller batch leaves device memory its largest needed: the best placement for
-            # it (more resident layers stream fewer bytes).
-            best, cap = knee, knee.batch_size
-            for n_res, n_cpu, depth, mbt, waves in _candidates(spec, hw, workload, cpu_budget, explicit):
-                for kv_host in _kv_host_candidates(spec, hw, explicit):
-                    plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt,
-                                     kv_host, cap, waves)
-                    if plan is not None and plan.batch_size == cap and plan.predicted_tok_s > best.predicted_tok_s:
-                        best = plan
+            placed, _ = search(knee.batch_size)
+            best = placed if placed is not None and placed.predicted_tok_s > knee.predicted_tok_s else knee
     if explicit is not None:
         return _with(best, explicit=True, reason="explicit offload_policy " + _fractions(explicit)
                      + "; " + best.reason)
