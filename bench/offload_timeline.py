@@ -45,6 +45,7 @@ class Trace:
         self.layer = -1
         self.mb = 0
         self.task_labels = []   # (layer, mb) of each started task, in order
+        self.writes = []        # seconds each task spent writing K/V, in start order
         self.arm = False        # trace the next pass
         self.ref = None         # the traced pass's reference event, its host time, its length
         self.t_ref = None
@@ -111,11 +112,13 @@ def install() -> None:
         if arrived is not None:
             arrived.synchronize()
         t1 = now()
+        written = self.stats["write_s"]
         real_run(self, None, *a)
         t2 = now()
         if T.on:
             T.events.append(("worker_wait", None, None, t0, t1))
             T.events.append(("worker_busy", None, None, t1, t2))
+            T.writes.append(self.stats["write_s"] - written)
 
     worker_cls.start, worker_cls._run = start, run
     pending_cls = host_tier.PendingAttention
@@ -168,7 +171,7 @@ def install() -> None:
         ref = torch.cuda.Event(enable_timing=True)
         ref.record()
         t_ref = now()
-        T.on, T.events, T.cuda, T.task_labels = True, [], [], []
+        T.on, T.events, T.cuda, T.task_labels, T.writes = True, [], [], [], []
         try:
             out = real_loop(self, *a, **k)
             torch.cuda.synchronize()
@@ -194,13 +197,15 @@ def report(title: str) -> dict:
     waits = [e for e in T.events if e[0] == "worker_wait"]
     busy = [e for e in T.events if e[0] == "worker_busy"]
     tasks = []
-    for label, w, b in zip(T.task_labels, waits, busy):
-        tasks.append((label, (w[3] - t_ref) * 1e3, (w[4] - t_ref) * 1e3, (b[4] - t_ref) * 1e3))
+    for label, w, b, wr in zip(T.task_labels, waits, busy, T.writes):
+        tasks.append((label, (w[3] - t_ref) * 1e3, (w[4] - t_ref) * 1e3, (b[4] - t_ref) * 1e3, wr * 1e3))
     per_layer = {}
-    for (layer, mb), w0, w1, b1 in tasks:
-        d = per_layer.setdefault(layer, dict(busy=0.0, wait=0.0, first=w1, last=b1))
+    for (layer, mb), w0, w1, b1, wr in tasks:
+        d = per_layer.setdefault(layer, dict(busy=0.0, wait=0.0, write=0.0, tasks=0, first=w1, last=b1))
         d["busy"] += b1 - w1
         d["wait"] += w1 - w0
+        d["write"] += wr
+        d["tasks"] += 1
         d["first"], d["last"] = min(d["first"], w1), max(d["last"], b1)
     for kind in ("result_wait", "start", "qkv", "resume"):
         for e in T.events:
@@ -225,11 +230,13 @@ def report(title: str) -> dict:
     mid = [i for i in layers if 2 <= i < len(layers) - 2]
     med = lambda key: statistics.median(per_layer.get(i, {}).get(key, 0.0) for i in mid)  # noqa: E731
     copies = [gpu[i]["copy1"] - gpu[i]["copy0"] for i in mid if "copy0" in gpu[i]]
-    results = dict(period=statistics.median(periods), busy=med("busy"), wait=med("wait"), start=med("start"),
+    results = dict(period=statistics.median(periods), busy=med("busy"), wait=med("wait"), write=med("write"),
+                   tasks=med("tasks"), start=med("start"),
                    result_wait=med("result_wait"), qkv=med("qkv"), resume=med("resume"), copy=statistics.median(copies) if copies else 0.0,
                    pass_ms=T.t_end * 1e3)
     print(f"median over layers {mid[0]}..{mid[-1]}: period {results['period']:.2f} ms, copy {results['copy']:.2f}, "
-          f"worker busy {results['busy']:.2f} + waiting for copies down {results['wait']:.2f}, "
+          f"worker busy {results['busy']:.2f} (of it K/V writes {results['write']:.2f}, {results['tasks']:.0f} tasks) + "
+          f"waiting for copies down {results['wait']:.2f}, "
           f"main: qkv {results['qkv']:.2f}, start {results['start']:.2f}, resume {results['resume']:.2f} of which blocked in result {results['result_wait']:.2f}; GPU backlog "
           f"(event reached - queued, median ms): " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in lags.items()))
     return results
@@ -267,6 +274,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=6, help="new tokens (the third decode pass is traced)")
     ap.add_argument("--offload-policy", default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or int8")
+    ap.add_argument("--trace-wave", action="store_true",
+                    help="trace the second prefill wave (its prompts beside the first wave's decodes), not the first")
     ap.add_argument("--profile", action="store_true", help="cProfile the main thread in the first prefill pass")
     ap.add_argument("--kernels", action="store_true",
                     help="torch.profiler over the first prefill pass and the third decode pass: GPU time by kernel")
@@ -292,7 +301,10 @@ def main() -> None:
         meta = get_attn_metadata()
         decode = meta.max_query_len == 1
         passes["n"] += decode
-        T.arm = passes["n"] == 3 if decode else not passes["times"]   # the first prefill, the third decode
+        # the first prefill, the third decode; --trace-wave: the second prefill wave (beside the
+        # first wave's decodes) in place of the first
+        prefills = sum(1 for what, _ in passes["times"] if what != "decode")
+        T.arm = passes["n"] == 3 if decode else prefills == (1 if args.trace_wave else 0)
         profile = None
         if args.profile and not decode and not passes["times"]:
             import cProfile
