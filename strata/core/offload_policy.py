@@ -330,19 +330,19 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
     (config.parse_offload_policy), checked against the budgets the same way."""
     _check_fits_one_layer(spec, hw, gpu_budget, cpu_budget)
 
-    def search(cap: int | None = None):
-        """The best (plan, its placement's arguments) at its largest batch, or at exactly `cap`."""
-        best, best_args = None, None
+    def search(cap: int | None = None) -> OffloadPlan | None:
+        """The best plan at its largest batch, or at exactly `cap` sequences."""
+        best = None
         for n_res, n_cpu, depth, mbt, waves in _candidates(spec, hw, workload, cpu_budget, explicit):
             for kv_host in _kv_host_candidates(spec, hw, explicit):
                 plan = _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth, mbt, kv_host,
                                  cap, waves)
                 if plan is not None and (cap is None or plan.batch_size == cap) \
                         and (best is None or plan.predicted_tok_s > best.predicted_tok_s):
-                    best, best_args = plan, (n_res, n_cpu, depth, mbt, kv_host)
-        return best, best_args
+                    best = plan
+        return best
 
-    best, best_args = search()
+    best = search()
     if best is None:
         raise ValueError(_no_plan_message(spec, hw, workload, gpu_budget, cpu_budget, explicit))
     if explicit is None and best.compute_seconds > best.io_seconds:
@@ -351,11 +351,11 @@ def search_policy(spec: ModelSpec, hw: Hardware, workload: Workload, gpu_budget:
         # candidate's knee fell higher within the tolerance, not the better placement), then the
         # best placement for the smaller batch, which leaves device memory its largest needed
         # (more resident layers stream fewer bytes).
-        n_res, n_cpu, depth, mbt, kv_host = best_args
-        knee = _knee(best, lambda cap: _evaluate(spec, hw, workload, gpu_budget, cpu_budget, n_res, n_cpu, depth,
-                                                 mbt, kv_host, cap, best.prefill_waves))
+        knee = _knee(best, lambda cap: _evaluate(
+            spec, hw, workload, gpu_budget, cpu_budget, best.count("resident"), best.count("cpu"),
+            best.prefetch_depth, best.micro_batch_tokens, best.kv_host_layers, cap, best.prefill_waves))
         if knee.batch_size < best.batch_size:
-            placed, _ = search(knee.batch_size)
+            placed = search(knee.batch_size)
             best = placed if placed is not None and placed.predicted_tok_s > knee.predicted_tok_s else knee
     if explicit is not None:
         return _with(best, explicit=True, reason="explicit offload_policy " + _fractions(explicit)

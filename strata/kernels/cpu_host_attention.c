@@ -899,12 +899,13 @@ int strata_scatter_rows(uint8_t *dst, const uint8_t *src, const int64_t *slots, 
     for (int64_t t = 0; t < n; t++) {
         uint8_t *row = dst + slots[t] / block_size * block_bytes + slots[t] % block_size * key_bytes;
         const uint8_t *from = src + t * src_stride;
-        if (piece_bytes == 4)   /* an int8 cache's scales, one per head: no call per 4 bytes */
-            for (int64_t p = 0; p < pieces; p++)
-                memcpy(row + p * head_bytes, from + p * 4, 4);
-        else
-            for (int64_t p = 0; p < pieces; p++)
-                memcpy(row + p * head_bytes, from + p * piece_bytes, (size_t)piece_bytes);
+        for (int64_t p = 0; p < pieces; p++) {
+            uint8_t *to = row + p * head_bytes;
+            if (piece_bytes == 4)   /* an int8 cache's scales, one per head: no call per 4 bytes */
+                memcpy(to, from + p * 4, 4);
+            else
+                memcpy(to, from + p * piece_bytes, (size_t)piece_bytes);
+        }
     }
     return 0;
 }
